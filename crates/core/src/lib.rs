@@ -1,0 +1,22 @@
+//! `lakesync-core`: the pure heart of lakesync.
+//!
+//! This crate owns the domain model (table names, primary keys, column types, sync modes,
+//! data policies), the change planner that turns a Delta change data feed into one net
+//! action per primary key, and the error classification the engine uses to decide retries.
+//!
+//! Invariants:
+//! - No I/O, no async runtime, no Delta or Postgres types: everything here is testable with
+//!   plain values (see the model-based property tests of [`plan`]).
+//! - A [`plan::ChangePlan`] holds at most one action per key, and that action is the state of
+//!   the key after the last change in the planned range.
+
+pub mod class;
+pub mod model;
+pub mod plan;
+
+pub use class::{Classify, ErrorClass};
+pub use model::{
+    Column, ColumnType, DataPolicy, ModelError, NulBytePolicy, PrimaryKey, SchemaChange, SyncMode,
+    TableName, TableSchema, Version,
+};
+pub use plan::{ChangeKind, ChangePlan, ChangePlanner, PlanConflict, PlannedRow};

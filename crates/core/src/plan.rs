@@ -1,0 +1,341 @@
+//! The change planner: from a change data feed to one net action per primary key.
+//!
+//! Rules (the order of events for a key is `(commit version, rank)`, where deletes and
+//! update pre-images rank below inserts and update post-images within one version):
+//! - the key's final state is its last event: an insert or post-image means "upsert this row",
+//!   a delete or pre-image means "delete this key";
+//! - an `update_preimage` carries the row's OLD key; when an UPDATE changed the key, the old key
+//!   must go, so a pre-image is a delete that the same version's post-image (or any later
+//!   change) of the same key overrides;
+//! - within one version a delete and an insert of one key resolve to the insert;
+//! - two inserts/post-images of one key in one version mean the source holds duplicate keys:
+//!   that is a [`PlanConflict`], never a silent pick;
+//! - a key whose first event in the range is an insert did not exist before the range, so
+//!   its upsert is marked `expect_absent`: finding it in the target means duplicate keys.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+use crate::model::Version;
+
+/// The `_change_type` of a change data feed row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChangeKind {
+    /// `insert`
+    Insert,
+    /// `delete`
+    Delete,
+    /// `update_preimage`: the row before an UPDATE (with its old key).
+    UpdatePreimage,
+    /// `update_postimage`: the row after an UPDATE.
+    UpdatePostimage,
+}
+
+impl ChangeKind {
+    /// Parses a Delta `_change_type` value.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "insert" => Some(Self::Insert),
+            "delete" => Some(Self::Delete),
+            "update_preimage" => Some(Self::UpdatePreimage),
+            "update_postimage" => Some(Self::UpdatePostimage),
+            _ => None,
+        }
+    }
+
+    /// Whether the key exists after this event.
+    pub fn leaves_row(self) -> bool {
+        matches!(self, Self::Insert | Self::UpdatePostimage)
+    }
+}
+
+/// Two row images of one key in one version: the source table has duplicate keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanConflict<K> {
+    /// The duplicated key.
+    pub key: K,
+    /// The version that holds both rows.
+    pub version: Version,
+}
+
+#[derive(Debug, Clone)]
+struct Entry<R> {
+    first: (Version, bool),
+    first_kind: ChangeKind,
+    last: (Version, bool),
+    last_kind: ChangeKind,
+    row: R,
+}
+
+/// Accumulates change rows (in any order) and reduces them to a [`ChangePlan`].
+///
+/// `K` is the encoded primary key; `R` is a handle to the row (for example a batch and row
+/// index), kept only for the winning event.
+#[derive(Debug)]
+pub struct ChangePlanner<K, R> {
+    entries: HashMap<K, Entry<R>>,
+}
+
+impl<K, R> Default for ChangePlanner<K, R> {
+    fn default() -> Self {
+        Self { entries: HashMap::new() }
+    }
+}
+
+/// One row to upsert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedRow<K, R> {
+    /// The row's key.
+    pub key: K,
+    /// The handle of the row image to write.
+    pub row: R,
+    /// The key did not exist before the planned range (its first event is an insert).
+    pub expect_absent: bool,
+    /// Version of the change that produced this image.
+    pub version: Version,
+}
+
+/// The net effect of a range of changes: at most one action per key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangePlan<K, R> {
+    /// Rows to insert or update.
+    pub upserts: Vec<PlannedRow<K, R>>,
+    /// Keys to delete, each with the version of the deleting change.
+    pub deletes: Vec<(K, Version)>,
+}
+
+impl<K: Eq + Hash + Clone, R> ChangePlanner<K, R> {
+    /// An empty planner.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of distinct keys seen so far.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no change was observed.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Records one change row.
+    pub fn observe(
+        &mut self,
+        key: K,
+        version: Version,
+        kind: ChangeKind,
+        row: R,
+    ) -> Result<(), PlanConflict<K>> {
+        let at = (version, kind.leaves_row());
+        match self.entries.get_mut(&key) {
+            None => {
+                self.entries.insert(key, Entry { first: at, first_kind: kind, last: at, last_kind: kind, row });
+            }
+            Some(e) => {
+                if at == e.last && kind.leaves_row() {
+                    return Err(PlanConflict { key, version });
+                }
+                if at < e.first {
+                    e.first = at;
+                    e.first_kind = kind;
+                }
+                if at > e.last {
+                    e.last = at;
+                    e.last_kind = kind;
+                    e.row = row;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The net plan.
+    pub fn finish(self) -> ChangePlan<K, R> {
+        let mut plan = ChangePlan { upserts: Vec::new(), deletes: Vec::new() };
+        for (key, e) in self.entries {
+            if e.last_kind.leaves_row() {
+                plan.upserts.push(PlannedRow {
+                    key,
+                    row: e.row,
+                    expect_absent: e.first_kind == ChangeKind::Insert,
+                    version: e.last.0,
+                });
+            } else {
+                plan.deletes.push((key, e.last.0));
+            }
+        }
+        plan
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChangeKind::*;
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn plan(events: &[(u32, u64, ChangeKind, &'static str)]) -> (BTreeMap<u32, &'static str>, Vec<u32>) {
+        let mut p = ChangePlanner::new();
+        for &(k, v, kind, row) in events {
+            p.observe(k, v, kind, row).unwrap();
+        }
+        let plan = p.finish();
+        let ups = plan.upserts.into_iter().map(|r| (r.key, r.row)).collect();
+        let mut dels: Vec<u32> = plan.deletes.into_iter().map(|(k, _)| k).collect();
+        dels.sort();
+        (ups, dels)
+    }
+
+    #[test]
+    fn a_delete_and_an_insert_in_one_version_resolve_to_the_insert() {
+        let (ups, dels) = plan(&[(1, 5, Insert, "new"), (1, 5, Delete, "old")]);
+        assert_eq!(ups, BTreeMap::from([(1, "new")]));
+        assert!(dels.is_empty());
+    }
+
+    #[test]
+    fn a_preimage_of_a_changed_key_deletes_the_old_key() {
+        // UPDATE t SET id = 2 WHERE id = 1
+        let (ups, dels) = plan(&[(1, 3, UpdatePreimage, "id=1"), (2, 3, UpdatePostimage, "id=2")]);
+        assert_eq!(ups, BTreeMap::from([(2, "id=2")]));
+        assert_eq!(dels, vec![1]);
+    }
+
+    #[test]
+    fn a_preimage_is_overridden_by_the_postimage_of_the_same_key() {
+        let (ups, dels) = plan(&[(1, 3, UpdatePostimage, "after"), (1, 3, UpdatePreimage, "before")]);
+        assert_eq!(ups, BTreeMap::from([(1, "after")]));
+        assert!(dels.is_empty());
+    }
+
+    #[test]
+    fn a_later_version_wins_whatever_the_input_order() {
+        let (ups, dels) = plan(&[(1, 4, Delete, "x"), (1, 2, Insert, "a"), (1, 3, UpdatePostimage, "b")]);
+        assert!(ups.is_empty());
+        assert_eq!(dels, vec![1]);
+    }
+
+    #[test]
+    fn two_inserts_of_one_key_in_one_version_are_a_conflict() {
+        let mut p = ChangePlanner::new();
+        p.observe(7, 1, Insert, ()).unwrap();
+        assert_eq!(p.observe(7, 1, Insert, ()), Err(PlanConflict { key: 7, version: 1 }));
+    }
+
+    #[test]
+    fn an_upsert_expects_absence_only_when_the_range_starts_with_an_insert() {
+        let mut p = ChangePlanner::new();
+        p.observe(1, 1, Insert, ()).unwrap();
+        p.observe(1, 2, UpdatePreimage, ()).unwrap();
+        p.observe(1, 2, UpdatePostimage, ()).unwrap();
+        p.observe(2, 1, Delete, ()).unwrap();
+        p.observe(2, 1, Insert, ()).unwrap();
+        let mut ups = p.finish().upserts;
+        ups.sort_by_key(|r| r.key);
+        assert_eq!(ups.iter().map(|r| (r.key, r.expect_absent)).collect::<Vec<_>>(), vec![(1, true), (2, false)]);
+    }
+
+    /// One generated commit: a set of operations on a small key space, turned into the change
+    /// rows a Delta writer would emit for it.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u8, u16),
+        Update(u8, u16),
+        Delete(u8),
+        /// UPDATE that moves a row from one key to another.
+        Rekey(u8, u8),
+        /// Copy-on-write rewrite without cdc files: every row is deleted and re-inserted.
+        Rewrite,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..12, any::<u16>()).prop_map(|(k, v)| Op::Insert(k, v)),
+            (0u8..12, any::<u16>()).prop_map(|(k, v)| Op::Update(k, v)),
+            (0u8..12).prop_map(Op::Delete),
+            (0u8..12, 0u8..12).prop_map(|(a, b)| Op::Rekey(a, b)),
+            Just(Op::Rewrite),
+        ]
+    }
+
+    proptest! {
+        /// Model-based test: applying the plan of any change sequence to the table as it was
+        /// before gives exactly the table after, for every split into two consecutive ranges.
+        #[test]
+        fn the_plan_of_a_change_feed_reproduces_the_table(
+            commits in proptest::collection::vec(proptest::collection::vec(op(), 1..4), 1..12),
+            split in 0usize..12,
+            shuffle_seed in any::<u64>(),
+        ) {
+            // The model: the table itself, key -> value, one commit at a time.
+            let mut table: BTreeMap<u8, u16> = BTreeMap::new();
+            let mut history = vec![table.clone()];
+            let mut feed: Vec<(u8, u64, ChangeKind, u16)> = Vec::new();
+            for (i, ops) in commits.iter().enumerate() {
+                let v = i as u64 + 1;
+                // One commit applies its operations in order; the feed records net per-row images
+                // of that commit, like Delta does for one operation.
+                let before = table.clone();
+                for op in ops {
+                    match *op {
+                        Op::Insert(k, x) => { table.entry(k).or_insert(x); }
+                        Op::Update(k, x) => { if let Some(val) = table.get_mut(&k) { *val = x; } }
+                        Op::Delete(k) => { table.remove(&k); }
+                        Op::Rekey(a, b) => {
+                            if a != b && !table.contains_key(&b) {
+                                if let Some(x) = table.remove(&a) { table.insert(b, x); }
+                            }
+                        }
+                        Op::Rewrite => {}
+                    }
+                }
+                let rewrite = ops.iter().any(|o| matches!(o, Op::Rewrite));
+                for (k, x) in &before {
+                    match table.get(k) {
+                        None => feed.push((*k, v, if rewrite { Delete } else { UpdatePreimage }, *x)),
+                        Some(y) if rewrite => { feed.push((*k, v, Delete, *x)); let _ = y; }
+                        Some(y) if y != x => feed.push((*k, v, UpdatePreimage, *x)),
+                        Some(_) => {}
+                    }
+                }
+                for (k, y) in &table {
+                    match before.get(k) {
+                        None => feed.push((*k, v, Insert, *y)),
+                        Some(_) if rewrite => feed.push((*k, v, Insert, *y)),
+                        Some(x) if x != y => feed.push((*k, v, UpdatePostimage, *y)),
+                        Some(_) => {}
+                    }
+                }
+                history.push(table.clone());
+            }
+            // Feed order within a range is arbitrary (files are read in any order).
+            let mut rng = shuffle_seed;
+            for i in (1..feed.len()).rev() {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                feed.swap(i, (rng >> 33) as usize % (i + 1));
+            }
+            let last = commits.len() as u64;
+            let mid = (split as u64).min(last);
+            let mut pg = BTreeMap::new();
+            for (lo, hi) in [(1, mid), (mid + 1, last)] {
+                if lo > hi { continue; }
+                let mut planner = ChangePlanner::new();
+                for &(k, v, kind, x) in feed.iter().filter(|e| (lo..=hi).contains(&e.1)) {
+                    planner.observe(k, v, kind, x).unwrap();
+                }
+                let plan = planner.finish();
+                for (k, _) in plan.deletes { pg.remove(&k); }
+                for r in plan.upserts {
+                    if r.expect_absent {
+                        prop_assert!(!pg.contains_key(&r.key), "key {} marked absent but present", r.key);
+                    }
+                    pg.insert(r.key, r.row);
+                }
+                prop_assert_eq!(&pg, &history[hi as usize]);
+            }
+        }
+    }
+}
