@@ -1,1 +1,23 @@
+//! `lakesync-delta`: lakesync's Delta Lake side, built on `delta_kernel` and its default engine.
+//!
+//! This crate owns reading a Delta table (snapshot scans with deletion vectors and column
+//! mapping applied, the change data feed), mapping Delta types to lakesync's
+//! [`lakesync_core::ColumnType`], and a small writer for sample tables (demo, benchmarks,
+//! tests).
+//!
+//! Invariants:
+//! - Never depends on Postgres; hands out Arrow `RecordBatch`es and core model values only.
+//! - The kernel's API is synchronous and runs its own background runtime: every call here
+//!   blocks, so async callers run them on a blocking thread.
+//! - Progress is tracked by commit version, never by timestamp (timestamps of copied tables
+//!   are file mtimes).
+//! - Kernel errors are mapped to [`DeltaError`] variants that say whether the change data feed
+//!   cannot serve a range (the engine then snapshots) or something else went wrong.
 
+pub mod error;
+pub mod schema;
+pub mod source;
+pub mod write;
+
+pub use error::DeltaError;
+pub use source::{ChangeBatch, DeltaTable, TableSnapshot, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN};

@@ -1,0 +1,174 @@
+//! A small Delta writer for sample tables: the demo, benchmarks and tests.
+//!
+//! Built on the kernel's own write path, so the tables are real Delta tables any reader
+//! accepts. It covers what the kernel can commit with the change data feed on: appends, and
+//! deletes that remove whole data files. (With CDF on, the kernel refuses to add and remove
+//! files in one commit because it cannot write `cdc` files yet, so an update is two commits.)
+
+use std::sync::Arc;
+
+use arrow_array::{Array, RecordBatch, StringArray};
+use delta_kernel::committer::FileSystemCommitter;
+use delta_kernel::engine::arrow_conversion::TryFromArrow;
+use delta_kernel::engine::arrow_data::ArrowEngineData;
+use delta_kernel::engine_data::FilteredEngineData;
+use delta_kernel::schema::StructType;
+use delta_kernel::transaction::create_table::create_table;
+use delta_kernel::transaction::{CommitResult, UpdateTableOperation};
+use delta_kernel::{KernelError, Snapshot};
+use delta_kernel_default_engine::executor::tokio::TokioBackgroundExecutor;
+use delta_kernel_default_engine::storage::store_from_url;
+use delta_kernel_default_engine::{DefaultEngine, DefaultEngineBuilder};
+use lakesync_core::Version;
+use url::Url;
+
+use crate::DeltaError;
+
+const ENGINE_INFO: &str = concat!("lakesync/", env!("CARGO_PKG_VERSION"));
+
+/// Writes commits to one Delta table.
+pub struct DeltaWriter {
+    uri: String,
+    url: Url,
+    engine: Arc<DefaultEngine<TokioBackgroundExecutor>>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl DeltaWriter {
+    /// Creates a new, empty table at the local directory `path` with the columns of `schema`
+    /// and the given table properties (e.g. `delta.enableChangeDataFeed = true`).
+    /// Must not be called from inside an async runtime's worker thread.
+    pub fn create(
+        path: &std::path::Path,
+        schema: &arrow_schema::Schema,
+        properties: &[(&str, &str)],
+    ) -> Result<Self, DeltaError> {
+        std::fs::create_dir_all(path).map_err(|e| DeltaError::Shape {
+            uri: path.display().to_string(),
+            message: format!("cannot create directory: {e}"),
+        })?;
+        let writer = Self::open(path)?;
+        let kernel_schema = Arc::new(StructType::try_from_arrow(schema).map_err(|e| writer.err(e.into()))?);
+        let result = create_table(writer.url.as_str(), kernel_schema, ENGINE_INFO, true)
+            .with_table_properties(properties.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .build(writer.engine.as_ref(), Box::new(FileSystemCommitter::new()))
+            .and_then(|txn| txn.commit(writer.engine.as_ref()))
+            .map_err(|e| writer.err(e))?;
+        writer.commit(result)?;
+        Ok(writer)
+    }
+
+    /// Opens an existing table at the local directory `path` for writing.
+    pub fn open(path: &std::path::Path) -> Result<Self, DeltaError> {
+        let uri = path.display().to_string();
+        let shape = |message: String| DeltaError::Shape { uri: uri.clone(), message };
+        let abs = std::path::absolute(path).map_err(|e| shape(e.to_string()))?;
+        let url = Url::from_directory_path(&abs).map_err(|_| shape("not an absolute path".into()))?;
+        let store = store_from_url(&url).map_err(|source| DeltaError::Open { uri: uri.clone(), source })?;
+        let engine = Arc::new(DefaultEngineBuilder::new(store).build());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| shape(e.to_string()))?;
+        Ok(Self { uri, url, engine, runtime })
+    }
+
+    fn err(&self, source: KernelError) -> DeltaError {
+        DeltaError::Write { uri: self.uri.clone(), source }
+    }
+
+    fn latest(&self) -> Result<delta_kernel::SnapshotRef, DeltaError> {
+        Snapshot::builder_for(self.url.as_str()).build(self.engine.as_ref()).map_err(|e| self.err(e))
+    }
+
+    /// Appends `batches` (one Parquet file each) in one commit; returns the new version.
+    pub fn append(&self, batches: &[RecordBatch]) -> Result<Version, DeltaError> {
+        let snapshot = self.latest()?;
+        let mut txn = snapshot
+            .update_table(UpdateTableOperation::Write, ENGINE_INFO, true)
+            .build(self.engine.as_ref(), Box::new(FileSystemCommitter::new()))
+            .map_err(|e| self.err(e))?;
+        let ctx = txn.write_state().and_then(|s| s.write_context_builder().build()).map_err(|e| self.err(e))?;
+        for batch in batches {
+            let data = ArrowEngineData::new(batch.clone());
+            let added = self.runtime.block_on(self.engine.write_parquet(&data, &ctx)).map_err(|e| self.err(e))?;
+            txn.add_files(added);
+        }
+        self.commit(txn.commit(self.engine.as_ref()).map_err(|e| self.err(e))?)
+    }
+
+    /// The data files of the latest version, as logged (relative paths).
+    pub fn files(&self) -> Result<Vec<String>, DeltaError> {
+        let mut paths = Vec::new();
+        self.for_each_file(|batch, selected| {
+            let path = path_column(batch);
+            for i in 0..batch.num_rows() {
+                if selected[i] {
+                    paths.push(path.value(i).to_string());
+                }
+            }
+            Ok(())
+        })?;
+        Ok(paths)
+    }
+
+    /// Deletes every row of the data files whose logged path satisfies `remove`, in one
+    /// commit (a `DELETE` that removes whole files); returns the new version.
+    pub fn remove_files(&self, remove: impl Fn(&str) -> bool) -> Result<Version, DeltaError> {
+        let snapshot = self.latest()?;
+        let mut txn = snapshot
+            .clone()
+            .update_table(UpdateTableOperation::Delete, ENGINE_INFO, true)
+            .build(self.engine.as_ref(), Box::new(FileSystemCommitter::new()))
+            .map_err(|e| self.err(e))?;
+        let scan = snapshot.scan_builder().build().map_err(|e| self.err(e))?;
+        for meta in scan.scan_metadata(self.engine.as_ref()).map_err(|e| self.err(e))? {
+            let meta = meta.map_err(|e| self.err(e))?;
+            let (data, mut selected) = meta.scan_files.into_parts();
+            let batch: RecordBatch = (*ArrowEngineData::try_from_engine_data(data).map_err(|e| self.err(e))?).into();
+            let path = path_column(&batch);
+            selected.resize(batch.num_rows(), true);
+            for (i, sel) in selected.iter_mut().enumerate() {
+                *sel = *sel && remove(path.value(i));
+            }
+            let filtered = FilteredEngineData::try_new(Box::new(ArrowEngineData::new(batch)), selected)
+                .map_err(|e| self.err(e))?;
+            txn.remove_files(filtered);
+        }
+        self.commit(txn.commit(self.engine.as_ref()).map_err(|e| self.err(e))?)
+    }
+
+    fn for_each_file(
+        &self,
+        mut f: impl FnMut(&RecordBatch, &[bool]) -> Result<(), DeltaError>,
+    ) -> Result<(), DeltaError> {
+        let scan = self.latest()?.scan_builder().build().map_err(|e| self.err(e))?;
+        for meta in scan.scan_metadata(self.engine.as_ref()).map_err(|e| self.err(e))? {
+            let (data, mut selected) = meta.map_err(|e| self.err(e))?.scan_files.into_parts();
+            let batch: RecordBatch = (*ArrowEngineData::try_from_engine_data(data).map_err(|e| self.err(e))?).into();
+            selected.resize(batch.num_rows(), true);
+            f(&batch, &selected)?;
+        }
+        Ok(())
+    }
+
+    fn commit<S>(&self, result: CommitResult<S>) -> Result<Version, DeltaError> {
+        match result {
+            CommitResult::Committed(c) => Ok(c.commit_version()),
+            CommitResult::Conflicted(c) => Err(DeltaError::Shape {
+                uri: self.uri.clone(),
+                message: format!("commit conflicted with version {}", c.conflict_version()),
+            }),
+            CommitResult::Retryable(_) => {
+                Err(DeltaError::Shape { uri: self.uri.clone(), message: "commit failed with a retryable I/O error".into() })
+            }
+        }
+    }
+}
+
+fn path_column(batch: &RecordBatch) -> &StringArray {
+    batch
+        .column_by_name("path")
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .expect("kernel scan files carry a string `path` column")
+}
