@@ -1,0 +1,164 @@
+//! Triggered (incremental) apply: the net changes of a range of versions, written set-based
+//! in one transaction that also records the new synced version.
+//!
+//! Upserted rows and deleted keys are bulk-loaded with binary COPY into temporary tables, then
+//! applied with one `DELETE .. USING` and one `INSERT .. ON CONFLICT DO UPDATE`. No statement
+//! is issued per row.
+
+use arrow_array::RecordBatch;
+use bytes::{Bytes, BytesMut};
+use futures_util::SinkExt;
+use lakesync_core::{Column, ColumnType, TableSchema, Version};
+
+use crate::copy::{HEADER, TRAILER};
+use crate::ddl::{column_definition, column_list, ident, qualified};
+use crate::snapshot::{encode_checked, upsert_from};
+use crate::state::{self, Checkpoint, RowCounts};
+use crate::{PgError, Sink};
+
+/// Column holding, per upserted row, whether its key must not exist yet (first change in the
+/// range was an insert).
+pub const EXPECT_ABSENT_COLUMN: &str = "_lakesync_expect_absent";
+/// Column holding the Delta version of each change.
+pub const VERSION_COLUMN: &str = "_lakesync_version";
+
+/// The net changes of one chunk of versions.
+#[derive(Debug, Default)]
+pub struct ChangeSet {
+    /// Rows to upsert: the table's columns plus [`EXPECT_ABSENT_COLUMN`] and [`VERSION_COLUMN`].
+    pub upserts: Vec<RecordBatch>,
+    /// Keys to delete: the key columns plus [`VERSION_COLUMN`].
+    pub deletes: Vec<RecordBatch>,
+    /// Columns added to the source since the last checkpoint (applied with `ADD COLUMN`).
+    pub added_columns: Vec<Column>,
+}
+
+impl Sink {
+    /// Applies `changes` and records `checkpoint` in one transaction. `final_chunk` marks the
+    /// last chunk of the run (the run is then recorded as succeeded).
+    pub async fn apply_changes(
+        &mut self,
+        schema: &TableSchema,
+        key: &[String],
+        changes: &ChangeSet,
+        run_id: i64,
+        checkpoint: Checkpoint,
+        final_chunk: bool,
+    ) -> Result<RowCounts, PgError> {
+        let target = self.table.clone();
+        let policy = self.policy.clone();
+        let t = qualified(&target);
+        let tx = self.client.transaction().await.map_err(PgError::query(&target, "begin"))?;
+        if !changes.added_columns.is_empty() {
+            let adds = changes
+                .added_columns
+                .iter()
+                .map(|c| format!("ADD COLUMN IF NOT EXISTS {}", column_definition(c, false)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tx.batch_execute(&format!("ALTER TABLE {t} {adds}"))
+                .await
+                .map_err(PgError::query(&target, "add the source's new columns"))?;
+        }
+        let key_cols: Vec<&Column> =
+            key.iter().map(|k| schema.column(k).expect("key validated against schema")).collect();
+
+        // Deletes.
+        let mut deleted = 0;
+        if changes.deletes.iter().any(|b| b.num_rows() > 0) {
+            let defs = key_cols.iter().map(|c| column_definition(c, false)).collect::<Vec<_>>().join(", ");
+            tx.batch_execute(&format!(
+                "CREATE TEMP TABLE _lakesync_deletes ({defs}, {VERSION_COLUMN} bigint) ON COMMIT DROP"
+            ))
+            .await
+            .map_err(PgError::query(&target, "create the delete table"))?;
+            let mut names: Vec<String> = key.to_vec();
+            names.push(VERSION_COLUMN.into());
+            let mut types: Vec<ColumnType> = key_cols.iter().map(|c| c.ty).collect();
+            types.push(ColumnType::Int64);
+            copy_batches(&tx, &target, "_lakesync_deletes", &names, &types, key, &changes.deletes, &policy).await?;
+            let on = key.iter().map(|k| format!("t.{0} = d.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
+            deleted = tx
+                .execute(&format!("DELETE FROM {t} t USING _lakesync_deletes d WHERE {on}"), &[])
+                .await
+                .map_err(PgError::query(&target, "delete rows"))?;
+        }
+
+        // Upserts.
+        let (mut inserted, mut updated) = (0, 0);
+        if changes.upserts.iter().any(|b| b.num_rows() > 0) {
+            let defs = schema.columns.iter().map(|c| column_definition(c, false)).collect::<Vec<_>>().join(", ");
+            tx.batch_execute(&format!(
+                "CREATE TEMP TABLE _lakesync_upserts ({defs}, {EXPECT_ABSENT_COLUMN} boolean, {VERSION_COLUMN} bigint) ON COMMIT DROP"
+            ))
+            .await
+            .map_err(PgError::query(&target, "create the upsert table"))?;
+            let mut names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+            names.push(EXPECT_ABSENT_COLUMN.into());
+            names.push(VERSION_COLUMN.into());
+            let mut types: Vec<ColumnType> = schema.columns.iter().map(|c| c.ty).collect();
+            types.push(ColumnType::Boolean);
+            types.push(ColumnType::Int64);
+            copy_batches(&tx, &target, "_lakesync_upserts", &names, &types, key, &changes.upserts, &policy).await?;
+            // A key whose first change in the range is an insert must not be there already:
+            // if it is, the source holds two rows with that key.
+            let on = key.iter().map(|k| format!("t.{0} = u.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
+            let key_shown = key.iter().map(|k| format!("u.{}::text", ident(k))).collect::<Vec<_>>().join(" || ',' || ");
+            let dup = tx
+                .query_opt(
+                    &format!(
+                        "SELECT {key_shown}, u.{VERSION_COLUMN} FROM _lakesync_upserts u JOIN {t} t ON {on} \
+                         WHERE u.{EXPECT_ABSENT_COLUMN} LIMIT 1"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(PgError::query(&target, "check for duplicate keys"))?;
+            if let Some(row) = dup {
+                return Err(PgError::DuplicateKey {
+                    table: target.to_string(),
+                    key: format!("({})=({})", key.join(", "), row.get::<_, String>(0)),
+                    version: Some(row.get::<_, i64>(1) as Version),
+                });
+            }
+            (inserted, updated) = upsert_from(&tx, &target, "_lakesync_upserts", schema, key, "u").await?;
+        }
+        let counts = RowCounts { inserted, updated, deleted };
+        state::commit_checkpoint(&tx, &target, run_id, checkpoint, counts, final_chunk).await?;
+        tx.commit().await.map_err(PgError::query(&target, "commit the changes"))?;
+        Ok(counts)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn copy_batches(
+    tx: &tokio_postgres::Transaction<'_>,
+    target: &lakesync_core::TableName,
+    temp: &str,
+    names: &[String],
+    types: &[ColumnType],
+    key: &[String],
+    batches: &[RecordBatch],
+    policy: &lakesync_core::DataPolicy,
+) -> Result<(), PgError> {
+    let sql = format!("COPY {temp} ({}) FROM STDIN (FORMAT binary)", column_list(names.iter().map(String::as_str), None));
+    let err = |action: &'static str| PgError::query(target, action);
+    let sink = tx.copy_in::<_, Bytes>(sql.as_str()).await.map_err(err("start COPY"))?;
+    futures_util::pin_mut!(sink);
+    let mut buf = BytesMut::with_capacity(1 << 20);
+    buf.extend_from_slice(HEADER);
+    for batch in batches {
+        let version = batch
+            .column_by_name(VERSION_COLUMN)
+            .and_then(|c| c.as_any().downcast_ref::<arrow_array::Int64Array>())
+            .and_then(|v| (!v.is_empty()).then(|| v.value(0) as Version));
+        encode_checked(batch, names, types, key, target, version, policy, &mut buf)?;
+        if buf.len() > 1 << 20 {
+            sink.send(buf.split().freeze()).await.map_err(err("COPY rows"))?;
+        }
+    }
+    buf.extend_from_slice(TRAILER);
+    sink.send(buf.split().freeze()).await.map_err(err("COPY rows"))?;
+    sink.finish().await.map_err(err("finish COPY"))?;
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! Connection settings and connecting, without ever exposing the password.
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::PgError;
+
+/// Parsed Postgres connection settings.
+#[derive(Clone)]
+pub struct PgConfig {
+    config: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for PgConfig {
+    /// Shows where we connect, never the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PgConfig({})", self.target())
+    }
+}
+
+impl PgConfig {
+    /// Parses a libpq-style connection string (`host=.. user=..` or `postgresql://..`).
+    pub fn parse(conn: &str) -> Result<Self, PgError> {
+        let config: tokio_postgres::Config = conn.parse().map_err(|e: tokio_postgres::Error| {
+            // The parser's message may quote the offending fragment; keep only its kind.
+            let msg = e.to_string();
+            let safe = if msg.contains("password") || conn.contains(msg.as_str()) {
+                "malformed connection string".to_string()
+            } else {
+                msg
+            };
+            PgError::InvalidConnection(safe)
+        })?;
+        let mut config = config;
+        if config.get_application_name().is_none() {
+            config.application_name("lakesync");
+        }
+        Ok(Self { config })
+    }
+
+    /// `user@host:port/dbname`, for messages. Never includes the password.
+    pub fn target(&self) -> String {
+        let host = self
+            .config
+            .get_hosts()
+            .first()
+            .map(|h| match h {
+                tokio_postgres::config::Host::Tcp(s) => s.clone(),
+                tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+            })
+            .unwrap_or_else(|| "localhost".into());
+        let port = self.config.get_ports().first().copied().unwrap_or(5432);
+        format!(
+            "{}@{}:{}/{}",
+            self.config.get_user().unwrap_or("?"),
+            host,
+            port,
+            self.config.get_dbname().or(self.config.get_user()).unwrap_or("?")
+        )
+    }
+
+    /// Opens a connection; its I/O runs on a spawned task.
+    pub async fn connect(&self) -> Result<Client, PgError> {
+        let (client, connection) = self
+            .config
+            .connect(NoTls)
+            .await
+            .map_err(|source| PgError::Connect { target: self.target(), source })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres connection ended");
+            }
+        });
+        Ok(client)
+    }
+}

@@ -1,0 +1,300 @@
+//! Binary `COPY` encoding straight from Arrow arrays (no text round trip).
+//!
+//! Format: <https://www.postgresql.org/docs/current/sql-copy.html#id-1.9.3.55.9.4>.
+//! Every value is checked against what Postgres can store (NUL bytes in text, dates and
+//! timestamps outside Postgres' range) and a failure names the column and row, so the caller
+//! can report table, version and key.
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::*;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::{DataType, TimeUnit};
+use bytes::{BufMut, BytesMut};
+use lakesync_core::{ColumnType, NulBytePolicy};
+
+/// The binary COPY header.
+pub const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// The binary COPY trailer.
+pub const TRAILER: &[u8] = &[0xff, 0xff];
+
+/// Microseconds between 1970-01-01 and 2000-01-01 (Postgres' epoch).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+/// Days between 1970-01-01 and 2000-01-01.
+const PG_EPOCH_OFFSET_DAYS: i64 = 10_957;
+/// Postgres' timestamp range in microseconds since its epoch: [4713-11-24 BC, 294277-01-01).
+const PG_MIN_TIMESTAMP: i64 = -211_813_488_000_000_000;
+const PG_END_TIMESTAMP: i64 = 9_223_371_331_200_000_000;
+/// Postgres' date range in days since its epoch.
+const PG_MIN_DATE: i64 = -2_451_545;
+const PG_END_DATE: i64 = 2_147_483_494 - 2_451_545;
+
+/// A value that cannot be encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodeError {
+    /// Index of the column in the encoded column list.
+    pub column: usize,
+    /// Row within the batch.
+    pub row: usize,
+    /// What is wrong, without the value itself.
+    pub problem: String,
+}
+
+/// Encodes the columns of `batch` in order as binary COPY tuples (no header or trailer).
+/// `types` gives the Postgres column type each array is written as.
+pub fn encode_batch(
+    batch: &RecordBatch,
+    types: &[ColumnType],
+    nul_bytes: NulBytePolicy,
+    out: &mut BytesMut,
+) -> Result<(), EncodeError> {
+    let columns: Vec<ArrayRef> = batch.columns().to_vec();
+    debug_assert_eq!(columns.len(), types.len());
+    out.reserve(batch.num_rows() * (2 + columns.len() * 12));
+    let ncols = columns.len() as i16;
+    for row in 0..batch.num_rows() {
+        out.put_i16(ncols);
+        for (ci, (array, ty)) in columns.iter().zip(types).enumerate() {
+            if array.is_null(row) {
+                out.put_i32(-1);
+                continue;
+            }
+            encode_value(array.as_ref(), *ty, row, nul_bytes, out)
+                .map_err(|problem| EncodeError { column: ci, row, problem })?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a length-prefixed field whose body `f` writes.
+fn field(out: &mut BytesMut, f: impl FnOnce(&mut BytesMut) -> Result<(), String>) -> Result<(), String> {
+    let at = out.len();
+    out.put_i32(0);
+    f(out)?;
+    let len = (out.len() - at - 4) as i32;
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+fn encode_value(array: &dyn Array, ty: ColumnType, row: usize, nul: NulBytePolicy, out: &mut BytesMut) -> Result<(), String> {
+    match ty {
+        ColumnType::Boolean => {
+            out.put_i32(1);
+            out.put_u8(array.as_boolean().value(row) as u8);
+        }
+        ColumnType::Int16 => {
+            out.put_i32(2);
+            out.put_i16(int_value(array, row)? as i16);
+        }
+        ColumnType::Int32 => {
+            out.put_i32(4);
+            out.put_i32(int_value(array, row)? as i32);
+        }
+        ColumnType::Int64 => {
+            out.put_i32(8);
+            out.put_i64(int_value(array, row)?);
+        }
+        ColumnType::Float32 => {
+            out.put_i32(4);
+            out.put_f32(match array.data_type() {
+                DataType::Float32 => array.as_primitive::<Float32Type>().value(row),
+                DataType::Float64 => array.as_primitive::<Float64Type>().value(row) as f32,
+                other => return Err(unexpected(other, "real")),
+            });
+        }
+        ColumnType::Float64 => {
+            out.put_i32(8);
+            out.put_f64(match array.data_type() {
+                DataType::Float64 => array.as_primitive::<Float64Type>().value(row),
+                DataType::Float32 => array.as_primitive::<Float32Type>().value(row) as f64,
+                other => return Err(unexpected(other, "double precision")),
+            });
+        }
+        ColumnType::Decimal { .. } => {
+            let (value, scale) = match array.data_type() {
+                DataType::Decimal128(_, s) => (array.as_primitive::<Decimal128Type>().value(row), *s),
+                DataType::Decimal64(_, s) => (array.as_primitive::<Decimal64Type>().value(row) as i128, *s),
+                DataType::Decimal32(_, s) => (array.as_primitive::<Decimal32Type>().value(row) as i128, *s),
+                other => return Err(unexpected(other, "numeric")),
+            };
+            field(out, |out| {
+                write_numeric(value, scale.max(0) as u16, out);
+                Ok(())
+            })?;
+        }
+        ColumnType::Text => {
+            let s = string_value(array, row).ok_or_else(|| unexpected(array.data_type(), "text"))?;
+            write_text(s.as_bytes(), nul, out)?;
+        }
+        ColumnType::Bytes => {
+            let b = binary_value(array, row).ok_or_else(|| unexpected(array.data_type(), "bytea"))?;
+            out.put_i32(b.len() as i32);
+            out.put_slice(b);
+        }
+        ColumnType::Date => {
+            let days = match array.data_type() {
+                DataType::Date32 => array.as_primitive::<Date32Type>().value(row) as i64,
+                DataType::Date64 => array.as_primitive::<Date64Type>().value(row) / 86_400_000,
+                other => return Err(unexpected(other, "date")),
+            } - PG_EPOCH_OFFSET_DAYS;
+            if !(PG_MIN_DATE..PG_END_DATE).contains(&days) {
+                return Err("date is outside the range Postgres can store (4713 BC to 5874897 AD)".into());
+            }
+            out.put_i32(4);
+            out.put_i32(days as i32);
+        }
+        ColumnType::Timestamptz | ColumnType::Timestamp => {
+            let us = timestamp_micros(array, row)?;
+            let pg = us
+                .checked_sub(PG_EPOCH_OFFSET_US)
+                .filter(|v| (PG_MIN_TIMESTAMP..PG_END_TIMESTAMP).contains(v))
+                .ok_or("timestamp is outside the range Postgres can store (4713 BC to 294276 AD)")?;
+            out.put_i32(8);
+            out.put_i64(pg);
+        }
+        ColumnType::Json => {
+            field(out, |out| {
+                out.put_u8(1); // jsonb binary format version
+                let mut text = Vec::with_capacity(64);
+                crate::json::write_json(array, row, &mut text, nul)?;
+                out.put_slice(&text);
+                Ok(())
+            })?;
+        }
+    }
+    Ok(())
+}
+
+fn unexpected(found: &DataType, target: &str) -> String {
+    format!("cannot store Arrow type {found} as {target}")
+}
+
+fn int_value(array: &dyn Array, row: usize) -> Result<i64, String> {
+    Ok(match array.data_type() {
+        DataType::Int8 => array.as_primitive::<Int8Type>().value(row) as i64,
+        DataType::Int16 => array.as_primitive::<Int16Type>().value(row) as i64,
+        DataType::Int32 => array.as_primitive::<Int32Type>().value(row) as i64,
+        DataType::Int64 => array.as_primitive::<Int64Type>().value(row),
+        DataType::UInt8 => array.as_primitive::<UInt8Type>().value(row) as i64,
+        DataType::UInt16 => array.as_primitive::<UInt16Type>().value(row) as i64,
+        DataType::UInt32 => array.as_primitive::<UInt32Type>().value(row) as i64,
+        other => return Err(unexpected(other, "an integer column")),
+    })
+}
+
+/// Microseconds since 1970 for any Arrow timestamp unit.
+pub(crate) fn timestamp_micros(array: &dyn Array, row: usize) -> Result<i64, String> {
+    match array.data_type() {
+        DataType::Timestamp(unit, _) => {
+            let v = match unit {
+                TimeUnit::Second => array.as_primitive::<TimestampSecondType>().value(row).checked_mul(1_000_000),
+                TimeUnit::Millisecond => array.as_primitive::<TimestampMillisecondType>().value(row).checked_mul(1_000),
+                TimeUnit::Microsecond => Some(array.as_primitive::<TimestampMicrosecondType>().value(row)),
+                TimeUnit::Nanosecond => Some(array.as_primitive::<TimestampNanosecondType>().value(row) / 1_000),
+            };
+            v.ok_or_else(|| "timestamp is outside the range Postgres can store".to_string())
+        }
+        other => Err(unexpected(other, "timestamp")),
+    }
+}
+
+pub(crate) fn string_value(array: &dyn Array, row: usize) -> Option<&str> {
+    Some(match array.data_type() {
+        DataType::Utf8 => array.as_string::<i32>().value(row),
+        DataType::LargeUtf8 => array.as_string::<i64>().value(row),
+        DataType::Utf8View => array.as_string_view().value(row),
+        _ => return None,
+    })
+}
+
+pub(crate) fn binary_value(array: &dyn Array, row: usize) -> Option<&[u8]> {
+    Some(match array.data_type() {
+        DataType::Binary => array.as_binary::<i32>().value(row),
+        DataType::LargeBinary => array.as_binary::<i64>().value(row),
+        DataType::BinaryView => array.as_binary_view().value(row),
+        DataType::FixedSizeBinary(_) => array.as_fixed_size_binary().value(row),
+        _ => return None,
+    })
+}
+
+fn write_text(bytes: &[u8], nul: NulBytePolicy, out: &mut BytesMut) -> Result<(), String> {
+    if !bytes.contains(&0) {
+        out.put_i32(bytes.len() as i32);
+        out.put_slice(bytes);
+        return Ok(());
+    }
+    match nul {
+        NulBytePolicy::Error => Err("the string holds a NUL (0x00) byte, which Postgres text cannot store (use --nul-bytes strip to remove them)".into()),
+        NulBytePolicy::Strip => {
+            let kept: Vec<u8> = bytes.iter().copied().filter(|b| *b != 0).collect();
+            out.put_i32(kept.len() as i32);
+            out.put_slice(&kept);
+            Ok(())
+        }
+    }
+}
+
+/// Writes a numeric in Postgres' binary form: base-10000 digits with weight, sign and scale.
+pub fn write_numeric(unscaled: i128, scale: u16, out: &mut BytesMut) {
+    let negative = unscaled < 0;
+    let digits = unscaled.unsigned_abs().to_string();
+    let scale_us = scale as usize;
+    let (int_part, frac_part) = if digits.len() > scale_us {
+        (digits[..digits.len() - scale_us].to_string(), digits[digits.len() - scale_us..].to_string())
+    } else {
+        (String::new(), format!("{}{}", "0".repeat(scale_us - digits.len()), digits))
+    };
+    let int_pad = (4 - int_part.len() % 4) % 4;
+    let frac_pad = (4 - frac_part.len() % 4) % 4;
+    let int_str = format!("{}{}", "0".repeat(int_pad), int_part);
+    let frac_str = format!("{}{}", frac_part, "0".repeat(frac_pad));
+    let mut groups: Vec<i16> = int_str
+        .as_bytes()
+        .chunks(4)
+        .chain(frac_str.as_bytes().chunks(4))
+        .map(|c| std::str::from_utf8(c).expect("ascii digits").parse::<i16>().expect("4 digits"))
+        .collect();
+    let mut weight = (int_str.len() / 4) as i16 - 1;
+    // Strip leading zero groups (each lowers the weight) and trailing zero groups.
+    let lead = groups.iter().take_while(|g| **g == 0).count();
+    groups.drain(..lead);
+    weight -= lead as i16;
+    while groups.last() == Some(&0) {
+        groups.pop();
+    }
+    if groups.is_empty() {
+        weight = 0;
+    }
+    out.put_i16(groups.len() as i16);
+    out.put_i16(weight);
+    out.put_u16(if negative && !groups.is_empty() { 0x4000 } else { 0 });
+    out.put_u16(scale);
+    for g in groups {
+        out.put_i16(g);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numeric(unscaled: i128, scale: u16) -> (i16, i16, u16, u16, Vec<i16>) {
+        let mut b = BytesMut::new();
+        write_numeric(unscaled, scale, &mut b);
+        let r = |i: usize| i16::from_be_bytes([b[i], b[i + 1]]);
+        let n = r(0);
+        let digits = (0..n as usize).map(|i| r(8 + 2 * i)).collect();
+        (n, r(2), r(4) as u16, r(6) as u16, digits)
+    }
+
+    #[test]
+    fn numerics_encode_as_base_10000_groups() {
+        // 12345.67 → digits [1, 2345, 6700], weight 1
+        assert_eq!(numeric(1234567, 2), (3, 1, 0, 2, vec![1, 2345, 6700]));
+        // -0.05 → [500], weight -1
+        assert_eq!(numeric(-5, 2), (1, -1, 0x4000, 2, vec![500]));
+        // 0.00
+        assert_eq!(numeric(0, 2), (0, 0, 0, 2, vec![]));
+        // 10000 → [1], weight 1
+        assert_eq!(numeric(10000, 0), (1, 1, 0, 0, vec![1]));
+    }
+}

@@ -1,0 +1,398 @@
+//! Snapshot loads: staging table, parallel binary COPY, indexes after the load, then one
+//! transaction that puts the data in place and records the version.
+//!
+//! Putting the data in place:
+//! - The target does not exist yet: the staging table (already indexed and analyzed) is
+//!   renamed to the target. Nothing can depend on a table that did not exist.
+//! - The target exists (a re-snapshot): its contents are replaced in place: rows whose key is
+//!   gone are deleted, new and changed rows are upserted, unchanged rows are not touched. The
+//!   table keeps its identity (OID), so grants, views, policies, triggers and publications
+//!   survive, and readers keep seeing the old rows (MVCC) until the transaction commits. Only
+//!   changed rows are written, so re-snapshots after a CDF gap stay cheap.
+
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use bytes::{Bytes, BytesMut};
+use futures_util::SinkExt;
+use lakesync_core::{ColumnType, DataPolicy, TableName, TableSchema, Version};
+use tokio::sync::{mpsc, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::copy::{encode_batch, HEADER, TRAILER};
+use crate::ddl::{column_definitions, column_list, derived_name, ident, qualified};
+use crate::state::{self, Checkpoint, RowCounts};
+use crate::{key_text, PgConfig, PgError, Sink};
+
+/// A staging table being loaded.
+#[derive(Debug, Clone)]
+pub struct Staging {
+    /// The staging table's name (in the target's schema).
+    pub table: TableName,
+    /// Whether the target already exists (re-snapshot) or will be created by renaming.
+    pub target_exists: bool,
+}
+
+/// The staging table name for `target`; deterministic, so a crashed run's leftover is found
+/// and dropped by the next run.
+pub fn staging_name(target: &TableName) -> TableName {
+    TableName::new(target.schema.clone(), derived_name(&format!("_lakesync_stage_{}", target.name), ""))
+}
+
+impl Sink {
+    /// Drops any leftover staging table and creates an empty one for `schema`.
+    pub async fn prepare_staging(&self, schema: &TableSchema) -> Result<Staging, PgError> {
+        let target = &self.table;
+        let staging = staging_name(target);
+        let target_exists = self.target_exists().await?;
+        let sql = format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}; DROP TABLE IF EXISTS {stage}; CREATE TABLE {stage} ({cols})",
+            schema = ident(&target.schema),
+            stage = qualified(&staging),
+            cols = column_definitions(schema, &[]),
+        );
+        self.client.batch_execute(&sql).await.map_err(PgError::query(target, "create the staging table"))?;
+        Ok(Staging { table: staging, target_exists })
+    }
+
+    /// Whether the target table exists.
+    pub async fn target_exists(&self) -> Result<bool, PgError> {
+        let row = self
+            .client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified(&self.table)])
+            .await
+            .map_err(PgError::query(&self.table, "look up the table"))?;
+        Ok(row.get(0))
+    }
+
+    /// Starts `parallelism` COPY connections into `staging`.
+    pub fn copy_into(
+        &self,
+        staging: &Staging,
+        schema: &TableSchema,
+        key: &[String],
+        version: Version,
+        parallelism: usize,
+    ) -> ParallelCopy {
+        let (tx, rx) = mpsc::channel::<RecordBatch>(parallelism * 2);
+        let rx = Arc::new(Mutex::new(rx));
+        let ctx = Arc::new(CopyContext {
+            config: self.config.clone(),
+            target: self.table.clone(),
+            copy_sql: format!(
+                "COPY {} ({}) FROM STDIN (FORMAT binary)",
+                qualified(&staging.table),
+                column_list(schema.columns.iter().map(|c| c.name.as_str()), None)
+            ),
+            columns: schema.columns.iter().map(|c| c.name.clone()).collect(),
+            types: schema.columns.iter().map(|c| c.ty).collect(),
+            key: key.to_vec(),
+            version,
+            policy: self.policy.clone(),
+        });
+        let workers = (0..parallelism.max(1))
+            .map(|_| {
+                let rx = rx.clone();
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let result = copy_worker(&ctx, &rx).await;
+                    if result.is_err() {
+                        // Stop the producer early: nothing more will be loaded.
+                        rx.lock().await.close();
+                    }
+                    result
+                })
+            })
+            .collect();
+        ParallelCopy { tx: Some(tx), workers }
+    }
+
+    /// Builds the key and declared indexes on the staging table, then, in one transaction,
+    /// puts the rows in place and records `checkpoint`. Drops the staging table.
+    pub async fn finish_snapshot(
+        &mut self,
+        staging: &Staging,
+        schema: &TableSchema,
+        key: &[String],
+        indexes: &[Vec<String>],
+        run_id: i64,
+        checkpoint: Checkpoint,
+    ) -> Result<RowCounts, PgError> {
+        let target = self.table.clone();
+        let stage = qualified(&staging.table);
+        let keys = column_list(key.iter().map(String::as_str), None);
+        // More memory and parallel workers make the index build several times faster.
+        self.client
+            .batch_execute("SET maintenance_work_mem = '512MB'; SET max_parallel_maintenance_workers = 2")
+            .await
+            .map_err(PgError::query(&target, "tune the index build"))?;
+        if let Some(col) = &self.policy.dedup_by {
+            let on = key.iter().map(|k| format!("a.{0} = b.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
+            let c = ident(col);
+            let sql = format!(
+                "DELETE FROM {stage} a USING {stage} b WHERE {on} AND (a.{c} < b.{c} OR (a.{c} IS NULL AND b.{c} IS NOT NULL))"
+            );
+            self.client.execute(&sql, &[]).await.map_err(PgError::query(&target, format!("keep the latest row per key by {col}")))?;
+        }
+        let pkey_name = if staging.target_exists {
+            derived_name(&staging.table.name, "_pkey")
+        } else {
+            derived_name(&target.name, "_pkey")
+        };
+        let sql = format!("ALTER TABLE {stage} ADD CONSTRAINT {} PRIMARY KEY ({keys})", ident(&pkey_name));
+        if let Err(e) = self.client.batch_execute(&sql).await {
+            return Err(key_violation(&target, key, Some(checkpoint.version), e));
+        }
+        if !staging.target_exists {
+            for cols in indexes {
+                let name = derived_name(&target.name, &format!("_{}_idx", cols.join("_")));
+                let sql = format!(
+                    "CREATE INDEX {} ON {stage} ({})",
+                    ident(&name),
+                    column_list(cols.iter().map(String::as_str), None)
+                );
+                self.client.batch_execute(&sql).await.map_err(PgError::query(&target, format!("create index {name}")))?;
+            }
+        }
+        self.client.batch_execute(&format!("ANALYZE {stage}")).await.map_err(PgError::query(&target, "analyze"))?;
+
+        let tx = self.client.transaction().await.map_err(PgError::query(&target, "begin"))?;
+        let counts = if staging.target_exists {
+            let counts = replace_in_place(&tx, &target, staging, schema, key).await?;
+            for cols in indexes {
+                let name = derived_name(&target.name, &format!("_{}_idx", cols.join("_")));
+                let sql = format!(
+                    "CREATE INDEX IF NOT EXISTS {} ON {} ({})",
+                    ident(&name),
+                    qualified(&target),
+                    column_list(cols.iter().map(String::as_str), None)
+                );
+                tx.batch_execute(&sql).await.map_err(PgError::query(&target, format!("create index {name}")))?;
+            }
+            tx.batch_execute(&format!("DROP TABLE {stage}")).await.map_err(PgError::query(&target, "drop the staging table"))?;
+            counts
+        } else {
+            let rows: i64 = tx
+                .query_one(&format!("SELECT count(*) FROM {stage}"), &[])
+                .await
+                .map_err(PgError::query(&target, "count staged rows"))?
+                .get(0);
+            tx.batch_execute(&format!("ALTER TABLE {stage} RENAME TO {}", ident(&target.name)))
+                .await
+                .map_err(PgError::query(&target, "put the loaded table in place"))?;
+            RowCounts { inserted: rows as u64, updated: 0, deleted: 0 }
+        };
+        state::commit_checkpoint(&tx, &target, run_id, checkpoint, counts, true).await?;
+        tx.commit().await.map_err(PgError::query(&target, "commit the snapshot"))?;
+        Ok(counts)
+    }
+
+    /// Drops the staging table after a failed load (best effort; the next run drops it too).
+    pub async fn discard_staging(&self, staging: &Staging) {
+        let _ = self.client.batch_execute(&format!("DROP TABLE IF EXISTS {}", qualified(&staging.table))).await;
+    }
+}
+
+/// Turns a failed primary-key build into a clear duplicate- or NULL-key error.
+fn key_violation(target: &TableName, key: &[String], version: Option<Version>, e: tokio_postgres::Error) -> PgError {
+    let code = e.code().cloned();
+    if code == Some(tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+        let detail = e.as_db_error().and_then(|d| d.detail()).unwrap_or("").to_string();
+        // detail: "Key (id)=(5) is duplicated."
+        let key_shown = detail
+            .strip_prefix("Key ")
+            .and_then(|d| d.strip_suffix(" is duplicated."))
+            .map(str::to_string)
+            .unwrap_or(detail);
+        return PgError::DuplicateKey { table: target.to_string(), key: key_shown, version };
+    }
+    if code == Some(tokio_postgres::error::SqlState::NOT_NULL_VIOLATION) {
+        let column = e.as_db_error().and_then(|d| d.column()).map(str::to_string).unwrap_or_else(|| key.join(","));
+        return PgError::NullKey { table: target.to_string(), column, version };
+    }
+    PgError::Query { table: target.to_string(), action: "build the primary key".into(), source: e }
+}
+
+/// Makes the existing target match the staging table: schema first (new columns added,
+/// dropped ones dropped, retyped ones converted), then only the rows that differ.
+async fn replace_in_place(
+    tx: &tokio_postgres::Transaction<'_>,
+    target: &TableName,
+    staging: &Staging,
+    schema: &TableSchema,
+    key: &[String],
+) -> Result<RowCounts, PgError> {
+    let t = qualified(target);
+    let stage = qualified(&staging.table);
+    let existing = crate::target_columns(tx, target).await?;
+    let mut alters = Vec::new();
+    for col in &schema.columns {
+        match existing.iter().find(|(n, _)| n == &col.name) {
+            None => alters.push(format!("ADD COLUMN {} {}", ident(&col.name), col.ty.postgres_type())),
+            Some((_, ty)) if *ty != col.ty.postgres_type() => alters.push(format!(
+                "ALTER COLUMN {0} TYPE {1} USING NULL::{1}",
+                ident(&col.name),
+                col.ty.postgres_type()
+            )),
+            Some(_) => {}
+        }
+    }
+    for (name, _) in &existing {
+        if schema.column(name).is_none() && !name.starts_with("_lakesync") {
+            alters.push(format!("DROP COLUMN {}", ident(name)));
+        }
+    }
+    if !alters.is_empty() {
+        tx.batch_execute(&format!("ALTER TABLE {t} {}", alters.join(", ")))
+            .await
+            .map_err(PgError::query(target, "change the table to the source's new schema"))?;
+    }
+    let on = key.iter().map(|k| format!("s.{0} = t.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
+    let deleted = tx
+        .execute(&format!("DELETE FROM {t} t WHERE NOT EXISTS (SELECT 1 FROM {stage} s WHERE {on})"), &[])
+        .await
+        .map_err(PgError::query(target, "delete rows gone from the source"))?;
+    let (inserted, updated) = upsert_from(tx, target, &stage, schema, key, "s").await?;
+    Ok(RowCounts { inserted, updated, deleted })
+}
+
+/// `INSERT .. SELECT .. ON CONFLICT DO UPDATE` of every column, skipping unchanged rows;
+/// returns (inserted, updated).
+pub(crate) async fn upsert_from(
+    tx: &tokio_postgres::Transaction<'_>,
+    target: &TableName,
+    source_sql: &str,
+    schema: &TableSchema,
+    key: &[String],
+    alias: &str,
+) -> Result<(u64, u64), PgError> {
+    let t = qualified(target);
+    let cols = column_list(schema.columns.iter().map(|c| c.name.as_str()), None);
+    let src_cols = column_list(schema.columns.iter().map(|c| c.name.as_str()), Some(alias));
+    let non_key: Vec<&str> =
+        schema.columns.iter().map(|c| c.name.as_str()).filter(|c| !key.iter().any(|k| k == c)).collect();
+    let conflict = if non_key.is_empty() {
+        "DO NOTHING".to_string()
+    } else {
+        format!(
+            "DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
+            non_key.iter().map(|c| format!("{0} = EXCLUDED.{0}", ident(c))).collect::<Vec<_>>().join(", "),
+            column_list(non_key.iter().copied(), Some("t")),
+            column_list(non_key.iter().copied(), Some("EXCLUDED")),
+        )
+    };
+    let sql = format!(
+        "WITH w AS (INSERT INTO {t} AS t ({cols}) SELECT {src_cols} FROM {source_sql} {alias} \
+         ON CONFLICT ({keys}) {conflict} RETURNING (xmax = 0) AS inserted) \
+         SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM w",
+        keys = column_list(key.iter().map(String::as_str), None),
+    );
+    let row = tx.query_one(&sql, &[]).await.map_err(PgError::query(target, "upsert rows"))?;
+    Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+}
+
+struct CopyContext {
+    config: PgConfig,
+    target: TableName,
+    copy_sql: String,
+    columns: Vec<String>,
+    types: Vec<ColumnType>,
+    key: Vec<String>,
+    version: Version,
+    policy: DataPolicy,
+}
+
+/// Checks keys and encodes `batch` (projected to `columns`) as COPY tuples.
+pub(crate) fn encode_checked(
+    batch: &RecordBatch,
+    columns: &[String],
+    types: &[ColumnType],
+    key: &[String],
+    target: &TableName,
+    version: Option<Version>,
+    policy: &DataPolicy,
+    out: &mut BytesMut,
+) -> Result<(), PgError> {
+    let mut projected = Vec::with_capacity(columns.len());
+    for name in columns {
+        let col = batch.column_by_name(name).ok_or_else(|| PgError::Mismatch {
+            table: target.to_string(),
+            message: format!("the source batch has no column {name:?}"),
+        })?;
+        projected.push(col.clone());
+    }
+    for k in key {
+        let i = columns.iter().position(|c| c == k).expect("key columns are table columns");
+        if projected[i].null_count() > 0 {
+            return Err(PgError::NullKey { table: target.to_string(), column: k.clone(), version });
+        }
+    }
+    let fields: Vec<arrow_schema::Field> = columns
+        .iter()
+        .zip(&projected)
+        .map(|(n, a)| arrow_schema::Field::new(n, a.data_type().clone(), true))
+        .collect();
+    let batch = RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), projected).map_err(|e| {
+        PgError::Mismatch { table: target.to_string(), message: format!("malformed batch: {e}") }
+    })?;
+    encode_batch(&batch, types, policy.nul_bytes, out).map_err(|e| PgError::Value {
+        table: target.to_string(),
+        column: columns[e.column].clone(),
+        version,
+        key: key_text(&batch, key, e.row),
+        problem: e.problem,
+    })
+}
+
+async fn copy_worker(ctx: &CopyContext, rx: &Mutex<mpsc::Receiver<RecordBatch>>) -> Result<u64, PgError> {
+    let client = ctx.config.connect().await?;
+    let err = |action: &'static str| PgError::query(&ctx.target, action);
+    let sink = client.copy_in::<_, Bytes>(ctx.copy_sql.as_str()).await.map_err(err("start COPY"))?;
+    futures_util::pin_mut!(sink);
+    sink.send(Bytes::from_static(HEADER)).await.map_err(err("COPY rows"))?;
+    let mut buf = BytesMut::with_capacity(1 << 20);
+    loop {
+        let batch = rx.lock().await.recv().await;
+        let Some(batch) = batch else { break };
+        encode_checked(&batch, &ctx.columns, &ctx.types, &ctx.key, &ctx.target, Some(ctx.version), &ctx.policy, &mut buf)?;
+        sink.send(buf.split().freeze()).await.map_err(err("COPY rows"))?;
+    }
+    sink.send(Bytes::from_static(TRAILER)).await.map_err(err("COPY rows"))?;
+    sink.finish().await.map_err(err("finish COPY"))
+}
+
+/// Batches go in with [`ParallelCopy::send`]; [`ParallelCopy::finish`] waits for all
+/// connections and returns the rows loaded.
+pub struct ParallelCopy {
+    tx: Option<mpsc::Sender<RecordBatch>>,
+    workers: Vec<JoinHandle<Result<u64, PgError>>>,
+}
+
+impl ParallelCopy {
+    /// A sender for batches; sending fails once a worker has failed.
+    pub fn sender(&self) -> mpsc::Sender<RecordBatch> {
+        self.tx.clone().expect("not finished")
+    }
+
+    /// Closes the input and waits for every COPY to finish; the first failure wins.
+    pub async fn finish(mut self) -> Result<u64, PgError> {
+        drop(self.tx.take());
+        let mut rows = 0;
+        let mut first_err = None;
+        for w in self.workers.drain(..) {
+            match w.await {
+                Ok(Ok(n)) => rows += n,
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(join) => {
+                    first_err.get_or_insert(PgError::Cluster(format!("COPY worker panicked: {join}")));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! Sync state in Postgres (schema `lakesync`): one row per synced table and a run history.
+//!
+//! The synced version is only ever written inside the transaction that writes the data it
+//! covers (see [`crate::snapshot`] and [`crate::apply`]); that is lakesync's exactly-once
+//! guarantee. Runs are recorded as `running` when they start and finished in that same
+//! transaction, or marked `failed` when they fail.
+
+use lakesync_core::{PrimaryKey, TableName, Version};
+use tokio_postgres::{Client, GenericClient};
+
+use crate::PgError;
+
+/// Table states, named like Lakebase synced tables.
+pub mod states {
+    /// The first snapshot has not completed.
+    pub const PROVISIONING: &str = "PROVISIONING_INITIAL_SNAPSHOT";
+    /// A sync run is applying changes.
+    pub const UPDATING: &str = "ONLINE_TRIGGERED_UPDATE";
+    /// Synced; the last run succeeded.
+    pub const ONLINE: &str = "ONLINE_NO_PENDING_UPDATE";
+    /// The last run failed; the table holds the last synced version.
+    pub const ONLINE_FAILED: &str = "ONLINE_PIPELINE_FAILED";
+    /// The last run failed and nothing was ever synced.
+    pub const OFFLINE_FAILED: &str = "OFFLINE_FAILED";
+}
+
+const STATE_DDL: &str = r#"
+CREATE SCHEMA IF NOT EXISTS lakesync;
+CREATE TABLE IF NOT EXISTS lakesync.synced_tables (
+    target_schema text NOT NULL,
+    target_table text NOT NULL,
+    source_uri text NOT NULL,
+    primary_key text[] NOT NULL,
+    synced_version bigint,
+    synced_commit_timestamp timestamptz,
+    state text NOT NULL,
+    last_error text,
+    rows_inserted bigint NOT NULL DEFAULT 0,
+    rows_updated bigint NOT NULL DEFAULT 0,
+    rows_deleted bigint NOT NULL DEFAULT 0,
+    runs_succeeded bigint NOT NULL DEFAULT 0,
+    runs_failed bigint NOT NULL DEFAULT 0,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (target_schema, target_table)
+);
+CREATE TABLE IF NOT EXISTS lakesync.runs (
+    run_id bigserial PRIMARY KEY,
+    target_schema text NOT NULL,
+    target_table text NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    ended_at timestamptz,
+    mode text NOT NULL,
+    reason text,
+    from_version bigint,
+    to_version bigint,
+    rows_inserted bigint NOT NULL DEFAULT 0,
+    rows_updated bigint NOT NULL DEFAULT 0,
+    rows_deleted bigint NOT NULL DEFAULT 0,
+    outcome text NOT NULL,
+    error text
+);
+CREATE INDEX IF NOT EXISTS runs_by_table ON lakesync.runs (target_schema, target_table, run_id DESC);
+"#;
+
+/// Creates the state schema if needed. Serialized by a transaction-level advisory lock so
+/// concurrent first runs do not race on `CREATE ... IF NOT EXISTS`.
+pub async fn ensure_schema(client: &mut Client) -> Result<(), PgError> {
+    let err = PgError::query("lakesync state", "create the lakesync state schema");
+    let tx = client.transaction().await.map_err(err)?;
+    let err = |e| PgError::Query { table: "lakesync state".into(), action: "create the lakesync state schema".into(), source: e };
+    tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('lakesync:state-ddl', 0))", &[]).await.map_err(err)?;
+    tx.batch_execute(STATE_DDL).await.map_err(err)?;
+    tx.commit().await.map_err(err)
+}
+
+/// The recorded state of one synced table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncedTable {
+    /// Target table.
+    pub table: TableName,
+    /// Delta table location.
+    pub source: String,
+    /// Primary-key columns.
+    pub primary_key: Vec<String>,
+    /// Last Delta version whose data the table holds.
+    pub synced_version: Option<Version>,
+    /// RFC 3339 commit timestamp of that version.
+    pub synced_commit_timestamp: Option<String>,
+    /// One of [`states`].
+    pub state: String,
+    /// The last failure, if the last run failed.
+    pub last_error: Option<String>,
+}
+
+/// Where a finished run leaves the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The Delta version the table now holds.
+    pub version: Version,
+    /// That version's commit timestamp, ms since the epoch.
+    pub commit_timestamp_ms: Option<i64>,
+}
+
+/// Rows a run changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RowCounts {
+    /// Rows inserted.
+    pub inserted: u64,
+    /// Rows whose values changed.
+    pub updated: u64,
+    /// Rows deleted.
+    pub deleted: u64,
+}
+
+/// How a run got the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    /// Full snapshot.
+    Snapshot,
+    /// Change data feed.
+    Triggered,
+    /// Nothing new.
+    Noop,
+}
+
+impl RunMode {
+    /// Name stored in the run history.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunMode::Snapshot => "snapshot",
+            RunMode::Triggered => "triggered",
+            RunMode::Noop => "noop",
+        }
+    }
+}
+
+/// Reads the state row of `table`.
+pub async fn load(client: &impl GenericClient, table: &TableName) -> Result<Option<SyncedTable>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT source_uri, primary_key, synced_version, \
+             to_char(synced_commit_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), state, last_error \
+             FROM lakesync.synced_tables WHERE target_schema = $1 AND target_table = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(PgError::query(table, "read the sync state"))?;
+    Ok(row.map(|r| SyncedTable {
+        table: table.clone(),
+        source: r.get(0),
+        primary_key: r.get(1),
+        synced_version: r.get::<_, Option<i64>>(2).map(|v| v as Version),
+        synced_commit_timestamp: r.get(3),
+        state: r.get(4),
+        last_error: r.get(5),
+    }))
+}
+
+/// Registers `table` (first run) or checks that source and key did not change.
+pub async fn register(client: &Client, table: &TableName, source: &str, key: &PrimaryKey) -> Result<SyncedTable, PgError> {
+    if let Some(existing) = load(client, table).await? {
+        if existing.source != source {
+            return Err(PgError::Mismatch {
+                table: table.to_string(),
+                message: format!(
+                    "it is already synced from {}; refusing to sync it from {source} (drop the table and its row in lakesync.synced_tables to change the source)",
+                    existing.source
+                ),
+            });
+        }
+        if existing.primary_key != key.columns() {
+            return Err(PgError::Mismatch {
+                table: table.to_string(),
+                message: format!(
+                    "it is synced with primary key ({}); refusing primary key ({key})",
+                    existing.primary_key.join(",")
+                ),
+            });
+        }
+        return Ok(existing);
+    }
+    client
+        .execute(
+            "INSERT INTO lakesync.synced_tables (target_schema, target_table, source_uri, primary_key, state) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            &[&table.schema, &table.name, &source, &key.columns(), &states::PROVISIONING],
+        )
+        .await
+        .map_err(PgError::query(table, "register the synced table"))?;
+    load(client, table).await?.ok_or_else(|| PgError::Mismatch {
+        table: table.to_string(),
+        message: "state row vanished after registration".into(),
+    })
+}
+
+/// Marks runs left `running` by a crashed process as `abandoned` (call under the table lock).
+pub async fn abandon_stale_runs(client: &Client, table: &TableName) -> Result<u64, PgError> {
+    client
+        .execute(
+            "UPDATE lakesync.runs SET outcome = 'abandoned', ended_at = clock_timestamp(), \
+             error = 'the process running it stopped before it finished; nothing it did was committed' \
+             WHERE target_schema = $1 AND target_table = $2 AND outcome = 'running'",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(PgError::query(table, "mark abandoned runs"))
+}
+
+/// Records the start of a run; returns its id.
+pub async fn start_run(
+    client: &Client,
+    table: &TableName,
+    mode: RunMode,
+    reason: &str,
+    from: Option<Version>,
+    to: Version,
+) -> Result<i64, PgError> {
+    let row = client
+        .query_one(
+            "INSERT INTO lakesync.runs (target_schema, target_table, mode, reason, from_version, to_version, outcome) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'running') RETURNING run_id",
+            &[&table.schema, &table.name, &mode.as_str(), &reason, &from.map(|v| v as i64), &(to as i64)],
+        )
+        .await
+        .map_err(PgError::query(table, "record the run start"))?;
+    Ok(row.get(0))
+}
+
+/// Records a successful checkpoint: run outcome, counters and the synced version. Must run
+/// inside the transaction that wrote the data.
+pub async fn commit_checkpoint(
+    tx: &impl GenericClient,
+    table: &TableName,
+    run_id: i64,
+    checkpoint: Checkpoint,
+    counts: RowCounts,
+    final_chunk: bool,
+) -> Result<(), PgError> {
+    let err = PgError::query(table, "record the synced version");
+    let (ins, upd, del) = (counts.inserted as i64, counts.updated as i64, counts.deleted as i64);
+    let n = tx
+        .execute(
+            "UPDATE lakesync.synced_tables SET synced_version = $3, \
+             synced_commit_timestamp = to_timestamp($4::bigint / 1000.0), state = $5, last_error = NULL, \
+             rows_inserted = rows_inserted + $6, rows_updated = rows_updated + $7, rows_deleted = rows_deleted + $8, \
+             runs_succeeded = runs_succeeded + $9, updated_at = clock_timestamp() \
+             WHERE target_schema = $1 AND target_table = $2",
+            &[
+                &table.schema,
+                &table.name,
+                &(checkpoint.version as i64),
+                &checkpoint.commit_timestamp_ms,
+                &(if final_chunk { states::ONLINE } else { states::UPDATING }),
+                &ins,
+                &upd,
+                &del,
+                &(final_chunk as i64),
+            ],
+        )
+        .await
+        .map_err(err)?;
+    if n != 1 {
+        return Err(PgError::Mismatch { table: table.to_string(), message: "state row missing while committing".into() });
+    }
+    tx.execute(
+        "UPDATE lakesync.runs SET rows_inserted = rows_inserted + $2, rows_updated = rows_updated + $3, \
+         rows_deleted = rows_deleted + $4, to_version = $5, \
+         outcome = CASE WHEN $6 THEN 'succeeded' ELSE outcome END, \
+         ended_at = CASE WHEN $6 THEN clock_timestamp() ELSE ended_at END WHERE run_id = $1",
+        &[&run_id, &ins, &upd, &del, &(checkpoint.version as i64), &final_chunk],
+    )
+    .await
+    .map_err(PgError::query(table, "record the run"))?;
+    Ok(())
+}
+
+/// Finishes a run that changed nothing (already at the requested version).
+pub async fn finish_noop(client: &Client, table: &TableName, run_id: i64) -> Result<(), PgError> {
+    let err = PgError::query(table, "record the run");
+    client
+        .execute(
+            "UPDATE lakesync.runs SET outcome = 'succeeded', ended_at = clock_timestamp() WHERE run_id = $1",
+            &[&run_id],
+        )
+        .await
+        .map_err(err)?;
+    client
+        .execute(
+            "UPDATE lakesync.synced_tables SET state = $3, last_error = NULL, runs_succeeded = runs_succeeded + 1, \
+             updated_at = clock_timestamp() WHERE target_schema = $1 AND target_table = $2",
+            &[&table.schema, &table.name, &states::ONLINE],
+        )
+        .await
+        .map_err(PgError::query(table, "record the run"))?;
+    Ok(())
+}
+
+/// Records a failed run and the error on the table (the data stays at the last checkpoint).
+pub async fn fail_run(client: &Client, table: &TableName, run_id: Option<i64>, error: &str) -> Result<(), PgError> {
+    if let Some(run_id) = run_id {
+        client
+            .execute(
+                "UPDATE lakesync.runs SET outcome = 'failed', error = $2, ended_at = clock_timestamp() WHERE run_id = $1",
+                &[&run_id, &error],
+            )
+            .await
+            .map_err(PgError::query(table, "record the failed run"))?;
+    }
+    client
+        .execute(
+            "UPDATE lakesync.synced_tables SET last_error = $3, runs_failed = runs_failed + 1, \
+             state = CASE WHEN synced_version IS NULL THEN $4 ELSE $5 END, updated_at = clock_timestamp() \
+             WHERE target_schema = $1 AND target_table = $2",
+            &[&table.schema, &table.name, &error, &states::OFFLINE_FAILED, &states::ONLINE_FAILED],
+        )
+        .await
+        .map_err(PgError::query(table, "record the failure"))?;
+    Ok(())
+}
+
+/// Takes the per-table advisory lock on this session, or fails with [`PgError::Locked`].
+pub async fn try_lock(client: &Client, table: &TableName) -> Result<(), PgError> {
+    let key = format!("lakesync:table:{}.{}", table.schema, table.name);
+    let got: bool = client
+        .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key])
+        .await
+        .map_err(PgError::query(table, "take the table's advisory lock"))?
+        .get(0);
+    if got {
+        Ok(())
+    } else {
+        Err(PgError::Locked { table: table.to_string() })
+    }
+}
+
+/// The status of every synced table with its last run, for `lakesync status`.
+#[derive(Debug, Clone)]
+pub struct TableStatus {
+    /// The state row.
+    pub table: SyncedTable,
+    /// Cumulative counters: inserted, updated, deleted.
+    pub totals: RowCounts,
+    /// The most recent run, if any.
+    pub last_run: Option<RunRecord>,
+}
+
+/// One entry of the run history.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    /// Run id.
+    pub run_id: i64,
+    /// `snapshot`, `triggered` or `noop`.
+    pub mode: String,
+    /// Why this mode was chosen.
+    pub reason: Option<String>,
+    /// `running`, `succeeded`, `failed` or `abandoned`.
+    pub outcome: String,
+    /// Version range.
+    pub from_version: Option<i64>,
+    /// Version range end.
+    pub to_version: Option<i64>,
+    /// Rows changed.
+    pub counts: RowCounts,
+    /// RFC 3339 start time.
+    pub started_at: String,
+    /// Duration in seconds, when finished.
+    pub duration_seconds: Option<f64>,
+    /// Error text of a failed run.
+    pub error: Option<String>,
+}
+
+/// Reads the status of all synced tables (empty when lakesync never ran against this database).
+pub async fn status(client: &Client) -> Result<Vec<TableStatus>, PgError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('lakesync.synced_tables') IS NOT NULL", &[])
+        .await
+        .map_err(PgError::query("lakesync state", "read status"))?
+        .get(0);
+    if !exists {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT s.target_schema, s.target_table, s.source_uri, s.primary_key, s.synced_version, \
+             to_char(s.synced_commit_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), s.state, s.last_error, \
+             s.rows_inserted, s.rows_updated, s.rows_deleted, \
+             r.run_id, r.mode, r.reason, r.outcome, r.from_version, r.to_version, r.rows_inserted, r.rows_updated, r.rows_deleted, \
+             to_char(r.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+             extract(epoch FROM r.ended_at - r.started_at)::float8, r.error \
+             FROM lakesync.synced_tables s LEFT JOIN LATERAL ( \
+               SELECT * FROM lakesync.runs r WHERE r.target_schema = s.target_schema AND r.target_table = s.target_table \
+               ORDER BY run_id DESC LIMIT 1) r ON true \
+             ORDER BY s.target_schema, s.target_table",
+            &[],
+        )
+        .await
+        .map_err(PgError::query("lakesync state", "read status"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let count = |i: usize| r.get::<_, Option<i64>>(i).unwrap_or(0) as u64;
+            TableStatus {
+                table: SyncedTable {
+                    table: TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                    source: r.get(2),
+                    primary_key: r.get(3),
+                    synced_version: r.get::<_, Option<i64>>(4).map(|v| v as Version),
+                    synced_commit_timestamp: r.get(5),
+                    state: r.get(6),
+                    last_error: r.get(7),
+                },
+                totals: RowCounts { inserted: count(8), updated: count(9), deleted: count(10) },
+                last_run: r.get::<_, Option<i64>>(11).map(|run_id| RunRecord {
+                    run_id,
+                    mode: r.get(12),
+                    reason: r.get(13),
+                    outcome: r.get(14),
+                    from_version: r.get(15),
+                    to_version: r.get(16),
+                    counts: RowCounts { inserted: count(17), updated: count(18), deleted: count(19) },
+                    started_at: r.get(20),
+                    duration_seconds: r.get(21),
+                    error: r.get(22),
+                }),
+            }
+        })
+        .collect())
+}
