@@ -1,1 +1,166 @@
-fn main() {}
+//! The `lakesync` command: thin wiring of the engine to a CLI.
+
+mod demo;
+mod status;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use lakesync_core::{DataPolicy, NulBytePolicy, PrimaryKey, SyncMode, TableName};
+use lakesync_engine::{sync, SyncRequest};
+use lakesync_postgres::PgConfig;
+
+/// Keep PostgreSQL tables in sync with Delta Lake tables.
+#[derive(Parser)]
+#[command(name = "lakesync", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sync one Delta table into one Postgres table (snapshot or change data feed).
+    Sync(SyncArgs),
+    /// Show every synced table: synced version, state, last run.
+    Status {
+        /// Postgres connection string.
+        #[arg(long, env = "LAKESYNC_POSTGRES", hide_env_values = true)]
+        postgres: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a sample Delta table, sync it into a private Postgres, change it, sync again.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Mode {
+    Auto,
+    Snapshot,
+    Triggered,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum NulBytes {
+    Error,
+    Strip,
+}
+
+#[derive(clap::Args)]
+struct SyncArgs {
+    /// Delta table path or file:// URI.
+    #[arg(long)]
+    source: String,
+    /// Postgres connection string (libpq key=value or postgresql:// URI).
+    #[arg(long, env = "LAKESYNC_POSTGRES", hide_env_values = true)]
+    postgres: String,
+    /// Target table, schema.table.
+    #[arg(long)]
+    table: String,
+    /// Primary-key columns, comma-separated.
+    #[arg(long)]
+    primary_key: String,
+    /// auto: snapshot first, then the change data feed (snapshot again when the feed cannot
+    /// serve the range); snapshot: always a full snapshot; triggered: change data feed only.
+    #[arg(long, value_enum, default_value = "auto")]
+    mode: Mode,
+    /// Stop at this Delta version instead of the latest.
+    #[arg(long)]
+    to_version: Option<u64>,
+    /// Parallel COPY connections for snapshots.
+    #[arg(long, default_value_t = 4)]
+    parallelism: usize,
+    /// A secondary index to build after a snapshot load (comma-separated columns); repeatable.
+    #[arg(long = "index")]
+    indexes: Vec<String>,
+    /// What to do with strings holding NUL bytes: error (default) or strip them.
+    #[arg(long, value_enum, default_value = "error")]
+    nul_bytes: NulBytes,
+    /// When a snapshot has several rows per key, keep the one with the greatest value of this
+    /// column (default: duplicate keys are an error).
+    #[arg(long)]
+    dedup_by: Option<String>,
+    /// At most this many Delta versions per incremental transaction (bounds memory).
+    #[arg(long, default_value_t = 100)]
+    versions_per_transaction: u64,
+}
+
+impl SyncArgs {
+    fn request(&self) -> anyhow::Result<SyncRequest> {
+        Ok(SyncRequest {
+            source: self.source.clone(),
+            postgres: PgConfig::parse(&self.postgres)?,
+            table: TableName::parse(&self.table)?,
+            primary_key: PrimaryKey::parse(&self.primary_key)?,
+            mode: match self.mode {
+                Mode::Auto => SyncMode::Auto,
+                Mode::Snapshot => SyncMode::Snapshot,
+                Mode::Triggered => SyncMode::Triggered,
+            },
+            to_version: self.to_version,
+            parallelism: self.parallelism.clamp(1, 16),
+            indexes: self
+                .indexes
+                .iter()
+                .map(|i| i.split(',').map(|c| c.trim().to_string()).collect())
+                .collect(),
+            policy: DataPolicy {
+                nul_bytes: match self.nul_bytes {
+                    NulBytes::Error => NulBytePolicy::Error,
+                    NulBytes::Strip => NulBytePolicy::Strip,
+                },
+                dedup_by: self.dedup_by.clone(),
+            },
+            versions_per_transaction: self.versions_per_transaction,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LAKESYNC_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lakesync_engine=info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Sync(args) => {
+            let req = args.request()?;
+            let out = sync(&req).await?;
+            println!(
+                "synced {} to Delta version {} ({}, {}): {} inserted, {} updated, {} deleted in {:.2}s",
+                req.table,
+                out.to_version,
+                out.mode.as_str(),
+                out.reason,
+                out.counts.inserted,
+                out.counts.updated,
+                out.counts.deleted,
+                out.duration.as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Status { postgres, json } => {
+            let config = PgConfig::parse(&postgres)?;
+            status::print(&config, json).await.context("reading status")
+        }
+        Command::Demo(args) => demo::run(args).await,
+    }
+}

@@ -1,1 +1,21 @@
+//! `lakesync-engine`: decides what a sync run does and drives the Delta source and the
+//! Postgres sink through it.
+//!
+//! This crate owns the run logic: snapshot when nothing is synced or the change data feed
+//! cannot serve the range, otherwise read the feed in chunks of versions, reduce each chunk to
+//! net changes with [`lakesync_core::ChangePlanner`], and apply it in one Postgres transaction
+//! that records the new synced version. It also owns the single place where errors are
+//! classified for retries ([`EngineError::class`]).
+//!
+//! Invariants:
+//! - The synced version only moves inside the transaction that writes its data.
+//! - A chunk is applied whole or not at all; a failure leaves the table at the last checkpoint.
+//! - Delta reads (blocking, kernel) run on blocking threads and feed Postgres through bounded
+//!   channels, so memory stays bounded during snapshots.
 
+pub mod changes;
+pub mod error;
+pub mod sync;
+
+pub use error::EngineError;
+pub use sync::{sync, SyncOutcome, SyncRequest};

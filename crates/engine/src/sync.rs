@@ -1,0 +1,325 @@
+//! One sync run: choose snapshot, triggered or no-op, and carry it out exactly once.
+
+use std::time::{Duration, Instant};
+
+use lakesync_core::{
+    Classify, DataPolicy, PrimaryKey, SchemaChange, SyncMode, TableName, TableSchema, Version,
+};
+use lakesync_delta::{DeltaError, DeltaTable, TableSnapshot};
+use lakesync_postgres::state::{self, Checkpoint, RowCounts, RunMode};
+use lakesync_postgres::{PgConfig, Sink};
+
+use crate::changes::plan_changes;
+use crate::EngineError;
+
+/// What to sync and how.
+#[derive(Debug, Clone)]
+pub struct SyncRequest {
+    /// Delta table path or URI.
+    pub source: String,
+    /// Postgres connection.
+    pub postgres: PgConfig,
+    /// Target table.
+    pub table: TableName,
+    /// Primary-key columns.
+    pub primary_key: PrimaryKey,
+    /// What the run may do.
+    pub mode: SyncMode,
+    /// Stop at this Delta version instead of the latest.
+    pub to_version: Option<Version>,
+    /// COPY connections for snapshots.
+    pub parallelism: usize,
+    /// Secondary indexes to build (column lists).
+    pub indexes: Vec<Vec<String>>,
+    /// Policies for data Postgres cannot hold as is.
+    pub policy: DataPolicy,
+    /// At most this many versions per incremental transaction (bounds memory).
+    pub versions_per_transaction: u64,
+}
+
+/// What a successful run did.
+#[derive(Debug, Clone)]
+pub struct SyncOutcome {
+    /// Snapshot, triggered or no-op.
+    pub mode: RunMode,
+    /// Why this mode.
+    pub reason: String,
+    /// Version synced before the run.
+    pub from_version: Option<Version>,
+    /// Version synced now.
+    pub to_version: Version,
+    /// Rows changed.
+    pub counts: RowCounts,
+    /// Wall time.
+    pub duration: Duration,
+}
+
+/// Runs one sync of `req`. On failure the run and the error are recorded in the state
+/// tables (when Postgres is reachable) and the table stays at its last synced version.
+pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
+    let started = Instant::now();
+    let source = blocking({
+        let uri = req.source.clone();
+        move || DeltaTable::open(&uri)
+    })
+    .await?;
+    let mut sink = Sink::open(&req.postgres, &req.table, req.policy.clone()).await?;
+    let mut run_id = None;
+    let result = run(req, &source, &mut sink, &mut run_id).await;
+    match result {
+        Ok(mut outcome) => {
+            outcome.duration = started.elapsed();
+            Ok(outcome)
+        }
+        Err(e) => {
+            let message = e.to_string();
+            if let Err(record) = state::fail_run(sink.client(), &req.table, run_id, &message).await {
+                tracing::warn!(table = %req.table, error = %record, "could not record the failed run");
+            }
+            tracing::debug!(table = %req.table, class = e.class().as_str(), "sync failed");
+            Err(e)
+        }
+    }
+}
+
+async fn run(
+    req: &SyncRequest,
+    source: &DeltaTable,
+    sink: &mut Sink,
+    run_id: &mut Option<i64>,
+) -> Result<SyncOutcome, EngineError> {
+    let table = &req.table;
+    let synced = state::register(sink.client(), table, source.uri(), &req.primary_key).await?.synced_version;
+    let latest = snapshot_at(source, None).await?;
+    let end = match req.to_version {
+        Some(v) if v > latest.version() => {
+            return Err(EngineError::Request {
+                table: table.to_string(),
+                message: format!(
+                    "--to-version {v} does not exist in {}: its latest version is {}",
+                    source.uri(),
+                    latest.version()
+                ),
+            })
+        }
+        Some(v) if v != latest.version() => snapshot_at(source, Some(v)).await?,
+        _ => latest,
+    };
+    let schema = end.schema()?;
+    req.primary_key.validate_against(&schema)?;
+    let key = req.primary_key.columns().to_vec();
+
+    let reason = match (req.mode, synced) {
+        (SyncMode::Snapshot, _) => "requested with --mode snapshot".to_string(),
+        (_, None) => "initial snapshot: nothing synced yet".to_string(),
+        (_, Some(s)) if s == end.version() => {
+            let id = state::start_run(sink.client(), table, RunMode::Noop, "already at the requested version", synced, s).await?;
+            *run_id = Some(id);
+            state::finish_noop(sink.client(), table, id).await?;
+            tracing::info!(table = %table, version = s, "nothing new to sync");
+            return Ok(outcome(RunMode::Noop, "already at the requested version", synced, s, RowCounts::default()));
+        }
+        (_, Some(s)) if s > end.version() => {
+            return Err(EngineError::Request {
+                table: table.to_string(),
+                message: format!(
+                    "it is synced to Delta version {s}, newer than the requested version {}; use --mode snapshot to go back",
+                    end.version()
+                ),
+            })
+        }
+        (mode, Some(s)) => {
+            if !end.cdf_enabled() {
+                return Err(source.cdf_not_enabled(end.version()).into());
+            }
+            if !sink.target_exists().await? {
+                "the target table is missing".to_string()
+            } else {
+                match triggered(req, source, sink, run_id, s, &end, &schema, &key).await {
+                    Ok(done) => return Ok(done),
+                    Err(EngineError::Delta(DeltaError::CdfUnavailable { reason, .. })) if mode == SyncMode::Auto => {
+                        // Close the triggered run (if one started) before the fallback run.
+                        if let Some(id) = run_id.take() {
+                            state::fail_run(sink.client(), table, Some(id), &format!("falling back to a snapshot: {reason}")).await?;
+                        }
+                        format!("the change data feed cannot serve versions {}..={}: {reason}", s + 1, end.version())
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    };
+    tracing::info!(table = %table, version = end.version(), reason = %reason, "snapshot");
+    snapshot(req, sink, run_id, synced, &end, &schema, &key, &reason).await
+}
+
+fn outcome(mode: RunMode, reason: &str, from: Option<Version>, to: Version, counts: RowCounts) -> SyncOutcome {
+    SyncOutcome { mode, reason: reason.to_string(), from_version: from, to_version: to, counts, duration: Duration::ZERO }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn snapshot(
+    req: &SyncRequest,
+    sink: &mut Sink,
+    run_id: &mut Option<i64>,
+    synced: Option<Version>,
+    end: &TableSnapshot,
+    schema: &TableSchema,
+    key: &[String],
+    reason: &str,
+) -> Result<SyncOutcome, EngineError> {
+    let version = end.version();
+    let id = state::start_run(sink.client(), &req.table, RunMode::Snapshot, reason, synced, version).await?;
+    *run_id = Some(id);
+    let staging = sink.prepare_staging(schema).await?;
+    let copy = sink.copy_into(&staging, schema, key, version, req.parallelism);
+    let sender = copy.sender();
+    let reader = {
+        let end = end.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), DeltaError> {
+            for batch in end.batches()? {
+                if sender.blocking_send(batch?).is_err() {
+                    break; // a COPY worker failed; its error is reported by finish()
+                }
+            }
+            Ok(())
+        })
+    };
+    let read = reader.await.map_err(|e| EngineError::Internal(format!("snapshot reader panicked: {e}")));
+    let loaded = copy.finish().await;
+    let result = async {
+        let rows = loaded?;
+        read??;
+        let checkpoint = Checkpoint { version, commit_timestamp_ms: Some(commit_ts(end).await?) };
+        tracing::debug!(table = %req.table, rows, "staging loaded");
+        Ok::<_, EngineError>(sink.finish_snapshot(&staging, schema, key, &req.indexes, id, checkpoint).await?)
+    }
+    .await;
+    match result {
+        Ok(counts) => Ok(outcome(RunMode::Snapshot, reason, synced, version, counts)),
+        Err(e) => {
+            sink.discard_staging(&staging).await;
+            Err(e)
+        }
+    }
+}
+
+/// Applies the change data feed from `synced + 1` to `end`, split at schema changes and in
+/// chunks of versions, each chunk one transaction with its checkpoint.
+#[allow(clippy::too_many_arguments)]
+async fn triggered(
+    req: &SyncRequest,
+    source: &DeltaTable,
+    sink: &mut Sink,
+    run_id: &mut Option<i64>,
+    synced: Version,
+    end: &TableSnapshot,
+    end_schema: &TableSchema,
+    key: &[String],
+) -> Result<SyncOutcome, EngineError> {
+    let table = &req.table;
+    let end_version = end.version();
+    let unavailable = |reason: String| {
+        EngineError::Delta(DeltaError::CdfUnavailable {
+            uri: source.uri().to_string(),
+            start: synced + 1,
+            end: end_version,
+            reason,
+        })
+    };
+    // The schema the Postgres table holds: the source's at the synced version.
+    let mut schema = match snapshot_at(source, Some(synced)).await {
+        Ok(s) => s.schema()?,
+        Err(e) => return Err(unavailable(format!("version {synced} is no longer readable: {e}"))),
+    };
+    let id = state::start_run(sink.client(), table, RunMode::Triggered, "change data feed", Some(synced), end_version).await?;
+    *run_id = Some(id);
+    let mut total = RowCounts::default();
+    let mut start = synced + 1;
+    while start <= end_version {
+        // The segment [start, seg_end] has one schema; a change at seg_end + 1 starts the next.
+        let (seg_end, added) = match schema.change_to(end_schema) {
+            SchemaChange::None => (end_version, Vec::new()),
+            _ => {
+                let first_change = first_schema_change(source, &schema, start, end_version).await?;
+                if first_change > start {
+                    (first_change - 1, Vec::new())
+                } else {
+                    let new_schema = snapshot_at(source, Some(first_change)).await?.schema()?;
+                    match schema.change_to(&new_schema) {
+                        SchemaChange::Additive(cols) => {
+                            tracing::info!(table = %table, version = first_change, columns = cols.len(), "source added columns");
+                            schema = new_schema;
+                            let seg_end = if schema.change_to(end_schema) == SchemaChange::None {
+                                end_version
+                            } else {
+                                first_schema_change(source, &schema, start + 1, end_version).await? - 1
+                            };
+                            (seg_end, cols)
+                        }
+                        SchemaChange::Breaking(why) => {
+                            return Err(unavailable(format!("at version {first_change}: {why}")))
+                        }
+                        SchemaChange::None => (start, Vec::new()),
+                    }
+                }
+            }
+        };
+        let mut added = added;
+        let mut chunk_start = start;
+        while chunk_start <= seg_end {
+            let chunk_end = (chunk_start + req.versions_per_transaction.max(1) - 1).min(seg_end);
+            let batches = read_changes(source, chunk_start, chunk_end).await?;
+            let mut changes = plan_changes(table, &schema, key, &batches)?;
+            drop(batches);
+            changes.added_columns = std::mem::take(&mut added);
+            let ts = if chunk_end == end_version { commit_ts(end).await? } else { commit_ts(&snapshot_at(source, Some(chunk_end)).await?).await? };
+            let checkpoint = Checkpoint { version: chunk_end, commit_timestamp_ms: Some(ts) };
+            let counts = sink.apply_changes(&schema, key, &changes, id, checkpoint, chunk_end == end_version).await?;
+            tracing::info!(table = %table, from = chunk_start, to = chunk_end, inserted = counts.inserted, updated = counts.updated, deleted = counts.deleted, "applied changes");
+            total.inserted += counts.inserted;
+            total.updated += counts.updated;
+            total.deleted += counts.deleted;
+            chunk_start = chunk_end + 1;
+        }
+        start = seg_end + 1;
+    }
+    Ok(outcome(RunMode::Triggered, "change data feed", Some(synced), end_version, total))
+}
+
+/// The first version in `lo..=hi` whose schema differs from `schema` (binary search; assumes
+/// the schema does not change back and forth).
+async fn first_schema_change(source: &DeltaTable, schema: &TableSchema, lo: Version, hi: Version) -> Result<Version, EngineError> {
+    let (mut lo, mut hi) = (lo, hi);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if snapshot_at(source, Some(mid)).await?.schema()? == *schema {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo)
+}
+
+async fn read_changes(source: &DeltaTable, start: Version, end: Version) -> Result<Vec<arrow_array::RecordBatch>, EngineError> {
+    let source = source.clone();
+    Ok(blocking(move || source.changes(start, end)?.collect::<Result<Vec<_>, _>>()).await?)
+}
+
+async fn snapshot_at(source: &DeltaTable, version: Option<Version>) -> Result<TableSnapshot, EngineError> {
+    let source = source.clone();
+    Ok(blocking(move || source.snapshot(version)).await?)
+}
+
+async fn commit_ts(snap: &TableSnapshot) -> Result<i64, EngineError> {
+    let snap = snap.clone();
+    Ok(blocking(move || snap.commit_timestamp_ms()).await?)
+}
+
+/// Runs blocking kernel work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DeltaError> + Send + 'static,
+) -> Result<T, DeltaError> {
+    tokio::task::spawn_blocking(f).await.expect("blocking Delta task panicked")
+}
