@@ -3,7 +3,7 @@
 use std::num::NonZero;
 use std::sync::Arc;
 
-use arrow_array::RecordBatch;
+use arrow_array::{Array, Int64Array, RecordBatch, StringArray, StructArray};
 use delta_kernel::engine::arrow_data::ArrowEngineData;
 use delta_kernel::table_changes::TableChanges;
 use delta_kernel::{Engine, KernelError, Snapshot, SnapshotRef};
@@ -154,6 +154,48 @@ impl TableSnapshot {
             version: self.version(),
             source,
         })
+    }
+
+    /// The number of live rows at this version, from the log alone (per-file `numRecords`
+    /// statistics minus deletion-vector cardinalities); `None` when a file has no statistics.
+    /// Reads no data files.
+    pub fn row_count(&self) -> Result<Option<u64>, DeltaError> {
+        let read_err = |source| DeltaError::Read { uri: self.table.uri.clone(), version: self.version(), source };
+        let scan = self.snap.clone().scan_builder().build().map_err(read_err)?;
+        let mut total: u64 = 0;
+        for meta in scan.scan_metadata(self.table.engine.as_ref()).map_err(read_err)? {
+            let (data, mut selected) = meta.map_err(read_err)?.scan_files.into_parts();
+            let batch: RecordBatch = (*ArrowEngineData::try_from_engine_data(data).map_err(read_err)?).into();
+            selected.resize(batch.num_rows(), true);
+            let stats = batch.column_by_name("stats").and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned());
+            let dv_cardinality = batch
+                .column_by_name("deletionVector")
+                .and_then(|c| c.as_any().downcast_ref::<StructArray>().cloned())
+                .and_then(|dv| {
+                    let card = dv.column_by_name("cardinality")?.as_any().downcast_ref::<Int64Array>()?.clone();
+                    Some((dv, card))
+                });
+            let Some(stats) = stats else { return Ok(None) };
+            for (i, sel) in selected.iter().enumerate() {
+                if !*sel {
+                    continue;
+                }
+                if stats.is_null(i) {
+                    return Ok(None);
+                }
+                let parsed: serde_json::Value = match serde_json::from_str(stats.value(i)) {
+                    Ok(v) => v,
+                    Err(_) => return Ok(None),
+                };
+                let Some(n) = parsed.get("numRecords").and_then(|n| n.as_u64()) else { return Ok(None) };
+                let deleted = match &dv_cardinality {
+                    Some((dv, card)) if dv.is_valid(i) && card.is_valid(i) => card.value(i) as u64,
+                    _ => 0,
+                };
+                total += n.saturating_sub(deleted);
+            }
+        }
+        Ok(Some(total))
     }
 
     /// Streams every live row of this version (deletion vectors applied, logical column names).

@@ -61,9 +61,12 @@ pub fn plan_changes(
         };
         let rows = conv.convert_columns(&key_arrays).map_err(|e| internal(e.to_string()))?;
         for i in 0..batch.num_rows() {
-            let kind = ChangeKind::parse(kinds.value(i))
-                .ok_or_else(|| internal(format!("unknown change type {:?}", kinds.value(i))))?;
             let version = versions.value(i) as Version;
+            let kind = ChangeKind::parse(kinds.value(i)).ok_or_else(|| EngineError::UnusableFeed {
+                table: table.to_string(),
+                version,
+                reason: format!("unknown _change_type {:?}", kinds.value(i)),
+            })?;
             planner.observe(rows.row(i).as_ref().into(), version, kind, (bi as u32, i as u32)).map_err(|c| {
                 EngineError::Postgres(PgError::DuplicateKey {
                     table: table.to_string(),

@@ -19,9 +19,25 @@ pub enum EngineError {
     /// The request cannot be honoured as asked.
     #[error("table {table}: {message}")]
     Request { table: String, message: String },
+    /// The change data feed holds rows lakesync cannot interpret (e.g. an unknown change type).
+    #[error("table {table}: the change data feed at version {version} cannot be applied: {reason}")]
+    UnusableFeed { table: String, version: lakesync_core::Version, reason: String },
     /// A background task failed unexpectedly.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl EngineError {
+    /// Whether a fresh snapshot can serve what the change data feed could not: the feed is
+    /// unavailable for the range, unreadable, or disagrees with the table's row count.
+    pub fn calls_for_snapshot(&self) -> Option<String> {
+        match self {
+            EngineError::Delta(DeltaError::CdfUnavailable { reason, .. }) => Some(reason.clone()),
+            EngineError::Postgres(e @ PgError::Drift { .. }) => Some(e.to_string()),
+            EngineError::UnusableFeed { .. } => Some(self.to_string()),
+            _ => None,
+        }
+    }
 }
 
 impl Classify for EngineError {
@@ -31,6 +47,7 @@ impl Classify for EngineError {
             EngineError::Postgres(e) => e.class(),
             EngineError::Model(e) => e.class(),
             EngineError::Request { .. } => ErrorClass::Config,
+            EngineError::UnusableFeed { .. } => ErrorClass::Schema,
             EngineError::Internal(_) => ErrorClass::Internal,
         }
     }

@@ -137,7 +137,9 @@ async fn run(
             } else {
                 match triggered(req, source, sink, run_id, s, &end, &schema, &key).await {
                     Ok(done) => return Ok(done),
-                    Err(EngineError::Delta(DeltaError::CdfUnavailable { reason, .. })) if mode == SyncMode::Auto => {
+                    Err(e) if mode == SyncMode::Auto && e.calls_for_snapshot().is_some() => {
+                        let reason = e.calls_for_snapshot().unwrap_or_default();
+                        tracing::warn!(table = %table, error = %e, "falling back to a snapshot");
                         // Close the triggered run (if one started) before the fallback run.
                         if let Some(id) = run_id.take() {
                             state::fail_run(sink.client(), table, Some(id), &format!("falling back to a snapshot: {reason}")).await?;
@@ -273,9 +275,11 @@ async fn triggered(
             let mut changes = plan_changes(table, &schema, key, &batches)?;
             drop(batches);
             changes.added_columns = std::mem::take(&mut added);
-            let ts = if chunk_end == end_version { commit_ts(end).await? } else { commit_ts(&snapshot_at(source, Some(chunk_end)).await?).await? };
-            let checkpoint = Checkpoint { version: chunk_end, commit_timestamp_ms: Some(ts) };
-            let counts = sink.apply_changes(&schema, key, &changes, id, checkpoint, chunk_end == end_version).await?;
+            let at = if chunk_end == end_version { end.clone() } else { snapshot_at(source, Some(chunk_end)).await? };
+            let checkpoint = Checkpoint { version: chunk_end, commit_timestamp_ms: Some(commit_ts(&at).await?) };
+            let source_rows = blocking(move || at.row_count()).await?;
+            let counts =
+                sink.apply_changes(&schema, key, &changes, id, checkpoint, source_rows, chunk_end == end_version).await?;
             tracing::info!(table = %table, from = chunk_start, to = chunk_end, inserted = counts.inserted, updated = counts.updated, deleted = counts.deleted, "applied changes");
             total.inserted += counts.inserted;
             total.updated += counts.updated;

@@ -36,6 +36,11 @@ pub struct ChangeSet {
 impl Sink {
     /// Applies `changes` and records `checkpoint` in one transaction. `final_chunk` marks the
     /// last chunk of the run (the run is then recorded as succeeded).
+    ///
+    /// `source_rows` is the source's row count at the checkpoint version, when known: if the
+    /// table would then hold a different number of rows, the change feed disagrees with the
+    /// table, nothing is committed and [`PgError::Drift`] is returned.
+    #[allow(clippy::too_many_arguments)]
     pub async fn apply_changes(
         &mut self,
         schema: &TableSchema,
@@ -43,6 +48,7 @@ impl Sink {
         changes: &ChangeSet,
         run_id: i64,
         checkpoint: Checkpoint,
+        source_rows: Option<u64>,
         final_chunk: bool,
     ) -> Result<RowCounts, PgError> {
         let target = self.table.clone();
@@ -124,7 +130,13 @@ impl Sink {
             (inserted, updated) = upsert_from(&tx, &target, "_lakesync_upserts", schema, key, "u").await?;
         }
         let counts = RowCounts { inserted, updated, deleted };
-        state::commit_checkpoint(&tx, &target, run_id, checkpoint, counts, final_chunk).await?;
+        let rows = state::commit_checkpoint(&tx, &target, run_id, checkpoint, counts, None, final_chunk).await?;
+        if let (Some(expected), Some(actual)) = (source_rows, rows) {
+            if expected != actual {
+                // Dropping `tx` rolls everything back.
+                return Err(PgError::Drift { table: target.to_string(), version: checkpoint.version, postgres_rows: actual, source_rows: expected });
+            }
+        }
         tx.commit().await.map_err(PgError::query(&target, "commit the changes"))?;
         Ok(counts)
     }

@@ -39,6 +39,9 @@ pub enum PgError {
     /// The target or the state does not match what the sync expects.
     #[error("table {table}: {message}")]
     Mismatch { table: String, message: String },
+    /// Applying the change feed would leave a different row count than the source holds.
+    #[error("table {table}: after applying the change data feed up to version {version} it would hold {postgres_rows} rows, but the Delta table holds {source_rows}; nothing was committed")]
+    Drift { table: String, version: Version, postgres_rows: u64, source_rows: u64 },
     /// Starting or stopping a local Postgres failed.
     #[error("local Postgres: {0}")]
     Cluster(String),
@@ -89,7 +92,7 @@ impl Classify for PgError {
             PgError::Query { source, .. } => classify_db(source),
             PgError::DuplicateKey { .. } | PgError::NullKey { .. } | PgError::Value { .. } => ErrorClass::Data,
             PgError::Locked { .. } => ErrorClass::Busy,
-            PgError::Mismatch { .. } => ErrorClass::Schema,
+            PgError::Mismatch { .. } | PgError::Drift { .. } => ErrorClass::Schema,
             PgError::Cluster(_) => ErrorClass::Config,
         }
     }

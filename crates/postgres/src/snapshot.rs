@@ -157,6 +157,11 @@ impl Sink {
         self.client.batch_execute(&format!("ANALYZE {stage}")).await.map_err(PgError::query(&target, "analyze"))?;
 
         let tx = self.client.transaction().await.map_err(PgError::query(&target, "begin"))?;
+        let rows: i64 = tx
+            .query_one(&format!("SELECT count(*) FROM {stage}"), &[])
+            .await
+            .map_err(PgError::query(&target, "count staged rows"))?
+            .get(0);
         let counts = if staging.target_exists {
             let counts = replace_in_place(&tx, &target, staging, schema, key).await?;
             for cols in indexes {
@@ -172,17 +177,12 @@ impl Sink {
             tx.batch_execute(&format!("DROP TABLE {stage}")).await.map_err(PgError::query(&target, "drop the staging table"))?;
             counts
         } else {
-            let rows: i64 = tx
-                .query_one(&format!("SELECT count(*) FROM {stage}"), &[])
-                .await
-                .map_err(PgError::query(&target, "count staged rows"))?
-                .get(0);
             tx.batch_execute(&format!("ALTER TABLE {stage} RENAME TO {}", ident(&target.name)))
                 .await
                 .map_err(PgError::query(&target, "put the loaded table in place"))?;
             RowCounts { inserted: rows as u64, updated: 0, deleted: 0 }
         };
-        state::commit_checkpoint(&tx, &target, run_id, checkpoint, counts, true).await?;
+        state::commit_checkpoint(&tx, &target, run_id, checkpoint, counts, Some(rows as u64), true).await?;
         tx.commit().await.map_err(PgError::query(&target, "commit the snapshot"))?;
         Ok(counts)
     }

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS lakesync.synced_tables (
     primary_key text[] NOT NULL,
     synced_version bigint,
     synced_commit_timestamp timestamptz,
+    row_count bigint,
     state text NOT NULL,
     last_error text,
     rows_inserted bigint NOT NULL DEFAULT 0,
@@ -227,25 +228,29 @@ pub async fn start_run(
     Ok(row.get(0))
 }
 
-/// Records a successful checkpoint: run outcome, counters and the synced version. Must run
-/// inside the transaction that wrote the data.
+/// Records a successful checkpoint: run outcome, counters, the table's row count and the
+/// synced version. Must run inside the transaction that wrote the data. `total_rows` is the
+/// table's row count after a snapshot; `None` after an incremental apply, where the count moves
+/// by inserted minus deleted. Returns the new row count (`None` if it was never known).
 pub async fn commit_checkpoint(
     tx: &impl GenericClient,
     table: &TableName,
     run_id: i64,
     checkpoint: Checkpoint,
     counts: RowCounts,
+    total_rows: Option<u64>,
     final_chunk: bool,
-) -> Result<(), PgError> {
+) -> Result<Option<u64>, PgError> {
     let err = PgError::query(table, "record the synced version");
     let (ins, upd, del) = (counts.inserted as i64, counts.updated as i64, counts.deleted as i64);
-    let n = tx
-        .execute(
+    let row = tx
+        .query_opt(
             "UPDATE lakesync.synced_tables SET synced_version = $3, \
              synced_commit_timestamp = to_timestamp($4::bigint / 1000.0), state = $5, last_error = NULL, \
              rows_inserted = rows_inserted + $6, rows_updated = rows_updated + $7, rows_deleted = rows_deleted + $8, \
-             runs_succeeded = runs_succeeded + $9, updated_at = clock_timestamp() \
-             WHERE target_schema = $1 AND target_table = $2",
+             runs_succeeded = runs_succeeded + $9, updated_at = clock_timestamp(), \
+             row_count = COALESCE($10, row_count + $6 - $8) \
+             WHERE target_schema = $1 AND target_table = $2 RETURNING row_count",
             &[
                 &table.schema,
                 &table.name,
@@ -256,13 +261,15 @@ pub async fn commit_checkpoint(
                 &upd,
                 &del,
                 &(final_chunk as i64),
+                &total_rows.map(|n| n as i64),
             ],
         )
         .await
         .map_err(err)?;
-    if n != 1 {
+    let Some(row) = row else {
         return Err(PgError::Mismatch { table: table.to_string(), message: "state row missing while committing".into() });
-    }
+    };
+    let row_count = row.get::<_, Option<i64>>(0).map(|n| n as u64);
     tx.execute(
         "UPDATE lakesync.runs SET rows_inserted = rows_inserted + $2, rows_updated = rows_updated + $3, \
          rows_deleted = rows_deleted + $4, to_version = $5, \
@@ -272,7 +279,7 @@ pub async fn commit_checkpoint(
     )
     .await
     .map_err(PgError::query(table, "record the run"))?;
-    Ok(())
+    Ok(row_count)
 }
 
 /// Finishes a run that changed nothing (already at the requested version).

@@ -1,0 +1,218 @@
+//! Shared test fixtures: a real Postgres (shared by all test processes, one database per
+//! test), a real Delta writer (Python `deltalake`), and helpers to run syncs and read rows.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use lakesync_core::{DataPolicy, PrimaryKey, SyncMode, TableName};
+use lakesync_engine::{sync, EngineError, SyncOutcome, SyncRequest};
+use lakesync_postgres::cluster::LocalCluster;
+use lakesync_postgres::PgConfig;
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// Runs a future to completion on a fresh runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(f)
+}
+
+/// The admin connection string of the test server: `LAKESYNC_TEST_POSTGRES` if set, else a
+/// private server under `target/test-postgres` started on first use and shared by every test
+/// process (guarded by a lock file).
+fn server() -> String {
+    if let Ok(conn) = std::env::var("LAKESYNC_TEST_POSTGRES") {
+        return conn;
+    }
+    let dir = workspace_root().join("target/test-postgres");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lock = dir.with_extension("lock");
+    let deadline = SystemTime::now() + Duration::from_secs(180);
+    loop {
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&lock) {
+            Ok(_) => break,
+            Err(_) => {
+                // A lock older than two minutes belongs to a killed process.
+                if let Ok(meta) = std::fs::metadata(&lock) {
+                    if meta.modified().map(|m| m.elapsed().unwrap_or_default() > Duration::from_secs(120)).unwrap_or(false) {
+                        let _ = std::fs::remove_file(&lock);
+                    }
+                }
+                assert!(SystemTime::now() < deadline, "timed out waiting for {}", lock.display());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let started = LocalCluster::start(&dir, 54330);
+    let _ = std::fs::remove_file(&lock);
+    started.expect("start the test Postgres").connection_string("postgres")
+}
+
+/// A fresh database for one test.
+pub struct TestDb {
+    pub conn: String,
+    pub name: String,
+}
+
+impl TestDb {
+    pub fn new(name: &str) -> Self {
+        let admin = server();
+        let db = format!("t_{}", name.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+        block_on(async {
+            let client = PgConfig::parse(&admin).unwrap().connect().await.unwrap();
+            client.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.unwrap();
+            client.batch_execute(&format!("CREATE DATABASE {db}")).await.unwrap();
+        });
+        let conn = admin.replace("dbname=postgres", &format!("dbname={db}"));
+        Self { conn, name: db }
+    }
+
+    pub fn config(&self) -> PgConfig {
+        PgConfig::parse(&self.conn).unwrap()
+    }
+
+    /// Each row of `sql` as Postgres' record text, e.g. `(1,alice)`.
+    pub fn rows(&self, sql: &str) -> Vec<String> {
+        block_on(async {
+            let client = self.config().connect().await.unwrap();
+            client
+                .query(&format!("SELECT q::text FROM ({sql}) q"), &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect()
+        })
+    }
+
+    /// One value of `sql` as text (NULL as "NULL").
+    pub fn value(&self, sql: &str) -> String {
+        block_on(async {
+            let client = self.config().connect().await.unwrap();
+            let row = client.query_one(&format!("SELECT ({sql})::text"), &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            row.get::<_, Option<String>>(0).unwrap_or_else(|| "NULL".into())
+        })
+    }
+
+    pub fn execute(&self, sql: &str) {
+        block_on(async {
+            let client = self.config().connect().await.unwrap();
+            client.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        })
+    }
+
+    pub fn request(&self, source: &Path, table: &str, key: &str) -> SyncRequest {
+        SyncRequest {
+            source: source.display().to_string(),
+            postgres: self.config(),
+            table: TableName::parse(table).unwrap(),
+            primary_key: PrimaryKey::parse(key).unwrap(),
+            mode: SyncMode::Auto,
+            to_version: None,
+            parallelism: 2,
+            indexes: Vec::new(),
+            policy: DataPolicy::default(),
+            versions_per_transaction: 100,
+        }
+    }
+
+    pub fn sync(&self, req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
+        block_on(sync(req))
+    }
+
+    /// Asserts that `table` holds exactly the rows of the Delta snapshot of `source` at
+    /// `version`, by loading that snapshot into a scratch table and comparing with EXCEPT ALL.
+    pub fn assert_matches_snapshot(&self, source: &Path, table: &str, key: &str, version: u64) {
+        let expected = "expected.snapshot";
+        self.execute(
+            "CREATE SCHEMA IF NOT EXISTS expected; DROP TABLE IF EXISTS expected.snapshot; \
+             DELETE FROM lakesync.synced_tables WHERE target_schema = 'expected'",
+        );
+        let mut req = self.request(source, expected, key);
+        req.mode = SyncMode::Snapshot;
+        req.to_version = Some(version);
+        self.sync(&req).unwrap_or_else(|e| panic!("loading the expected snapshot at version {version}: {e}"));
+        let cols = self.value(&format!(
+            "SELECT string_agg(quote_ident(attname), ',' ORDER BY attnum) FROM pg_attribute \
+             WHERE attrelid = '{expected}'::regclass AND attnum > 0 AND NOT attisdropped"
+        ));
+        let t = TableName::parse(table).unwrap();
+        let actual = format!("{}.{}", quote(&t.schema), quote(&t.name));
+        let diff = self.rows(&format!(
+            "(SELECT 'missing' AS side, e FROM (SELECT {cols} FROM {expected} EXCEPT ALL SELECT {cols} FROM {actual}) e) \
+             UNION ALL (SELECT 'extra', a FROM (SELECT {cols} FROM {actual} EXCEPT ALL SELECT {cols} FROM {expected}) a) LIMIT 20"
+        ));
+        assert!(diff.is_empty(), "{table} differs from the Delta snapshot at version {version}:\n{}", diff.join("\n"));
+        let n: i64 = self.value(&format!("SELECT count(*) FROM {actual}")).parse().unwrap();
+        let m: i64 = self.value(&format!("SELECT count(*) FROM {expected}")).parse().unwrap();
+        assert_eq!(n, m);
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// The Python interpreter with `deltalake` installed: `LAKESYNC_TEST_PYTHON`, else the
+/// workspace's `.venv`, else `python3`.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("LAKESYNC_TEST_PYTHON") {
+        return p.into();
+    }
+    let venv = workspace_root().join(".venv/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        "python3".into()
+    }
+}
+
+/// A Delta table written through the Python `deltalake` package.
+pub struct PyDelta {
+    pub dir: tempfile::TempDir,
+}
+
+impl PyDelta {
+    pub fn new() -> Self {
+        Self { dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("table")
+    }
+
+    /// Applies operations (see `delta_writer.py`); returns the version after the last one.
+    pub fn run(&self, ops: serde_json::Value) -> u64 {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/delta_writer.py");
+        let out = Command::new(python())
+            .arg(&script)
+            .arg(self.path())
+            .arg(ops.to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}; run `bash scripts/test` to set up the Python deltalake writer", python().display()));
+        assert!(
+            out.status.success(),
+            "delta_writer.py failed (is the Python `deltalake` package installed? `bash scripts/test` sets it up):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).lines().last().expect("a version").trim().parse().unwrap()
+    }
+}
+
+/// The Spark-written fixtures, or `None` (with a clear message) when `../shared` is absent.
+/// With `LAKESYNC_REQUIRE_FIXTURES=1` (set by CI) their absence is a failure.
+pub fn spark_fixture(name: &str) -> Option<PathBuf> {
+    let dir = workspace_root().join("../shared/fixtures/delta/spark").join(name);
+    if dir.exists() {
+        return Some(dir);
+    }
+    if std::env::var("LAKESYNC_REQUIRE_FIXTURES").as_deref() == Ok("1") {
+        panic!("Spark fixture {} is missing and LAKESYNC_REQUIRE_FIXTURES=1", dir.display());
+    }
+    eprintln!("SKIPPED conformance check: {} not found (the ../shared folder is absent)", dir.display());
+    None
+}
