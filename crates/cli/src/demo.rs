@@ -66,7 +66,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             // The first 1000 customers go in a file of their own, so the demo can rewrite it.
             w.append(&[customers(0..FILE_ROWS, 0)])?;
             let first = w.files()?.pop().context("the first append wrote no file")?;
-            let batches: Vec<_> = (1..rows / FILE_ROWS).map(|f| customers(f * FILE_ROWS..(f + 1) * FILE_ROWS, 0)).collect();
+            let batches: Vec<_> =
+                (1..rows / FILE_ROWS).map(|f| customers(f * FILE_ROWS..(f + 1) * FILE_ROWS, 0)).collect();
             w.append(&batches)?;
             Ok((w, first))
         })
@@ -153,9 +154,8 @@ fn pg_bin(name: &str) -> String {
 }
 
 fn which_psql() -> String {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("psql").exists()))
-        .unwrap_or(false);
+    let on_path =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join("psql").exists())).unwrap_or(false);
     if on_path {
         "psql".into()
     } else {

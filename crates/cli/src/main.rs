@@ -102,11 +102,7 @@ impl SyncArgs {
             },
             to_version: self.to_version,
             parallelism: self.parallelism.clamp(1, 16),
-            indexes: self
-                .indexes
-                .iter()
-                .map(|i| i.split(',').map(|c| c.trim().to_string()).collect())
-                .collect(),
+            indexes: self.indexes.iter().map(|i| i.split(',').map(|c| c.trim().to_string()).collect()).collect(),
             policy: DataPolicy {
                 nul_bytes: match self.nul_bytes {
                     NulBytes::Error => NulBytePolicy::Error,

@@ -15,7 +15,10 @@ pub async fn print(config: &PgConfig, as_json: bool) -> anyhow::Result<()> {
         println!("no synced tables in {}", config.target());
         return Ok(());
     }
-    println!("{:<32} {:>8} {:<28} {:<10} {:>10} {:>10} {:>10} {:>9}", "TABLE", "VERSION", "STATE", "LAST RUN", "INSERTED", "UPDATED", "DELETED", "SECONDS");
+    println!(
+        "{:<32} {:>8} {:<28} {:<10} {:>10} {:>10} {:>10} {:>9}",
+        "TABLE", "VERSION", "STATE", "LAST RUN", "INSERTED", "UPDATED", "DELETED", "SECONDS"
+    );
     for t in &tables {
         let run = t.last_run.as_ref();
         println!(

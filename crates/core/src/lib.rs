@@ -16,7 +16,7 @@ pub mod plan;
 
 pub use class::{Classify, ErrorClass};
 pub use model::{
-    Column, ColumnType, DataPolicy, ModelError, NulBytePolicy, PrimaryKey, SchemaChange, SyncMode,
-    TableName, TableSchema, Version,
+    Column, ColumnType, DataPolicy, ModelError, NulBytePolicy, PrimaryKey, SchemaChange, SyncMode, TableName,
+    TableSchema, Version,
 };
 pub use plan::{ChangeKind, ChangePlan, ChangePlanner, PlanConflict, PlannedRow};

@@ -296,8 +296,7 @@ impl TableSchema {
                 Some(_) => {}
             }
         }
-        let added: Vec<Column> =
-            new.columns.iter().filter(|c| self.column(&c.name).is_none()).cloned().collect();
+        let added: Vec<Column> = new.columns.iter().filter(|c| self.column(&c.name).is_none()).cloned().collect();
         if added.is_empty() {
             // Only nullability or order moved; the Postgres table needs nothing.
             SchemaChange::None

@@ -121,13 +121,7 @@ impl<K: Eq + Hash + Clone, R> ChangePlanner<K, R> {
     }
 
     /// Records one change row.
-    pub fn observe(
-        &mut self,
-        key: K,
-        version: Version,
-        kind: ChangeKind,
-        row: R,
-    ) -> Result<(), PlanConflict<K>> {
+    pub fn observe(&mut self, key: K, version: Version, kind: ChangeKind, row: R) -> Result<(), PlanConflict<K>> {
         let at = (version, kind.leaves_row());
         match self.entries.get_mut(&key) {
             None => {

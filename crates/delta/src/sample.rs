@@ -52,7 +52,7 @@ pub fn customers(ids: impl IntoIterator<Item = u64>, revision: u32) -> RecordBat
                     .expect("valid decimal"),
             ),
             Arc::new(Float64Array::from_iter_values(ids.iter().map(|i| (h(*i, 13 + r) % 1000) as f64 / 1000.0))),
-            Arc::new(BooleanArray::from_iter(ids.iter().map(|i| Some((*i + r as u64) % 5 != 0)))),
+            Arc::new(BooleanArray::from_iter(ids.iter().map(|i| Some(!(*i + r).is_multiple_of(5))))),
             Arc::new(
                 TimestampMicrosecondArray::from_iter_values(ids.iter().map(|i| base - h(*i, 3) % 31_536_000_000_000))
                     .with_timezone("UTC"),

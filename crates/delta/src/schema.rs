@@ -80,7 +80,10 @@ mod tests {
     fn delta_types_map_to_the_documented_postgres_types() {
         let schema = StructType::try_new(vec![
             StructField::nullable("b", DataType::BYTE),
-            StructField::nullable("d", DataType::Primitive(PrimitiveType::Decimal(DecimalType::try_new(10, 2).unwrap()))),
+            StructField::nullable(
+                "d",
+                DataType::Primitive(PrimitiveType::Decimal(DecimalType::try_new(10, 2).unwrap())),
+            ),
             StructField::nullable("ts", DataType::TIMESTAMP),
             StructField::nullable("ntz", DataType::TIMESTAMP_NTZ),
             StructField::nullable("tags", DataType::Array(Box::new(ArrayType::new(DataType::STRING, true)))),
@@ -88,6 +91,9 @@ mod tests {
         .unwrap();
         let mapped = table_schema("t", &schema).unwrap();
         let pg: Vec<String> = mapped.columns.iter().map(|c| c.ty.postgres_type()).collect();
-        assert_eq!(pg, ["smallint", "numeric(10,2)", "timestamp with time zone", "timestamp without time zone", "jsonb"]);
+        assert_eq!(
+            pg,
+            ["smallint", "numeric(10,2)", "timestamp with time zone", "timestamp without time zone", "jsonb"]
+        );
     }
 }

@@ -47,9 +47,8 @@ impl DeltaTable {
         let open_err = |source| DeltaError::Open { uri: uri.to_string(), source };
         let url = delta_kernel::try_parse_uri(uri).map_err(open_err)?;
         let store = store_from_url(&url).map_err(open_err)?;
-        let engine = DefaultEngineBuilder::new(store)
-            .with_batch_size(NonZero::new(READ_BATCH_ROWS).expect("non-zero"))
-            .build();
+        let engine =
+            DefaultEngineBuilder::new(store).with_batch_size(NonZero::new(READ_BATCH_ROWS).expect("non-zero")).build();
         Ok(Self { uri: uri.to_string(), url, engine: Arc::new(engine) })
     }
 

@@ -66,10 +66,8 @@ impl DeltaWriter {
         let url = Url::from_directory_path(&abs).map_err(|_| shape("not an absolute path".into()))?;
         let store = store_from_url(&url).map_err(|source| DeltaError::Open { uri: uri.clone(), source })?;
         let engine = Arc::new(DefaultEngineBuilder::new(store).build());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| shape(e.to_string()))?;
+        let runtime =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| shape(e.to_string()))?;
         Ok(Self { uri, url, engine, runtime })
     }
 
@@ -102,10 +100,8 @@ impl DeltaWriter {
         let mut paths = Vec::new();
         self.for_each_file(|batch, selected| {
             let path = path_column(batch);
-            for i in 0..batch.num_rows() {
-                if selected[i] {
-                    paths.push(path.value(i).to_string());
-                }
+            for (i, _) in selected.iter().enumerate().filter(|(_, s)| **s) {
+                paths.push(path.value(i).to_string());
             }
             Ok(())
         })?;
@@ -159,9 +155,10 @@ impl DeltaWriter {
                 uri: self.uri.clone(),
                 message: format!("commit conflicted with version {}", c.conflict_version()),
             }),
-            CommitResult::Retryable(_) => {
-                Err(DeltaError::Shape { uri: self.uri.clone(), message: "commit failed with a retryable I/O error".into() })
-            }
+            CommitResult::Retryable(_) => Err(DeltaError::Shape {
+                uri: self.uri.clone(),
+                message: "commit failed with a retryable I/O error".into(),
+            }),
         }
     }
 }

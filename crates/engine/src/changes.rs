@@ -39,7 +39,12 @@ pub fn plan_changes(
             .ok_or_else(|| internal("change batch without an int64 _commit_version column".into()))?;
         let key_arrays: Vec<ArrayRef> = key
             .iter()
-            .map(|k| batch.column_by_name(k).cloned().ok_or_else(|| internal(format!("change batch without key column {k:?}"))))
+            .map(|k| {
+                batch
+                    .column_by_name(k)
+                    .cloned()
+                    .ok_or_else(|| internal(format!("change batch without key column {k:?}")))
+            })
             .collect::<Result<_, _>>()?;
         for (k, arr) in key.iter().zip(&key_arrays) {
             if arr.null_count() > 0 {
@@ -84,7 +89,9 @@ pub fn plan_changes(
             .map(|n| {
                 let cols: Vec<&dyn Array> = refs
                     .iter()
-                    .map(|b| b.column_by_name(n).map(|c| c.as_ref()).ok_or_else(|| internal(format!("missing column {n:?}"))))
+                    .map(|b| {
+                        b.column_by_name(n).map(|c| c.as_ref()).ok_or_else(|| internal(format!("missing column {n:?}")))
+                    })
                     .collect::<Result<_, _>>()?;
                 arrow_select::interleave::interleave(&cols, picks).map_err(|e| internal(e.to_string()))
             })

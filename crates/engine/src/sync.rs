@@ -2,9 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use lakesync_core::{
-    Classify, DataPolicy, PrimaryKey, SchemaChange, SyncMode, TableName, TableSchema, Version,
-};
+use lakesync_core::{Classify, DataPolicy, PrimaryKey, SchemaChange, SyncMode, TableName, TableSchema, Version};
 use lakesync_delta::{DeltaError, DeltaTable, TableSnapshot};
 use lakesync_postgres::state::{self, Checkpoint, RowCounts, RunMode};
 use lakesync_postgres::{PgConfig, Sink};
@@ -156,7 +154,14 @@ async fn run(
 }
 
 fn outcome(mode: RunMode, reason: &str, from: Option<Version>, to: Version, counts: RowCounts) -> SyncOutcome {
-    SyncOutcome { mode, reason: reason.to_string(), from_version: from, to_version: to, counts, duration: Duration::ZERO }
+    SyncOutcome {
+        mode,
+        reason: reason.to_string(),
+        from_version: from,
+        to_version: to,
+        counts,
+        duration: Duration::ZERO,
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -234,7 +239,8 @@ async fn triggered(
         Ok(s) => s.schema()?,
         Err(e) => return Err(unavailable(format!("version {synced} is no longer readable: {e}"))),
     };
-    let id = state::start_run(sink.client(), table, RunMode::Triggered, "change data feed", Some(synced), end_version).await?;
+    let id = state::start_run(sink.client(), table, RunMode::Triggered, "change data feed", Some(synced), end_version)
+        .await?;
     *run_id = Some(id);
     let mut total = RowCounts::default();
     let mut start = synced + 1;
@@ -278,8 +284,9 @@ async fn triggered(
             let at = if chunk_end == end_version { end.clone() } else { snapshot_at(source, Some(chunk_end)).await? };
             let checkpoint = Checkpoint { version: chunk_end, commit_timestamp_ms: Some(commit_ts(&at).await?) };
             let source_rows = blocking(move || at.row_count()).await?;
-            let counts =
-                sink.apply_changes(&schema, key, &changes, id, checkpoint, source_rows, chunk_end == end_version).await?;
+            let counts = sink
+                .apply_changes(&schema, key, &changes, id, checkpoint, source_rows, chunk_end == end_version)
+                .await?;
             tracing::info!(table = %table, from = chunk_start, to = chunk_end, inserted = counts.inserted, updated = counts.updated, deleted = counts.deleted, "applied changes");
             total.inserted += counts.inserted;
             total.updated += counts.updated;
@@ -293,7 +300,12 @@ async fn triggered(
 
 /// The first version in `lo..=hi` whose schema differs from `schema` (binary search; assumes
 /// the schema does not change back and forth).
-async fn first_schema_change(source: &DeltaTable, schema: &TableSchema, lo: Version, hi: Version) -> Result<Version, EngineError> {
+async fn first_schema_change(
+    source: &DeltaTable,
+    schema: &TableSchema,
+    lo: Version,
+    hi: Version,
+) -> Result<Version, EngineError> {
     let (mut lo, mut hi) = (lo, hi);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
@@ -306,7 +318,11 @@ async fn first_schema_change(source: &DeltaTable, schema: &TableSchema, lo: Vers
     Ok(lo)
 }
 
-async fn read_changes(source: &DeltaTable, start: Version, end: Version) -> Result<Vec<arrow_array::RecordBatch>, EngineError> {
+async fn read_changes(
+    source: &DeltaTable,
+    start: Version,
+    end: Version,
+) -> Result<Vec<arrow_array::RecordBatch>, EngineError> {
     let source = source.clone();
     Ok(blocking(move || source.changes(start, end)?.collect::<Result<Vec<_>, _>>()).await?)
 }

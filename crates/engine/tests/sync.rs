@@ -147,7 +147,10 @@ fn a_table_without_the_change_feed_fails_with_the_statement_to_enable_it() {
     t.run(json!([{"op": "append", "schema": people_schema(), "rows": [[2, "b", 2.0]]}]));
     let err = db.sync(&req).unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains("ALTER TABLE delta.`") && msg.contains("SET TBLPROPERTIES (delta.enableChangeDataFeed = true)"), "{msg}");
+    assert!(
+        msg.contains("ALTER TABLE delta.`") && msg.contains("SET TBLPROPERTIES (delta.enableChangeDataFeed = true)"),
+        "{msg}"
+    );
     assert_eq!(err.class(), ErrorClass::Config);
     assert_eq!(db.value("SELECT state FROM lakesync.synced_tables"), "ONLINE_PIPELINE_FAILED");
     assert_eq!(db.value("SELECT count(*) FROM public.people"), "1");
@@ -184,7 +187,8 @@ fn an_added_column_is_added_to_the_table_and_the_sync_continues() {
     t.run(json!([people(json!([[1, "a", 1.0]]))]));
     let req = db.request(&t.path(), "public.people", "id");
     db.sync(&req).unwrap();
-    let wider = json!([["id", "pa.int64()"], ["name", "pa.string()"], ["score", "pa.float64()"], ["email", "pa.string()"]]);
+    let wider =
+        json!([["id", "pa.int64()"], ["name", "pa.string()"], ["score", "pa.float64()"], ["email", "pa.string()"]]);
     let v = t.run(json!([
         {"op": "append", "schema": people_schema(), "rows": [[2, "b", 2.0]]},
         {"op": "append", "schema": wider, "rows": [[3, "c", 3.0, "c@example.com"]], "schema_mode": "merge"},
@@ -208,7 +212,8 @@ fn a_dropped_column_triggers_a_snapshot_that_keeps_grants_and_views() {
     );
     let oid = db.value("SELECT 'public.people'::regclass::oid");
     let narrow = json!([["id", "pa.int64()"], ["name", "pa.string()"]]);
-    let v = t.run(json!([{"op": "overwrite", "schema": narrow, "rows": [[2, "b"], [3, "c"]], "schema_mode": "overwrite"}]));
+    let v =
+        t.run(json!([{"op": "overwrite", "schema": narrow, "rows": [[2, "b"], [3, "c"]], "schema_mode": "overwrite"}]));
     let out = db.sync(&req).unwrap();
     assert_eq!(out.mode.as_str(), "snapshot");
     assert!(out.reason.contains("\"score\" was dropped"), "{}", out.reason);
@@ -279,7 +284,11 @@ fn nul_bytes_fail_by_default_and_are_stripped_on_request() {
     let err = db.sync(&req).unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.contains("public.people") && msg.contains("column \"name\"") && msg.contains("version 1") && msg.contains("(id)=(2)") && msg.contains("NUL"),
+        msg.contains("public.people")
+            && msg.contains("column \"name\"")
+            && msg.contains("version 1")
+            && msg.contains("(id)=(2)")
+            && msg.contains("NUL"),
         "{msg}"
     );
     // Nothing of the failed chunk was applied, the version did not move.
@@ -296,11 +305,21 @@ fn every_delta_type_maps_to_its_postgres_type() {
     let db = TestDb::new("types");
     let t = PyDelta::new();
     let schema = json!([
-        ["id", "pa.int32()"], ["i8", "pa.int8()"], ["i16", "pa.int16()"], ["i64", "pa.int64()"],
-        ["f32", "pa.float32()"], ["f64", "pa.float64()"], ["ok", "pa.bool_()"], ["amount", "pa.decimal128(12, 3)"],
-        ["s", "pa.string()"], ["b", "pa.binary()"], ["d", "pa.date32()"],
-        ["ts", "pa.timestamp('us', tz='UTC')"], ["ntz", "pa.timestamp('us')"],
-        ["tags", "pa.list_(pa.string())"], ["attrs", "pa.map_(pa.string(), pa.int64())"],
+        ["id", "pa.int32()"],
+        ["i8", "pa.int8()"],
+        ["i16", "pa.int16()"],
+        ["i64", "pa.int64()"],
+        ["f32", "pa.float32()"],
+        ["f64", "pa.float64()"],
+        ["ok", "pa.bool_()"],
+        ["amount", "pa.decimal128(12, 3)"],
+        ["s", "pa.string()"],
+        ["b", "pa.binary()"],
+        ["d", "pa.date32()"],
+        ["ts", "pa.timestamp('us', tz='UTC')"],
+        ["ntz", "pa.timestamp('us')"],
+        ["tags", "pa.list_(pa.string())"],
+        ["attrs", "pa.map_(pa.string(), pa.int64())"],
         ["addr", "pa.struct([('city', pa.string()), ('zip', pa.int32())])"],
     ]);
     t.run(json!([{"op": "create", "schema": schema, "rows": [
@@ -337,7 +356,10 @@ fn a_second_process_cannot_sync_the_same_table_at_once() {
     db.sync(&req).unwrap();
     support::block_on(async {
         let holder = db.config().connect().await.unwrap();
-        holder.execute("SELECT pg_advisory_lock(hashtextextended('lakesync:table:public.people', 0))", &[]).await.unwrap();
+        holder
+            .execute("SELECT pg_advisory_lock(hashtextextended('lakesync:table:public.people', 0))", &[])
+            .await
+            .unwrap();
         let err = lakesync_engine::sync(&req).await.unwrap_err();
         assert!(err.to_string().contains("being synced by another lakesync process"), "{err}");
         assert_eq!(err.class(), ErrorClass::Busy);
@@ -396,7 +418,12 @@ fn conformance_with_fallbacks(name: &str, key: &str, first: u64, last: u64, fall
                     assert_eq!(out.mode.as_str(), "snapshot", "{name}: version {v} should fall back to a snapshot");
                     assert!(out.reason.contains(why), "{name} v{v}: {}", out.reason);
                 }
-                None => assert_ne!(out.mode.as_str(), "snapshot", "{name}: version {v} fell back to a snapshot: {}", out.reason),
+                None => assert_ne!(
+                    out.mode.as_str(),
+                    "snapshot",
+                    "{name}: version {v} fell back to a snapshot: {}",
+                    out.reason
+                ),
             }
         }
         db.assert_matches_snapshot(&path, "public.t", key, v);
@@ -476,7 +503,13 @@ fn spark_simple_table_with_cdc_syncs_step_by_step() {
 /// not exist). The table is the truth: lakesync notices and loads a snapshot instead.
 #[test]
 fn spark_tables_whose_change_feed_disagrees_with_the_table_fall_back_to_a_snapshot() {
-    conformance_with_fallbacks("cdf-table-simple", "id", 0, 2, &[(2, "would hold 5 rows, but the Delta table holds 0")]);
+    conformance_with_fallbacks(
+        "cdf-table-simple",
+        "id",
+        0,
+        2,
+        &[(2, "would hold 5 rows, but the Delta table holds 0")],
+    );
     conformance_with_fallbacks(
         "cdf-table-update-ops",
         "id",
@@ -504,7 +537,9 @@ fn spark_table_starting_at_a_checkpoint_syncs_step_by_step() {
 #[test]
 fn spark_tables_synced_in_one_run_match_the_latest_snapshot() {
     // One triggered run across the whole range (the planner sees every version at once).
-    for (name, key, first, last) in [("cdf-table-with-cdc-and-dvs", "id", 0, 25), ("checkpoint-cdf-table", "id", 3, 5), ("cdf-table", "id", 0, 3)] {
+    for (name, key, first, last) in
+        [("cdf-table-with-cdc-and-dvs", "id", 0, 25), ("checkpoint-cdf-table", "id", 3, 5), ("cdf-table", "id", 0, 3)]
+    {
         let Some(path) = spark_fixture(name) else { return };
         let db = TestDb::new(&format!("spark_once_{name}"));
         let mut req = db.request(&path, "public.t", key);

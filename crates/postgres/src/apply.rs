@@ -12,7 +12,7 @@ use lakesync_core::{Column, ColumnType, TableSchema, Version};
 
 use crate::copy::{HEADER, TRAILER};
 use crate::ddl::{column_definition, column_list, ident, qualified};
-use crate::snapshot::{encode_checked, upsert_from};
+use crate::snapshot::{upsert_from, CopyLayout};
 use crate::state::{self, Checkpoint, RowCounts};
 use crate::{PgError, Sink};
 
@@ -82,7 +82,9 @@ impl Sink {
             names.push(VERSION_COLUMN.into());
             let mut types: Vec<ColumnType> = key_cols.iter().map(|c| c.ty).collect();
             types.push(ColumnType::Int64);
-            copy_batches(&tx, &target, "_lakesync_deletes", &names, &types, key, &changes.deletes, &policy).await?;
+            let layout =
+                CopyLayout { target: target.clone(), columns: names, types, key: key.to_vec(), policy: policy.clone() };
+            copy_batches(&tx, "_lakesync_deletes", &layout, &changes.deletes).await?;
             let on = key.iter().map(|k| format!("t.{0} = d.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
             deleted = tx
                 .execute(&format!("DELETE FROM {t} t USING _lakesync_deletes d WHERE {on}"), &[])
@@ -105,7 +107,9 @@ impl Sink {
             let mut types: Vec<ColumnType> = schema.columns.iter().map(|c| c.ty).collect();
             types.push(ColumnType::Boolean);
             types.push(ColumnType::Int64);
-            copy_batches(&tx, &target, "_lakesync_upserts", &names, &types, key, &changes.upserts, &policy).await?;
+            let layout =
+                CopyLayout { target: target.clone(), columns: names, types, key: key.to_vec(), policy: policy.clone() };
+            copy_batches(&tx, "_lakesync_upserts", &layout, &changes.upserts).await?;
             // A key whose first change in the range is an insert must not be there already:
             // if it is, the source holds two rows with that key.
             let on = key.iter().map(|k| format!("t.{0} = u.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
@@ -134,7 +138,12 @@ impl Sink {
         if let (Some(expected), Some(actual)) = (source_rows, rows) {
             if expected != actual {
                 // Dropping `tx` rolls everything back.
-                return Err(PgError::Drift { table: target.to_string(), version: checkpoint.version, postgres_rows: actual, source_rows: expected });
+                return Err(PgError::Drift {
+                    table: target.to_string(),
+                    version: checkpoint.version,
+                    postgres_rows: actual,
+                    source_rows: expected,
+                });
             }
         }
         tx.commit().await.map_err(PgError::query(&target, "commit the changes"))?;
@@ -142,19 +151,17 @@ impl Sink {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn copy_batches(
     tx: &tokio_postgres::Transaction<'_>,
-    target: &lakesync_core::TableName,
     temp: &str,
-    names: &[String],
-    types: &[ColumnType],
-    key: &[String],
+    layout: &CopyLayout,
     batches: &[RecordBatch],
-    policy: &lakesync_core::DataPolicy,
 ) -> Result<(), PgError> {
-    let sql = format!("COPY {temp} ({}) FROM STDIN (FORMAT binary)", column_list(names.iter().map(String::as_str), None));
-    let err = |action: &'static str| PgError::query(target, action);
+    let sql = format!(
+        "COPY {temp} ({}) FROM STDIN (FORMAT binary)",
+        column_list(layout.columns.iter().map(String::as_str), None)
+    );
+    let err = |action: &'static str| PgError::query(&layout.target, action);
     let sink = tx.copy_in::<_, Bytes>(sql.as_str()).await.map_err(err("start COPY"))?;
     futures_util::pin_mut!(sink);
     let mut buf = BytesMut::with_capacity(1 << 20);
@@ -164,7 +171,7 @@ async fn copy_batches(
             .column_by_name(VERSION_COLUMN)
             .and_then(|c| c.as_any().downcast_ref::<arrow_array::Int64Array>())
             .and_then(|v| (!v.is_empty()).then(|| v.value(0) as Version));
-        encode_checked(batch, names, types, key, target, version, policy, &mut buf)?;
+        layout.encode(batch, version, &mut buf)?;
         if buf.len() > 1 << 20 {
             sink.send(buf.split().freeze()).await.map_err(err("COPY rows"))?;
         }

@@ -39,7 +39,8 @@ impl LocalCluster {
             }
         }
         if !data.join("PG_VERSION").exists() {
-            run(cluster.command("initdb")
+            run(cluster
+                .command("initdb")
                 .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "--locale=C", "-D"])
                 .arg(&data))?;
         }
@@ -77,7 +78,14 @@ impl LocalCluster {
     /// Whether the server is up.
     pub fn is_running(&self) -> bool {
         self.data_dir().join("postmaster.pid").exists()
-            && self.command("pg_ctl").arg("-D").arg(self.data_dir()).arg("status").output().map(|o| o.status.success()).unwrap_or(false)
+            && self
+                .command("pg_ctl")
+                .arg("-D")
+                .arg(self.data_dir())
+                .arg("status")
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
     }
 
     /// A connection string for the `postgres` superuser and `dbname`.

@@ -60,16 +60,35 @@ impl PgConfig {
 
     /// Opens a connection; its I/O runs on a spawned task.
     pub async fn connect(&self) -> Result<Client, PgError> {
-        let (client, connection) = self
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(|source| PgError::Connect { target: self.target(), source })?;
+        let (client, connection) =
+            self.config.connect(NoTls).await.map_err(|source| PgError::Connect { target: self.target(), source })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "postgres connection ended");
             }
         });
         Ok(client)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "hunter2-Secret";
+
+    #[tokio::test]
+    async fn the_password_never_appears_in_debug_output_or_errors() {
+        let config = PgConfig::parse(&format!("host=127.0.0.1 port=1 user=app password={SECRET} dbname=crm")).unwrap();
+        assert_eq!(config.target(), "app@127.0.0.1:1/crm");
+        assert!(!format!("{config:?}").contains(SECRET));
+        let err = config.connect().await.unwrap_err();
+        assert!(!err.to_string().contains(SECRET) && !format!("{err:?}").contains(SECRET), "{err:?}");
+        let url = PgConfig::parse(&format!("postgresql://app:{SECRET}@127.0.0.1:1/crm")).unwrap();
+        assert!(!format!("{url:?}").contains(SECRET));
+        for bad in [format!("host=x password='{SECRET}"), format!("postgresql://app:{SECRET}@[bad/crm")] {
+            let err = PgConfig::parse(&bad).unwrap_err();
+            assert!(!err.to_string().contains(SECRET), "{err}");
+        }
     }
 }

@@ -58,8 +58,11 @@ pub fn encode_batch(
                 out.put_i32(-1);
                 continue;
             }
-            encode_value(array.as_ref(), *ty, row, nul_bytes, out)
-                .map_err(|problem| EncodeError { column: ci, row, problem })?;
+            encode_value(array.as_ref(), *ty, row, nul_bytes, out).map_err(|problem| EncodeError {
+                column: ci,
+                row,
+                problem,
+            })?;
         }
     }
     Ok(())
@@ -75,7 +78,13 @@ fn field(out: &mut BytesMut, f: impl FnOnce(&mut BytesMut) -> Result<(), String>
     Ok(())
 }
 
-fn encode_value(array: &dyn Array, ty: ColumnType, row: usize, nul: NulBytePolicy, out: &mut BytesMut) -> Result<(), String> {
+fn encode_value(
+    array: &dyn Array,
+    ty: ColumnType,
+    row: usize,
+    nul: NulBytePolicy,
+    out: &mut BytesMut,
+) -> Result<(), String> {
     match ty {
         ColumnType::Boolean => {
             out.put_i32(1);

@@ -34,7 +34,9 @@ pub enum PgError {
     #[error("table {table}: column {column:?}{} for primary key {key}: {problem}", at_version(*version))]
     Value { table: String, column: String, version: Option<Version>, key: String, problem: String },
     /// Another process is syncing the table.
-    #[error("table {table} is being synced by another lakesync process (advisory lock held); try again when it finishes")]
+    #[error(
+        "table {table} is being synced by another lakesync process (advisory lock held); try again when it finishes"
+    )]
     Locked { table: String },
     /// The target or the state does not match what the sync expects.
     #[error("table {table}: {message}")]

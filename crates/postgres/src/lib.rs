@@ -91,7 +91,11 @@ pub fn key_text(batch: &RecordBatch, key: &[String], row: usize) -> String {
         .map(|k| {
             batch
                 .column_by_name(k)
-                .and_then(|c| arrow_cast::display::ArrayFormatter::try_new(c.as_ref(), &opts).ok().map(|f| f.value(row).to_string()))
+                .and_then(|c| {
+                    arrow_cast::display::ArrayFormatter::try_new(c.as_ref(), &opts)
+                        .ok()
+                        .map(|f| f.value(row).to_string())
+                })
                 .unwrap_or_else(|| "?".into())
         })
         .collect();

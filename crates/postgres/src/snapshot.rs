@@ -78,17 +78,19 @@ impl Sink {
         let rx = Arc::new(Mutex::new(rx));
         let ctx = Arc::new(CopyContext {
             config: self.config.clone(),
-            target: self.table.clone(),
             copy_sql: format!(
                 "COPY {} ({}) FROM STDIN (FORMAT binary)",
                 qualified(&staging.table),
                 column_list(schema.columns.iter().map(|c| c.name.as_str()), None)
             ),
-            columns: schema.columns.iter().map(|c| c.name.clone()).collect(),
-            types: schema.columns.iter().map(|c| c.ty).collect(),
-            key: key.to_vec(),
+            layout: CopyLayout {
+                target: self.table.clone(),
+                columns: schema.columns.iter().map(|c| c.name.clone()).collect(),
+                types: schema.columns.iter().map(|c| c.ty).collect(),
+                key: key.to_vec(),
+                policy: self.policy.clone(),
+            },
             version,
-            policy: self.policy.clone(),
         });
         let workers = (0..parallelism.max(1))
             .map(|_| {
@@ -132,7 +134,10 @@ impl Sink {
             let sql = format!(
                 "DELETE FROM {stage} a USING {stage} b WHERE {on} AND (a.{c} < b.{c} OR (a.{c} IS NULL AND b.{c} IS NOT NULL))"
             );
-            self.client.execute(&sql, &[]).await.map_err(PgError::query(&target, format!("keep the latest row per key by {col}")))?;
+            self.client
+                .execute(&sql, &[])
+                .await
+                .map_err(PgError::query(&target, format!("keep the latest row per key by {col}")))?;
         }
         let pkey_name = if staging.target_exists {
             derived_name(&staging.table.name, "_pkey")
@@ -151,7 +156,10 @@ impl Sink {
                     ident(&name),
                     column_list(cols.iter().map(String::as_str), None)
                 );
-                self.client.batch_execute(&sql).await.map_err(PgError::query(&target, format!("create index {name}")))?;
+                self.client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(PgError::query(&target, format!("create index {name}")))?;
             }
         }
         self.client.batch_execute(&format!("ANALYZE {stage}")).await.map_err(PgError::query(&target, "analyze"))?;
@@ -174,7 +182,9 @@ impl Sink {
                 );
                 tx.batch_execute(&sql).await.map_err(PgError::query(&target, format!("create index {name}")))?;
             }
-            tx.batch_execute(&format!("DROP TABLE {stage}")).await.map_err(PgError::query(&target, "drop the staging table"))?;
+            tx.batch_execute(&format!("DROP TABLE {stage}"))
+                .await
+                .map_err(PgError::query(&target, "drop the staging table"))?;
             counts
         } else {
             tx.batch_execute(&format!("ALTER TABLE {stage} RENAME TO {}", ident(&target.name)))
@@ -293,26 +303,35 @@ pub(crate) async fn upsert_from(
 
 struct CopyContext {
     config: PgConfig,
-    target: TableName,
     copy_sql: String,
-    columns: Vec<String>,
-    types: Vec<ColumnType>,
-    key: Vec<String>,
+    layout: CopyLayout,
     version: Version,
-    policy: DataPolicy,
 }
 
-/// Checks keys and encodes `batch` (projected to `columns`) as COPY tuples.
-pub(crate) fn encode_checked(
+/// What a COPY writes: which columns of the incoming batches, as which Postgres types, and
+/// what to check on the way (key columns not NULL, values storable under the policy).
+pub(crate) struct CopyLayout {
+    pub target: TableName,
+    pub columns: Vec<String>,
+    pub types: Vec<ColumnType>,
+    pub key: Vec<String>,
+    pub policy: DataPolicy,
+}
+
+impl CopyLayout {
+    /// Checks keys and encodes `batch` (projected to the layout's columns) as COPY tuples.
+    pub fn encode(&self, batch: &RecordBatch, version: Option<Version>, out: &mut BytesMut) -> Result<(), PgError> {
+        encode_checked(batch, self, version, out)
+    }
+}
+
+fn encode_checked(
     batch: &RecordBatch,
-    columns: &[String],
-    types: &[ColumnType],
-    key: &[String],
-    target: &TableName,
+    layout: &CopyLayout,
     version: Option<Version>,
-    policy: &DataPolicy,
     out: &mut BytesMut,
 ) -> Result<(), PgError> {
+    let CopyLayout { target, columns, types, key, policy } = layout;
     let mut projected = Vec::with_capacity(columns.len());
     for name in columns {
         let col = batch.column_by_name(name).ok_or_else(|| PgError::Mismatch {
@@ -327,14 +346,10 @@ pub(crate) fn encode_checked(
             return Err(PgError::NullKey { table: target.to_string(), column: k.clone(), version });
         }
     }
-    let fields: Vec<arrow_schema::Field> = columns
-        .iter()
-        .zip(&projected)
-        .map(|(n, a)| arrow_schema::Field::new(n, a.data_type().clone(), true))
-        .collect();
-    let batch = RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), projected).map_err(|e| {
-        PgError::Mismatch { table: target.to_string(), message: format!("malformed batch: {e}") }
-    })?;
+    let fields: Vec<arrow_schema::Field> =
+        columns.iter().zip(&projected).map(|(n, a)| arrow_schema::Field::new(n, a.data_type().clone(), true)).collect();
+    let batch = RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), projected)
+        .map_err(|e| PgError::Mismatch { table: target.to_string(), message: format!("malformed batch: {e}") })?;
     encode_batch(&batch, types, policy.nul_bytes, out).map_err(|e| PgError::Value {
         table: target.to_string(),
         column: columns[e.column].clone(),
@@ -346,7 +361,7 @@ pub(crate) fn encode_checked(
 
 async fn copy_worker(ctx: &CopyContext, rx: &Mutex<mpsc::Receiver<RecordBatch>>) -> Result<u64, PgError> {
     let client = ctx.config.connect().await?;
-    let err = |action: &'static str| PgError::query(&ctx.target, action);
+    let err = |action: &'static str| PgError::query(&ctx.layout.target, action);
     let sink = client.copy_in::<_, Bytes>(ctx.copy_sql.as_str()).await.map_err(err("start COPY"))?;
     futures_util::pin_mut!(sink);
     sink.send(Bytes::from_static(HEADER)).await.map_err(err("COPY rows"))?;
@@ -354,7 +369,7 @@ async fn copy_worker(ctx: &CopyContext, rx: &Mutex<mpsc::Receiver<RecordBatch>>)
     loop {
         let batch = rx.lock().await.recv().await;
         let Some(batch) = batch else { break };
-        encode_checked(&batch, &ctx.columns, &ctx.types, &ctx.key, &ctx.target, Some(ctx.version), &ctx.policy, &mut buf)?;
+        ctx.layout.encode(&batch, Some(ctx.version), &mut buf)?;
         sink.send(buf.split().freeze()).await.map_err(err("COPY rows"))?;
     }
     sink.send(Bytes::from_static(TRAILER)).await.map_err(err("COPY rows"))?;

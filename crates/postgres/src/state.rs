@@ -69,7 +69,11 @@ CREATE INDEX IF NOT EXISTS runs_by_table ON lakesync.runs (target_schema, target
 pub async fn ensure_schema(client: &mut Client) -> Result<(), PgError> {
     let err = PgError::query("lakesync state", "create the lakesync state schema");
     let tx = client.transaction().await.map_err(err)?;
-    let err = |e| PgError::Query { table: "lakesync state".into(), action: "create the lakesync state schema".into(), source: e };
+    let err = |e| PgError::Query {
+        table: "lakesync state".into(),
+        action: "create the lakesync state schema".into(),
+        source: e,
+    };
     tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('lakesync:state-ddl', 0))", &[]).await.map_err(err)?;
     tx.batch_execute(STATE_DDL).await.map_err(err)?;
     tx.commit().await.map_err(err)
@@ -159,7 +163,12 @@ pub async fn load(client: &impl GenericClient, table: &TableName) -> Result<Opti
 }
 
 /// Registers `table` (first run) or checks that source and key did not change.
-pub async fn register(client: &Client, table: &TableName, source: &str, key: &PrimaryKey) -> Result<SyncedTable, PgError> {
+pub async fn register(
+    client: &Client,
+    table: &TableName,
+    source: &str,
+    key: &PrimaryKey,
+) -> Result<SyncedTable, PgError> {
     if let Some(existing) = load(client, table).await? {
         if existing.source != source {
             return Err(PgError::Mismatch {
@@ -267,7 +276,10 @@ pub async fn commit_checkpoint(
         .await
         .map_err(err)?;
     let Some(row) = row else {
-        return Err(PgError::Mismatch { table: table.to_string(), message: "state row missing while committing".into() });
+        return Err(PgError::Mismatch {
+            table: table.to_string(),
+            message: "state row missing while committing".into(),
+        });
     };
     let row_count = row.get::<_, Option<i64>>(0).map(|n| n as u64);
     tx.execute(

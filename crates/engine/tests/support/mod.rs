@@ -38,7 +38,11 @@ fn server() -> String {
             Err(_) => {
                 // A lock older than two minutes belongs to a killed process.
                 if let Ok(meta) = std::fs::metadata(&lock) {
-                    if meta.modified().map(|m| m.elapsed().unwrap_or_default() > Duration::from_secs(120)).unwrap_or(false) {
+                    if meta
+                        .modified()
+                        .map(|m| m.elapsed().unwrap_or_default() > Duration::from_secs(120))
+                        .unwrap_or(false)
+                    {
                         let _ = std::fs::remove_file(&lock);
                     }
                 }
@@ -93,7 +97,8 @@ impl TestDb {
     pub fn value(&self, sql: &str) -> String {
         block_on(async {
             let client = self.config().connect().await.unwrap();
-            let row = client.query_one(&format!("SELECT ({sql})::text"), &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let row =
+                client.query_one(&format!("SELECT ({sql})::text"), &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
             row.get::<_, Option<String>>(0).unwrap_or_else(|| "NULL".into())
         })
     }
@@ -187,13 +192,14 @@ impl PyDelta {
 
     /// Applies operations (see `delta_writer.py`); returns the version after the last one.
     pub fn run(&self, ops: serde_json::Value) -> u64 {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/delta_writer.py");
-        let out = Command::new(python())
-            .arg(&script)
-            .arg(self.path())
-            .arg(ops.to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}; run `bash scripts/test` to set up the Python deltalake writer", python().display()));
+        let script = workspace_root().join("crates/engine/tests/support/delta_writer.py");
+        let out =
+            Command::new(python()).arg(&script).arg(self.path()).arg(ops.to_string()).output().unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {}: {e}; run `bash scripts/test` to set up the Python deltalake writer",
+                    python().display()
+                )
+            });
         assert!(
             out.status.success(),
             "delta_writer.py failed (is the Python `deltalake` package installed? `bash scripts/test` sets it up):\n{}",
