@@ -1,5 +1,6 @@
 //! The `lakesync` command: thin wiring of the engine to a CLI.
 
+mod bench;
 mod demo;
 mod status;
 
@@ -34,6 +35,8 @@ enum Command {
     },
     /// Write a sample Delta table, sync it into a private Postgres, change it, sync again.
     Demo(demo::DemoArgs),
+    /// Measure snapshot and incremental sync against reference paths, verifying every result.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -158,5 +161,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             status::print(&config, json).await.context("reading status")
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -5,9 +5,11 @@
 //! deletes that remove whole data files. (With CDF on, the kernel refuses to add and remove
 //! files in one commit because it cannot write `cdc` files yet, so an update is two commits.)
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow_array::{Array, RecordBatch, StringArray};
+use delta_kernel::actions::deletion_vector_writer::{KernelDeletionVector, StreamingDeletionVectorWriter};
 use delta_kernel::committer::FileSystemCommitter;
 use delta_kernel::engine::arrow_conversion::TryFromArrow;
 use delta_kernel::engine::arrow_data::ArrowEngineData;
@@ -81,18 +83,33 @@ impl DeltaWriter {
 
     /// Appends `batches` (one Parquet file each) in one commit; returns the new version.
     pub fn append(&self, batches: &[RecordBatch]) -> Result<Version, DeltaError> {
+        Ok(self.append_files(batches.iter().cloned())?.0)
+    }
+
+    /// Appends the batches of `batches` as one Parquet file each, generated lazily so only
+    /// one is in memory at a time, in one commit. Returns the new version and the logged
+    /// paths of the files, in input order.
+    pub fn append_files(
+        &self,
+        batches: impl IntoIterator<Item = RecordBatch>,
+    ) -> Result<(Version, Vec<String>), DeltaError> {
         let snapshot = self.latest()?;
         let mut txn = snapshot
             .update_table(UpdateTableOperation::Write, ENGINE_INFO, true)
             .build(self.engine.as_ref(), Box::new(FileSystemCommitter::new()))
             .map_err(|e| self.err(e))?;
         let ctx = txn.write_state().and_then(|s| s.write_context_builder().build()).map_err(|e| self.err(e))?;
+        let mut paths = Vec::new();
         for batch in batches {
-            let data = ArrowEngineData::new(batch.clone());
+            let data = ArrowEngineData::new(batch);
             let added = self.runtime.block_on(self.engine.write_parquet(&data, &ctx)).map_err(|e| self.err(e))?;
-            txn.add_files(added);
+            let meta: RecordBatch = (*ArrowEngineData::try_from_engine_data(added).map_err(|e| self.err(e))?).into();
+            let path = path_column(&meta);
+            paths.extend((0..meta.num_rows()).map(|i| path.value(i).to_string()));
+            txn.add_files(Box::new(ArrowEngineData::new(meta)));
         }
-        self.commit(txn.commit(self.engine.as_ref()).map_err(|e| self.err(e))?)
+        let version = self.commit(txn.commit(self.engine.as_ref()).map_err(|e| self.err(e))?)?;
+        Ok((version, paths))
     }
 
     /// The data files of the latest version, as logged (relative paths).
@@ -131,6 +148,49 @@ impl DeltaWriter {
                 .map_err(|e| self.err(e))?;
             txn.remove_files(filtered);
         }
+        self.commit(txn.commit(self.engine.as_ref()).map_err(|e| self.err(e))?)
+    }
+
+    /// Deletes rows by position with deletion vectors, in one commit (a `DELETE` that keeps
+    /// the data files): `rows` maps a data file's logged path to the row indexes to delete in
+    /// it. The files must not carry deletion vectors yet, and the table needs
+    /// `delta.enableDeletionVectors = true`. Returns the new version.
+    pub fn delete_rows(&self, rows: &HashMap<String, Vec<u64>>) -> Result<Version, DeltaError> {
+        let snapshot = self.latest()?;
+        let mut txn = snapshot
+            .clone()
+            .update_table(UpdateTableOperation::Delete, ENGINE_INFO, true)
+            .build(self.engine.as_ref(), Box::new(FileSystemCommitter::new()))
+            .map_err(|e| self.err(e))?;
+        let ctx = txn.write_state().and_then(|s| s.write_context_builder().build()).map_err(|e| self.err(e))?;
+        let dv_path = ctx.new_deletion_vector_path(String::new());
+        let mut buffer = Vec::new();
+        let mut descriptors = HashMap::new();
+        {
+            let mut writer = StreamingDeletionVectorWriter::new(&mut buffer);
+            for (file, indexes) in rows {
+                let mut dv = KernelDeletionVector::new();
+                dv.add_deleted_row_indexes(indexes.iter());
+                let written = writer.write_deletion_vector(dv).map_err(|e| self.err(e))?;
+                descriptors.insert(file.clone(), written.to_descriptor(&dv_path));
+            }
+            writer.finalize().map_err(|e| self.err(e))?;
+        }
+        let file = dv_path.absolute_path().map_err(|e| self.err(e))?.to_file_path().map_err(|_| DeltaError::Shape {
+            uri: self.uri.clone(),
+            message: "deletion vectors need a local table".into(),
+        })?;
+        std::fs::write(&file, &buffer).map_err(|e| DeltaError::Shape {
+            uri: self.uri.clone(),
+            message: format!("writing {}: {e}", file.display()),
+        })?;
+        let scan = snapshot.scan_builder().build().map_err(|e| self.err(e))?;
+        let files: Vec<_> = scan
+            .scan_metadata(self.engine.as_ref())
+            .map_err(|e| self.err(e))?
+            .map(|m| m.map(|m| m.scan_files))
+            .collect();
+        txn.update_deletion_vectors(descriptors, files.into_iter()).map_err(|e| self.err(e))?;
         self.commit(txn.commit(self.engine.as_ref()).map_err(|e| self.err(e))?)
     }
 

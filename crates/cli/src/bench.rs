@@ -1,0 +1,522 @@
+//! `lakesync bench`: measures lakesync against reference paths in one run, on one private
+//! Postgres with the same settings for every measurement, and verifies every result.
+//!
+//! Phases: (a) the reference ceiling — the same rows, pre-encoded, pushed with one binary
+//! `COPY` into an unindexed table, then the primary key built; (b) `lakesync sync` snapshot,
+//! Delta files → indexed live table; (c) `lakesync sync` of one MERGE-like change (updates
+//! 0.8%, inserts 0.2%, deletes 0.1% of the rows); (d) the blog pattern for the same changes
+//! (`MERGE .. USING (VALUES ..)` 1000 rows a statement plus `DELETE .. = ANY($1)`, one
+//! transaction) applied to the reference table. (b) and (c) run `lakesync` as a child process
+//! so its peak RSS can be read.
+//!
+//! The change is committed as the kernel can write it with the change data feed on: one
+//! commit deleting the old rows with deletion vectors, one appending the new ones. Synced as
+//! one range, it is one set of 55k net changes at 5M rows.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Decimal128Type, Float64Type, TimestampMicrosecondType};
+use arrow_array::{Array, RecordBatch};
+use bytes::{Bytes, BytesMut};
+use futures_util::SinkExt;
+use lakesync_core::{NulBytePolicy, TableName};
+use lakesync_delta::sample::{customer_schema, customers};
+use lakesync_delta::write::DeltaWriter;
+use lakesync_delta::DeltaTable;
+use lakesync_postgres::cluster::LocalCluster;
+use lakesync_postgres::copy::{encode_batch, HEADER, TRAILER};
+use lakesync_postgres::ddl::{column_definitions, qualified};
+use lakesync_postgres::PgConfig;
+use md5::{Digest, Md5};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Rows in the customer_profiles table.
+    #[arg(long, default_value_t = 5_000_000)]
+    rows: u64,
+    /// Rows per Parquet file.
+    #[arg(long, default_value_t = 250_000)]
+    file_rows: u64,
+    /// Working directory (Delta table and private Postgres).
+    #[arg(long, default_value = ".lakesync-bench")]
+    dir: PathBuf,
+    /// Port of the private Postgres.
+    #[arg(long, default_value_t = 54331)]
+    port: u16,
+    /// COPY connections for lakesync's snapshot.
+    #[arg(long, default_value_t = 2)]
+    parallelism: usize,
+}
+
+/// Ids changed by the benchmark's MERGE at `rows` rows.
+pub struct ChangeSpec {
+    pub updated: Vec<u64>,
+    pub deleted: Vec<u64>,
+    pub inserted: Vec<u64>,
+}
+
+impl ChangeSpec {
+    /// Updates 0.8%, deletes 0.1%, inserts 0.2% of `rows`, spread over the whole key range.
+    pub fn new(rows: u64) -> Self {
+        Self {
+            updated: (0..rows).filter(|i| i % 125 == 3).collect(),
+            deleted: (0..rows).filter(|i| i % 1000 == 7).collect(),
+            inserted: (rows..rows + rows / 500).collect(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.updated.len() + self.deleted.len() + self.inserted.len()
+    }
+}
+
+struct Measurement {
+    name: &'static str,
+    seconds: f64,
+    rows: u64,
+    peak_rss_mb: Option<f64>,
+    pg_cpu_seconds: f64,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.dir)?;
+    let dir = std::path::absolute(&args.dir)?;
+    let rows = args.rows;
+    let spec = ChangeSpec::new(rows);
+    eprintln!("bench: {rows} rows, {} changes; working in {}", spec.len(), dir.display());
+
+    let cluster = {
+        let pg_dir = dir.join("postgres");
+        let port = args.port;
+        tokio::task::spawn_blocking(move || LocalCluster::start(&pg_dir, port)).await??
+    };
+    let admin = PgConfig::parse(&cluster.connection_string("postgres"))?;
+    let admin_client = admin.connect().await?;
+    admin_client.batch_execute("DROP DATABASE IF EXISTS bench WITH (FORCE)").await?;
+    admin_client.batch_execute("CREATE DATABASE bench").await?;
+    let conn = cluster.connection_string("bench");
+    let config = PgConfig::parse(&conn)?;
+    let postmaster = postmaster_pid(&dir.join("postgres/data"))?;
+
+    // The Delta table: base version, then the change as two commits.
+    let delta = dir.join("customer_profiles");
+    let t = Instant::now();
+    let (writer, base_version, paths) = {
+        let delta = delta.clone();
+        let (rows, file_rows) = (rows, args.file_rows);
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let _ = std::fs::remove_dir_all(&delta);
+            let w = DeltaWriter::create(
+                &delta,
+                &customer_schema(),
+                &[("delta.enableChangeDataFeed", "true"), ("delta.enableDeletionVectors", "true")],
+            )?;
+            let files = rows.div_ceil(file_rows);
+            let (v, paths) =
+                w.append_files((0..files).map(|f| customers(f * file_rows..((f + 1) * file_rows).min(rows), 0)))?;
+            Ok((w, v, paths))
+        })
+        .await??
+    };
+    eprintln!("bench: wrote Delta version {base_version} ({} files) in {:.1}s", paths.len(), t.elapsed().as_secs_f64());
+
+    let mut results = Vec::new();
+
+    // (a) Reference ceiling.
+    let schema = DeltaTable::open(&delta.display().to_string())?.snapshot(Some(base_version))?.schema()?;
+    let reference = TableName::new("bench_ref", "customer_profiles");
+    let client = config.connect().await?;
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA bench_ref; CREATE TABLE {} ({})",
+            qualified(&reference),
+            column_definitions(&schema, &[])
+        ))
+        .await?;
+    let types: Vec<_> = schema.columns.iter().map(|c| c.ty).collect();
+    let mut encoded: Vec<Bytes> = Vec::new();
+    for start in (0..rows).step_by(65_536) {
+        let mut buf = BytesMut::new();
+        encode_batch(&customers(start..(start + 65_536).min(rows), 0), &types, NulBytePolicy::Error, &mut buf)
+            .map_err(|e| anyhow::anyhow!("encoding: {}", e.problem))?;
+        encoded.push(buf.freeze());
+    }
+    let cpu0 = pg_cpu_seconds(postmaster)?;
+    let t = Instant::now();
+    {
+        let sink = client.copy_in(&format!("COPY {} FROM STDIN (FORMAT binary)", qualified(&reference))).await?;
+        futures_util::pin_mut!(sink);
+        sink.send(Bytes::from_static(HEADER)).await?;
+        for chunk in &encoded {
+            sink.send(chunk.clone()).await?;
+        }
+        sink.send(Bytes::from_static(TRAILER)).await?;
+        sink.finish().await?;
+    }
+    let copy_s = t.elapsed().as_secs_f64();
+    client.batch_execute(&format!("ALTER TABLE {} ADD PRIMARY KEY (customer_id)", qualified(&reference))).await?;
+    let total_s = t.elapsed().as_secs_f64();
+    drop(encoded);
+    results.push(Measurement {
+        name: "a. reference: 1 binary COPY + primary key",
+        seconds: total_s,
+        rows,
+        peak_rss_mb: None,
+        pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
+    });
+    eprintln!("bench: reference COPY {copy_s:.2}s + primary key {:.2}s", total_s - copy_s);
+    verify(&config, &reference, &delta, base_version).await.context("verifying the reference load")?;
+
+    // (b) lakesync snapshot.
+    let exe = std::env::current_exe()?;
+    let source = delta.display().to_string();
+    let parallelism = args.parallelism.to_string();
+    let sync_args = [
+        "sync",
+        "--source",
+        source.as_str(),
+        "--table",
+        "bench.customer_profiles",
+        "--primary-key",
+        "customer_id",
+        "--parallelism",
+        parallelism.as_str(),
+    ];
+    let (seconds, rss, cpu) = run_child(&exe, &sync_args, &conn, postmaster)?;
+    results.push(Measurement {
+        name: "b. lakesync snapshot (Delta -> indexed table)",
+        seconds,
+        rows,
+        peak_rss_mb: Some(rss),
+        pg_cpu_seconds: cpu,
+    });
+    let target = TableName::new("bench", "customer_profiles");
+    verify(&config, &target, &delta, base_version).await.context("verifying the snapshot")?;
+
+    // The change: delete old images with deletion vectors, then append the new ones.
+    let final_version = {
+        let (file_rows, updated, deleted, inserted) =
+            (args.file_rows, spec.updated.clone(), spec.deleted.clone(), spec.inserted.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+            let mut by_file: std::collections::HashMap<String, Vec<u64>> = std::collections::HashMap::new();
+            for id in updated.iter().chain(&deleted) {
+                by_file.entry(paths[(id / file_rows) as usize].clone()).or_default().push(id % file_rows);
+            }
+            writer.delete_rows(&by_file)?;
+            Ok(writer.append(&[customers(updated, 1), customers(inserted, 0)])?)
+        })
+        .await??
+    };
+
+    // (c) lakesync incremental.
+    let (seconds, rss, cpu) = run_child(&exe, &sync_args, &conn, postmaster)?;
+    results.push(Measurement {
+        name: "c. lakesync incremental (CDF -> one transaction)",
+        seconds,
+        rows: spec.len() as u64,
+        peak_rss_mb: Some(rss),
+        pg_cpu_seconds: cpu,
+    });
+    verify(&config, &target, &delta, final_version).await.context("verifying the incremental sync")?;
+
+    // (d) The blog pattern on the reference table.
+    let cpu0 = pg_cpu_seconds(postmaster)?;
+    let t = Instant::now();
+    blog_merge(&config, &reference, &spec).await?;
+    results.push(Measurement {
+        name: "d. blog pattern: MERGE .. VALUES x1000 + DELETE ANY",
+        seconds: t.elapsed().as_secs_f64(),
+        rows: spec.len() as u64,
+        peak_rss_mb: None,
+        pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
+    });
+    verify(&config, &reference, &delta, final_version).await.context("verifying the blog pattern")?;
+
+    print_table(&results, rows);
+    Ok(())
+}
+
+fn print_table(results: &[Measurement], rows: u64) {
+    println!("\nlakesync bench: {rows} rows, all results verified against the Delta snapshot (count + checksum)\n");
+    println!("| phase | seconds | rows/s | ratio | peak RSS (MB) | Postgres CPU s |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for m in results {
+        let reference = if m.name.starts_with("c.") || m.name.starts_with("d.") {
+            results.iter().find(|r| r.name.starts_with("d."))
+        } else {
+            results.iter().find(|r| r.name.starts_with("a."))
+        };
+        let ratio = reference.map(|r| format!("{:.2}x {}", m.seconds / r.seconds, &r.name[..1])).unwrap_or_default();
+        println!(
+            "| {} | {:.2} | {:.0} | {} | {} | {:.1} |",
+            m.name,
+            m.seconds,
+            m.rows as f64 / m.seconds,
+            ratio,
+            m.peak_rss_mb.map(|r| format!("{r:.0}")).unwrap_or_else(|| "-".into()),
+            m.pg_cpu_seconds
+        );
+    }
+}
+
+/// Runs `lakesync <args>` and returns (seconds, peak RSS MB, Postgres CPU seconds).
+fn run_child(exe: &Path, args: &[&str], conn: &str, postmaster: u32) -> anyhow::Result<(f64, f64, f64)> {
+    let cpu0 = pg_cpu_seconds(postmaster)?;
+    let t = Instant::now();
+    let mut child = Command::new(exe)
+        .args(args)
+        .env("LAKESYNC_POSTGRES", conn)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let pid = child.id();
+    let mut peak_kb = 0u64;
+    let status = loop {
+        if let Some(kb) = vm_hwm_kb(pid) {
+            peak_kb = peak_kb.max(kb);
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let seconds = t.elapsed().as_secs_f64();
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut out)?;
+    if !status.success() {
+        bail!("lakesync {} failed", args.join(" "));
+    }
+    eprintln!("bench: {}", out.trim());
+    Ok((seconds, peak_kb as f64 / 1024.0, pg_cpu_seconds(postmaster)? - cpu0))
+}
+
+fn vm_hwm_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+}
+
+fn postmaster_pid(data: &Path) -> anyhow::Result<u32> {
+    let pidfile = std::fs::read_to_string(data.join("postmaster.pid")).context("reading postmaster.pid")?;
+    Ok(pidfile.lines().next().unwrap_or_default().trim().parse()?)
+}
+
+/// CPU seconds used by the whole Postgres server so far: the postmaster, its exited children
+/// (accounted to it when reaped) and its live children.
+fn pg_cpu_seconds(postmaster: u32) -> anyhow::Result<f64> {
+    const TICKS: f64 = 100.0; // USER_HZ on Linux
+    let fields = |pid: u32| -> Option<(u32, Vec<u64>)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        Some((ppid, f[11..15].iter().map(|v| v.parse().unwrap_or(0)).collect()))
+    };
+    let (_, pm) = fields(postmaster).context("reading the postmaster's CPU time")?;
+    let mut ticks: u64 = pm.iter().sum();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if let Some((ppid, f)) = fields(pid) {
+            if ppid == postmaster {
+                ticks += f[0] + f[1];
+            }
+        }
+    }
+    Ok(ticks as f64 / TICKS)
+}
+
+/// The blog's statement pattern: latest change per key, `MERGE .. USING (VALUES ..)` with
+/// 1000 rows a statement, `DELETE .. = ANY($1)`, all in one transaction.
+async fn blog_merge(config: &PgConfig, table: &TableName, spec: &ChangeSpec) -> anyhow::Result<()> {
+    let mut client = config.connect().await?;
+    let tx = client.transaction().await?;
+    let upserts: Vec<RecordBatch> = vec![customers(spec.updated.clone(), 1), customers(spec.inserted.clone(), 0)];
+    let cols = [
+        "customer_id",
+        "full_name",
+        "email",
+        "segment",
+        "last_purchase_date",
+        "total_spend",
+        "propensity_score",
+        "is_active",
+        "created_at",
+        "updated_at",
+    ];
+    let casts =
+        ["text", "text", "text", "text", "timestamptz", "numeric", "float8", "boolean", "timestamptz", "timestamptz"];
+    for batch in &upserts {
+        let texts = row_texts(batch);
+        for chunk in texts.chunks(1000) {
+            let mut values = Vec::new();
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = Vec::new();
+            for (r, row) in chunk.iter().enumerate() {
+                let placeholders: Vec<String> =
+                    (0..cols.len()).map(|c| format!("${}::text::{}", r * cols.len() + c + 1, casts[c])).collect();
+                values.push(format!("({})", placeholders.join(", ")));
+                for v in row {
+                    params.push(v);
+                }
+            }
+            let sql = format!(
+                "MERGE INTO {t} AS t USING (VALUES {values}) AS s({cols}) ON t.customer_id = s.customer_id \
+                 WHEN MATCHED THEN UPDATE SET {set} WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({svals})",
+                t = qualified(table),
+                values = values.join(", "),
+                cols = cols.join(", "),
+                set = cols[1..].iter().map(|c| format!("{c} = s.{c}")).collect::<Vec<_>>().join(", "),
+                svals = cols.iter().map(|c| format!("s.{c}")).collect::<Vec<_>>().join(", "),
+            );
+            tx.execute(&sql, &params).await?;
+        }
+    }
+    let deleted: Vec<String> = spec.deleted.iter().map(|i| format!("C{i:09}")).collect();
+    tx.execute(&format!("DELETE FROM {} WHERE customer_id = ANY($1)", qualified(table)), &[&deleted]).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Every value of `batch` as the text a driver would send.
+fn row_texts(batch: &RecordBatch) -> Vec<Vec<String>> {
+    let canon = canonical_columns(batch);
+    (0..batch.num_rows())
+        .map(|r| {
+            canon
+                .iter()
+                .enumerate()
+                .map(|(c, col)| match c {
+                    4 | 8 | 9 => {
+                        let us: i64 = col[r].parse().unwrap();
+                        chrono_like(us)
+                    }
+                    5 => {
+                        let unscaled: i128 = col[r].parse().unwrap();
+                        format!("{}.{:02}", unscaled / 100, (unscaled % 100).abs())
+                    }
+                    7 => if col[r] == "t" { "true" } else { "false" }.to_string(),
+                    _ => col[r].clone(),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Microseconds since the epoch as `YYYY-MM-DD HH:MM:SS.ffffff+00` via Postgres-free math.
+fn chrono_like(us: i64) -> String {
+    let secs = us.div_euclid(1_000_000);
+    let frac = us.rem_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{frac:06}+00", sod / 3600, sod / 60 % 60, sod % 60)
+}
+
+/// Each column of the customer batch in canonical text: strings as is, timestamps as epoch
+/// microseconds, the decimal as its unscaled integer, the double in shortest form, booleans
+/// as t/f, NULL as \N.
+fn canonical_columns(batch: &RecordBatch) -> Vec<Vec<String>> {
+    batch
+        .columns()
+        .iter()
+        .map(|col| {
+            (0..col.len())
+                .map(|r| {
+                    if col.is_null(r) {
+                        return "\\N".to_string();
+                    }
+                    match col.data_type() {
+                        arrow_schema::DataType::Utf8 => col.as_string::<i32>().value(r).to_string(),
+                        arrow_schema::DataType::Timestamp(..) => {
+                            col.as_primitive::<TimestampMicrosecondType>().value(r).to_string()
+                        }
+                        arrow_schema::DataType::Decimal128(..) => {
+                            col.as_primitive::<Decimal128Type>().value(r).to_string()
+                        }
+                        arrow_schema::DataType::Float64 => format!("{}", col.as_primitive::<Float64Type>().value(r)),
+                        arrow_schema::DataType::Boolean => {
+                            if col.as_boolean().value(r) { "t" } else { "f" }.to_string()
+                        }
+                        other => panic!("bench verifier: unexpected type {other}"),
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A row checksum: the first 60 bits of the MD5 of the canonical row text.
+fn row_hash(text: &str) -> u128 {
+    let digest = Md5::digest(text.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    u128::from_str_radix(&hex[..15], 16).expect("hex")
+}
+
+/// (row count, checksum) of the Delta snapshot at `version`.
+pub fn delta_checksum(delta: &Path, version: u64) -> anyhow::Result<(u64, u128)> {
+    let snapshot = DeltaTable::open(&delta.display().to_string())?.snapshot(Some(version))?;
+    let (mut n, mut sum) = (0u64, 0u128);
+    for batch in snapshot.batches()? {
+        let batch = batch?;
+        let names: Vec<String> = customer_schema().fields().iter().map(|f| f.name().clone()).collect();
+        let projected =
+            batch.project(&names.iter().map(|n| batch.schema().index_of(n)).collect::<Result<Vec<_>, _>>()?)?;
+        let cols = canonical_columns(&projected);
+        for r in 0..projected.num_rows() {
+            let row: Vec<&str> = cols.iter().map(|c| c[r].as_str()).collect();
+            sum += row_hash(&row.join("|"));
+            n += 1;
+        }
+    }
+    Ok((n, sum))
+}
+
+/// The same (row count, checksum) computed by Postgres over `table`.
+pub async fn pg_checksum(config: &PgConfig, table: &TableName) -> anyhow::Result<(u64, u128)> {
+    let client = config.connect().await?;
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(sum(('x' || substr(md5(concat_ws('|', customer_id, coalesce(full_name, '\\N'), \
+                 coalesce(email, '\\N'), coalesce(segment, '\\N'), \
+                 (extract(epoch FROM last_purchase_date) * 1000000)::bigint, (total_spend * 100)::bigint, \
+                 propensity_score, CASE WHEN is_active THEN 't' ELSE 'f' END, \
+                 (extract(epoch FROM created_at) * 1000000)::bigint, (extract(epoch FROM updated_at) * 1000000)::bigint)), 1, 15))::bit(60)::bigint), 0)::text \
+                 FROM {}",
+                qualified(table)
+            ),
+            &[],
+        )
+        .await?;
+    Ok((row.get::<_, i64>(0) as u64, row.get::<_, String>(1).parse()?))
+}
+
+async fn verify(config: &PgConfig, table: &TableName, delta: &Path, version: u64) -> anyhow::Result<()> {
+    let expected = {
+        let delta = delta.to_path_buf();
+        tokio::task::spawn_blocking(move || delta_checksum(&delta, version)).await??
+    };
+    let actual = pg_checksum(config, table).await?;
+    if expected != actual {
+        bail!(
+            "{table} does not match Delta version {version}: Postgres has {} rows (checksum {}), Delta {} rows (checksum {})",
+            actual.0,
+            actual.1,
+            expected.0,
+            expected.1
+        );
+    }
+    eprintln!("bench: verified {table} = Delta version {version} ({} rows)", actual.0);
+    Ok(())
+}
