@@ -50,6 +50,9 @@ pub struct BenchArgs {
     /// COPY connections for lakesync's snapshot.
     #[arg(long, default_value_t = 2)]
     parallelism: usize,
+    /// Leave the private Postgres running afterwards (to look at the tables).
+    #[arg(long)]
+    keep_postgres: bool,
 }
 
 /// Ids changed by the benchmark's MERGE at `rows` rows.
@@ -94,6 +97,23 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let port = args.port;
         tokio::task::spawn_blocking(move || LocalCluster::start(&pg_dir, port)).await??
     };
+    let result = measure(&args, &dir, &cluster, &spec).await;
+    if !args.keep_postgres {
+        let c = cluster.clone();
+        tokio::task::spawn_blocking(move || c.stop()).await??;
+    }
+    let results = result?;
+    print_table(&results, rows);
+    Ok(())
+}
+
+async fn measure(
+    args: &BenchArgs,
+    dir: &Path,
+    cluster: &LocalCluster,
+    spec: &ChangeSpec,
+) -> anyhow::Result<Vec<Measurement>> {
+    let rows = args.rows;
     let admin = PgConfig::parse(&cluster.connection_string("postgres"))?;
     let admin_client = admin.connect().await?;
     admin_client.batch_execute("DROP DATABASE IF EXISTS bench WITH (FORCE)").await?;
@@ -226,7 +246,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // (d) The blog pattern on the reference table.
     let cpu0 = pg_cpu_seconds(postmaster)?;
     let t = Instant::now();
-    blog_merge(&config, &reference, &spec).await?;
+    blog_merge(&config, &reference, spec).await?;
     results.push(Measurement {
         name: "d. blog pattern: MERGE .. VALUES x1000 + DELETE ANY",
         seconds: t.elapsed().as_secs_f64(),
@@ -235,9 +255,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
     });
     verify(&config, &reference, &delta, final_version).await.context("verifying the blog pattern")?;
-
-    print_table(&results, rows);
-    Ok(())
+    Ok(results)
 }
 
 fn print_table(results: &[Measurement], rows: u64) {

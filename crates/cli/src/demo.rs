@@ -85,6 +85,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         indexes: vec![vec!["email".into()]],
         policy: DataPolicy::default(),
         versions_per_transaction: 100,
+        exclude: Vec::new(),
+        progress: Default::default(),
     };
     println!("\n2. lakesync sync (first run: snapshot) ...");
     report(&sync(&req).await?);

@@ -2,8 +2,10 @@
 
 mod bench;
 mod demo;
+mod progress;
 mod status;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -89,6 +91,9 @@ struct SyncArgs {
     /// At most this many Delta versions per incremental transaction (bounds memory).
     #[arg(long, default_value_t = 100)]
     versions_per_transaction: u64,
+    /// A source column not to sync (e.g. one whose type Postgres cannot hold); repeatable.
+    #[arg(long = "exclude")]
+    exclude: Vec<String>,
 }
 
 impl SyncArgs {
@@ -114,6 +119,8 @@ impl SyncArgs {
                 dedup_by: self.dedup_by.clone(),
             },
             versions_per_transaction: self.versions_per_transaction,
+            exclude: self.exclude.clone(),
+            progress: Default::default(),
         })
     }
 }
@@ -142,7 +149,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Sync(args) => {
             let req = args.request()?;
-            let out = sync(&req).await?;
+            let display = std::io::stderr().is_terminal().then(|| tokio::spawn(progress::show(req.progress.clone())));
+            let result = sync(&req).await;
+            if let Some(d) = display {
+                d.abort();
+                eprint!("\r\x1b[2K");
+            }
+            let out = result?;
             println!(
                 "synced {} to Delta version {} ({}, {}): {} inserted, {} updated, {} deleted in {:.2}s",
                 req.table,

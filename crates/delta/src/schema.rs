@@ -5,10 +5,12 @@ use lakesync_core::{Column, ColumnType, TableSchema};
 
 use crate::DeltaError;
 
-/// Maps a Delta table schema to lakesync's model. Unsupported types fail with the column name.
-pub fn table_schema(uri: &str, schema: &StructType) -> Result<TableSchema, DeltaError> {
+/// Maps a Delta table schema to lakesync's model, without the `excluded` columns.
+/// Unsupported types fail with the column name.
+pub fn table_schema(uri: &str, schema: &StructType, excluded: &[String]) -> Result<TableSchema, DeltaError> {
     let columns = schema
         .fields()
+        .filter(|field| !excluded.contains(field.name()))
         .map(|field| {
             let ty = column_type(field.data_type()).ok_or_else(|| DeltaError::UnsupportedType {
                 uri: uri.to_string(),
@@ -89,7 +91,7 @@ mod tests {
             StructField::nullable("tags", DataType::Array(Box::new(ArrayType::new(DataType::STRING, true)))),
         ])
         .unwrap();
-        let mapped = table_schema("t", &schema).unwrap();
+        let mapped = table_schema("t", &schema, &[]).unwrap();
         let pg: Vec<String> = mapped.columns.iter().map(|c| c.ty.postgres_type()).collect();
         assert_eq!(
             pg,

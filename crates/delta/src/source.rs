@@ -22,6 +22,10 @@ pub const COMMIT_VERSION_COLUMN: &str = "_commit_version";
 /// Rows per Arrow batch read from Parquet. The kernel's default (1000) makes per-batch
 /// overhead dominate; 8192 keeps batches a few MB for typical tables.
 const READ_BATCH_ROWS: usize = 8192;
+/// Data files read ahead concurrently. The kernel's default (1000) lets a large table hold
+/// hundreds of files' batches in memory; a few keep the reader ahead of Postgres with
+/// bounded memory.
+const READ_AHEAD_FILES: usize = 4;
 
 /// A change data feed batch: the table's columns followed by `_change_type`,
 /// `_commit_version` and `_commit_timestamp`.
@@ -47,8 +51,10 @@ impl DeltaTable {
         let open_err = |source| DeltaError::Open { uri: uri.to_string(), source };
         let url = delta_kernel::try_parse_uri(uri).map_err(open_err)?;
         let store = store_from_url(&url).map_err(open_err)?;
-        let engine =
-            DefaultEngineBuilder::new(store).with_batch_size(NonZero::new(READ_BATCH_ROWS).expect("non-zero")).build();
+        let engine = DefaultEngineBuilder::new(store)
+            .with_batch_size(NonZero::new(READ_BATCH_ROWS).expect("non-zero"))
+            .with_buffer_size(NonZero::new(READ_AHEAD_FILES).expect("non-zero"))
+            .build();
         Ok(Self { uri: uri.to_string(), url, engine: Arc::new(engine) })
     }
 
@@ -137,7 +143,13 @@ impl TableSnapshot {
 
     /// The table's columns in lakesync terms.
     pub fn schema(&self) -> Result<TableSchema, DeltaError> {
-        crate::schema::table_schema(&self.table.uri, &self.snap.schema())
+        self.schema_without(&[])
+    }
+
+    /// The table's columns in lakesync terms, leaving out `excluded` (whose types are then
+    /// not checked: excluding is how a user syncs a table with a column Postgres cannot hold).
+    pub fn schema_without(&self, excluded: &[String]) -> Result<TableSchema, DeltaError> {
+        crate::schema::table_schema(&self.table.uri, &self.snap.schema(), excluded)
     }
 
     /// Whether `delta.enableChangeDataFeed` is on at this version.
@@ -216,13 +228,28 @@ fn is_missing_table(err: &KernelError) -> bool {
         || err.to_string().contains("No files in log segment")
 }
 
+/// Whether a data or change file was not found, however deep the kernel, Parquet and object
+/// store layers wrapped the cause.
 fn is_missing_file(err: &KernelError) -> bool {
-    match err {
-        KernelError::FileNotFound(_) => true,
-        KernelError::ObjectStore(delta_kernel::object_store::Error::NotFound { .. }) => true,
-        KernelError::IOError(e) => e.kind() == std::io::ErrorKind::NotFound,
-        _ => false,
+    if matches!(
+        err,
+        KernelError::FileNotFound(_) | KernelError::ObjectStore(delta_kernel::object_store::Error::NotFound { .. })
+    ) {
+        return true;
     }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::NotFound {
+                return true;
+            }
+        }
+        if let Some(delta_kernel::object_store::Error::NotFound { .. }) = e.downcast_ref() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 fn describe_cdf_error(err: &KernelError) -> String {

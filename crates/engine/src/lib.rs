@@ -15,7 +15,9 @@
 
 pub mod changes;
 pub mod error;
+pub mod progress;
 pub mod sync;
 
 pub use error::EngineError;
+pub use progress::{Phase, Progress};
 pub use sync::{sync, SyncOutcome, SyncRequest};

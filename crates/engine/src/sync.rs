@@ -1,5 +1,6 @@
 //! One sync run: choose snapshot, triggered or no-op, and carry it out exactly once.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lakesync_core::{Classify, DataPolicy, PrimaryKey, SchemaChange, SyncMode, TableName, TableSchema, Version};
@@ -8,7 +9,8 @@ use lakesync_postgres::state::{self, Checkpoint, RowCounts, RunMode};
 use lakesync_postgres::{PgConfig, Sink};
 
 use crate::changes::plan_changes;
-use crate::EngineError;
+use crate::progress::Phase;
+use crate::{EngineError, Progress};
 
 /// What to sync and how.
 #[derive(Debug, Clone)]
@@ -33,6 +35,10 @@ pub struct SyncRequest {
     pub policy: DataPolicy,
     /// At most this many versions per incremental transaction (bounds memory).
     pub versions_per_transaction: u64,
+    /// Source columns not to sync.
+    pub exclude: Vec<String>,
+    /// Where the run reports progress, for a display.
+    pub progress: Arc<Progress>,
 }
 
 /// What a successful run did.
@@ -103,7 +109,7 @@ async fn run(
         Some(v) if v != latest.version() => snapshot_at(source, Some(v)).await?,
         _ => latest,
     };
-    let schema = end.schema()?;
+    let schema = end.schema_without(&req.exclude)?;
     req.primary_key.validate_against(&schema)?;
     let key = req.primary_key.columns().to_vec();
 
@@ -181,11 +187,16 @@ async fn snapshot(
     let staging = sink.prepare_staging(schema).await?;
     let copy = sink.copy_into(&staging, schema, key, version, req.parallelism);
     let sender = copy.sender();
+    let progress = req.progress.clone();
+    progress.set_phase(Phase::Loading);
     let reader = {
         let end = end.clone();
         tokio::task::spawn_blocking(move || -> Result<(), DeltaError> {
+            progress.set_total(end.row_count().ok().flatten().unwrap_or(0));
             for batch in end.batches()? {
-                if sender.blocking_send(batch?).is_err() {
+                let batch = batch?;
+                progress.add(batch.num_rows() as u64);
+                if sender.blocking_send(batch).is_err() {
                     break; // a COPY worker failed; its error is reported by finish()
                 }
             }
@@ -199,6 +210,7 @@ async fn snapshot(
         read??;
         let checkpoint = Checkpoint { version, commit_timestamp_ms: Some(commit_ts(end).await?) };
         tracing::debug!(table = %req.table, rows, "staging loaded");
+        req.progress.set_phase(Phase::Indexing);
         Ok::<_, EngineError>(sink.finish_snapshot(&staging, schema, key, &req.indexes, id, checkpoint).await?)
     }
     .await;
@@ -236,7 +248,7 @@ async fn triggered(
     };
     // The schema the Postgres table holds: the source's at the synced version.
     let mut schema = match snapshot_at(source, Some(synced)).await {
-        Ok(s) => s.schema()?,
+        Ok(s) => s.schema_without(&req.exclude)?,
         Err(e) => return Err(unavailable(format!("version {synced} is no longer readable: {e}"))),
     };
     let id = state::start_run(sink.client(), table, RunMode::Triggered, "change data feed", Some(synced), end_version)
@@ -249,11 +261,11 @@ async fn triggered(
         let (seg_end, added) = match schema.change_to(end_schema) {
             SchemaChange::None => (end_version, Vec::new()),
             _ => {
-                let first_change = first_schema_change(source, &schema, start, end_version).await?;
+                let first_change = first_schema_change(source, &schema, &req.exclude, start, end_version).await?;
                 if first_change > start {
                     (first_change - 1, Vec::new())
                 } else {
-                    let new_schema = snapshot_at(source, Some(first_change)).await?.schema()?;
+                    let new_schema = snapshot_at(source, Some(first_change)).await?.schema_without(&req.exclude)?;
                     match schema.change_to(&new_schema) {
                         SchemaChange::Additive(cols) => {
                             tracing::info!(table = %table, version = first_change, columns = cols.len(), "source added columns");
@@ -261,7 +273,7 @@ async fn triggered(
                             let seg_end = if schema.change_to(end_schema) == SchemaChange::None {
                                 end_version
                             } else {
-                                first_schema_change(source, &schema, start + 1, end_version).await? - 1
+                                first_schema_change(source, &schema, &req.exclude, start + 1, end_version).await? - 1
                             };
                             (seg_end, cols)
                         }
@@ -283,7 +295,10 @@ async fn triggered(
             changes.added_columns = std::mem::take(&mut added);
             let at = if chunk_end == end_version { end.clone() } else { snapshot_at(source, Some(chunk_end)).await? };
             let checkpoint = Checkpoint { version: chunk_end, commit_timestamp_ms: Some(commit_ts(&at).await?) };
-            let source_rows = blocking(move || at.row_count()).await?;
+            // With --dedup-by the table holds fewer rows than the source by design, so the
+            // row-count check cannot apply.
+            let source_rows =
+                if req.policy.dedup_by.is_some() { None } else { blocking(move || at.row_count()).await? };
             let counts = sink
                 .apply_changes(&schema, key, &changes, id, checkpoint, source_rows, chunk_end == end_version)
                 .await?;
@@ -303,13 +318,14 @@ async fn triggered(
 async fn first_schema_change(
     source: &DeltaTable,
     schema: &TableSchema,
+    exclude: &[String],
     lo: Version,
     hi: Version,
 ) -> Result<Version, EngineError> {
     let (mut lo, mut hi) = (lo, hi);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        if snapshot_at(source, Some(mid)).await?.schema()? == *schema {
+        if snapshot_at(source, Some(mid)).await?.schema_without(exclude)? == *schema {
             lo = mid + 1;
         } else {
             hi = mid;

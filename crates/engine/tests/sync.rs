@@ -181,6 +181,59 @@ fn enabling_the_change_feed_after_the_synced_version_falls_back_to_a_snapshot() 
 }
 
 #[test]
+fn vacuumed_change_files_fall_back_to_a_snapshot() {
+    let db = TestDb::new("vacuumed");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    let v = t.run(json!([{"op": "update", "predicate": "id = 1", "set": {"name": "'z'"}}]));
+    let cdc = t.path().join("_change_data");
+    assert!(cdc.exists(), "the writer should have written change files");
+    std::fs::remove_dir_all(&cdc).unwrap(); // what VACUUM does to old change files
+    let out = db.sync(&req).unwrap();
+    assert_eq!(out.mode.as_str(), "snapshot");
+    assert!(out.reason.contains("change data file is missing"), "{}", out.reason);
+    assert_eq!(db.rows("SELECT id, name FROM public.people ORDER BY id"), ["(1,z)", "(2,b)"]);
+    db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
+}
+
+#[test]
+fn a_truncated_log_falls_back_to_a_snapshot() {
+    let db = TestDb::new("truncated_log");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    let v = t.run(json!([
+        {"op": "append", "schema": people_schema(), "rows": [[2, "b", 2.0]]},
+        {"op": "delete", "predicate": "id = 1"},
+        {"op": "append", "schema": people_schema(), "rows": [[3, "c", 3.0]]},
+        {"op": "checkpoint"},
+    ]));
+    // Log cleanup removes the commits before the checkpoint.
+    for old in 0..v {
+        std::fs::remove_file(t.path().join(format!("_delta_log/{old:020}.json"))).unwrap();
+    }
+    let out = db.sync(&req).unwrap();
+    assert_eq!(out.mode.as_str(), "snapshot", "{}", out.reason);
+    assert_eq!(db.rows("SELECT id FROM public.people ORDER BY id"), ["(2)", "(3)"]);
+}
+
+#[test]
+fn an_excluded_column_is_not_synced() {
+    let db = TestDb::new("excluded");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0]]))]));
+    let mut req = db.request(&t.path(), "public.people", "id");
+    req.exclude = vec!["score".into()];
+    db.sync(&req).unwrap();
+    t.run(json!([{"op": "update", "predicate": "id = 1", "set": {"name": "'b'", "score": "2.0"}}]));
+    db.sync(&req).unwrap();
+    assert_eq!(db.rows("SELECT * FROM public.people"), ["(1,b)"]);
+}
+
+#[test]
 fn an_added_column_is_added_to_the_table_and_the_sync_continues() {
     let db = TestDb::new("added_column");
     let t = PyDelta::new();

@@ -285,6 +285,30 @@ pub fn write_numeric(unscaled: i128, scale: u16, out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use arrow_array::{Date32Array, StringArray, TimestampMicrosecondArray};
+    use std::sync::Arc;
+
+    fn encode_one(array: ArrayRef, ty: ColumnType, nul: NulBytePolicy) -> Result<BytesMut, EncodeError> {
+        let batch = RecordBatch::try_from_iter([("c", array)]).unwrap();
+        let mut out = BytesMut::new();
+        encode_batch(&batch, &[ty], nul, &mut out).map(|_| out)
+    }
+
+    #[test]
+    fn values_postgres_cannot_store_are_refused_with_the_row() {
+        // Postgres goes back to 4713 BC; an i64 of microseconds reaches 290,000 BC.
+        let far = Arc::new(TimestampMicrosecondArray::from(vec![0, -300_000_000_000_000_000]).with_timezone("UTC"));
+        let err = encode_one(far, ColumnType::Timestamptz, NulBytePolicy::Error).unwrap_err();
+        assert_eq!((err.column, err.row), (0, 1));
+        assert!(err.problem.contains("outside the range"), "{}", err.problem);
+        let err = encode_one(Arc::new(Date32Array::from(vec![i32::MAX])), ColumnType::Date, NulBytePolicy::Error)
+            .unwrap_err();
+        assert!(err.problem.contains("outside the range"), "{}", err.problem);
+        let nul = Arc::new(StringArray::from(vec!["a\0b"]));
+        assert!(encode_one(nul.clone(), ColumnType::Text, NulBytePolicy::Error).unwrap_err().problem.contains("NUL"));
+        let stripped = encode_one(nul, ColumnType::Text, NulBytePolicy::Strip).unwrap();
+        assert_eq!(&stripped[2..], b"\0\0\0\x02ab");
+    }
 
     fn numeric(unscaled: i128, scale: u16) -> (i16, i16, u16, u16, Vec<i16>) {
         let mut b = BytesMut::new();

@@ -65,6 +65,8 @@ def apply(path, op):
          .when_matched_update_all()
          .when_not_matched_insert_all()
          .execute())
+    elif kind == "checkpoint":
+        DeltaTable(path).create_checkpoint()
     elif kind == "set_properties":
         DeltaTable(path).alter.set_table_properties(op["properties"])
     else:

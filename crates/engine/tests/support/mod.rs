@@ -122,6 +122,8 @@ impl TestDb {
             indexes: Vec::new(),
             policy: DataPolicy::default(),
             versions_per_transaction: 100,
+            exclude: Vec::new(),
+            progress: Default::default(),
         }
     }
 
