@@ -47,24 +47,143 @@ pub fn encode_batch(
     nul_bytes: NulBytePolicy,
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    let columns: Vec<ArrayRef> = batch.columns().to_vec();
+    let columns: Vec<&ArrayRef> = batch.columns().iter().collect();
     debug_assert_eq!(columns.len(), types.len());
-    out.reserve(batch.num_rows() * (2 + columns.len() * 12));
+    let encoders: Vec<Column<'_>> = columns.iter().zip(types).map(|(a, t)| Column::new(a.as_ref(), *t)).collect();
+    let var_bytes: usize = encoders.iter().map(Column::variable_bytes).sum();
+    out.reserve(batch.num_rows() * (2 + columns.len() * 12) + var_bytes);
     let ncols = columns.len() as i16;
     for row in 0..batch.num_rows() {
         out.put_i16(ncols);
-        for (ci, (array, ty)) in columns.iter().zip(types).enumerate() {
-            if array.is_null(row) {
-                out.put_i32(-1);
-                continue;
-            }
-            encode_value(array.as_ref(), *ty, row, nul_bytes, out).map_err(|problem| EncodeError {
-                column: ci,
-                row,
-                problem,
-            })?;
+        for (ci, enc) in encoders.iter().enumerate() {
+            enc.write(row, nul_bytes, out).map_err(|problem| EncodeError { column: ci, row, problem })?;
         }
     }
+    Ok(())
+}
+
+/// One column of a batch, downcast once so the row loop does no type dispatch beyond one
+/// match on a per-column tag.
+enum Column<'a> {
+    Bool(&'a arrow_array::BooleanArray),
+    I16(&'a arrow_array::Int16Array),
+    I32(&'a arrow_array::Int32Array),
+    I64(&'a arrow_array::Int64Array),
+    F32(&'a arrow_array::Float32Array),
+    F64(&'a arrow_array::Float64Array),
+    Text(&'a arrow_array::StringArray),
+    Micros(&'a arrow_array::TimestampMicrosecondArray),
+    Date(&'a arrow_array::Date32Array),
+    Decimal(&'a arrow_array::Decimal128Array, u16),
+    /// Anything else goes through the general (slower) path.
+    Other(&'a dyn Array, ColumnType),
+}
+
+impl<'a> Column<'a> {
+    fn new(array: &'a dyn Array, ty: ColumnType) -> Self {
+        match (ty, array.data_type()) {
+            (ColumnType::Boolean, DataType::Boolean) => Column::Bool(array.as_boolean()),
+            (ColumnType::Int16, DataType::Int16) => Column::I16(array.as_primitive()),
+            (ColumnType::Int32, DataType::Int32) => Column::I32(array.as_primitive()),
+            (ColumnType::Int64, DataType::Int64) => Column::I64(array.as_primitive()),
+            (ColumnType::Float32, DataType::Float32) => Column::F32(array.as_primitive()),
+            (ColumnType::Float64, DataType::Float64) => Column::F64(array.as_primitive()),
+            (ColumnType::Text, DataType::Utf8) => Column::Text(array.as_string()),
+            (ColumnType::Timestamptz | ColumnType::Timestamp, DataType::Timestamp(TimeUnit::Microsecond, _)) => {
+                Column::Micros(array.as_primitive())
+            }
+            (ColumnType::Date, DataType::Date32) => Column::Date(array.as_primitive()),
+            (ColumnType::Decimal { .. }, DataType::Decimal128(_, s)) if *s >= 0 => {
+                Column::Decimal(array.as_primitive(), *s as u16)
+            }
+            _ => Column::Other(array, ty),
+        }
+    }
+
+    fn variable_bytes(&self) -> usize {
+        match self {
+            Column::Text(a) => a.value_data().len(),
+            _ => 0,
+        }
+    }
+
+    #[inline]
+    fn write(&self, row: usize, nul: NulBytePolicy, out: &mut BytesMut) -> Result<(), String> {
+        let valid = match self {
+            Column::Other(a, _) => a.is_valid(row),
+            Column::Bool(a) => a.is_valid(row),
+            Column::I16(a) => a.is_valid(row),
+            Column::I32(a) => a.is_valid(row),
+            Column::I64(a) => a.is_valid(row),
+            Column::F32(a) => a.is_valid(row),
+            Column::F64(a) => a.is_valid(row),
+            Column::Text(a) => a.is_valid(row),
+            Column::Micros(a) => a.is_valid(row),
+            Column::Date(a) => a.is_valid(row),
+            Column::Decimal(a, _) => a.is_valid(row),
+        };
+        if !valid {
+            out.put_i32(-1);
+            return Ok(());
+        }
+        match self {
+            Column::Bool(a) => {
+                out.put_i32(1);
+                out.put_u8(a.value(row) as u8);
+            }
+            Column::I16(a) => {
+                out.put_i32(2);
+                out.put_i16(a.value(row));
+            }
+            Column::I32(a) => {
+                out.put_i32(4);
+                out.put_i32(a.value(row));
+            }
+            Column::I64(a) => {
+                out.put_i32(8);
+                out.put_i64(a.value(row));
+            }
+            Column::F32(a) => {
+                out.put_i32(4);
+                out.put_f32(a.value(row));
+            }
+            Column::F64(a) => {
+                out.put_i32(8);
+                out.put_f64(a.value(row));
+            }
+            Column::Text(a) => write_text(a.value(row).as_bytes(), nul, out)?,
+            Column::Micros(a) => write_micros(a.value(row), out)?,
+            Column::Date(a) => write_date(a.value(row) as i64, out)?,
+            Column::Decimal(a, scale) => {
+                let value = a.value(row);
+                field(out, |out| {
+                    write_numeric(value, *scale, out);
+                    Ok(())
+                })?;
+            }
+            Column::Other(a, ty) => encode_value(*a, *ty, row, nul, out)?,
+        }
+        Ok(())
+    }
+}
+
+fn write_micros(us: i64, out: &mut BytesMut) -> Result<(), String> {
+    let pg = us
+        .checked_sub(PG_EPOCH_OFFSET_US)
+        .filter(|v| (PG_MIN_TIMESTAMP..PG_END_TIMESTAMP).contains(v))
+        .ok_or("timestamp is outside the range Postgres can store (4713 BC to 294276 AD)")?;
+    out.put_i32(8);
+    out.put_i64(pg);
+    Ok(())
+}
+
+fn write_date(days_since_1970: i64, out: &mut BytesMut) -> Result<(), String> {
+    let days = days_since_1970 - PG_EPOCH_OFFSET_DAYS;
+    if !(PG_MIN_DATE..PG_END_DATE).contains(&days) {
+        return Err("date is outside the range Postgres can store (4713 BC to 5874897 AD)".into());
+    }
+    out.put_i32(4);
+    out.put_i32(days as i32);
     Ok(())
 }
 
@@ -144,22 +263,10 @@ fn encode_value(
                 DataType::Date32 => array.as_primitive::<Date32Type>().value(row) as i64,
                 DataType::Date64 => array.as_primitive::<Date64Type>().value(row) / 86_400_000,
                 other => return Err(unexpected(other, "date")),
-            } - PG_EPOCH_OFFSET_DAYS;
-            if !(PG_MIN_DATE..PG_END_DATE).contains(&days) {
-                return Err("date is outside the range Postgres can store (4713 BC to 5874897 AD)".into());
-            }
-            out.put_i32(4);
-            out.put_i32(days as i32);
+            };
+            write_date(days, out)?;
         }
-        ColumnType::Timestamptz | ColumnType::Timestamp => {
-            let us = timestamp_micros(array, row)?;
-            let pg = us
-                .checked_sub(PG_EPOCH_OFFSET_US)
-                .filter(|v| (PG_MIN_TIMESTAMP..PG_END_TIMESTAMP).contains(v))
-                .ok_or("timestamp is outside the range Postgres can store (4713 BC to 294276 AD)")?;
-            out.put_i32(8);
-            out.put_i64(pg);
-        }
+        ColumnType::Timestamptz | ColumnType::Timestamp => write_micros(timestamp_micros(array, row)?, out)?,
         ColumnType::Json => {
             field(out, |out| {
                 out.put_u8(1); // jsonb binary format version
@@ -244,41 +351,46 @@ fn write_text(bytes: &[u8], nul: NulBytePolicy, out: &mut BytesMut) -> Result<()
 
 /// Writes a numeric in Postgres' binary form: base-10000 digits with weight, sign and scale.
 pub fn write_numeric(unscaled: i128, scale: u16, out: &mut BytesMut) {
-    let negative = unscaled < 0;
-    let digits = unscaled.unsigned_abs().to_string();
-    let scale_us = scale as usize;
-    let (int_part, frac_part) = if digits.len() > scale_us {
-        (digits[..digits.len() - scale_us].to_string(), digits[digits.len() - scale_us..].to_string())
-    } else {
-        (String::new(), format!("{}{}", "0".repeat(scale_us - digits.len()), digits))
-    };
-    let int_pad = (4 - int_part.len() % 4) % 4;
-    let frac_pad = (4 - frac_part.len() % 4) % 4;
-    let int_str = format!("{}{}", "0".repeat(int_pad), int_part);
-    let frac_str = format!("{}{}", frac_part, "0".repeat(frac_pad));
-    let mut groups: Vec<i16> = int_str
-        .as_bytes()
-        .chunks(4)
-        .chain(frac_str.as_bytes().chunks(4))
-        .map(|c| std::str::from_utf8(c).expect("ascii digits").parse::<i16>().expect("4 digits"))
-        .collect();
-    let mut weight = (int_str.len() / 4) as i16 - 1;
-    // Strip leading zero groups (each lowers the weight) and trailing zero groups.
-    let lead = groups.iter().take_while(|g| **g == 0).count();
-    groups.drain(..lead);
-    weight -= lead as i16;
-    while groups.last() == Some(&0) {
-        groups.pop();
+    // Align the value so the decimal point falls between base-10000 digits.
+    let pad = (4 - scale % 4) % 4;
+    let frac_groups = ((scale + pad) / 4) as i16;
+    let mut digits = [0i16; 12];
+    let mut n = 0usize;
+    match unscaled.unsigned_abs().checked_mul(10u128.pow(pad as u32)) {
+        Some(mut v) => {
+            // Least significant group first.
+            while v > 0 {
+                digits[n] = (v % 10_000) as i16;
+                v /= 10_000;
+                n += 1;
+            }
+        }
+        None => {
+            // Beyond u128 after alignment (38 digits and more): go through decimal text.
+            let text = format!("{}{}", unscaled.unsigned_abs(), "0".repeat(pad as usize));
+            let bytes = text.as_bytes();
+            let mut end = bytes.len();
+            while end > 0 {
+                let start = end.saturating_sub(4);
+                digits[n] = std::str::from_utf8(&bytes[start..end]).expect("ascii").parse().expect("digits");
+                n += 1;
+                end = start;
+            }
+        }
     }
-    if groups.is_empty() {
-        weight = 0;
+    let weight = if n == 0 { 0 } else { n as i16 - frac_groups - 1 };
+    // Trailing zero groups (least significant) are implied by the weight.
+    let mut low = 0;
+    while low < n && digits[low] == 0 {
+        low += 1;
     }
-    out.put_i16(groups.len() as i16);
+    let count = n - low;
+    out.put_i16(count as i16);
     out.put_i16(weight);
-    out.put_u16(if negative && !groups.is_empty() { 0x4000 } else { 0 });
+    out.put_u16(if unscaled < 0 && count > 0 { 0x4000 } else { 0 });
     out.put_u16(scale);
-    for g in groups {
-        out.put_i16(g);
+    for i in (low..n).rev() {
+        out.put_i16(digits[i]);
     }
 }
 
@@ -329,5 +441,13 @@ mod tests {
         assert_eq!(numeric(0, 2), (0, 0, 0, 2, vec![]));
         // 10000 → [1], weight 1
         assert_eq!(numeric(10000, 0), (1, 1, 0, 0, vec![1]));
+        // 1.5 with scale 5 → [1, 5000], weight 0
+        assert_eq!(numeric(150000, 5), (2, 0, 0, 5, vec![1, 5000]));
+        // 38 nines with scale 1 (37 integer digits): the text path.
+        let big = 10i128.pow(38) - 1;
+        let (n, w, _, _, d) = numeric(big, 1);
+        assert_eq!((n, w, d[0], d[n as usize - 1]), (11, 9, 9, 9000));
+        // 0.0001 → [1], weight -1
+        assert_eq!(numeric(1, 4), (1, -1, 0, 4, vec![1]));
     }
 }
