@@ -303,6 +303,8 @@ fn run_child(exe: &Path, args: &[&str], conn: &str, postmaster: u32) -> anyhow::
         std::thread::sleep(Duration::from_millis(5));
     };
     let seconds = t.elapsed().as_secs_f64();
+    // Let the postmaster reap the child's backend so its CPU time is accounted.
+    std::thread::sleep(Duration::from_millis(300));
     let mut out = String::new();
     std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut out)?;
     if !status.success() {

@@ -93,15 +93,33 @@ impl DeltaTable {
     /// Fails with [`DeltaError::CdfUnavailable`] when the feed cannot serve the range (not
     /// enabled at `start`, log truncated, schema differs between `start` and `end`, change files
     /// gone); the caller can fall back to a snapshot.
+    ///
+    /// With `columns`, only those table columns (plus `_change_type` and `_commit_version`)
+    /// are decoded: Parquet is columnar, so reading just the key of every change row is far
+    /// cheaper than reading whole rows (files with new deletion vectors are read in full).
     pub fn changes(
         &self,
         start: Version,
         end: Version,
+        columns: Option<&[String]>,
     ) -> Result<impl Iterator<Item = Result<ChangeBatch, DeltaError>>, DeltaError> {
         let unavailable = |reason: String| DeltaError::CdfUnavailable { uri: self.uri.clone(), start, end, reason };
         let changes = TableChanges::try_new(self.url.clone(), self.engine.as_ref(), start, Some(end))
             .map_err(|e| unavailable(describe_cdf_error(&e)))?;
-        let scan = changes.into_scan_builder().build().map_err(|e| unavailable(describe_cdf_error(&e)))?;
+        let projection = match columns {
+            Some(cols) => {
+                let mut names: Vec<&str> = cols.iter().map(String::as_str).collect();
+                names.extend([CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN]);
+                let full: delta_kernel::schema::SchemaRef = changes.schema().clone().into();
+                Some(full.project(&names).map_err(|e| unavailable(describe_cdf_error(&e)))?)
+            }
+            None => None,
+        };
+        let scan = changes
+            .into_scan_builder()
+            .with_schema(projection)
+            .build()
+            .map_err(|e| unavailable(describe_cdf_error(&e)))?;
         let iter = scan.execute(self.engine.clone()).map_err(|e| unavailable(describe_cdf_error(&e)))?;
         let uri = self.uri.clone();
         Ok(iter.map(move |data| {

@@ -1,9 +1,16 @@
 //! From change data feed batches to the net [`ChangeSet`] of a chunk of versions.
+//!
+//! Two passes keep reads cheap: the first reads only the key columns (plus change type and
+//! version) of every change row and plans the net action per key; the second reads whole rows
+//! only for the versions that hold a winning insert or post-image. A version that only deletes
+//! (for example a `DELETE` with deletion vectors, whose files must be decoded to find the
+//! deleted rows) is never decoded beyond its key column.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
-use arrow_row::{RowConverter, SortField};
+use arrow_row::{RowConverter, Rows, SortField};
 use arrow_schema::{Field, Schema};
 use lakesync_core::{ChangeKind, ChangePlanner, TableName, TableSchema, Version};
 use lakesync_delta::{CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN};
@@ -15,64 +22,91 @@ use crate::EngineError;
 /// Rows per batch handed to the sink.
 const OUT_BATCH_ROWS: usize = 8192;
 
-/// Reduces the change rows in `batches` to one action per key.
-pub fn plan_changes(
-    table: &TableName,
-    schema: &TableSchema,
-    key: &[String],
-    batches: &[RecordBatch],
-) -> Result<ChangeSet, EngineError> {
+/// A winning row image found on the second read.
+struct Pick {
+    key: Box<[u8]>,
+    batch: usize,
+    row: usize,
+    expect_absent: bool,
+    version: Version,
+}
+
+/// The net plan of a chunk, computed from key-only change rows.
+pub struct KeyPlan {
+    converter: Option<RowConverter>,
+    /// Winning upsert per key: (version, expect_absent).
+    upserts: HashMap<Box<[u8]>, (Version, bool)>,
+    deletes: Vec<(Box<[u8]>, Version)>,
+}
+
+struct ChangeColumns {
+    kinds: StringArray,
+    versions: Int64Array,
+    keys: Vec<ArrayRef>,
+}
+
+fn change_columns(table: &TableName, key: &[String], batch: &RecordBatch) -> Result<ChangeColumns, EngineError> {
     let internal = |m: String| EngineError::Internal(format!("table {table}: {m}"));
-    let mut planner: ChangePlanner<Box<[u8]>, (u32, u32)> = ChangePlanner::new();
-    let mut converter: Option<RowConverter> = None;
-    for (bi, batch) in batches.iter().enumerate() {
-        if batch.num_rows() == 0 {
-            continue;
-        }
-        let kinds = batch
-            .column_by_name(CHANGE_TYPE_COLUMN)
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
-            .ok_or_else(|| internal("change batch without a string _change_type column".into()))?;
-        let versions = batch
-            .column_by_name(COMMIT_VERSION_COLUMN)
-            .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned())
-            .ok_or_else(|| internal("change batch without an int64 _commit_version column".into()))?;
-        let key_arrays: Vec<ArrayRef> = key
-            .iter()
-            .map(|k| {
-                batch
-                    .column_by_name(k)
-                    .cloned()
-                    .ok_or_else(|| internal(format!("change batch without key column {k:?}")))
-            })
-            .collect::<Result<_, _>>()?;
-        for (k, arr) in key.iter().zip(&key_arrays) {
-            if arr.null_count() > 0 {
-                let row = (0..arr.len()).find(|i| arr.is_null(*i)).unwrap_or(0);
-                return Err(PgError::NullKey {
-                    table: table.to_string(),
-                    column: k.clone(),
-                    version: Some(versions.value(row) as Version),
-                }
-                .into());
-            }
-        }
-        let conv = match &mut converter {
-            Some(c) => c,
-            None => converter.insert(
-                RowConverter::new(key_arrays.iter().map(|a| SortField::new(a.data_type().clone())).collect())
-                    .map_err(|e| internal(e.to_string()))?,
-            ),
-        };
-        let rows = conv.convert_columns(&key_arrays).map_err(|e| internal(e.to_string()))?;
-        for i in 0..batch.num_rows() {
-            let version = versions.value(i) as Version;
-            let kind = ChangeKind::parse(kinds.value(i)).ok_or_else(|| EngineError::UnusableFeed {
+    let kinds = batch
+        .column_by_name(CHANGE_TYPE_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>().cloned())
+        .ok_or_else(|| internal("change batch without a string _change_type column".into()))?;
+    let versions = batch
+        .column_by_name(COMMIT_VERSION_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<Int64Array>().cloned())
+        .ok_or_else(|| internal("change batch without an int64 _commit_version column".into()))?;
+    let keys: Vec<ArrayRef> = key
+        .iter()
+        .map(|k| {
+            batch.column_by_name(k).cloned().ok_or_else(|| internal(format!("change batch without key column {k:?}")))
+        })
+        .collect::<Result<_, _>>()?;
+    for (k, arr) in key.iter().zip(&keys) {
+        if arr.null_count() > 0 {
+            let row = (0..arr.len()).find(|i| arr.is_null(*i)).unwrap_or(0);
+            return Err(PgError::NullKey {
                 table: table.to_string(),
-                version,
-                reason: format!("unknown _change_type {:?}", kinds.value(i)),
-            })?;
-            planner.observe(rows.row(i).as_ref().into(), version, kind, (bi as u32, i as u32)).map_err(|c| {
+                column: k.clone(),
+                version: Some(versions.value(row) as Version),
+            }
+            .into());
+        }
+    }
+    Ok(ChangeColumns { kinds, versions, keys })
+}
+
+fn kind_of(table: &TableName, kinds: &StringArray, version: Version, row: usize) -> Result<ChangeKind, EngineError> {
+    ChangeKind::parse(kinds.value(row)).ok_or_else(|| EngineError::UnusableFeed {
+        table: table.to_string(),
+        version,
+        reason: format!("unknown _change_type {:?}", kinds.value(row)),
+    })
+}
+
+fn key_rows(converter: &mut Option<RowConverter>, keys: &[ArrayRef], table: &TableName) -> Result<Rows, EngineError> {
+    let internal = |m: String| EngineError::Internal(format!("table {table}: {m}"));
+    let conv = match converter {
+        Some(c) => c,
+        None => converter.insert(
+            RowConverter::new(keys.iter().map(|a| SortField::new(a.data_type().clone())).collect())
+                .map_err(|e| internal(e.to_string()))?,
+        ),
+    };
+    conv.convert_columns(keys).map_err(|e| internal(e.to_string()))
+}
+
+/// Pass one: reduces the change rows in `batches` (which need only the key columns, the
+/// change type and the version) to one action per key.
+pub fn plan_keys(table: &TableName, key: &[String], batches: &[RecordBatch]) -> Result<KeyPlan, EngineError> {
+    let mut planner: ChangePlanner<Box<[u8]>, ()> = ChangePlanner::new();
+    let mut converter = None;
+    for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+        let cols = change_columns(table, key, batch)?;
+        let rows = key_rows(&mut converter, &cols.keys, table)?;
+        for i in 0..batch.num_rows() {
+            let version = cols.versions.value(i) as Version;
+            let kind = kind_of(table, &cols.kinds, version, i)?;
+            planner.observe(rows.row(i).as_ref().into(), version, kind, ()).map_err(|c| {
                 EngineError::Postgres(PgError::DuplicateKey {
                     table: table.to_string(),
                     key: key_text(batch, key, i),
@@ -82,51 +116,122 @@ pub fn plan_changes(
         }
     }
     let plan = planner.finish();
-    let refs: Vec<&RecordBatch> = batches.iter().collect();
-    let gather = |names: &[String], picks: &[(usize, usize)]| -> Result<Vec<ArrayRef>, EngineError> {
-        names
-            .iter()
-            .map(|n| {
-                let cols: Vec<&dyn Array> = refs
-                    .iter()
-                    .map(|b| {
-                        b.column_by_name(n).map(|c| c.as_ref()).ok_or_else(|| internal(format!("missing column {n:?}")))
-                    })
-                    .collect::<Result<_, _>>()?;
-                arrow_select::interleave::interleave(&cols, picks).map_err(|e| internal(e.to_string()))
-            })
-            .collect()
-    };
-    let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
-    let mut out = ChangeSet::default();
-    for chunk in plan.upserts.chunks(OUT_BATCH_ROWS) {
-        let picks: Vec<(usize, usize)> = chunk.iter().map(|r| (r.row.0 as usize, r.row.1 as usize)).collect();
-        let mut cols = gather(&names, &picks)?;
-        cols.push(Arc::new(BooleanArray::from(chunk.iter().map(|r| r.expect_absent).collect::<Vec<_>>())));
-        cols.push(Arc::new(Int64Array::from(chunk.iter().map(|r| r.version as i64).collect::<Vec<_>>())));
-        let mut all_names = names.clone();
-        all_names.push(EXPECT_ABSENT_COLUMN.into());
-        all_names.push(VERSION_COLUMN.into());
-        out.upserts.push(batch_of(&all_names, cols).map_err(internal)?);
+    Ok(KeyPlan {
+        converter,
+        upserts: plan.upserts.into_iter().map(|r| (r.key, (r.version, r.expect_absent))).collect(),
+        deletes: plan.deletes,
+    })
+}
+
+impl KeyPlan {
+    /// The versions whose full rows pass two must read.
+    pub fn upsert_versions(&self) -> BTreeSet<Version> {
+        self.upserts.values().map(|(v, _)| *v).collect()
     }
-    // Deletes need only the key: take it from the row of any change to that key. Keys are
-    // decoded from their row encoding.
-    if !plan.deletes.is_empty() {
-        let conv = converter.as_ref().expect("deletes imply rows were seen");
-        for chunk in plan.deletes.chunks(OUT_BATCH_ROWS) {
-            let parser = conv.parser();
-            let rows: Vec<_> = chunk.iter().map(|(k, _)| parser.parse(k)).collect();
-            let mut cols = conv.convert_rows(rows).map_err(|e| internal(e.to_string()))?;
-            cols.push(Arc::new(Int64Array::from(chunk.iter().map(|(_, v)| *v as i64).collect::<Vec<_>>())));
-            let mut all_names = key.to_vec();
-            all_names.push(VERSION_COLUMN.into());
-            out.deletes.push(batch_of(&all_names, cols).map_err(internal)?);
+
+    /// Pass two: picks the winning row images out of full change rows (which must cover every
+    /// version of [`KeyPlan::upsert_versions`]) and builds the change set.
+    pub fn into_change_set(
+        mut self,
+        table: &TableName,
+        schema: &TableSchema,
+        key: &[String],
+        full: &[RecordBatch],
+    ) -> Result<ChangeSet, EngineError> {
+        let internal = |m: String| EngineError::Internal(format!("table {table}: {m}"));
+        let mut picks: Vec<Pick> = Vec::with_capacity(self.upserts.len());
+        for (bi, batch) in full.iter().enumerate().filter(|(_, b)| b.num_rows() > 0) {
+            let cols = change_columns(table, key, batch)?;
+            let rows = key_rows(&mut self.converter, &cols.keys, table)?;
+            for i in 0..batch.num_rows() {
+                let version = cols.versions.value(i) as Version;
+                if !kind_of(table, &cols.kinds, version, i)?.leaves_row() {
+                    continue;
+                }
+                let k = rows.row(i);
+                if let Some(&(v, expect_absent)) = self.upserts.get(k.as_ref()) {
+                    if v == version {
+                        let k: Box<[u8]> = k.as_ref().into();
+                        self.upserts.remove(&k);
+                        picks.push(Pick { key: k, batch: bi, row: i, expect_absent, version });
+                    }
+                }
+            }
+        }
+        if !self.upserts.is_empty() {
+            return Err(internal(format!("{} winning rows were not found on the second read", self.upserts.len())));
+        }
+        // Key order (the row encoding sorts like the key) makes Postgres probe the index and
+        // visit heap pages in order rather than at random: several times faster on tables
+        // larger than memory, and the order the source files usually hold.
+        picks.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        self.deletes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let refs: Vec<&RecordBatch> = full.iter().collect();
+        let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+        let mut out = ChangeSet::default();
+        for chunk in picks.chunks(OUT_BATCH_ROWS) {
+            let idx: Vec<(usize, usize)> = chunk.iter().map(|p| (p.batch, p.row)).collect();
+            let mut cols = names
+                .iter()
+                .map(|n| {
+                    let arrays: Vec<&dyn Array> = refs
+                        .iter()
+                        .map(|b| {
+                            b.column_by_name(n)
+                                .map(|c| c.as_ref())
+                                .ok_or_else(|| internal(format!("missing column {n:?}")))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    arrow_select::interleave::interleave(&arrays, &idx).map_err(|e| internal(e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            cols.push(Arc::new(BooleanArray::from(chunk.iter().map(|p| p.expect_absent).collect::<Vec<_>>())));
+            cols.push(Arc::new(Int64Array::from(chunk.iter().map(|p| p.version as i64).collect::<Vec<_>>())));
+            let mut all = names.clone();
+            all.extend([EXPECT_ABSENT_COLUMN.to_string(), VERSION_COLUMN.to_string()]);
+            out.upserts.push(batch_of(&all, cols).map_err(internal)?);
+        }
+        if !self.deletes.is_empty() {
+            let conv = self.converter.as_ref().expect("deletes imply rows were seen");
+            for chunk in self.deletes.chunks(OUT_BATCH_ROWS) {
+                let parser = conv.parser();
+                let rows: Vec<_> = chunk.iter().map(|(k, _)| parser.parse(k)).collect();
+                let mut cols = conv.convert_rows(rows).map_err(|e| internal(e.to_string()))?;
+                cols.push(Arc::new(Int64Array::from(chunk.iter().map(|(_, v)| *v as i64).collect::<Vec<_>>())));
+                let mut all = key.to_vec();
+                all.push(VERSION_COLUMN.into());
+                out.deletes.push(batch_of(&all, cols).map_err(internal)?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Contiguous runs of `versions`, as inclusive ranges.
+pub fn version_runs(versions: &BTreeSet<Version>) -> Vec<(Version, Version)> {
+    let mut runs: Vec<(Version, Version)> = Vec::new();
+    for &v in versions {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == v => *end = v,
+            _ => runs.push((v, v)),
         }
     }
-    Ok(out)
+    runs
 }
 
 fn batch_of(names: &[String], cols: Vec<ArrayRef>) -> Result<RecordBatch, String> {
     let fields: Vec<Field> = names.iter().zip(&cols).map(|(n, c)| Field::new(n, c.data_type().clone(), true)).collect();
     RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_group_into_contiguous_runs() {
+        let v: BTreeSet<Version> = [1, 2, 3, 7, 9, 10].into_iter().collect();
+        assert_eq!(version_runs(&v), vec![(1, 3), (7, 7), (9, 10)]);
+        assert!(version_runs(&BTreeSet::new()).is_empty());
+    }
 }

@@ -8,7 +8,7 @@ use lakesync_delta::{DeltaError, DeltaTable, TableSnapshot};
 use lakesync_postgres::state::{self, Checkpoint, RowCounts, RunMode};
 use lakesync_postgres::{PgConfig, Sink};
 
-use crate::changes::plan_changes;
+use crate::changes::{plan_keys, version_runs};
 use crate::progress::Phase;
 use crate::{EngineError, Progress};
 
@@ -289,9 +289,15 @@ async fn triggered(
         let mut chunk_start = start;
         while chunk_start <= seg_end {
             let chunk_end = (chunk_start + req.versions_per_transaction.max(1) - 1).min(seg_end);
-            let batches = read_changes(source, chunk_start, chunk_end).await?;
-            let mut changes = plan_changes(table, &schema, key, &batches)?;
-            drop(batches);
+            let keys_only = read_changes(source, chunk_start, chunk_end, Some(key.to_vec())).await?;
+            let plan = plan_keys(table, key, &keys_only)?;
+            drop(keys_only);
+            let mut full = Vec::new();
+            for (a, b) in version_runs(&plan.upsert_versions()) {
+                full.extend(read_changes(source, a, b, None).await?);
+            }
+            let mut changes = plan.into_change_set(table, &schema, key, &full)?;
+            drop(full);
             changes.added_columns = std::mem::take(&mut added);
             let at = if chunk_end == end_version { end.clone() } else { snapshot_at(source, Some(chunk_end)).await? };
             let checkpoint = Checkpoint { version: chunk_end, commit_timestamp_ms: Some(commit_ts(&at).await?) };
@@ -338,9 +344,10 @@ async fn read_changes(
     source: &DeltaTable,
     start: Version,
     end: Version,
+    columns: Option<Vec<String>>,
 ) -> Result<Vec<arrow_array::RecordBatch>, EngineError> {
     let source = source.clone();
-    Ok(blocking(move || source.changes(start, end)?.collect::<Result<Vec<_>, _>>()).await?)
+    Ok(blocking(move || source.changes(start, end, columns.as_deref())?.collect::<Result<Vec<_>, _>>()).await?)
 }
 
 async fn snapshot_at(source: &DeltaTable, version: Option<Version>) -> Result<TableSnapshot, EngineError> {

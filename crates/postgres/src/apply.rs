@@ -2,7 +2,7 @@
 //! in one transaction that also records the new synced version.
 //!
 //! Upserted rows and deleted keys are bulk-loaded with binary COPY into temporary tables, then
-//! applied with one `DELETE .. USING` and one `INSERT .. ON CONFLICT DO UPDATE`. No statement
+//! applied with one `DELETE .. USING`, one `UPDATE .. FROM` and one `INSERT .. SELECT`. No statement
 //! is issued per row.
 
 use arrow_array::RecordBatch;
@@ -12,7 +12,7 @@ use lakesync_core::{Column, ColumnType, TableSchema, Version};
 
 use crate::copy::{HEADER, TRAILER};
 use crate::ddl::{column_definition, column_list, ident, qualified};
-use crate::snapshot::{upsert_from, CopyLayout};
+use crate::snapshot::{merge_from, CopyLayout};
 use crate::state::{self, Checkpoint, RowCounts};
 use crate::{PgError, Sink};
 
@@ -65,6 +65,24 @@ impl Sink {
             tx.batch_execute(&format!("ALTER TABLE {t} {adds}"))
                 .await
                 .map_err(PgError::query(&target, "add the source's new columns"))?;
+        }
+        // Change sets are usually tiny next to the table. Temporary tables have no statistics,
+        // and without them the planner picks hash or merge joins that read the whole table;
+        // probing the key index per change row is what a small change set wants. (ANALYZE of
+        // the temporary tables would tell the planner, but costs more than the probes.)
+        let changed_rows: usize = changes.upserts.iter().chain(&changes.deletes).map(|b| b.num_rows()).sum();
+        let table_rows: Option<i64> = tx
+            .query_one(
+                "SELECT row_count FROM lakesync.synced_tables WHERE target_schema = $1 AND target_table = $2",
+                &[&target.schema, &target.name],
+            )
+            .await
+            .map_err(PgError::query(&target, "read the row count"))?
+            .get(0);
+        if table_rows.is_some_and(|n| (changed_rows as i64) * 10 < n) {
+            tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
+                .await
+                .map_err(PgError::query(&target, "plan for a small change set"))?;
         }
         let key_cols: Vec<&Column> =
             key.iter().map(|k| schema.column(k).expect("key validated against schema")).collect();
@@ -131,7 +149,8 @@ impl Sink {
                     version: Some(row.get::<_, i64>(1) as Version),
                 });
             }
-            (inserted, updated) = upsert_from(&tx, &target, "_lakesync_upserts", schema, key, "u").await?;
+            (inserted, updated) =
+                merge_from(&tx, &target, "_lakesync_upserts", "u", schema, key, Some(EXPECT_ABSENT_COLUMN)).await?;
         }
         let counts = RowCounts { inserted, updated, deleted };
         let rows = state::commit_checkpoint(&tx, &target, run_id, checkpoint, counts, None, final_chunk).await?;

@@ -46,7 +46,8 @@ impl LocalCluster {
         }
         let opts = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-             -c shared_buffers=512MB -c max_wal_size=4GB -c max_connections=200",
+             -c shared_buffers=512MB -c max_wal_size=4GB -c max_connections=200 \
+             -c maintenance_work_mem=512MB",
             cluster.port,
             cluster.dir.display()
         );

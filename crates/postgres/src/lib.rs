@@ -47,6 +47,12 @@ impl Sink {
     /// with [`PgError::Locked`]) and marks runs a crashed process left behind as abandoned.
     pub async fn open(config: &PgConfig, table: &TableName, policy: DataPolicy) -> Result<Self, PgError> {
         let mut client = config.connect().await?;
+        // Change sets are staged in temporary tables; the default 8MB of temp buffers makes a
+        // 50k-row change set spill to disk. Must be set before the session's first temp table.
+        client
+            .batch_execute("SET temp_buffers = '256MB'")
+            .await
+            .map_err(PgError::query(table, "configure the session"))?;
         state::ensure_schema(&mut client).await?;
         state::try_lock(&client, table).await?;
         state::abandon_stale_runs(&client, table).await?;
