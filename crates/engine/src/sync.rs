@@ -70,7 +70,7 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
     let mut sink = Sink::open(&req.postgres, &req.table, req.policy.clone()).await?;
     let mut run_id = None;
     let result = run(req, &source, &mut sink, &mut run_id).await;
-    match result {
+    let result = match result {
         Ok(mut outcome) => {
             outcome.duration = started.elapsed();
             Ok(outcome)
@@ -83,7 +83,9 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
             tracing::debug!(table = %req.table, class = e.class().as_str(), "sync failed");
             Err(e)
         }
-    }
+    };
+    sink.close().await;
+    result
 }
 
 async fn run(

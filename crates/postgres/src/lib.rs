@@ -59,6 +59,13 @@ impl Sink {
         Ok(Self { config: config.clone(), client, table: table.clone(), policy })
     }
 
+    /// Ends the session, releasing the table's advisory lock first.
+    pub async fn close(self) {
+        if let Err(e) = state::unlock(&self.client, &self.table).await {
+            tracing::debug!(table = %self.table, error = %e, "could not release the advisory lock; the session end will");
+        }
+    }
+
     /// The target table.
     pub fn table(&self) -> &TableName {
         &self.table

@@ -338,9 +338,23 @@ pub async fn fail_run(client: &Client, table: &TableName, run_id: Option<i64>, e
     Ok(())
 }
 
+fn lock_key(table: &TableName) -> String {
+    format!("lakesync:table:{}.{}", table.schema, table.name)
+}
+
+/// Releases the per-table advisory lock. (Closing the session releases it too, but only once
+/// the server notices the disconnect; an explicit unlock lets the next run start at once.)
+pub async fn unlock(client: &Client, table: &TableName) -> Result<(), PgError> {
+    client
+        .execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", &[&lock_key(table)])
+        .await
+        .map_err(PgError::query(table, "release the table's advisory lock"))?;
+    Ok(())
+}
+
 /// Takes the per-table advisory lock on this session, or fails with [`PgError::Locked`].
 pub async fn try_lock(client: &Client, table: &TableName) -> Result<(), PgError> {
-    let key = format!("lakesync:table:{}.{}", table.schema, table.name);
+    let key = lock_key(table);
     let got: bool = client
         .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key])
         .await
