@@ -9,16 +9,13 @@ use lakesync_engine::{Phase, Progress};
 /// Redraws the progress line every quarter second until aborted.
 pub async fn show(progress: Arc<Progress>) {
     let started = Instant::now();
-    let mut load_started: Option<(Instant, u64)> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let (done, total) = progress.rows();
         let line = match progress.phase() {
             Phase::Planning => "reading the Delta log ...".to_string(),
             Phase::Loading => {
-                let (t0, r0) = *load_started.get_or_insert((Instant::now(), done));
-                let secs = t0.elapsed().as_secs_f64().max(0.001);
-                let rate = (done - r0) as f64 / secs;
+                let rate = done as f64 / started.elapsed().as_secs_f64().max(0.001);
                 let eta = if total > done && rate > 0.0 {
                     format!(", ETA {:.0}s", (total - done) as f64 / rate)
                 } else {
