@@ -86,6 +86,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         policy: DataPolicy::default(),
         versions_per_transaction: 100,
         exclude: Vec::new(),
+        lock_wait: std::time::Duration::from_secs(10),
         progress: Default::default(),
     };
     println!("\n2. lakesync sync (first run: snapshot) ...");

@@ -94,6 +94,10 @@ struct SyncArgs {
     /// A source column not to sync (e.g. one whose type Postgres cannot hold); repeatable.
     #[arg(long = "exclude")]
     exclude: Vec<String>,
+    /// Seconds to wait for another run of the same table (or a crashed run's session) to let
+    /// go of the table before giving up.
+    #[arg(long, default_value_t = 30)]
+    lock_wait: u64,
 }
 
 impl SyncArgs {
@@ -120,6 +124,7 @@ impl SyncArgs {
             },
             versions_per_transaction: self.versions_per_transaction,
             exclude: self.exclude.clone(),
+            lock_wait: std::time::Duration::from_secs(self.lock_wait),
             progress: Default::default(),
         })
     }

@@ -37,6 +37,8 @@ pub struct SyncRequest {
     pub versions_per_transaction: u64,
     /// Source columns not to sync.
     pub exclude: Vec<String>,
+    /// How long to wait for another run of the same table to finish.
+    pub lock_wait: Duration,
     /// Where the run reports progress, for a display.
     pub progress: Arc<Progress>,
 }
@@ -67,7 +69,7 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
         move || DeltaTable::open(&uri)
     })
     .await?;
-    let mut sink = Sink::open(&req.postgres, &req.table, req.policy.clone()).await?;
+    let mut sink = Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait).await?;
     let mut run_id = None;
     let result = run(req, &source, &mut sink, &mut run_id).await;
     let result = match result {

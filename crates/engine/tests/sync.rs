@@ -405,8 +405,9 @@ fn a_second_process_cannot_sync_the_same_table_at_once() {
     let db = TestDb::new("lock");
     let t = PyDelta::new();
     t.run(json!([people(json!([[1, "a", 1.0]]))]));
-    let req = db.request(&t.path(), "public.people", "id");
+    let mut req = db.request(&t.path(), "public.people", "id");
     db.sync(&req).unwrap();
+    req.lock_wait = std::time::Duration::from_millis(300);
     support::block_on(async {
         let holder = db.config().connect().await.unwrap();
         holder

@@ -43,9 +43,15 @@ pub struct Sink {
 }
 
 impl Sink {
-    /// Connects, creates the state schema if needed, takes the table's advisory lock (or fails
-    /// with [`PgError::Locked`]) and marks runs a crashed process left behind as abandoned.
-    pub async fn open(config: &PgConfig, table: &TableName, policy: DataPolicy) -> Result<Self, PgError> {
+    /// Connects, creates the state schema if needed, takes the table's advisory lock (waiting
+    /// up to `lock_wait` for another run to finish, then failing with [`PgError::Locked`]) and
+    /// marks runs a crashed process left behind as abandoned.
+    pub async fn open(
+        config: &PgConfig,
+        table: &TableName,
+        policy: DataPolicy,
+        lock_wait: std::time::Duration,
+    ) -> Result<Self, PgError> {
         let mut client = config.connect().await?;
         // Change sets are staged in temporary tables; the default 8MB of temp buffers makes a
         // 50k-row change set spill to disk. Must be set before the session's first temp table.
@@ -53,8 +59,12 @@ impl Sink {
             .batch_execute("SET temp_buffers = '256MB'")
             .await
             .map_err(PgError::query(table, "configure the session"))?;
+        // If this process dies mid-statement, its backend notices within a second and rolls
+        // back, releasing the table lock for the next run (Postgres 14+; older servers keep
+        // the statement running until it ends).
+        let _ = client.batch_execute("SET client_connection_check_interval = '1s'").await;
         state::ensure_schema(&mut client).await?;
-        state::try_lock(&client, table).await?;
+        state::lock(&client, table, lock_wait).await?;
         state::abandon_stale_runs(&client, table).await?;
         Ok(Self { config: config.clone(), client, table: table.clone(), policy })
     }

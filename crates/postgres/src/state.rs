@@ -352,18 +352,29 @@ pub async fn unlock(client: &Client, table: &TableName) -> Result<(), PgError> {
     Ok(())
 }
 
-/// Takes the per-table advisory lock on this session, or fails with [`PgError::Locked`].
-pub async fn try_lock(client: &Client, table: &TableName) -> Result<(), PgError> {
+/// Takes the per-table advisory lock on this session, waiting up to `wait` for its holder (or
+/// the backend of a crashed run) to let go, else fails with [`PgError::Locked`].
+pub async fn lock(client: &Client, table: &TableName, wait: std::time::Duration) -> Result<(), PgError> {
     let key = lock_key(table);
-    let got: bool = client
-        .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key])
-        .await
-        .map_err(PgError::query(table, "take the table's advisory lock"))?
-        .get(0);
-    if got {
-        Ok(())
-    } else {
-        Err(PgError::Locked { table: table.to_string() })
+    let deadline = std::time::Instant::now() + wait;
+    let mut logged = false;
+    loop {
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key])
+            .await
+            .map_err(PgError::query(table, "take the table's advisory lock"))?
+            .get(0);
+        if got {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(PgError::Locked { table: table.to_string() });
+        }
+        if !logged {
+            tracing::info!(table = %table, "another run holds the table; waiting for it");
+            logged = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

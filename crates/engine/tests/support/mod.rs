@@ -123,6 +123,7 @@ impl TestDb {
             policy: DataPolicy::default(),
             versions_per_transaction: 100,
             exclude: Vec::new(),
+            lock_wait: std::time::Duration::from_secs(10),
             progress: Default::default(),
         }
     }
