@@ -94,8 +94,9 @@ fn the_demo_snapshots_changes_and_syncs_incrementally() {
 #[test]
 fn the_bench_generates_changes_and_verifies_every_result_on_a_small_table() {
     let dir = tempfile::tempdir().unwrap();
+    let port = support::test_port(1).to_string();
     let out = Command::new(env!("CARGO_BIN_EXE_lakesync"))
-        .args(["bench", "--rows", "20000", "--file-rows", "5000", "--port", "54332", "--dir"])
+        .args(["bench", "--rows", "20000", "--file-rows", "5000", "--port", &port, "--dir"])
         .arg(dir.path())
         .output()
         .unwrap();

@@ -16,8 +16,8 @@ use delta_kernel::engine::arrow_data::ArrowEngineData;
 use delta_kernel::engine_data::FilteredEngineData;
 use delta_kernel::schema::StructType;
 use delta_kernel::transaction::create_table::create_table;
-use delta_kernel::transaction::{CommitResult, UpdateTableOperation};
-use delta_kernel::{KernelError, Snapshot};
+use delta_kernel::transaction::{CommitResult, Transaction, UpdateTableOperation};
+use delta_kernel::{KernelError, Snapshot, SnapshotRef};
 use delta_kernel_default_engine::executor::tokio::TokioBackgroundExecutor;
 use delta_kernel_default_engine::storage::store_from_url;
 use delta_kernel_default_engine::{DefaultEngine, DefaultEngineBuilder};
@@ -77,8 +77,37 @@ impl DeltaWriter {
         DeltaError::Write { uri: self.uri.clone(), source }
     }
 
-    fn latest(&self) -> Result<delta_kernel::SnapshotRef, DeltaError> {
+    fn latest(&self) -> Result<SnapshotRef, DeltaError> {
         Snapshot::builder_for(self.url.as_str()).build(self.engine.as_ref()).map_err(|e| self.err(e))
+    }
+
+    /// A transaction on the latest version, with that version's snapshot.
+    fn begin(&self, operation: UpdateTableOperation) -> Result<(SnapshotRef, Transaction), DeltaError> {
+        let snapshot = self.latest()?;
+        let txn = snapshot
+            .clone()
+            .update_table(operation, ENGINE_INFO, true)
+            .build(self.engine.as_ref(), Box::new(FileSystemCommitter::new()))
+            .map_err(|e| self.err(e))?;
+        Ok((snapshot, txn))
+    }
+
+    /// The data files of `snapshot`: batches of the kernel's scan-file rows, each with the
+    /// selection of live files (one entry per row).
+    fn scan_files(&self, snapshot: &SnapshotRef) -> Result<Vec<(RecordBatch, Vec<bool>)>, DeltaError> {
+        let scan = snapshot.clone().scan_builder().build().map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for meta in scan.scan_metadata(self.engine.as_ref()).map_err(|e| self.err(e))? {
+            let (data, mut selected) = meta.map_err(|e| self.err(e))?.scan_files.into_parts();
+            let batch: RecordBatch = (*ArrowEngineData::try_from_engine_data(data).map_err(|e| self.err(e))?).into();
+            selected.resize(batch.num_rows(), true);
+            out.push((batch, selected));
+        }
+        Ok(out)
+    }
+
+    fn filtered(&self, batch: RecordBatch, selected: Vec<bool>) -> Result<FilteredEngineData, DeltaError> {
+        FilteredEngineData::try_new(Box::new(ArrowEngineData::new(batch)), selected).map_err(|e| self.err(e))
     }
 
     /// Appends `batches` (one Parquet file each) in one commit; returns the new version.
@@ -93,11 +122,7 @@ impl DeltaWriter {
         &self,
         batches: impl IntoIterator<Item = RecordBatch>,
     ) -> Result<(Version, Vec<String>), DeltaError> {
-        let snapshot = self.latest()?;
-        let mut txn = snapshot
-            .update_table(UpdateTableOperation::Write, ENGINE_INFO, true)
-            .build(self.engine.as_ref(), Box::new(FileSystemCommitter::new()))
-            .map_err(|e| self.err(e))?;
+        let (_, mut txn) = self.begin(UpdateTableOperation::Write)?;
         let ctx = txn.write_state().and_then(|s| s.write_context_builder().build()).map_err(|e| self.err(e))?;
         let mut paths = Vec::new();
         for batch in batches {
@@ -115,38 +140,23 @@ impl DeltaWriter {
     /// The data files of the latest version, as logged (relative paths).
     pub fn files(&self) -> Result<Vec<String>, DeltaError> {
         let mut paths = Vec::new();
-        self.for_each_file(|batch, selected| {
-            let path = path_column(batch);
-            for (i, _) in selected.iter().enumerate().filter(|(_, s)| **s) {
-                paths.push(path.value(i).to_string());
-            }
-            Ok(())
-        })?;
+        for (batch, selected) in self.scan_files(&self.latest()?)? {
+            let path = path_column(&batch);
+            paths.extend(selected.iter().enumerate().filter(|(_, s)| **s).map(|(i, _)| path.value(i).to_string()));
+        }
         Ok(paths)
     }
 
     /// Deletes every row of the data files whose logged path satisfies `remove`, in one
     /// commit (a `DELETE` that removes whole files); returns the new version.
     pub fn remove_files(&self, remove: impl Fn(&str) -> bool) -> Result<Version, DeltaError> {
-        let snapshot = self.latest()?;
-        let mut txn = snapshot
-            .clone()
-            .update_table(UpdateTableOperation::Delete, ENGINE_INFO, true)
-            .build(self.engine.as_ref(), Box::new(FileSystemCommitter::new()))
-            .map_err(|e| self.err(e))?;
-        let scan = snapshot.scan_builder().build().map_err(|e| self.err(e))?;
-        for meta in scan.scan_metadata(self.engine.as_ref()).map_err(|e| self.err(e))? {
-            let meta = meta.map_err(|e| self.err(e))?;
-            let (data, mut selected) = meta.scan_files.into_parts();
-            let batch: RecordBatch = (*ArrowEngineData::try_from_engine_data(data).map_err(|e| self.err(e))?).into();
+        let (snapshot, mut txn) = self.begin(UpdateTableOperation::Delete)?;
+        for (batch, mut selected) in self.scan_files(&snapshot)? {
             let path = path_column(&batch);
-            selected.resize(batch.num_rows(), true);
             for (i, sel) in selected.iter_mut().enumerate() {
                 *sel = *sel && remove(path.value(i));
             }
-            let filtered = FilteredEngineData::try_new(Box::new(ArrowEngineData::new(batch)), selected)
-                .map_err(|e| self.err(e))?;
-            txn.remove_files(filtered);
+            txn.remove_files(self.filtered(batch, selected)?);
         }
         self.commit(txn.commit(self.engine.as_ref()).map_err(|e| self.err(e))?)
     }
@@ -156,12 +166,7 @@ impl DeltaWriter {
     /// it. The files must not carry deletion vectors yet, and the table needs
     /// `delta.enableDeletionVectors = true`. Returns the new version.
     pub fn delete_rows(&self, rows: &HashMap<String, Vec<u64>>) -> Result<Version, DeltaError> {
-        let snapshot = self.latest()?;
-        let mut txn = snapshot
-            .clone()
-            .update_table(UpdateTableOperation::Delete, ENGINE_INFO, true)
-            .build(self.engine.as_ref(), Box::new(FileSystemCommitter::new()))
-            .map_err(|e| self.err(e))?;
+        let (snapshot, mut txn) = self.begin(UpdateTableOperation::Delete)?;
         let ctx = txn.write_state().and_then(|s| s.write_context_builder().build()).map_err(|e| self.err(e))?;
         let dv_path = ctx.new_deletion_vector_path(String::new());
         let mut buffer = Vec::new();
@@ -184,28 +189,13 @@ impl DeltaWriter {
             uri: self.uri.clone(),
             message: format!("writing {}: {e}", file.display()),
         })?;
-        let scan = snapshot.scan_builder().build().map_err(|e| self.err(e))?;
-        let files: Vec<_> = scan
-            .scan_metadata(self.engine.as_ref())
-            .map_err(|e| self.err(e))?
-            .map(|m| m.map(|m| m.scan_files))
-            .collect();
-        txn.update_deletion_vectors(descriptors, files.into_iter()).map_err(|e| self.err(e))?;
+        let files = self
+            .scan_files(&snapshot)?
+            .into_iter()
+            .map(|(batch, selected)| self.filtered(batch, selected))
+            .collect::<Result<Vec<_>, _>>()?;
+        txn.update_deletion_vectors(descriptors, files.into_iter().map(Ok)).map_err(|e| self.err(e))?;
         self.commit(txn.commit(self.engine.as_ref()).map_err(|e| self.err(e))?)
-    }
-
-    fn for_each_file(
-        &self,
-        mut f: impl FnMut(&RecordBatch, &[bool]) -> Result<(), DeltaError>,
-    ) -> Result<(), DeltaError> {
-        let scan = self.latest()?.scan_builder().build().map_err(|e| self.err(e))?;
-        for meta in scan.scan_metadata(self.engine.as_ref()).map_err(|e| self.err(e))? {
-            let (data, mut selected) = meta.map_err(|e| self.err(e))?.scan_files.into_parts();
-            let batch: RecordBatch = (*ArrowEngineData::try_from_engine_data(data).map_err(|e| self.err(e))?).into();
-            selected.resize(batch.num_rows(), true);
-            f(&batch, &selected)?;
-        }
-        Ok(())
     }
 
     fn commit<S>(&self, result: CommitResult<S>) -> Result<Version, DeltaError> {

@@ -16,6 +16,17 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
+/// A port for a test server, distinct per checkout so two clones can run their tests at once
+/// (`LAKESYNC_TEST_PG_PORT` overrides the base).
+pub fn test_port(offset: u16) -> u16 {
+    let base = std::env::var("LAKESYNC_TEST_PG_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or_else(|| {
+        let path = workspace_root().display().to_string();
+        let hash = path.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+        40_000 + (hash % 10_000) as u16 * 2
+    });
+    base + offset
+}
+
 /// Runs a future to completion on a fresh runtime.
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(f)
@@ -51,7 +62,7 @@ fn server() -> String {
             }
         }
     }
-    let started = LocalCluster::start(&dir, 54330);
+    let started = LocalCluster::start(&dir, test_port(0));
     let _ = std::fs::remove_file(&lock);
     started.expect("start the test Postgres").connection_string("postgres")
 }
