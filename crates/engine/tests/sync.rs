@@ -422,6 +422,31 @@ fn a_second_process_cannot_sync_the_same_table_at_once() {
 }
 
 #[test]
+fn a_least_privilege_role_can_snapshot_apply_and_resnapshot() {
+    let db = TestDb::new("least_privilege");
+    // The grants README.md documents, and nothing more.
+    db.execute(&format!(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'lakesync_app') THEN \
+           CREATE ROLE lakesync_app LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE; END IF; END $$; \
+         GRANT CONNECT, TEMPORARY ON DATABASE {db} TO lakesync_app; \
+         CREATE SCHEMA lakesync AUTHORIZATION lakesync_app; \
+         CREATE SCHEMA analytics AUTHORIZATION lakesync_app;",
+        db = db.name
+    ));
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let mut req = db.request(&t.path(), "analytics.people", "id");
+    req.postgres = lakesync_postgres::PgConfig::parse(&db.conn.replace("user=postgres", "user=lakesync_app")).unwrap();
+    db.sync(&req).unwrap();
+    t.run(json!([{"op": "update", "predicate": "id = 1", "set": {"name": "'z'"}}, {"op": "delete", "predicate": "id = 2"}]));
+    db.sync(&req).unwrap();
+    req.mode = SyncMode::Snapshot;
+    db.sync(&req).unwrap();
+    assert_eq!(db.rows("SELECT id, name FROM analytics.people"), ["(1,z)"]);
+    assert_eq!(db.value("SELECT tableowner FROM pg_tables WHERE tablename = 'people'"), "lakesync_app");
+}
+
+#[test]
 fn a_source_or_key_change_for_a_synced_table_is_refused() {
     let db = TestDb::new("identity");
     let t = PyDelta::new();

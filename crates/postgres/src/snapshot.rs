@@ -49,10 +49,20 @@ impl Sink {
         let target = &self.table;
         let staging = staging_name(target);
         let target_exists = self.target_exists().await?;
+        let schema_exists: bool = self
+            .client
+            .query_one("SELECT to_regnamespace($1) IS NOT NULL", &[&ident(&target.schema)])
+            .await
+            .map_err(PgError::query(target, "look up the schema"))?
+            .get(0);
+        if !schema_exists {
+            self.client
+                .batch_execute(&format!("CREATE SCHEMA {}", ident(&target.schema)))
+                .await
+                .map_err(PgError::query(target, "create the schema"))?;
+        }
         let sql = format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema}; DROP TABLE IF EXISTS {stage}; \
-             CREATE TABLE {stage} ({cols}) WITH (fillfactor = {FILLFACTOR})",
-            schema = ident(&target.schema),
+            "DROP TABLE IF EXISTS {stage}; CREATE TABLE {stage} ({cols}) WITH (fillfactor = {FILLFACTOR})",
             stage = qualified(&staging),
             cols = column_definitions(schema, &[]),
         );

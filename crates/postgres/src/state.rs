@@ -25,7 +25,6 @@ pub mod states {
 }
 
 const STATE_DDL: &str = r#"
-CREATE SCHEMA IF NOT EXISTS lakesync;
 CREATE TABLE IF NOT EXISTS lakesync.synced_tables (
     target_schema text NOT NULL,
     target_table text NOT NULL,
@@ -75,6 +74,12 @@ pub async fn ensure_schema(client: &mut Client) -> Result<(), PgError> {
         source: e,
     };
     tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('lakesync:state-ddl', 0))", &[]).await.map_err(err)?;
+    // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists;
+    // a least-privilege role gets a pre-created schema instead.
+    let exists: bool = tx.query_one("SELECT to_regnamespace('lakesync') IS NOT NULL", &[]).await.map_err(err)?.get(0);
+    if !exists {
+        tx.batch_execute("CREATE SCHEMA lakesync").await.map_err(err)?;
+    }
     tx.batch_execute(STATE_DDL).await.map_err(err)?;
     tx.commit().await.map_err(err)
 }
