@@ -284,7 +284,11 @@ async fn triggered(
                         SchemaChange::Breaking(why) => {
                             return Err(unavailable(format!("at version {first_change}: {why}")))
                         }
-                        SchemaChange::None => (start, Vec::new()),
+                        SchemaChange::None => {
+                            // Only nullability moved: nothing for Postgres to do.
+                            schema = new_schema;
+                            (start, Vec::new())
+                        }
                     }
                 }
             }
