@@ -1,9 +1,10 @@
 //! A small Delta writer for sample tables: the demo, benchmarks and tests.
 //!
 //! Built on the kernel's own write path, so the tables are real Delta tables any reader
-//! accepts. It covers what the kernel can commit with the change data feed on: appends, and
-//! deletes that remove whole data files. (With CDF on, the kernel refuses to add and remove
-//! files in one commit because it cannot write `cdc` files yet, so an update is two commits.)
+//! accepts. It covers what the kernel can commit with the change data feed on: appends,
+//! deletes that remove whole data files, and deletes of single rows with deletion vectors.
+//! (With CDF on, the kernel refuses to add and remove data in one commit because it cannot
+//! write `cdc` files yet, so an update is two commits: delete the old rows, append the new.)
 
 use std::collections::HashMap;
 use std::sync::Arc;
