@@ -98,4 +98,24 @@ mod tests {
             ["smallint", "numeric(10,2)", "timestamp with time zone", "timestamp without time zone", "jsonb"]
         );
     }
+
+    #[test]
+    fn an_unsupported_type_names_the_column_unless_it_is_excluded() {
+        let variant = DataType::Variant(Box::new(
+            StructType::try_new(vec![
+                StructField::nullable("metadata", DataType::BINARY),
+                StructField::nullable("value", DataType::BINARY),
+            ])
+            .unwrap(),
+        ));
+        let schema = StructType::try_new(vec![
+            StructField::nullable("id", DataType::LONG),
+            StructField::nullable("payload", variant),
+        ])
+        .unwrap();
+        let err = table_schema("/data/events", &schema, &[]).unwrap_err().to_string();
+        assert!(err.contains("column \"payload\" has type variant") && err.contains("/data/events"), "{err}");
+        let mapped = table_schema("/data/events", &schema, &["payload".to_string()]).unwrap();
+        assert_eq!(mapped.columns.len(), 1);
+    }
 }

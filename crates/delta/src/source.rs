@@ -153,6 +153,12 @@ pub struct TableSnapshot {
     snap: SnapshotRef,
 }
 
+impl std::fmt::Debug for TableSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TableSnapshot").field("uri", &self.table.uri).field("version", &self.version()).finish()
+    }
+}
+
 impl TableSnapshot {
     /// The version this snapshot reads.
     pub fn version(&self) -> Version {
@@ -278,5 +284,33 @@ fn describe_cdf_error(err: &KernelError) -> String {
         KernelError::ChangeDataFeedIncompatibleSchema(_, _) => "the schema changed within the range".into(),
         _ if err.to_string().contains("schemas are different") => "the schema changed within the range".into(),
         _ => err.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::{customer_schema, customers};
+    use crate::write::DeltaWriter;
+
+    #[test]
+    fn a_table_opens_from_a_path_or_a_file_uri_and_counts_its_rows_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        let w = DeltaWriter::create(&path, &customer_schema(), &[("delta.enableChangeDataFeed", "true")]).unwrap();
+        w.append(&[customers(0..100, 0), customers(100..150, 0)]).unwrap();
+        let uri = format!("file://{}", path.display());
+        for location in [path.display().to_string(), uri] {
+            let snap = DeltaTable::open(&location).unwrap().snapshot(None).unwrap();
+            assert_eq!(snap.version(), 1);
+            assert!(snap.cdf_enabled());
+            assert_eq!(snap.row_count().unwrap(), Some(150));
+            let rows: usize = snap.batches().unwrap().map(|b| b.unwrap().num_rows()).sum();
+            assert_eq!(rows, 150);
+        }
+        let err = DeltaTable::open(&dir.path().join("missing").display().to_string())
+            .and_then(|t| t.snapshot(None))
+            .unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
     }
 }
