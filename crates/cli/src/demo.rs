@@ -31,14 +31,14 @@ const FILE_ROWS: u64 = 1000;
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)?;
     let dir = std::path::absolute(&args.dir)?;
-    let conn = match &args.postgres {
-        Some(c) => c.clone(),
+    let (conn, cluster) = match &args.postgres {
+        Some(c) => (c.clone(), None),
         None => {
             let pg_dir = dir.join("postgres");
             let port = args.port;
             println!("starting a private Postgres in {} on port {port} ...", pg_dir.display());
             let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&pg_dir, port)).await??;
-            cluster.connection_string("postgres")
+            (cluster.connection_string("postgres"), Some(cluster))
         }
     };
     let config = PgConfig::parse(&conn)?;
@@ -111,18 +111,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     println!("\n5. lakesync status");
     crate::status::print(&config, false).await?;
-    let psql = which_psql();
+    let on_path = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("psql").exists()));
+    let psql = match cluster.as_ref().and_then(|c| c.tool("psql")) {
+        Some(path) if !on_path => path.display().to_string(),
+        _ => "psql".to_string(),
+    };
     println!("\nlook at the data:\n  {psql} \"{conn}\" -c 'SELECT * FROM public.customer_profiles ORDER BY customer_id LIMIT 5'");
     println!("  {psql} \"{conn}\" -c 'SELECT * FROM lakesync.runs'");
-    if args.postgres.is_none() {
-        println!(
-            "stop the private Postgres with:\n  {}",
-            if is_root() {
-                format!("runuser -u postgres -- {} -D {} stop", pg_bin("pg_ctl"), dir.join("postgres/data").display())
-            } else {
-                format!("{} -D {} stop", pg_bin("pg_ctl"), dir.join("postgres/data").display())
-            }
-        );
+    if let Some(cluster) = cluster {
+        println!("stop the private Postgres with:\n  {}", cluster.stop_command());
     }
     Ok(())
 }
@@ -138,30 +135,4 @@ fn report(out: &SyncOutcome) {
         out.counts.deleted,
         out.duration.as_secs_f64()
     );
-}
-
-fn is_root() -> bool {
-    std::process::Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
-}
-
-fn pg_bin(name: &str) -> String {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .filter(|b| b.join(name).exists())
-        .collect();
-    dirs.sort();
-    dirs.pop().map(|d| d.join(name).display().to_string()).unwrap_or_else(|| name.to_string())
-}
-
-fn which_psql() -> String {
-    let on_path =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join("psql").exists())).unwrap_or(false);
-    if on_path {
-        "psql".into()
-    } else {
-        pg_bin("psql")
-    }
 }

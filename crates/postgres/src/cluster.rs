@@ -76,6 +76,22 @@ impl LocalCluster {
         }
     }
 
+    /// The shell command that stops this server, for people to copy.
+    pub fn stop_command(&self) -> String {
+        let pg_ctl = self.bin.join("pg_ctl");
+        let stop = format!("{} -D {} -m fast stop", pg_ctl.display(), self.data_dir().display());
+        if is_root() {
+            format!("runuser -u postgres -- {stop}")
+        } else {
+            stop
+        }
+    }
+
+    /// The path of a client tool (e.g. `psql`) next to the server binaries, if it is there.
+    pub fn tool(&self, name: &str) -> Option<PathBuf> {
+        Some(self.bin.join(name)).filter(|p| p.exists())
+    }
+
     /// Whether the server is up.
     pub fn is_running(&self) -> bool {
         self.data_dir().join("postmaster.pid").exists()

@@ -85,11 +85,6 @@ impl Sink {
     pub fn client(&self) -> &Client {
         &self.client
     }
-
-    /// The target's columns and their Postgres types, empty when the table does not exist.
-    pub async fn columns(&self) -> Result<Vec<(String, String)>, PgError> {
-        target_columns(&self.client, &self.table).await
-    }
 }
 
 /// The columns of `table` with `format_type` spellings, in column order.
