@@ -164,13 +164,7 @@ impl Sink {
             return Err(key_violation(&target, key, Some(checkpoint.version), e));
         }
         if !staging.target_exists {
-            for cols in indexes {
-                let name = derived_name(&target.name, &format!("_{}_idx", cols.join("_")));
-                let sql = format!(
-                    "CREATE INDEX {} ON {stage} ({})",
-                    ident(&name),
-                    column_list(cols.iter().map(String::as_str), None)
-                );
+            for (name, sql) in index_statements(&target, &stage, indexes, false) {
                 self.client
                     .batch_execute(&sql)
                     .await
@@ -187,14 +181,7 @@ impl Sink {
             .get(0);
         let counts = if staging.target_exists {
             let counts = replace_in_place(&tx, &target, staging, schema, key).await?;
-            for cols in indexes {
-                let name = derived_name(&target.name, &format!("_{}_idx", cols.join("_")));
-                let sql = format!(
-                    "CREATE INDEX IF NOT EXISTS {} ON {} ({})",
-                    ident(&name),
-                    qualified(&target),
-                    column_list(cols.iter().map(String::as_str), None)
-                );
+            for (name, sql) in index_statements(&target, &qualified(&target), indexes, true) {
                 tx.batch_execute(&sql).await.map_err(PgError::query(&target, format!("create index {name}")))?;
             }
             tx.batch_execute(&format!("DROP TABLE {stage}"))
@@ -216,6 +203,24 @@ impl Sink {
     pub async fn discard_staging(&self, staging: &Staging) {
         let _ = self.client.batch_execute(&format!("DROP TABLE IF EXISTS {}", qualified(&staging.table))).await;
     }
+}
+
+/// `CREATE INDEX` statements (with the index name) for the declared `indexes`, named after the
+/// target table and built on `on` (the staging table or the target itself).
+fn index_statements(target: &TableName, on: &str, indexes: &[Vec<String>], if_missing: bool) -> Vec<(String, String)> {
+    indexes
+        .iter()
+        .map(|cols| {
+            let name = derived_name(&target.name, &format!("_{}_idx", cols.join("_")));
+            let sql = format!(
+                "CREATE INDEX {}{} ON {on} ({})",
+                if if_missing { "IF NOT EXISTS " } else { "" },
+                ident(&name),
+                column_list(cols.iter().map(String::as_str), None)
+            );
+            (name, sql)
+        })
+        .collect()
 }
 
 /// Turns a failed primary-key build into a clear duplicate- or NULL-key error.
