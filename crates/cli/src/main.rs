@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod progress;
+mod serve;
 mod status;
 
 use std::io::IsTerminal;
@@ -39,6 +40,21 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure snapshot and incremental sync against reference paths, verifying every result.
     Bench(bench::BenchArgs),
+    /// Run every synced table of a config file and serve the management and data API.
+    Serve {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+        /// Seconds to let in-flight runs finish on SIGTERM/SIGINT before rolling them back.
+        #[arg(long, default_value_t = 30)]
+        grace: u64,
+    },
+    /// Validate a config file without running anything.
+    CheckConfig {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -188,6 +204,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             status::print(&config, json).await.context("reading status")
         }
         Command::Demo(args) => demo::run(args).await,
+        Command::Serve { config, grace } => serve::run(&config, std::time::Duration::from_secs(grace)).await,
+        Command::CheckConfig { config } => serve::check(&config),
         Command::Bench(args) => bench::run(args).await,
     }
 }

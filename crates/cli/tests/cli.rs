@@ -9,6 +9,8 @@ use std::process::{Command, Output, Stdio};
 use serde_json::json;
 use support::{PyDelta, TestDb};
 
+mod serve;
+
 fn lakesync(db: &TestDb, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lakesync"))
         .args(args)

@@ -13,6 +13,7 @@
 pub mod class;
 pub mod model;
 pub mod plan;
+pub mod schedule;
 
 pub use class::{Classify, ErrorClass};
 pub use model::{
@@ -20,3 +21,4 @@ pub use model::{
     TableSchema, Version,
 };
 pub use plan::{ChangeKind, ChangePlan, ChangePlanner, PlanConflict, PlannedRow};
+pub use schedule::{parse_duration, Cron, Schedule, ScheduleError};

@@ -21,4 +21,4 @@ pub mod source;
 pub mod write;
 
 pub use error::DeltaError;
-pub use source::{ChangeBatch, DeltaTable, TableSnapshot, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN};
+pub use source::{ChangeBatch, DeltaTable, NewCommits, TableSnapshot, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN};

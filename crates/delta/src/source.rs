@@ -140,10 +140,66 @@ impl DeltaTable {
         }))
     }
 
+    /// The commits after `after` (all commits when `None`), found by listing `_delta_log`
+    /// from the next commit's file name: one cheap listing, no log replay, so continuous mode
+    /// can poll it often. `None` when there is no newer commit.
+    pub fn commits_after(&self, after: Option<Version>) -> Result<Option<NewCommits>, DeltaError> {
+        let not_a_table = |source| DeltaError::NotATable { uri: self.uri.clone(), source };
+        let log = self.url.join("_delta_log/").map_err(|e| not_a_table(KernelError::generic(e.to_string())))?;
+        let start = match after {
+            // The listing returns names strictly after the offset: `{v:020}` sorts just before
+            // `{v:020}.json` and after every older commit.
+            Some(v) => format!("{:020}", v + 1),
+            None => "0".to_string(),
+        };
+        let from = log.join(&start).map_err(|e| not_a_table(KernelError::generic(e.to_string())))?;
+        let listing = match self.engine.storage_handler().list_from(&from) {
+            Ok(listing) => listing,
+            Err(e) if is_missing_file(&e) => return Ok(None),
+            Err(e) => return Err(not_a_table(e)),
+        };
+        let mut found: Option<NewCommits> = None;
+        for file in listing {
+            let file = match file {
+                Ok(f) => f,
+                Err(e) if is_missing_file(&e) => continue,
+                Err(e) => return Err(not_a_table(e)),
+            };
+            let name = file.location.path_segments().and_then(|mut s| s.next_back()).unwrap_or_default();
+            let Some(version) = commit_version(name) else { continue };
+            if after.is_some_and(|a| version <= a) {
+                continue;
+            }
+            found = Some(match found {
+                None => NewCommits { latest: version, first_modified_ms: file.last_modified },
+                Some(f) if version > f.latest => NewCommits { latest: version, ..f },
+                Some(f) => f,
+            });
+        }
+        Ok(found)
+    }
+
     /// The error for a table whose latest version does not have the change data feed on.
     pub fn cdf_not_enabled(&self, version: Version) -> DeltaError {
         DeltaError::CdfNotEnabled { uri: self.uri.clone(), path: self.sql_path(), version }
     }
+}
+
+/// Commits newer than the synced version, from a log listing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewCommits {
+    /// The newest commit.
+    pub latest: Version,
+    /// Modification time of the oldest new commit's file (ms since the epoch): how long the
+    /// newest data has been waiting.
+    pub first_modified_ms: i64,
+}
+
+/// The version of a commit file name (`00000000000000000012.json`), or `None` for other
+/// log files (checkpoints, CRC files, temporary files).
+fn commit_version(name: &str) -> Option<Version> {
+    let digits = name.strip_suffix(".json")?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
 }
 
 /// One version of a Delta table.
@@ -308,6 +364,12 @@ mod tests {
             let rows: usize = snap.batches().unwrap().map(|b| b.unwrap().num_rows()).sum();
             assert_eq!(rows, 150);
         }
+        let table = DeltaTable::open(&path.display().to_string()).unwrap();
+        assert_eq!(table.commits_after(None).unwrap().map(|c| c.latest), Some(1));
+        assert_eq!(table.commits_after(Some(0)).unwrap().map(|c| c.latest), Some(1));
+        assert_eq!(table.commits_after(Some(1)).unwrap(), None);
+        assert_eq!(commit_version("00000000000000000010.checkpoint.parquet"), None);
+        assert_eq!(commit_version("00000000000000000010.json"), Some(10));
         let err = DeltaTable::open(&dir.path().join("missing").display().to_string())
             .and_then(|t| t.snapshot(None))
             .unwrap_err();

@@ -14,10 +14,13 @@
 //!   channels, so memory stays bounded during snapshots.
 
 pub mod changes;
+pub mod config;
+pub mod daemon;
 pub mod error;
 pub mod progress;
 pub mod sync;
 
+pub use daemon::{Daemon, LiveStatus, Worker};
 pub use error::EngineError;
 pub use progress::{Phase, Progress};
 pub use sync::{sync, SyncOutcome, SyncRequest};

@@ -37,6 +37,12 @@ impl PgConfig {
         Ok(Self { config })
     }
 
+    /// The same settings with `password` (kept in memory only, never shown).
+    pub fn with_password(mut self, password: &str) -> Self {
+        self.config.password(password);
+        self
+    }
+
     /// `user@host:port/dbname`, for messages. Never includes the password.
     pub fn target(&self) -> String {
         let host = self

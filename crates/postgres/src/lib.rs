@@ -20,6 +20,8 @@ pub mod copy;
 pub mod ddl;
 pub mod error;
 pub mod json;
+pub mod pool;
+pub mod rows;
 pub mod snapshot;
 pub mod state;
 

@@ -419,16 +419,30 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
-/// Reads the status of all synced tables (empty when lakesync never ran against this database).
-pub async fn status(client: &Client) -> Result<Vec<TableStatus>, PgError> {
-    let exists: bool = client
+/// Whether the state tables exist (lakesync ran against this database before).
+pub async fn exists(client: &impl GenericClient) -> Result<bool, PgError> {
+    Ok(client
         .query_one("SELECT to_regclass('lakesync.synced_tables') IS NOT NULL", &[])
         .await
         .map_err(PgError::query("lakesync state", "read status"))?
-        .get(0);
-    if !exists {
+        .get(0))
+}
+
+/// Reads the status of all synced tables (empty when lakesync never ran against this database).
+pub async fn status(client: &Client) -> Result<Vec<TableStatus>, PgError> {
+    status_where(client, None).await
+}
+
+/// Reads the status of one synced table.
+pub async fn table_status(client: &Client, table: &TableName) -> Result<Option<TableStatus>, PgError> {
+    Ok(status_where(client, Some(table)).await?.pop())
+}
+
+async fn status_where(client: &Client, only: Option<&TableName>) -> Result<Vec<TableStatus>, PgError> {
+    if !exists(client).await? {
         return Ok(Vec::new());
     }
+    let (schema, name) = only.map(|t| (t.schema.as_str(), t.name.as_str())).unzip();
     let rows = client
         .query(
             "SELECT s.target_schema, s.target_table, s.source_uri, s.primary_key, s.synced_version, \
@@ -440,8 +454,9 @@ pub async fn status(client: &Client) -> Result<Vec<TableStatus>, PgError> {
              FROM lakesync.synced_tables s LEFT JOIN LATERAL ( \
                SELECT * FROM lakesync.runs r WHERE r.target_schema = s.target_schema AND r.target_table = s.target_table \
                ORDER BY run_id DESC LIMIT 1) r ON true \
+             WHERE $1::text IS NULL OR (s.target_schema = $1 AND s.target_table = $2) \
              ORDER BY s.target_schema, s.target_table",
-            &[],
+            &[&schema, &name],
         )
         .await
         .map_err(PgError::query("lakesync state", "read status"))?;
@@ -475,4 +490,72 @@ pub async fn status(client: &Client) -> Result<Vec<TableStatus>, PgError> {
             }
         })
         .collect())
+}
+
+/// The most recent `limit` runs of `table`, newest first.
+pub async fn runs(client: &Client, table: &TableName, limit: i64) -> Result<Vec<RunRecord>, PgError> {
+    if !exists(client).await? {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT run_id, mode, reason, outcome, from_version, to_version, rows_inserted, rows_updated, rows_deleted, \
+             to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
+             extract(epoch FROM ended_at - started_at)::float8, error \
+             FROM lakesync.runs WHERE target_schema = $1 AND target_table = $2 ORDER BY run_id DESC LIMIT $3",
+            &[&table.schema, &table.name, &limit],
+        )
+        .await
+        .map_err(PgError::query(table, "read the run history"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| RunRecord {
+            run_id: r.get(0),
+            mode: r.get(1),
+            reason: r.get(2),
+            outcome: r.get(3),
+            from_version: r.get(4),
+            to_version: r.get(5),
+            counts: RowCounts {
+                inserted: r.get::<_, i64>(6) as u64,
+                updated: r.get::<_, i64>(7) as u64,
+                deleted: r.get::<_, i64>(8) as u64,
+            },
+            started_at: r.get(9),
+            duration_seconds: r.get(10),
+            error: r.get(11),
+        })
+        .collect())
+}
+
+/// Drops `table` and forgets its sync state and run history, under the table's lock (waiting
+/// up to `wait` for a run in progress elsewhere) and in one transaction.
+pub async fn forget(client: &Client, table: &TableName, wait: std::time::Duration) -> Result<(), PgError> {
+    lock(client, table, wait).await?;
+    let result = async {
+        let err = PgError::query(table, "drop the table and its sync state");
+        client.batch_execute("BEGIN").await.map_err(err)?;
+        client
+            .batch_execute(&format!("DROP TABLE IF EXISTS {}", crate::ddl::qualified(table)))
+            .await
+            .map_err(PgError::query(table, "drop the table"))?;
+        if exists(client).await? {
+            for sql in [
+                "DELETE FROM lakesync.runs WHERE target_schema = $1 AND target_table = $2",
+                "DELETE FROM lakesync.synced_tables WHERE target_schema = $1 AND target_table = $2",
+            ] {
+                client
+                    .execute(sql, &[&table.schema, &table.name])
+                    .await
+                    .map_err(PgError::query(table, "forget the sync state"))?;
+            }
+        }
+        client.batch_execute("COMMIT").await.map_err(PgError::query(table, "drop the table and its sync state"))
+    }
+    .await;
+    if result.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    let _ = unlock(client, table).await;
+    result
 }

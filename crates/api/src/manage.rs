@@ -1,0 +1,183 @@
+//! The management API: list, inspect, add, sync and remove synced tables.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use lakesync_engine::config::TableConfig;
+use lakesync_engine::daemon::DaemonError;
+use lakesync_engine::Worker;
+use lakesync_postgres::state::{self, RunRecord, TableStatus};
+use serde_json::{json, Value};
+
+use crate::{ApiError, AppState};
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    let mut r = (status, body.to_string()).into_response();
+    r.headers_mut().insert("content-type", "application/json".parse().expect("valid header"));
+    r
+}
+
+/// Checks the bearer token of a mutating call (constant-time comparison).
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.token else {
+        return Err(ApiError::Forbidden(
+            "mutating calls are disabled: set token_env in the [api] section of the config".into(),
+        ));
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ApiError::Unauthorized)?;
+    let (a, b) = (given.as_bytes(), token.expose().as_bytes());
+    let diff = a.iter().zip(b).fold(a.len() ^ b.len(), |acc, (x, y)| acc | (x ^ y) as usize);
+    if diff == 0 {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+fn run_json(run: &RunRecord) -> Value {
+    json!({
+        "run_id": run.run_id,
+        "mode": run.mode,
+        "reason": run.reason,
+        "outcome": run.outcome,
+        "from_version": run.from_version,
+        "to_version": run.to_version,
+        "rows_inserted": run.counts.inserted,
+        "rows_updated": run.counts.updated,
+        "rows_deleted": run.counts.deleted,
+        "started_at": run.started_at,
+        "duration_seconds": run.duration_seconds,
+        "error": run.error,
+    })
+}
+
+fn table_json(worker: &Worker, recorded: Option<&TableStatus>) -> Value {
+    let live = worker.status();
+    let spec = &worker.spec;
+    json!({
+        "name": spec.name,
+        "source": spec.source,
+        "target": spec.target.to_string(),
+        "primary_key": spec.primary_key.columns(),
+        "mode": spec.mode.as_str(),
+        "state": live.state(&spec.mode),
+        "synced_version": live.synced_version.or(recorded.and_then(|r| r.table.synced_version)),
+        "source_version": live.source_version,
+        "synced_commit_timestamp": recorded.and_then(|r| r.table.synced_commit_timestamp.clone()),
+        "lag_versions": live.lag_versions(),
+        "lag_seconds": live.lag_seconds(),
+        "running": live.running,
+        "last_error": live.last_error.or(recorded.and_then(|r| r.table.last_error.clone())),
+        "last_run": recorded.and_then(|r| r.last_run.as_ref()).map(run_json),
+        "config": spec.config,
+    })
+}
+
+async fn recorded_status(state: &AppState) -> Result<Vec<TableStatus>, ApiError> {
+    let client = state.pool.get().await.map_err(ApiError::from_query)?;
+    state::status(client.client()).await.map_err(ApiError::from_query)
+}
+
+/// `GET /api/v1/synced-tables`
+pub async fn list(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let recorded = recorded_status(&state).await?;
+    let tables: Vec<Value> = state
+        .daemon
+        .tables()
+        .iter()
+        .map(|w| table_json(w, recorded.iter().find(|r| r.table.table == w.spec.target)))
+        .collect();
+    Ok(json_response(StatusCode::OK, json!({ "synced_tables": tables })))
+}
+
+fn worker(state: &AppState, name: &str) -> Result<Arc<Worker>, ApiError> {
+    state.daemon.table(name).ok_or_else(|| ApiError::NotFound(format!("no synced table named {name:?}")))
+}
+
+/// `GET /api/v1/synced-tables/{name}`
+pub async fn get_one(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let w = worker(&state, &name)?;
+    let client = state.pool.get().await.map_err(ApiError::from_query)?;
+    let recorded = state::table_status(client.client(), &w.spec.target).await.map_err(ApiError::from_query)?;
+    Ok(json_response(StatusCode::OK, table_json(&w, recorded.as_ref())))
+}
+
+#[derive(serde::Deserialize)]
+pub struct RunsQuery {
+    limit: Option<i64>,
+}
+
+/// `GET /api/v1/synced-tables/{name}/runs?limit=N` (newest first, default 50, at most 1000)
+pub async fn runs(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    Query(q): Query<RunsQuery>,
+) -> Result<Response, ApiError> {
+    let w = worker(&state, &name)?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be between 1 and 1000".into()));
+    }
+    let client = state.pool.get().await.map_err(ApiError::from_query)?;
+    let runs = state::runs(client.client(), &w.spec.target, limit).await.map_err(ApiError::from_query)?;
+    Ok(json_response(StatusCode::OK, json!({ "runs": runs.iter().map(run_json).collect::<Vec<_>>() })))
+}
+
+/// `POST /api/v1/synced-tables/{name}/sync`
+pub async fn sync_now(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    if !state.daemon.sync_now(&name) {
+        return Err(ApiError::NotFound(format!("no synced table named {name:?}")));
+    }
+    Ok(json_response(StatusCode::ACCEPTED, json!({ "name": name, "sync": "requested" })))
+}
+
+/// `POST /api/v1/synced-tables` with a table entry as JSON (the config file's fields).
+pub async fn add(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let config: TableConfig =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid table definition: {e}")))?;
+    let spec = config.validate().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let worker = state.daemon.add(spec).map_err(|e| match e {
+        DaemonError::Config(e) => ApiError::Conflict(e.to_string()),
+        DaemonError::ShuttingDown => ApiError::Unavailable(e.to_string()),
+        other => ApiError::BadRequest(other.to_string()),
+    })?;
+    Ok(json_response(StatusCode::CREATED, table_json(&worker, None)))
+}
+
+#[derive(serde::Deserialize)]
+pub struct RemoveQuery {
+    purge_data: Option<bool>,
+}
+
+/// `DELETE /api/v1/synced-tables/{name}[?purge_data=true]`
+pub async fn remove(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let purge = q.purge_data.unwrap_or(false);
+    state.daemon.remove(&name, purge).await.map_err(|e| match e {
+        DaemonError::NotFound(_) => ApiError::NotFound(e.to_string()),
+        other => {
+            tracing::error!(table = %name, error = %other, "removing the table failed");
+            ApiError::Unavailable(other.to_string())
+        }
+    })?;
+    state.shapes.lock().expect("shape cache").remove(&name);
+    Ok(json_response(StatusCode::OK, json!({ "name": name, "stopped": true, "purged": purge })))
+}

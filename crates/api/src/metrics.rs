@@ -1,0 +1,113 @@
+//! `/metrics` in the Prometheus text format (version 0.0.4).
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use lakesync_engine::daemon::DURATION_BUCKETS;
+use lakesync_engine::Worker;
+
+use crate::AppState;
+
+/// `GET /metrics`
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let mut r = render(&state.daemon.tables()).into_response();
+    r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4"));
+    r
+}
+
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders every table's gauges, counters and run-duration histogram.
+pub fn render(tables: &[Arc<Worker>]) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &mut dyn FnMut(&Worker, &str, &mut String)| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for w in tables {
+            samples(w, &label(&w.spec.name), &mut out);
+        }
+    };
+    let gauge = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_else(|| "NaN".into());
+    family("lakesync_synced_version", "gauge", "Delta version the Postgres table holds.", &mut |w, t, o| {
+        let _ = writeln!(
+            o,
+            "lakesync_synced_version{{table=\"{t}\"}} {}",
+            gauge(w.status().synced_version.map(|v| v as f64))
+        );
+    });
+    family("lakesync_source_version", "gauge", "Newest Delta version seen in the source log.", &mut |w, t, o| {
+        let _ = writeln!(
+            o,
+            "lakesync_source_version{{table=\"{t}\"}} {}",
+            gauge(w.status().source_version.map(|v| v as f64))
+        );
+    });
+    family("lakesync_lag_versions", "gauge", "Delta versions not yet synced.", &mut |w, t, o| {
+        let _ = writeln!(
+            o,
+            "lakesync_lag_versions{{table=\"{t}\"}} {}",
+            gauge(w.status().lag_versions().map(|v| v as f64))
+        );
+    });
+    family(
+        "lakesync_lag_seconds",
+        "gauge",
+        "Age of the oldest Delta commit not yet synced (0 when caught up).",
+        &mut |w, t, o| {
+            let _ = writeln!(o, "lakesync_lag_seconds{{table=\"{t}\"}} {}", w.status().lag_seconds());
+        },
+    );
+    family("lakesync_failing", "gauge", "1 when the last run failed (retrying or parked).", &mut |w, t, o| {
+        let s = w.status();
+        let _ = writeln!(
+            o,
+            "lakesync_failing{{table=\"{t}\"}} {}",
+            u8::from(s.consecutive_failures > 0 || s.parked.is_some())
+        );
+    });
+    family("lakesync_rows_applied_total", "counter", "Rows written to Postgres by operation.", &mut |w, t, o| {
+        let m = &w.metrics;
+        for (op, c) in [("insert", &m.rows_inserted), ("update", &m.rows_updated), ("delete", &m.rows_deleted)] {
+            let _ =
+                writeln!(o, "lakesync_rows_applied_total{{table=\"{t}\",op=\"{op}\"}} {}", c.load(Ordering::Relaxed));
+        }
+    });
+    family("lakesync_runs_total", "counter", "Sync runs by outcome (applied, noop, failed).", &mut |w, t, o| {
+        let m = &w.metrics;
+        for (outcome, c) in [("applied", &m.runs_applied), ("noop", &m.runs_noop), ("failed", &m.runs_failed)] {
+            let _ =
+                writeln!(o, "lakesync_runs_total{{table=\"{t}\",outcome=\"{outcome}\"}} {}", c.load(Ordering::Relaxed));
+        }
+    });
+    family("lakesync_run_duration_seconds", "histogram", "Wall time of sync runs.", &mut |w, t, o| {
+        let m = &w.metrics;
+        for (bound, bucket) in DURATION_BUCKETS.iter().zip(&m.duration_buckets) {
+            let _ = writeln!(
+                o,
+                "lakesync_run_duration_seconds_bucket{{table=\"{t}\",le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = m.duration_count.load(Ordering::Relaxed);
+        let _ = writeln!(o, "lakesync_run_duration_seconds_bucket{{table=\"{t}\",le=\"+Inf\"}} {count}");
+        let sum = m.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(o, "lakesync_run_duration_seconds_sum{{table=\"{t}\"}} {sum}");
+        let _ = writeln!(o, "lakesync_run_duration_seconds_count{{table=\"{t}\"}} {count}");
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

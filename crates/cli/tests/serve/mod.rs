@@ -1,0 +1,339 @@
+//! `lakesync serve`, run as a user would: several tables in different modes from one config
+//! file, the management and data API over HTTP, metrics, tokens, and a clean SIGTERM.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lakesync_delta::sample::{customer_schema, customers};
+use lakesync_delta::write::DeltaWriter;
+use serde_json::{json, Value};
+
+use crate::support::{PyDelta, TestDb};
+
+const TOKEN: &str = "test-token-7f3a";
+
+/// A response: status, lower-cased headers, body.
+struct Reply {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request over a fresh connection (no client library: the test sees the bytes).
+fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> Reply {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers =
+        lines.filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_ascii_lowercase(), v.to_string())).collect();
+    Reply { status, headers, body: body.to_string() }
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+    log: std::path::PathBuf,
+}
+
+impl Server {
+    fn start(db: &TestDb, config: &str, dir: &std::path::Path) -> Self {
+        let path = dir.join("lakesync.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lakesync"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env("LAKESYNC_POSTGRES", &db.conn)
+            .env("LAKESYNC_TEST_TOKEN", TOKEN)
+            .env("LAKESYNC_LOG", "warn,lakesync=debug,lakesync_engine=debug,lakesync_api=debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        let addr = first
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| {
+                panic!("no address in {first:?}: {}", std::fs::read_to_string(dir.join("serve.log")).unwrap())
+            })
+            .to_string();
+        Self { child, addr, log: dir.join("serve.log") }
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !ok() {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                panic!("timed out waiting for {what}; server log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn get(&self, path: &str) -> Reply {
+        http(&self.addr, "GET", path, None, None)
+    }
+
+    fn table(&self, name: &str) -> Value {
+        self.get(&format!("/api/v1/synced-tables/{name}")).json()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn orders_schema() -> Value {
+    json!([
+        ["region", "pa.string()"],
+        ["id", "pa.int64()"],
+        ["total", "pa.decimal128(10, 2)"],
+        ["placed_at", "pa.timestamp('us', tz='UTC')"],
+        ["payload", "pa.binary()"],
+        ["score", "pa.float64()"],
+        ["tags", "pa.list_(pa.string())"],
+        ["note", "pa.string()"]
+    ])
+}
+
+#[test]
+fn serve_keeps_tables_in_every_mode_in_sync_and_serves_their_rows() {
+    let db = TestDb::new("cli_serve");
+    let dir = tempfile::tempdir().unwrap();
+
+    // Continuous: the sample customers table, written by the kernel writer.
+    let customers_path = dir.path().join("customers");
+    let writer =
+        DeltaWriter::create(&customers_path, &customer_schema(), &[("delta.enableChangeDataFeed", "true")]).unwrap();
+    writer.append(&[customers(0..100, 0)]).unwrap();
+
+    // Triggered: orders with a composite key and every JSON-relevant type.
+    let orders = PyDelta::new();
+    orders.run(json!([{"op": "create", "schema": orders_schema(), "rows": [
+        ["emea", 7, "19.99", "2026-01-02T03:04:05.123456+00:00", "aGk=", 0.5, ["a", "b"], null],
+        ["emea", 8, "5.00", "2026-01-03T00:00:00+00:00", null, -1.25, [], "x/y"],
+        ["emea", 9, "120.50", "2026-01-04T00:00:00+00:00", null, 2.0, null, null],
+        ["emea", 10, null, null, null, null, null, null],
+        ["apac", 1, "1.00", null, null, null, null, null]
+    ]}]));
+
+    let config = format!(
+        r#"
+[api]
+listen = "127.0.0.1:0"
+token_env = "LAKESYNC_TEST_TOKEN"
+max_page_size = 50
+
+[[tables]]
+name = "customers"
+source = "{customers}"
+target = "crm.customers"
+primary_key = ["customer_id"]
+mode = "continuous"
+poll_interval = "100ms"
+indexes = [["email"]]
+
+[[tables]]
+source = "{orders}"
+target = "crm.orders"
+primary_key = ["region", "id"]
+mode = "triggered"
+
+[[tables]]
+name = "broken"
+source = "{missing}"
+target = "crm.broken"
+primary_key = ["id"]
+mode = "triggered"
+"#,
+        customers = customers_path.display(),
+        orders = orders.path().display(),
+        missing = dir.path().join("no-such-table").display(),
+    );
+    let server = Server::start(&db, &config, dir.path());
+
+    server.wait_for("the first syncs", Duration::from_secs(60), || {
+        server.table("customers")["synced_version"] == 1 && server.table("crm.orders")["synced_version"] == 0
+    });
+    let customers_status = server.table("customers");
+    assert_eq!(customers_status["state"], "ONLINE_CONTINUOUS_UPDATE", "{customers_status}");
+    assert_eq!(customers_status["mode"], "continuous");
+    assert_eq!(customers_status["last_run"]["rows_inserted"], 100, "{customers_status}");
+    assert_eq!(server.table("crm.orders")["state"], "ONLINE_NO_PENDING_UPDATE");
+    // A table that cannot sync is parked with its error; the others keep running.
+    let broken = server.table("broken");
+    assert_eq!(broken["state"], "OFFLINE_FAILED", "{broken}");
+    assert!(broken["last_error"].as_str().unwrap().contains("no-such-table"), "{broken}");
+    let list = server.get("/api/v1/synced-tables").json();
+    let names: Vec<&str> =
+        list["synced_tables"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["broken", "crm.orders", "customers"]);
+
+    // Key lookup with a composite key: JSON types as documented, version headers.
+    let row = server.get("/api/v1/tables/crm.orders/rows/emea/7");
+    assert_eq!(row.status, 200, "{}", row.body);
+    assert_eq!(
+        row.json(),
+        json!({"region": "emea", "id": 7, "total": "19.99", "placed_at": "2026-01-02T03:04:05.123456Z",
+               "payload": "aGk=", "score": 0.5, "tags": ["a", "b"], "note": null})
+    );
+    assert_eq!(row.headers["x-lakesync-version"], "0");
+    assert!(row.headers["x-lakesync-commit-timestamp"].ends_with('Z'), "{:?}", row.headers);
+    assert_eq!(server.get("/api/v1/tables/crm.orders/rows/emea/999").status, 404);
+    let bad = server.get("/api/v1/tables/crm.orders/rows/emea/not-a-number");
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(server.get("/api/v1/tables/crm.orders/rows/emea").status, 400);
+    // Only synced tables are served.
+    for path in [
+        "/api/v1/tables/lakesync.synced_tables/rows",
+        "/api/v1/tables/pg_catalog.pg_authid/rows",
+        "/api/v1/tables/crm.broken/rows",
+    ] {
+        assert_eq!(server.get(path).status, 404, "{path}");
+    }
+
+    // Filters, ordering and keyset pagination; decimals order numerically, NULLs last.
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/tables/crm.orders/rows?region=emea&order_by=total.desc&limit=3".to_string();
+    loop {
+        let page = server.get(&path);
+        assert_eq!(page.status, 200, "{}", page.body);
+        assert_eq!(page.headers["x-lakesync-version"], "0");
+        let body = page.json();
+        seen.extend(body["rows"].as_array().unwrap().iter().map(|r| r["id"].as_i64().unwrap()));
+        match body["next"].as_str() {
+            Some(cursor) => {
+                path = format!("/api/v1/tables/crm.orders/rows?region=emea&order_by=total.desc&limit=3&after={cursor}")
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, [9, 7, 8, 10]);
+    let err = server.get("/api/v1/tables/crm.orders/rows?colour=red");
+    assert_eq!(err.status, 400);
+    assert!(err.json()["error"].as_str().unwrap().contains("no column \"colour\""), "{}", err.body);
+    assert_eq!(server.get("/api/v1/tables/crm.orders/rows?limit=51").status, 400);
+
+    // Continuous mode: new commits arrive without anyone asking.
+    let original = writer.files().unwrap();
+    writer.append(&[customers(100..150, 0)]).unwrap();
+    writer.remove_files(|p| original.iter().any(|o| o == p)).unwrap(); // deletes customers 0..100
+    server.wait_for("the continuous table to catch up", Duration::from_secs(30), || {
+        server.get("/api/v1/tables/crm.customers/rows/C000000120").status == 200
+            && server.get("/api/v1/tables/crm.customers/rows/C000000005").status == 404
+    });
+    assert_eq!(db.value("SELECT count(*) FROM crm.customers"), "50");
+    let row = server.get("/api/v1/tables/crm.customers/rows/C000000120").json();
+    assert_eq!(row["email"], "customer120@example.com");
+    assert!(row["total_spend"].is_string(), "{row}");
+
+    // Triggered mode waits for a request; mutations need the token.
+    orders.run(json!([{"op": "delete", "predicate": "id = 8"}]));
+    let sync = "/api/v1/synced-tables/crm.orders/sync";
+    assert_eq!(http(&server.addr, "POST", sync, None, None).status, 401);
+    assert_eq!(http(&server.addr, "POST", sync, Some("wrong"), None).status, 401);
+    assert_eq!(http(&server.addr, "POST", sync, Some(TOKEN), None).status, 202);
+    server
+        .wait_for("the requested sync", Duration::from_secs(30), || server.table("crm.orders")["synced_version"] == 1);
+    assert_eq!(server.get("/api/v1/tables/crm.orders/rows/emea/8").status, 404);
+    let runs = server.get("/api/v1/synced-tables/crm.orders/runs").json();
+    let modes: Vec<&str> = runs["runs"].as_array().unwrap().iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["triggered", "snapshot"]);
+    assert_eq!(runs["runs"][0]["rows_deleted"], 1);
+
+    // Tables can be added and removed at runtime.
+    let new_table = json!({"name": "orders2", "source": orders.path().display().to_string(), "target": "crm.orders2",
+                           "primary_key": ["region", "id"], "mode": "snapshot"});
+    assert_eq!(http(&server.addr, "POST", "/api/v1/synced-tables", None, Some(&new_table)).status, 401);
+    let added = http(&server.addr, "POST", "/api/v1/synced-tables", Some(TOKEN), Some(&new_table));
+    assert_eq!(added.status, 201, "{}", added.body);
+    assert_eq!(http(&server.addr, "POST", "/api/v1/synced-tables", Some(TOKEN), Some(&new_table)).status, 409);
+    let typo = json!({"source": "/x", "target": "a.b", "primary_key": ["id"], "mode": "snapshot", "shedule": "5m"});
+    let rejected = http(&server.addr, "POST", "/api/v1/synced-tables", Some(TOKEN), Some(&typo));
+    assert_eq!(rejected.status, 400);
+    assert!(rejected.body.contains("shedule"), "{}", rejected.body);
+    server.wait_for("the added table", Duration::from_secs(30), || server.table("orders2")["synced_version"] == 1);
+    assert_eq!(db.value("SELECT count(*) FROM crm.orders2"), "4");
+    let removed = http(&server.addr, "DELETE", "/api/v1/synced-tables/orders2?purge_data=true", Some(TOKEN), None);
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    assert_eq!(db.value("SELECT to_regclass('crm.orders2') IS NULL"), "true");
+    assert_eq!(server.get("/api/v1/synced-tables/orders2").status, 404);
+    assert_eq!(server.get("/api/v1/tables/crm.orders2/rows").status, 404);
+
+    // Metrics and the OpenAPI document.
+    let metrics = server.get("/metrics").body;
+    for line in [
+        "lakesync_synced_version{table=\"customers\"} 3",
+        "lakesync_lag_versions{table=\"customers\"} 0",
+        "lakesync_rows_applied_total{table=\"crm.orders\",op=\"delete\"} 1",
+        "lakesync_failing{table=\"broken\"} 1",
+        "lakesync_run_duration_seconds_count{table=\"customers\"}",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    let openapi = server.get("/openapi.json").json();
+    assert_eq!(openapi["openapi"], "3.1.0");
+    assert!(openapi["paths"]["/api/v1/tables/{table}/rows"].is_object());
+    assert_eq!(server.get("/healthz").status, 200);
+
+    // SIGTERM: stop taking work, exit 0.
+    let mut server = server;
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = server.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", std::fs::read_to_string(dir.path().join("serve.log")).unwrap());
+    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap();
+    assert!(!log.contains(TOKEN), "the token must never be logged");
+}
+
+#[test]
+fn check_config_validates_without_running_and_names_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lakesync.toml");
+    let check = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_lakesync"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env("LAKESYNC_POSTGRES", "host=127.0.0.1 user=app password=Hidden-Pw dbname=crm")
+            .output()
+            .unwrap()
+    };
+    let good = "[[tables]]\nsource = \"/lake/t\"\ntarget = \"public.t\"\nprimary_key = [\"id\"]\nmode = \"triggered\"\nschedule = \"*/5 * * * *\"\n";
+    let out = check(good);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("table public.t: /lake/t -> public.t (triggered, cron \"*/5 * * * *\")"), "{stdout}");
+    assert!(stdout.contains("postgres: app@127.0.0.1:5432/crm") && !stdout.contains("Hidden-Pw"), "{stdout}");
+    let out = check(&good.replace("schedule", "poll_interval"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("table public.t") && stderr.contains("poll_interval"), "{stderr}");
+}

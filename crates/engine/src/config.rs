@@ -1,0 +1,488 @@
+//! The daemon's configuration: one TOML file, parsed strictly (`deny_unknown_fields`), then
+//! validated into domain types. Secrets are never in the file: it names the environment
+//! variables that hold them, and nothing here prints their values.
+//!
+//! ```toml
+//! [postgres]
+//! url = "host=127.0.0.1 user=lakesync dbname=app"  # or LAKESYNC_POSTGRES
+//! password_env = "LAKESYNC_PG_PASSWORD"
+//!
+//! [api]
+//! listen = "127.0.0.1:8080"
+//! token_env = "LAKESYNC_API_TOKEN"
+//!
+//! [[tables]]
+//! source = "/lake/customers"
+//! target = "crm.customers"
+//! primary_key = ["customer_id"]
+//! mode = "continuous"          # snapshot | triggered | continuous
+//! poll_interval = "250ms"      # continuous only
+//! # schedule = "15m" or "*/5 * * * *" (snapshot and triggered)
+//! indexes = [["email"]]
+//! ```
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lakesync_core::{
+    parse_duration, Classify, DataPolicy, ErrorClass, NulBytePolicy, PrimaryKey, Schedule, TableName, Version,
+};
+use lakesync_postgres::PgConfig;
+use serde::{Deserialize, Serialize};
+
+/// Environment variable with the Postgres connection string when the file has none.
+pub const POSTGRES_ENV: &str = "LAKESYNC_POSTGRES";
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped fields.
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    /// A value is invalid; `scope` says where (`table crm.customers`, `[api]`).
+    #[error("config {scope}: {message}")]
+    Invalid { scope: String, message: String },
+}
+
+impl Classify for ConfigError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Config
+    }
+}
+
+fn invalid(scope: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { scope: scope.into(), message: message.into() }
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Where the synced tables live.
+    #[serde(default)]
+    pub postgres: PostgresSection,
+    /// The HTTP API.
+    #[serde(default)]
+    pub api: ApiSection,
+    /// The synced tables.
+    #[serde(default)]
+    pub tables: Vec<TableConfig>,
+}
+
+/// `[postgres]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// libpq connection string or URI, without the password (default: `LAKESYNC_POSTGRES`).
+    pub url: Option<String>,
+    /// Name of the environment variable holding the password.
+    pub password_env: Option<String>,
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Address to listen on (default `127.0.0.1:8080`).
+    pub listen: Option<String>,
+    /// Name of the environment variable holding the bearer token for mutating calls; without
+    /// it those calls are refused.
+    pub token_env: Option<String>,
+    /// Largest `limit` the rows endpoint accepts (default 1000).
+    pub max_page_size: Option<u32>,
+    /// Data queries running longer are cancelled (default `5s`).
+    pub statement_timeout: Option<String>,
+    /// Postgres connections serving the API (default 8).
+    pub pool_size: Option<usize>,
+}
+
+/// One `[[tables]]` entry; also the body of `POST /api/v1/synced-tables`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Name in the API and metrics (default: the target, `schema.table`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Delta table path or URI.
+    pub source: String,
+    /// Postgres table, `schema.table`.
+    pub target: String,
+    /// Primary-key columns, in key order.
+    pub primary_key: Vec<String>,
+    /// `snapshot`, `triggered` or `continuous`.
+    pub mode: String,
+    /// snapshot/triggered: an interval (`15m`) or a cron expression (`*/5 * * * *`, UTC);
+    /// without one the table syncs at start and on request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// continuous: how often to look for new commits (default `500ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval: Option<String>,
+    /// Secondary indexes (column lists) built after snapshot loads.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub indexes: Vec<Vec<String>>,
+    /// Parallel COPY connections for snapshots (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallelism: Option<usize>,
+    /// `error` (default) or `strip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nul_bytes: Option<String>,
+    /// Keep the row with the greatest value of this column when a key repeats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_by: Option<String>,
+    /// Source columns not to sync.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<String>,
+    /// At most this many versions per incremental transaction (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub versions_per_transaction: Option<Version>,
+}
+
+/// How the daemon keeps a table in sync.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableMode {
+    /// A full snapshot at start, on request and on the schedule.
+    Snapshot { schedule: Option<Schedule> },
+    /// The change data feed at start, on request and on the schedule.
+    Triggered { schedule: Option<Schedule> },
+    /// The change data feed as soon as new commits land.
+    Continuous { poll: Duration },
+}
+
+impl TableMode {
+    /// `snapshot`, `triggered` or `continuous`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TableMode::Snapshot { .. } => "snapshot",
+            TableMode::Triggered { .. } => "triggered",
+            TableMode::Continuous { .. } => "continuous",
+        }
+    }
+}
+
+/// A validated synced table.
+#[derive(Debug, Clone)]
+pub struct TableSpec {
+    /// Name in the API and metrics.
+    pub name: String,
+    /// Delta table path or URI.
+    pub source: String,
+    /// Postgres table.
+    pub target: TableName,
+    /// Primary key.
+    pub primary_key: PrimaryKey,
+    /// How it is kept in sync.
+    pub mode: TableMode,
+    /// Secondary indexes.
+    pub indexes: Vec<Vec<String>>,
+    /// Data policies.
+    pub policy: DataPolicy,
+    /// COPY connections.
+    pub parallelism: usize,
+    /// Versions per incremental transaction.
+    pub versions_per_transaction: Version,
+    /// Excluded source columns.
+    pub exclude: Vec<String>,
+    /// The entry as written, echoed by the API.
+    pub config: TableConfig,
+}
+
+impl TableConfig {
+    /// Validates one table entry.
+    pub fn validate(&self) -> Result<TableSpec, ConfigError> {
+        let target =
+            TableName::parse(&self.target).map_err(|e| invalid(format!("table {}", self.target), e.to_string()))?;
+        let name = self.name.clone().unwrap_or_else(|| target.to_string());
+        let scope = format!("table {name}");
+        if name.is_empty() || name.contains(['/', '?', '#', ' ']) || name.chars().any(char::is_control) {
+            return Err(invalid(scope, "name must be non-empty without '/', '?', '#', spaces or control characters"));
+        }
+        let primary_key = PrimaryKey::new(self.primary_key.clone()).map_err(|e| invalid(&scope, e.to_string()))?;
+        let schedule = match &self.schedule {
+            Some(s) => Some(Schedule::parse(s).map_err(|e| invalid(&scope, format!("schedule: {e}")))?),
+            None => None,
+        };
+        let mode = match self.mode.as_str() {
+            "snapshot" | "triggered" if self.poll_interval.is_some() => {
+                return Err(invalid(&scope, "poll_interval applies to mode = \"continuous\" only; use schedule"))
+            }
+            "snapshot" => TableMode::Snapshot { schedule },
+            "triggered" => TableMode::Triggered { schedule },
+            "continuous" if schedule.is_some() => {
+                return Err(invalid(&scope, "schedule does not apply to mode = \"continuous\"; use poll_interval"))
+            }
+            "continuous" => TableMode::Continuous {
+                poll: match &self.poll_interval {
+                    Some(p) => parse_duration(p).map_err(|e| invalid(&scope, format!("poll_interval: {e}")))?,
+                    None => Duration::from_millis(500),
+                },
+            },
+            other => {
+                return Err(invalid(
+                    &scope,
+                    format!("mode {other:?}: expected \"snapshot\", \"triggered\" or \"continuous\""),
+                ))
+            }
+        };
+        let parallelism = self.parallelism.unwrap_or(4);
+        if !(1..=16).contains(&parallelism) {
+            return Err(invalid(&scope, format!("parallelism {parallelism}: expected 1 to 16")));
+        }
+        let versions_per_transaction = self.versions_per_transaction.unwrap_or(100);
+        if versions_per_transaction == 0 {
+            return Err(invalid(&scope, "versions_per_transaction must be at least 1"));
+        }
+        let nul_bytes = match self.nul_bytes.as_deref() {
+            None | Some("error") => NulBytePolicy::Error,
+            Some("strip") => NulBytePolicy::Strip,
+            Some(other) => {
+                return Err(invalid(&scope, format!("nul_bytes {other:?}: expected \"error\" or \"strip\"")))
+            }
+        };
+        if self.source.trim().is_empty() {
+            return Err(invalid(&scope, "source is empty"));
+        }
+        if let Some(i) = self.indexes.iter().find(|i| i.is_empty()) {
+            return Err(invalid(&scope, format!("indexes: an index needs at least one column ({i:?})")));
+        }
+        Ok(TableSpec {
+            name,
+            source: self.source.clone(),
+            target,
+            primary_key,
+            mode,
+            indexes: self.indexes.clone(),
+            policy: DataPolicy { nul_bytes, dedup_by: self.dedup_by.clone() },
+            parallelism,
+            versions_per_transaction,
+            exclude: self.exclude.clone(),
+            config: self.clone(),
+        })
+    }
+}
+
+/// API settings.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Bearer token for mutating calls; `None` turns them off.
+    pub token: Option<Secret>,
+    /// Largest page.
+    pub max_page_size: u32,
+    /// Per-query time limit.
+    pub statement_timeout: Duration,
+    /// Pool size.
+    pub pool_size: usize,
+}
+
+/// A secret value that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Postgres connection (password included, never printed).
+    pub postgres: PgConfig,
+    /// HTTP API.
+    pub api: ApiSettings,
+    /// Synced tables.
+    pub tables: Vec<TableSpec>,
+}
+
+impl Config {
+    /// Reads, parses and validates `path`, taking secrets from the process environment.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
+        Self::from_toml(&shown, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates TOML text; `env` looks up environment variables.
+    pub fn from_toml(path: &str, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let file: ConfigFile =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_string(), message: e.to_string() })?;
+        file.validate(env)
+    }
+}
+
+impl ConfigFile {
+    /// Validates every section; `env` looks up environment variables.
+    pub fn validate(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let url = match &self.postgres.url {
+            Some(url) => url.clone(),
+            None => env(POSTGRES_ENV).ok_or_else(|| {
+                invalid(
+                    "[postgres]",
+                    format!("no connection: set url in [postgres] or the {POSTGRES_ENV} environment variable"),
+                )
+            })?,
+        };
+        let mut postgres = PgConfig::parse(&url).map_err(|e| invalid("[postgres]", e.to_string()))?;
+        if let Some(var) = &self.postgres.password_env {
+            let password = env(var).ok_or_else(|| {
+                invalid("[postgres]", format!("password_env names {var}, which is not set in the environment"))
+            })?;
+            postgres = postgres.with_password(&password);
+        }
+        let api = &self.api;
+        let listen = api.listen.as_deref().unwrap_or("127.0.0.1:8080");
+        let listen: SocketAddr = listen
+            .parse()
+            .map_err(|_| invalid("[api]", format!("listen {listen:?}: expected host:port, e.g. 127.0.0.1:8080")))?;
+        let token = match &api.token_env {
+            Some(var) => match env(var) {
+                Some(t) if !t.is_empty() => Some(Secret::new(t)),
+                _ => {
+                    return Err(invalid("[api]", format!("token_env names {var}, which is not set in the environment")))
+                }
+            },
+            None => None,
+        };
+        let statement_timeout = match &api.statement_timeout {
+            Some(t) => parse_duration(t).map_err(|e| invalid("[api]", format!("statement_timeout: {e}")))?,
+            None => Duration::from_secs(5),
+        };
+        let max_page_size = api.max_page_size.unwrap_or(1000);
+        let pool_size = api.pool_size.unwrap_or(8);
+        if max_page_size == 0 || !(1..=256).contains(&pool_size) {
+            return Err(invalid("[api]", "max_page_size must be at least 1 and pool_size 1 to 256"));
+        }
+        let tables = self.tables.iter().map(TableConfig::validate).collect::<Result<Vec<_>, _>>()?;
+        check_unique(&tables)?;
+        Ok(Config { postgres, api: ApiSettings { listen, token, max_page_size, statement_timeout, pool_size }, tables })
+    }
+}
+
+/// Names and targets must be unique: two entries writing one table would fight over it.
+pub fn check_unique(tables: &[TableSpec]) -> Result<(), ConfigError> {
+    let (mut names, mut targets) = (BTreeSet::new(), BTreeSet::new());
+    for t in tables {
+        if !names.insert(&t.name) {
+            return Err(invalid(format!("table {}", t.name), "the name is used by two tables"));
+        }
+        if !targets.insert(&t.target) {
+            return Err(invalid(format!("table {}", t.name), format!("target {} is synced by two entries", t.target)));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [postgres]
+        url = "host=127.0.0.1 user=app dbname=crm"
+        password_env = "PGPASS_FOR_TEST"
+
+        [api]
+        listen = "127.0.0.1:9000"
+        token_env = "TOKEN_FOR_TEST"
+
+        [[tables]]
+        source = "/lake/customers"
+        target = "crm.customers"
+        primary_key = ["customer_id"]
+        mode = "continuous"
+        poll_interval = "250ms"
+        indexes = [["email"]]
+
+        [[tables]]
+        name = "orders"
+        source = "s3://lake/orders"
+        target = "crm.orders"
+        primary_key = ["region", "order_id"]
+        mode = "triggered"
+        schedule = "*/5 * * * *"
+        nul_bytes = "strip"
+    "#;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "PGPASS_FOR_TEST" => Some("s3cret-pg".into()),
+            "TOKEN_FOR_TEST" => Some("s3cret-token".into()),
+            _ => None,
+        }
+    }
+
+    fn error(text: &str) -> String {
+        Config::from_toml("lakesync.toml", text, &env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_config_file_becomes_validated_tables_without_showing_secrets() {
+        let config = Config::from_toml("lakesync.toml", GOOD, &env).unwrap();
+        assert_eq!(config.api.listen.to_string(), "127.0.0.1:9000");
+        let [customers, orders] = &config.tables[..] else { panic!("two tables") };
+        assert_eq!(customers.name, "crm.customers");
+        assert_eq!(customers.mode, TableMode::Continuous { poll: Duration::from_millis(250) });
+        assert_eq!(customers.indexes, vec![vec!["email".to_string()]]);
+        assert_eq!(orders.name, "orders");
+        assert_eq!(orders.primary_key.columns(), ["region", "order_id"]);
+        assert!(matches!(orders.mode, TableMode::Triggered { schedule: Some(Schedule::Cron(_)) }));
+        assert_eq!(orders.policy.nul_bytes, NulBytePolicy::Strip);
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn unknown_fields_are_errors_that_name_the_field_and_line() {
+        let err = error(&GOOD.replace("poll_interval", "poll_intervall"));
+        assert!(err.contains("poll_intervall") && err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_table_and_the_setting() {
+        let err = error(&GOOD.replace("mode = \"continuous\"", "mode = \"streaming\""));
+        assert!(err.contains("table crm.customers") && err.contains("\"streaming\""), "{err}");
+        let err = error(&GOOD.replace("*/5 * * * *", "*/5 * *"));
+        assert!(err.contains("table orders") && err.contains("schedule"), "{err}");
+        let err = error(&GOOD.replace("\"250ms\"", "\"fast\""));
+        assert!(err.contains("poll_interval"), "{err}");
+        let err = error(&GOOD.replace("crm.orders", "crm.customers"));
+        assert!(err.contains("synced by two entries"), "{err}");
+        let err = error(&GOOD.replace("TOKEN_FOR_TEST", "MISSING_TOKEN"));
+        assert!(err.contains("MISSING_TOKEN") && err.contains("not set"), "{err}");
+        let err = error(&GOOD.replace("[\"region\", \"order_id\"]", "[]"));
+        assert!(err.contains("table orders") && err.contains("primary key"), "{err}");
+    }
+
+    #[test]
+    fn the_connection_comes_from_the_environment_when_the_file_has_none() {
+        let text = "[[tables]]\nsource = \"/t\"\ntarget = \"public.t\"\nprimary_key = [\"id\"]\nmode = \"snapshot\"\n";
+        let err = Config::from_toml("f", text, &|_| None).unwrap_err().to_string();
+        assert!(err.contains(POSTGRES_ENV), "{err}");
+        let config = Config::from_toml("f", text, &|n| (n == POSTGRES_ENV).then(|| "host=db user=u".into())).unwrap();
+        assert_eq!(config.postgres.target(), "u@db:5432/u");
+        assert!(config.api.token.is_none());
+    }
+}

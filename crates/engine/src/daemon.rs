@@ -1,0 +1,588 @@
+//! The daemon: one worker task per synced table, each deciding when its table runs
+//! (schedule, new commits, a request), retrying transient failures with backoff and parking
+//! the table on the others. Tables are independent: one failing never stops another.
+//!
+//! Invariants:
+//! - A worker runs at most one sync at a time, and the per-table advisory lock in Postgres
+//!   keeps other processes out too.
+//! - Shutdown never interrupts a run by choice: workers stop taking work and in-flight runs
+//!   finish (commit) within the grace period; past it they are dropped, which closes their
+//!   connections and rolls their transaction back. Either way the table stays consistent.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lakesync_core::{Classify, ErrorClass, SyncMode, Version};
+use lakesync_delta::DeltaTable;
+use lakesync_postgres::state::{self, RunMode};
+use lakesync_postgres::PgConfig;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::config::{check_unique, ConfigError, TableMode, TableSpec};
+use crate::{sync, EngineError, Progress, SyncOutcome, SyncRequest};
+
+/// How a failed run is followed up: the one place that decides retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Try again after this delay.
+    After(Duration),
+    /// Stop until someone asks for a sync (the error needs a human).
+    Park,
+}
+
+/// The follow-up for the `failures`-th consecutive failure of class `class`.
+pub fn retry_policy(class: ErrorClass, failures: u32) -> Retry {
+    match class {
+        // Connection loss, a restarting server, an unreadable source, another process holding
+        // the table: these heal by themselves. Back off 1 s, 2 s, 4 s ... up to a minute.
+        ErrorClass::Transient | ErrorClass::Busy => {
+            Retry::After(Duration::from_secs(1 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60)))
+        }
+        // Bad data, schema, config or a bug: retrying gives the same answer.
+        ErrorClass::Schema | ErrorClass::Config | ErrorClass::Data | ErrorClass::Internal => Retry::Park,
+    }
+}
+
+/// One run's summary, kept in memory for status and metrics.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    /// `snapshot`, `triggered`, `noop` or `failed`.
+    pub mode: &'static str,
+    /// Version after the run.
+    pub to_version: Option<Version>,
+    /// Rows inserted, updated, deleted.
+    pub counts: (u64, u64, u64),
+    /// Wall time.
+    pub duration: Duration,
+    /// The error of a failed run.
+    pub error: Option<String>,
+}
+
+/// What the daemon knows about a table right now.
+#[derive(Debug, Clone, Default)]
+pub struct LiveStatus {
+    /// A run is in progress.
+    pub running: bool,
+    /// Last Delta version whose data the table holds (as of the last run or start-up).
+    pub synced_version: Option<Version>,
+    /// Newest Delta version seen in the source log.
+    pub source_version: Option<Version>,
+    /// When the oldest not yet synced commit was written (ms since the epoch).
+    pub pending_since_ms: Option<i64>,
+    /// Failed runs in a row.
+    pub consecutive_failures: u32,
+    /// The error that parked the table (it waits for a sync request).
+    pub parked: Option<String>,
+    /// The last failure's message, until a run succeeds.
+    pub last_error: Option<String>,
+    /// When the next retry of a transiently failed run is due.
+    pub retry_at: Option<Instant>,
+    /// The last run.
+    pub last_run: Option<RunSummary>,
+}
+
+impl LiveStatus {
+    /// The table's state, named like Lakebase synced tables.
+    pub fn state(&self, mode: &TableMode) -> &'static str {
+        let failing = self.parked.is_some() || self.consecutive_failures > 0;
+        match (self.synced_version, failing, self.running) {
+            (None, true, _) => state::states::OFFLINE_FAILED,
+            (None, false, _) => state::states::PROVISIONING,
+            (Some(_), true, _) => state::states::ONLINE_FAILED,
+            (Some(_), false, _) if matches!(mode, TableMode::Continuous { .. }) => "ONLINE_CONTINUOUS_UPDATE",
+            (Some(_), false, true) => state::states::UPDATING,
+            (Some(_), false, false) => state::states::ONLINE,
+        }
+    }
+
+    /// Versions the table is behind its source.
+    pub fn lag_versions(&self) -> Option<u64> {
+        match (self.source_version, self.synced_version) {
+            (Some(s), Some(t)) => Some(s.saturating_sub(t)),
+            (Some(s), None) => Some(s + 1),
+            _ => None,
+        }
+    }
+
+    /// Seconds the oldest unsynced commit has been waiting (0 when caught up).
+    pub fn lag_seconds(&self) -> f64 {
+        match (self.lag_versions(), self.pending_since_ms) {
+            (Some(n), Some(since)) if n > 0 => ((now_ms() - since) as f64 / 1000.0).max(0.0),
+            _ => 0.0,
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the run-duration histogram buckets.
+pub const DURATION_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
+
+/// Counters since the process started, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct TableMetrics {
+    /// Rows inserted by runs.
+    pub rows_inserted: AtomicU64,
+    /// Rows updated by runs.
+    pub rows_updated: AtomicU64,
+    /// Rows deleted by runs.
+    pub rows_deleted: AtomicU64,
+    /// Runs that changed the table (snapshot or triggered).
+    pub runs_applied: AtomicU64,
+    /// Runs that found nothing to do.
+    pub runs_noop: AtomicU64,
+    /// Failed runs.
+    pub runs_failed: AtomicU64,
+    /// Run-duration histogram: cumulative counts per [`DURATION_BUCKETS`] bound.
+    pub duration_buckets: [AtomicU64; DURATION_BUCKETS.len()],
+    /// Sum of run durations, microseconds.
+    pub duration_sum_micros: AtomicU64,
+    /// Runs measured.
+    pub duration_count: AtomicU64,
+}
+
+impl TableMetrics {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (bound, bucket) in DURATION_BUCKETS.iter().zip(&self.duration_buckets) {
+            if secs <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.duration_sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.duration_count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// One synced table managed by the daemon.
+#[derive(Debug)]
+pub struct Worker {
+    /// What to sync and how.
+    pub spec: TableSpec,
+    /// Counters for `/metrics`.
+    pub metrics: TableMetrics,
+    /// The running sync's progress.
+    pub progress: Arc<Progress>,
+    status: Mutex<LiveStatus>,
+    wake: Notify,
+    manual: std::sync::atomic::AtomicBool,
+    stop: watch::Sender<bool>,
+}
+
+impl Worker {
+    /// A copy of the current status.
+    pub fn status(&self) -> LiveStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut LiveStatus)) {
+        f(&mut self.status.lock().expect("status lock"))
+    }
+}
+
+/// A worker and its task.
+type Running = (Arc<Worker>, JoinHandle<()>);
+
+/// All synced tables of one process.
+pub struct Daemon {
+    postgres: PgConfig,
+    workers: RwLock<BTreeMap<String, Running>>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Why a table could not be added or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Invalid or conflicting table.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// No table of that name.
+    #[error("no synced table named {0:?}")]
+    NotFound(String),
+    /// Dropping the table's data failed.
+    #[error(transparent)]
+    Purge(#[from] EngineError),
+    /// The daemon is shutting down.
+    #[error("lakesync is shutting down")]
+    ShuttingDown,
+}
+
+impl Daemon {
+    /// A daemon writing to `postgres`, with no tables yet.
+    pub fn new(postgres: PgConfig) -> Arc<Self> {
+        Arc::new(Self { postgres, workers: RwLock::new(BTreeMap::new()), shutdown: watch::channel(false).0 })
+    }
+
+    /// The Postgres connection settings.
+    pub fn postgres(&self) -> &PgConfig {
+        &self.postgres
+    }
+
+    /// Starts syncing `spec`. Fails if its name or target is taken.
+    pub fn add(&self, spec: TableSpec) -> Result<Arc<Worker>, DaemonError> {
+        if *self.shutdown.borrow() {
+            return Err(DaemonError::ShuttingDown);
+        }
+        let mut workers = self.workers.write().expect("workers lock");
+        let mut specs: Vec<TableSpec> = workers.values().map(|(w, _)| w.spec.clone()).collect();
+        specs.push(spec.clone());
+        check_unique(&specs)?;
+        let worker = Arc::new(Worker {
+            spec,
+            metrics: TableMetrics::default(),
+            progress: Arc::default(),
+            status: Mutex::default(),
+            wake: Notify::new(),
+            manual: false.into(),
+            stop: watch::channel(false).0,
+        });
+        let task = tokio::spawn(run_worker(worker.clone(), self.postgres.clone(), self.shutdown.subscribe()));
+        tracing::info!(table = %worker.spec.name, target = %worker.spec.target, mode = worker.spec.mode.as_str(), "syncing");
+        workers.insert(worker.spec.name.clone(), (worker.clone(), task));
+        Ok(worker)
+    }
+
+    /// The tables, by name.
+    pub fn tables(&self) -> Vec<Arc<Worker>> {
+        self.workers.read().expect("workers lock").values().map(|(w, _)| w.clone()).collect()
+    }
+
+    /// The table named `name`.
+    pub fn table(&self, name: &str) -> Option<Arc<Worker>> {
+        self.workers.read().expect("workers lock").get(name).map(|(w, _)| w.clone())
+    }
+
+    /// Asks the table to sync now (un-parking it). `false` if there is no such table.
+    pub fn sync_now(&self, name: &str) -> bool {
+        match self.table(name) {
+            Some(w) => {
+                w.manual.store(true, Ordering::SeqCst);
+                w.wake.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Stops syncing `name` (an in-flight run finishes first) and, with `purge`, drops its
+    /// Postgres table and its sync state.
+    pub async fn remove(&self, name: &str, purge: bool) -> Result<(), DaemonError> {
+        let (worker, task) = self
+            .workers
+            .write()
+            .expect("workers lock")
+            .remove(name)
+            .ok_or_else(|| DaemonError::NotFound(name.into()))?;
+        worker.stop.send_replace(true);
+        worker.wake.notify_one();
+        let _ = task.await;
+        if purge {
+            let client = self.postgres.connect().await.map_err(EngineError::from)?;
+            state::forget(&client, &worker.spec.target, Duration::from_secs(30)).await.map_err(EngineError::from)?;
+            tracing::info!(table = %worker.spec.name, target = %worker.spec.target, "stopped and dropped");
+        } else {
+            tracing::info!(table = %worker.spec.name, "stopped");
+        }
+        Ok(())
+    }
+
+    /// Stops taking work and waits up to `grace` for in-flight runs; runs still going after
+    /// that are dropped (their transactions roll back).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutdown.send_replace(true);
+        let tasks: Vec<(String, JoinHandle<()>)> = {
+            let mut workers = self.workers.write().expect("workers lock");
+            std::mem::take(&mut *workers)
+                .into_iter()
+                .map(|(n, (w, t))| {
+                    w.wake.notify_one();
+                    (n, t)
+                })
+                .collect()
+        };
+        let deadline = tokio::time::Instant::now() + grace;
+        for (name, mut task) in tasks {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!(table = %name, "run still in progress after the grace period; rolling it back");
+                task.abort();
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// How often idle snapshot/triggered tables look at their source for status and lag.
+const HEAD_REFRESH: Duration = Duration::from_secs(10);
+
+async fn run_worker(worker: Arc<Worker>, postgres: PgConfig, mut shutdown: watch::Receiver<bool>) {
+    let spec = &worker.spec;
+    let mut stop = worker.stop.subscribe();
+    let source = match DeltaTable::open(&spec.source) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            park(&worker, &EngineError::from(e));
+            None
+        }
+    };
+    load_synced_version(&worker, &postgres).await;
+    // Snapshot and triggered tables run once at start; continuous ones whenever commits land.
+    let mut due = Some(Instant::now());
+    let mut next_head_check = Instant::now();
+    loop {
+        if *shutdown.borrow() || *stop.borrow() {
+            return;
+        }
+        let manual = worker.manual.swap(false, Ordering::SeqCst);
+        if manual {
+            worker.update(|s| {
+                s.parked = None;
+                s.retry_at = None;
+            });
+        }
+        let status = worker.status();
+        let now = Instant::now();
+        let retry_due = status.retry_at.is_some_and(|r| now >= r);
+        let mut run = manual || (retry_due && status.parked.is_none());
+        if let (Some(source), None) = (&source, &status.parked) {
+            let due_now = due.is_some_and(|d| now >= d);
+            let continuous = matches!(spec.mode, TableMode::Continuous { .. });
+            if continuous || due_now || now >= next_head_check {
+                let pending = refresh_head(&worker, source).await;
+                next_head_check = now + HEAD_REFRESH;
+                let waiting_to_retry = status.retry_at.is_some_and(|r| now < r);
+                run |= !waiting_to_retry && (pending || status.synced_version.is_none()) && (continuous || due_now);
+                if due_now {
+                    due = next_due(&spec.mode);
+                }
+            }
+        }
+        if run && source.is_some() {
+            let mode = match spec.mode {
+                // Scheduled snapshots only run when the source moved (checked above); a
+                // request always re-snapshots.
+                TableMode::Snapshot { .. } => SyncMode::Snapshot,
+                _ => SyncMode::Auto,
+            };
+            execute(&worker, &postgres, mode).await;
+            if manual || retry_due {
+                due = next_due(&spec.mode);
+            }
+            continue; // look again at once: more commits may have landed during the run
+        }
+        let status = worker.status();
+        let mut wait = match spec.mode {
+            TableMode::Continuous { poll } => poll,
+            _ => HEAD_REFRESH,
+        };
+        for at in [due, status.retry_at].into_iter().flatten() {
+            wait = wait.min(at.saturating_duration_since(Instant::now()));
+        }
+        if status.parked.is_some() {
+            wait = Duration::from_secs(3600);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = worker.wake.notified() => {}
+            _ = shutdown.changed() => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// When a scheduled table runs next (from now).
+fn next_due(mode: &TableMode) -> Option<Instant> {
+    match mode {
+        TableMode::Snapshot { schedule } | TableMode::Triggered { schedule } => {
+            schedule.as_ref().map(|s| Instant::now() + s.delay_after(now_ms() as f64 / 1000.0))
+        }
+        TableMode::Continuous { .. } => None,
+    }
+}
+
+/// Reads the synced version recorded in Postgres, so status is right before the first run.
+async fn load_synced_version(worker: &Worker, postgres: &PgConfig) {
+    let loaded = async {
+        let client = postgres.connect().await?;
+        if !state::exists(&client).await? {
+            return Ok(None);
+        }
+        state::load(&client, &worker.spec.target).await
+    }
+    .await;
+    match loaded {
+        Ok(row) => worker.update(|s| s.synced_version = row.and_then(|r| r.synced_version)),
+        Err(e) => tracing::warn!(table = %worker.spec.name, error = %e, "could not read the sync state yet"),
+    }
+}
+
+/// Lists the source log for commits after the synced version; `true` when there are some.
+async fn refresh_head(worker: &Worker, source: &DeltaTable) -> bool {
+    let synced = worker.status().synced_version;
+    let listed = {
+        let source = source.clone();
+        tokio::task::spawn_blocking(move || source.commits_after(synced)).await
+    };
+    match listed {
+        Ok(Ok(new)) => {
+            worker.update(|s| {
+                s.pending_since_ms = new.map(|n| n.first_modified_ms);
+                s.source_version = new.map(|n| n.latest).or(s.synced_version.max(s.source_version));
+            });
+            new.is_some()
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(table = %worker.spec.name, error = %e, "could not list the source log");
+            // Let a run surface (and classify) the error.
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+async fn execute(worker: &Worker, postgres: &PgConfig, mode: SyncMode) {
+    let spec = &worker.spec;
+    let req = SyncRequest {
+        source: spec.source.clone(),
+        postgres: postgres.clone(),
+        table: spec.target.clone(),
+        primary_key: spec.primary_key.clone(),
+        mode,
+        to_version: None,
+        parallelism: spec.parallelism,
+        indexes: spec.indexes.clone(),
+        policy: spec.policy.clone(),
+        versions_per_transaction: spec.versions_per_transaction,
+        exclude: spec.exclude.clone(),
+        lock_wait: Duration::from_secs(5),
+        progress: worker.progress.clone(),
+    };
+    worker.update(|s| s.running = true);
+    let started = Instant::now();
+    let result = sync(&req).await;
+    let elapsed = started.elapsed();
+    worker.metrics.observe(elapsed);
+    match result {
+        Ok(out) => succeeded(worker, &out),
+        Err(e) => {
+            worker.metrics.runs_failed.fetch_add(1, Ordering::Relaxed);
+            let failures = worker.status().consecutive_failures + 1;
+            match retry_policy(e.class(), failures) {
+                Retry::After(delay) => {
+                    tracing::warn!(table = %spec.name, error = %e, retry_in = ?delay, "sync failed; retrying");
+                    worker.update(|s| {
+                        s.consecutive_failures = failures;
+                        s.last_error = Some(e.to_string());
+                        s.retry_at = Some(Instant::now() + delay);
+                    });
+                }
+                Retry::Park => park(worker, &e),
+            }
+            worker.update(|s| {
+                s.running = false;
+                s.last_run = Some(RunSummary {
+                    mode: "failed",
+                    to_version: s.synced_version,
+                    counts: (0, 0, 0),
+                    duration: elapsed,
+                    error: Some(e.to_string()),
+                });
+            });
+        }
+    }
+}
+
+fn succeeded(worker: &Worker, out: &SyncOutcome) {
+    let m = &worker.metrics;
+    m.rows_inserted.fetch_add(out.counts.inserted, Ordering::Relaxed);
+    m.rows_updated.fetch_add(out.counts.updated, Ordering::Relaxed);
+    m.rows_deleted.fetch_add(out.counts.deleted, Ordering::Relaxed);
+    if out.mode == RunMode::Noop {
+        m.runs_noop.fetch_add(1, Ordering::Relaxed);
+    } else {
+        m.runs_applied.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            table = %worker.spec.name,
+            version = out.to_version,
+            mode = out.mode.as_str(),
+            inserted = out.counts.inserted,
+            updated = out.counts.updated,
+            deleted = out.counts.deleted,
+            seconds = out.duration.as_secs_f64(),
+            "synced"
+        );
+    }
+    worker.update(|s| {
+        s.running = false;
+        s.synced_version = Some(out.to_version);
+        s.source_version = s.source_version.max(Some(out.to_version));
+        if s.source_version == s.synced_version {
+            s.pending_since_ms = None;
+        }
+        s.consecutive_failures = 0;
+        s.parked = None;
+        s.last_error = None;
+        s.retry_at = None;
+        s.last_run = Some(RunSummary {
+            mode: out.mode.as_str(),
+            to_version: Some(out.to_version),
+            counts: (out.counts.inserted, out.counts.updated, out.counts.deleted),
+            duration: out.duration,
+            error: None,
+        });
+    });
+}
+
+fn park(worker: &Worker, e: &EngineError) {
+    tracing::error!(table = %worker.spec.name, class = e.class().as_str(), error = %e, "sync failed; the table waits for a fix and a sync request");
+    worker.update(|s| {
+        s.consecutive_failures += 1;
+        s.parked = Some(e.to_string());
+        s.last_error = Some(e.to_string());
+        s.retry_at = None;
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_failures_back_off_to_a_minute_and_the_rest_park_the_table() {
+        let delays: Vec<Retry> = (1..=9).map(|n| retry_policy(ErrorClass::Transient, n)).collect();
+        let secs: Vec<u64> = delays
+            .iter()
+            .map(|r| match r {
+                Retry::After(d) => d.as_secs(),
+                Retry::Park => 0,
+            })
+            .collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(retry_policy(ErrorClass::Busy, 1), Retry::After(Duration::from_secs(1)));
+        for class in [ErrorClass::Data, ErrorClass::Schema, ErrorClass::Config, ErrorClass::Internal] {
+            assert_eq!(retry_policy(class, 1), Retry::Park);
+        }
+    }
+
+    #[test]
+    fn the_state_reflects_failures_runs_and_mode() {
+        let triggered = TableMode::Triggered { schedule: None };
+        let continuous = TableMode::Continuous { poll: Duration::from_millis(100) };
+        let mut s = LiveStatus::default();
+        assert_eq!(s.state(&triggered), "PROVISIONING_INITIAL_SNAPSHOT");
+        s.consecutive_failures = 1;
+        assert_eq!(s.state(&triggered), "OFFLINE_FAILED");
+        s.synced_version = Some(3);
+        assert_eq!(s.state(&triggered), "ONLINE_PIPELINE_FAILED");
+        s.consecutive_failures = 0;
+        assert_eq!(s.state(&triggered), "ONLINE_NO_PENDING_UPDATE");
+        assert_eq!(s.state(&continuous), "ONLINE_CONTINUOUS_UPDATE");
+        s.running = true;
+        assert_eq!(s.state(&triggered), "ONLINE_TRIGGERED_UPDATE");
+        s.source_version = Some(5);
+        assert_eq!(s.lag_versions(), Some(2));
+    }
+}
