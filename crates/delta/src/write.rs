@@ -138,6 +138,14 @@ impl DeltaWriter {
         Ok((version, paths))
     }
 
+    /// Writes a checkpoint of the latest version (as Spark does every few commits), so
+    /// readers replay only the commits after it. Returns the version checkpointed.
+    pub fn checkpoint(&self) -> Result<Version, DeltaError> {
+        let snapshot = self.latest()?;
+        snapshot.checkpoint(self.engine.as_ref(), None).map_err(|e| self.err(e))?;
+        Ok(snapshot.version())
+    }
+
     /// The data files of the latest version, as logged (relative paths).
     pub fn files(&self) -> Result<Vec<String>, DeltaError> {
         let mut paths = Vec::new();

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lakesync_core::{Classify, ErrorClass, SyncMode, Version};
-use lakesync_delta::DeltaTable;
+use lakesync_delta::{DeltaError, DeltaTable};
 use lakesync_postgres::state::{self, RunMode};
 use lakesync_postgres::PgConfig;
 use tokio::sync::{watch, Notify};
@@ -321,13 +321,7 @@ const HEAD_REFRESH: Duration = Duration::from_secs(10);
 async fn run_worker(worker: Arc<Worker>, postgres: PgConfig, mut shutdown: watch::Receiver<bool>) {
     let spec = &worker.spec;
     let mut stop = worker.stop.subscribe();
-    let source = match DeltaTable::open(&spec.source) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            park(&worker, &EngineError::from(e));
-            None
-        }
-    };
+    let mut source: Option<DeltaTable> = None;
     load_synced_version(&worker, &postgres).await;
     // Snapshot and triggered tables run once at start; continuous ones whenever commits land.
     let mut due = Some(Instant::now());
@@ -343,9 +337,18 @@ async fn run_worker(worker: Arc<Worker>, postgres: PgConfig, mut shutdown: watch
                 s.retry_at = None;
             });
         }
-        let status = worker.status();
+        let mut status = worker.status();
         let now = Instant::now();
         let retry_due = status.retry_at.is_some_and(|r| now >= r);
+        if source.is_none() && status.parked.is_none() && (manual || retry_due || status.retry_at.is_none()) {
+            match DeltaTable::open(&spec.source) {
+                Ok(s) => source = Some(s),
+                Err(e) => {
+                    record_failure(&worker, &EngineError::from(e), Duration::ZERO);
+                    status = worker.status();
+                }
+            }
+        }
         let mut run = manual || (retry_due && status.parked.is_none());
         if let (Some(source), None) = (&source, &status.parked) {
             let due_now = due.is_some_and(|d| now >= d);
@@ -467,32 +470,47 @@ async fn execute(worker: &Worker, postgres: &PgConfig, mode: SyncMode) {
     worker.metrics.observe(elapsed);
     match result {
         Ok(out) => succeeded(worker, &out),
-        Err(e) => {
-            worker.metrics.runs_failed.fetch_add(1, Ordering::Relaxed);
-            let failures = worker.status().consecutive_failures + 1;
-            match retry_policy(e.class(), failures) {
-                Retry::After(delay) => {
-                    tracing::warn!(table = %spec.name, error = %e, retry_in = ?delay, "sync failed; retrying");
-                    worker.update(|s| {
-                        s.consecutive_failures = failures;
-                        s.last_error = Some(e.to_string());
-                        s.retry_at = Some(Instant::now() + delay);
-                    });
-                }
-                Retry::Park => park(worker, &e),
-            }
+        Err(e) => record_failure(worker, &e, elapsed),
+    }
+}
+
+/// The class that decides the retry. A source that was readable before (the table has a
+/// synced version) and now is not is far more likely an unmounted volume or a storage outage
+/// than a wrong path: retry it rather than park it.
+fn retry_class(e: &EngineError, synced_before: bool) -> ErrorClass {
+    match e {
+        EngineError::Delta(DeltaError::NotATable { .. } | DeltaError::Open { .. }) if synced_before => {
+            ErrorClass::Transient
+        }
+        _ => e.class(),
+    }
+}
+
+fn record_failure(worker: &Worker, e: &EngineError, elapsed: Duration) {
+    worker.metrics.runs_failed.fetch_add(1, Ordering::Relaxed);
+    let status = worker.status();
+    let failures = status.consecutive_failures + 1;
+    match retry_policy(retry_class(e, status.synced_version.is_some()), failures) {
+        Retry::After(delay) => {
+            tracing::warn!(table = %worker.spec.name, error = %e, retry_in = ?delay, "sync failed; retrying");
             worker.update(|s| {
-                s.running = false;
-                s.last_run = Some(RunSummary {
-                    mode: "failed",
-                    to_version: s.synced_version,
-                    counts: (0, 0, 0),
-                    duration: elapsed,
-                    error: Some(e.to_string()),
-                });
+                s.consecutive_failures = failures;
+                s.last_error = Some(e.to_string());
+                s.retry_at = Some(Instant::now() + delay);
             });
         }
+        Retry::Park => park(worker, e),
     }
+    worker.update(|s| {
+        s.running = false;
+        s.last_run = Some(RunSummary {
+            mode: "failed",
+            to_version: s.synced_version,
+            counts: (0, 0, 0),
+            duration: elapsed,
+            error: Some(e.to_string()),
+        });
+    });
 }
 
 fn succeeded(worker: &Worker, out: &SyncOutcome) {

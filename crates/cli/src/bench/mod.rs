@@ -13,6 +13,9 @@
 //! commit deleting the old rows with deletion vectors, one appending the new ones. Synced as
 //! one range, it is one set of 55k net changes at 5M rows.
 
+mod lag;
+mod serving;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -53,6 +56,26 @@ pub struct BenchArgs {
     /// Leave the private Postgres running afterwards (to look at the tables).
     #[arg(long)]
     keep_postgres: bool,
+    /// sync: snapshot and incremental vs references; continuous: commit → visible latency
+    /// of continuous mode; api: data API latency and throughput vs FastAPI.
+    #[arg(long, value_enum, default_value = "sync")]
+    scenario: Scenario,
+    /// continuous/api: how long to run, seconds.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// continuous: changed rows per second.
+    #[arg(long, default_value_t = 1000)]
+    changes: u64,
+    /// continuous: the table's poll interval.
+    #[arg(long, default_value = "100ms")]
+    poll: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    Sync,
+    Continuous,
+    Api,
 }
 
 /// Ids changed by the benchmark's MERGE at `rows` rows.
@@ -97,14 +120,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let port = args.port;
         tokio::task::spawn_blocking(move || LocalCluster::start(&pg_dir, port)).await??
     };
-    let result = measure(&args, &dir, &cluster, &spec).await;
+    let result = match args.scenario {
+        Scenario::Sync => measure(&args, &dir, &cluster, &spec).await.map(|results| print_table(&results, rows)),
+        Scenario::Continuous => lag::measure(&args, &dir, &cluster).await,
+        Scenario::Api => serving::measure(&args, &dir, &cluster).await,
+    };
     if !args.keep_postgres {
         let c = cluster.clone();
         tokio::task::spawn_blocking(move || c.stop()).await??;
     }
-    let results = result?;
-    print_table(&results, rows);
-    Ok(())
+    result
 }
 
 async fn measure(
