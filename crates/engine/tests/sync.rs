@@ -630,3 +630,93 @@ fn spark_tables_synced_in_one_run_match_the_latest_snapshot() {
         db.assert_matches_snapshot(&path, "public.t", key, last);
     }
 }
+
+/// The data files added by the commit at `version`, as paths under the table.
+fn added_files(table: &std::path::Path, version: u64) -> Vec<std::path::PathBuf> {
+    let log = std::fs::read_to_string(table.join(format!("_delta_log/{version:020}.json"))).unwrap();
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|a| a["add"]["path"].as_str().map(|p| table.join(p)))
+        .collect()
+}
+
+/// Broken sources fail with an error naming the table, and nothing is half applied: the
+/// table keeps its rows and its synced version.
+#[test]
+fn missing_or_corrupt_data_files_and_a_truncated_commit_fail_clearly_and_change_nothing() {
+    let db = TestDb::new("bad_input");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    let before = db.rows("SELECT * FROM public.people ORDER BY id");
+    let unchanged = |db: &TestDb| {
+        assert_eq!(db.rows("SELECT * FROM public.people ORDER BY id"), before);
+        assert_eq!(db.value("SELECT synced_version FROM lakesync.synced_tables"), "0");
+        assert_eq!(db.value("SELECT count(*) FROM pg_tables WHERE tablename LIKE '\\_lakesync%'"), "0");
+    };
+    let uri = t.path().display().to_string();
+
+    // A data file deleted by hand.
+    let v1 = t.run(json!([{"op": "append", "schema": people_schema(), "rows": [[3, "c", 3.0]]}]));
+    let file = added_files(&t.path(), v1).pop().unwrap();
+    let saved = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let err = db.sync(&req).unwrap_err().to_string();
+    assert!(err.contains(&uri) && err.contains("version 1"), "{err}");
+    unchanged(&db);
+
+    // The same file, corrupt.
+    std::fs::write(&file, b"PAR1 this is not parquet PAR1").unwrap();
+    let err = db.sync(&req).unwrap_err();
+    assert!(err.to_string().contains(&uri), "{err}");
+    assert_ne!(err.class(), ErrorClass::Transient, "retrying a corrupt file cannot help: {err}");
+    unchanged(&db);
+    std::fs::write(&file, saved).unwrap();
+
+    // A commit file cut in half (a writer crashed mid-write on a store without atomic puts).
+    let v2 = t.run(json!([{"op": "delete", "predicate": "id = 1"}]));
+    let commit = t.path().join(format!("_delta_log/{v2:020}.json"));
+    let text = std::fs::read_to_string(&commit).unwrap();
+    std::fs::write(&commit, &text[..text.len() / 2]).unwrap();
+    let err = db.sync(&req).unwrap_err().to_string();
+    assert!(err.contains(&uri), "{err}");
+    unchanged(&db);
+
+    // Repaired, the next run applies both versions.
+    std::fs::write(&commit, text).unwrap();
+    let out = db.sync(&req).unwrap();
+    assert_eq!(out.to_version, v2);
+    db.assert_matches_snapshot(&t.path(), "public.people", "id", v2);
+}
+
+/// Values at the edges: NaN and infinities, a 1 MB string, an empty table, a commit that only
+/// deletes.
+#[test]
+fn edge_values_empty_tables_and_delete_only_commits_sync_exactly() {
+    let db = TestDb::new("edge_values");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    let out = db.sync(&req).unwrap();
+    assert_eq!((out.mode.as_str(), out.counts.inserted), ("snapshot", 0));
+    assert_eq!(db.value("SELECT count(*) FROM public.people"), "0");
+
+    let big = "x".repeat(1 << 20);
+    let v = t.run(json!([{"op": "append", "schema": people_schema(), "rows": [
+        [1, big, f64::MAX], [2, "nan", null], [3, "", 0.0], [4, "inf", 1e308]
+    ]}, {"op": "update", "predicate": "id = 2", "set": {"score": "'NaN'"}},
+        {"op": "update", "predicate": "id = 4", "set": {"score": "'Infinity'"}},
+        {"op": "update", "predicate": "id = 3", "set": {"score": "'-Infinity'"}}]));
+    db.sync(&req).unwrap();
+    assert_eq!(
+        db.rows("SELECT id, length(name), score FROM public.people ORDER BY id"),
+        ["(1,1048576,1.7976931348623157e+308)", "(2,3,NaN)", "(3,0,-Infinity)", "(4,3,Infinity)"]
+    );
+    db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
+
+    let v = t.run(json!([{"op": "delete", "predicate": "id >= 2"}]));
+    let out = db.sync(&req).unwrap();
+    assert_eq!((out.counts.inserted, out.counts.updated, out.counts.deleted), (0, 0, 3));
+    db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
+}

@@ -1,7 +1,7 @@
 """Test-only Delta writer for lakesync's integration tests, built on the Python `deltalake`
 package (delta-rs): it writes real UPDATE/DELETE/MERGE commits with `_change_data` files.
 
-Usage: python delta_writer.py <table path> '<json list of operations>'
+Usage: python delta_writer.py <table path> '<json list of operations>' (or - to read them from stdin)
 Each operation is an object with "op" and its arguments; see apply() below. Prints the table
 version after each operation, one per line.
 """
@@ -75,7 +75,8 @@ def apply(path, op):
 
 
 def main():
-    path, ops = sys.argv[1], json.loads(sys.argv[2])
+    path = sys.argv[1]
+    ops = json.loads(sys.stdin.read() if sys.argv[2] == "-" else sys.argv[2])
     for op in ops:
         print(apply(path, op), flush=True)
     sys.stdout.flush()

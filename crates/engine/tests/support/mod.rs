@@ -207,13 +207,26 @@ impl PyDelta {
     /// Applies operations (see `delta_writer.py`); returns the version after the last one.
     pub fn run(&self, ops: serde_json::Value) -> u64 {
         let script = workspace_root().join("crates/engine/tests/support/delta_writer.py");
-        let out =
-            Command::new(python()).arg(&script).arg(self.path()).arg(ops.to_string()).output().unwrap_or_else(|e| {
+        // Operations go through stdin: they may hold values larger than an argument may be.
+        let mut child = Command::new(python())
+            .arg(&script)
+            .arg(self.path())
+            .arg("-")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
                 panic!(
                     "cannot run {}: {e}; run `bash scripts/test` to set up the Python deltalake writer",
                     python().display()
                 )
             });
+        {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(ops.to_string().as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
         assert!(
             out.status.success(),
             "delta_writer.py failed (is the Python `deltalake` package installed? `bash scripts/test` sets it up):\n{}",
