@@ -720,3 +720,113 @@ fn edge_values_empty_tables_and_delete_only_commits_sync_exactly() {
     assert_eq!((out.counts.inserted, out.counts.updated, out.counts.deleted), (0, 0, 3));
     db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
 }
+
+/// TLS: `sslmode` behaves as in libpq, with rustls. The server gets a certificate for
+/// 127.0.0.1/localhost signed by a test CA; verification passes with that CA and fails with
+/// another; a whole sync runs over a verified connection.
+#[test]
+fn tls_connections_follow_sslmode_and_verify_the_server_certificate() {
+    use lakesync_postgres::cluster::LocalCluster;
+    use lakesync_postgres::PgConfig;
+
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).current_dir(d).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    for ca in ["ca", "other-ca"] {
+        let (key, pem, subject) = (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN=lakesync test {ca}"));
+        openssl(&[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem, "-days", "2", "-subj",
+            &subject,
+        ]);
+    }
+    std::fs::write(d.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    let cluster = support::StopOnDrop(LocalCluster::start(&d.join("pg"), support::test_port(4)).unwrap());
+    let cluster = &cluster.0;
+    for f in ["server.pem", "server.key"] {
+        std::fs::copy(d.join(f), d.join("pg/data").join(f)).unwrap();
+    }
+    let _ = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(d.join("pg/data")).status();
+    let admin = cluster.connection_string("postgres");
+    let plain = TestDb { conn: format!("{admin} sslmode=disable"), name: "postgres".into() };
+    // ALTER SYSTEM cannot run inside the implicit transaction of a multi-statement batch.
+    for sql in [
+        "ALTER SYSTEM SET ssl = on",
+        "ALTER SYSTEM SET ssl_cert_file = 'server.pem'",
+        "ALTER SYSTEM SET ssl_key_file = 'server.key'",
+        "SELECT pg_reload_conf()",
+    ] {
+        plain.execute(sql);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    let ca = d.join("ca.pem").display().to_string();
+    let other = d.join("other-ca.pem").display().to_string();
+    let encrypted = |conn: &str| -> Result<bool, String> {
+        support::block_on(async {
+            let client =
+                PgConfig::parse(conn).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
+            let row = client
+                .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(row.get(0))
+        })
+    };
+    assert_eq!(encrypted(&format!("{admin} sslmode=disable")), Ok(false));
+    assert_eq!(encrypted(&admin), Ok(true), "prefer uses TLS when offered");
+    assert_eq!(encrypted(&format!("{admin} sslmode=require")), Ok(true));
+    assert_eq!(encrypted(&format!("{admin} sslmode=verify-full sslrootcert={ca}")), Ok(true));
+    let localhost = admin.replace("host=127.0.0.1", "host=localhost");
+    assert_eq!(encrypted(&format!("{localhost} sslmode=verify-full sslrootcert={ca}")), Ok(true));
+    let err = encrypted(&format!("{admin} sslmode=verify-full sslrootcert={other}")).unwrap_err();
+    assert!(err.contains("certificate") && err.contains("cannot connect to Postgres"), "{err}");
+    assert!(encrypted(&format!("{admin} sslmode=verify-ca sslrootcert={other}")).is_err());
+    assert_eq!(encrypted(&format!("{admin} sslmode=verify-ca sslrootcert={ca}")), Ok(true));
+    let err = PgConfig::parse(&format!("{admin} sslmode=verify-full sslrootcert={}/missing.pem", d.display()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("sslrootcert") && err.contains("missing.pem"), "{err}");
+
+    // A whole sync over a verified connection.
+    let db = TestDb { conn: format!("{admin} sslmode=verify-full sslrootcert={ca}"), name: "postgres".into() };
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    let v = t.run(json!([{"op": "delete", "predicate": "id = 1"}]));
+    db.sync(&req).unwrap();
+    db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
+}

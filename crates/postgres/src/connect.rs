@@ -2,12 +2,16 @@
 
 use tokio_postgres::{Client, NoTls};
 
+use crate::tls::{split_tls, RustlsConnect, SslMode, TlsSettings};
 use crate::PgError;
 
 /// Parsed Postgres connection settings.
 #[derive(Clone)]
 pub struct PgConfig {
     config: tokio_postgres::Config,
+    tls: TlsSettings,
+    /// The TLS connector (`None` with `sslmode=disable`).
+    connector: Option<RustlsConnect>,
 }
 
 impl std::fmt::Debug for PgConfig {
@@ -18,8 +22,16 @@ impl std::fmt::Debug for PgConfig {
 }
 
 impl PgConfig {
-    /// Parses a libpq-style connection string (`host=.. user=..` or `postgresql://..`).
+    /// Parses a libpq-style connection string (`host=.. user=..` or `postgresql://..`),
+    /// including `sslmode` (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`) and
+    /// `sslrootcert`; see [`crate::tls`].
     pub fn parse(conn: &str) -> Result<Self, PgError> {
+        let (conn, tls) = split_tls(conn).map_err(PgError::InvalidConnection)?;
+        let conn = conn.as_str();
+        let connector = match tls.mode {
+            SslMode::Disable => None,
+            _ => Some(tls.connector().map_err(PgError::InvalidConnection)?),
+        };
         let config: tokio_postgres::Config = conn.parse().map_err(|e: tokio_postgres::Error| {
             // The parser's message may quote the offending fragment; keep only its kind.
             let msg = e.to_string();
@@ -34,7 +46,12 @@ impl PgConfig {
         if config.get_application_name().is_none() {
             config.application_name("lakesync");
         }
-        Ok(Self { config })
+        Ok(Self { config, tls, connector })
+    }
+
+    /// The TLS mode.
+    pub fn ssl_mode(&self) -> SslMode {
+        self.tls.mode
     }
 
     /// The same settings with `password` (kept in memory only, never shown).
@@ -66,13 +83,27 @@ impl PgConfig {
 
     /// Opens a connection; its I/O runs on a spawned task.
     pub async fn connect(&self) -> Result<Client, PgError> {
-        let (client, connection) =
-            self.config.connect(NoTls).await.map_err(|source| PgError::Connect { target: self.target(), source })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres connection ended");
+        let err = |source| PgError::Connect { target: self.target(), source };
+        let client = match &self.connector {
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(err)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "postgres connection ended");
+                    }
+                });
+                client
             }
-        });
+            Some(tls) => {
+                let (client, connection) = self.config.connect(tls.clone()).await.map_err(err)?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "postgres connection ended");
+                    }
+                });
+                client
+            }
+        };
         Ok(client)
     }
 }

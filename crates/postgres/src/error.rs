@@ -10,7 +10,7 @@ pub enum PgError {
     #[error("invalid Postgres connection string: {0}")]
     InvalidConnection(String),
     /// Connecting failed.
-    #[error("cannot connect to Postgres at {target}: {source}")]
+    #[error("cannot connect to Postgres at {target}: {source}{}", causes(source))]
     Connect {
         target: String,
         #[source]
@@ -47,6 +47,18 @@ pub enum PgError {
     /// Starting or stopping a local Postgres failed.
     #[error("local Postgres: {0}")]
     Cluster(String),
+}
+
+/// The causes below a connection error (e.g. the TLS failure under "error performing TLS
+/// handshake"), which its own message leaves out.
+fn causes(err: &tokio_postgres::Error) -> String {
+    let mut out = String::new();
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        out.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    out
 }
 
 fn at_version(version: Option<Version>) -> String {

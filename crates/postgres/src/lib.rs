@@ -24,6 +24,7 @@ pub mod pool;
 pub mod rows;
 pub mod snapshot;
 pub mod state;
+pub mod tls;
 
 use arrow_array::RecordBatch;
 use lakesync_core::{DataPolicy, TableName};

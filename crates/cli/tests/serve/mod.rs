@@ -348,7 +348,8 @@ fn continuous_mode_rides_out_a_postgres_restart_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let pg_dir = dir.path().join("pg");
     let port = crate::support::test_port(3);
-    let cluster = LocalCluster::start(&pg_dir, port).unwrap();
+    let guard = crate::support::StopOnDrop(LocalCluster::start(&pg_dir, port).unwrap());
+    let cluster = &guard.0;
     let db = TestDb { conn: cluster.connection_string("postgres"), name: "postgres".into() };
     let path = dir.path().join("customers");
     let writer = DeltaWriter::create(&path, &customer_schema(), &[("delta.enableChangeDataFeed", "true")]).unwrap();
@@ -367,7 +368,7 @@ fn continuous_mode_rides_out_a_postgres_restart_and_loses_nothing() {
     writer.append(&[customers(200..400, 1)]).unwrap();
     last = writer.append(&[customers(1000..1100, 0)]).unwrap();
     std::thread::sleep(Duration::from_millis(1500)); // long enough for failed attempts
-    let cluster = LocalCluster::start(&pg_dir, port).unwrap();
+    LocalCluster::start(&pg_dir, port).unwrap();
     last = {
         writer.append(&[customers(1100..1200, 0)]).unwrap();
         writer.remove_files(|p| p == files[3]).unwrap()
@@ -387,5 +388,4 @@ fn continuous_mode_rides_out_a_postgres_restart_and_loses_nothing() {
         .unwrap();
     assert!(failed >= 1, "the outage should have failed at least one run:\n{metrics}");
     drop(server);
-    cluster.stop().unwrap();
 }

@@ -249,3 +249,12 @@ pub fn spark_fixture(name: &str) -> Option<PathBuf> {
     eprintln!("SKIPPED conformance check: {} not found (the ../shared folder is absent)", dir.display());
     None
 }
+
+/// Stops a private test cluster even when the test fails, so its port is free next time.
+pub struct StopOnDrop(pub lakesync_postgres::cluster::LocalCluster);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.stop();
+    }
+}
