@@ -66,6 +66,18 @@ CREATE INDEX IF NOT EXISTS runs_by_table ON lakesync.runs (target_schema, target
 /// Creates the state schema if needed. Serialized by a transaction-level advisory lock so
 /// concurrent first runs do not race on `CREATE ... IF NOT EXISTS`.
 pub async fn ensure_schema(client: &mut Client) -> Result<(), PgError> {
+    // The common case (every run of `serve`'s continuous tables) is one catalog lookup.
+    let present: bool = client
+        .query_one(
+            "SELECT to_regclass('lakesync.synced_tables') IS NOT NULL AND to_regclass('lakesync.runs_by_table') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(PgError::query("lakesync state", "look for the lakesync state schema"))?
+        .get(0);
+    if present {
+        return Ok(());
+    }
     let err = PgError::query("lakesync state", "create the lakesync state schema");
     let tx = client.transaction().await.map_err(err)?;
     let err = |e| PgError::Query {

@@ -25,6 +25,11 @@ use lakesync_postgres::PgConfig;
 
 use super::{pg_cpu_seconds, postmaster_pid, verify, vm_hwm_kb, BenchArgs};
 
+fn vm_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+}
+
 pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> anyhow::Result<()> {
     let admin = PgConfig::parse(&cluster.connection_string("postgres"))?.connect().await?;
     admin.batch_execute("DROP DATABASE IF EXISTS bench_lag WITH (FORCE); CREATE DATABASE bench_lag").await?;
@@ -95,6 +100,19 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         })
     };
 
+    // Memory over time (current RSS every 5 s): it must stay flat however long this runs.
+    let rss_samples: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let sampler = {
+        let samples = rss_samples.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(kb) = vm_rss_kb(std::process::id()) {
+                    samples.lock().unwrap().push(kb as f64 / 1024.0);
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        })
+    };
     let cpu0 = pg_cpu_seconds(postmaster)?;
     let started = Instant::now();
     let committed = {
@@ -125,6 +143,8 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     }
     let pg_cpu = pg_cpu_seconds(postmaster)? - cpu0;
     watcher.abort();
+    sampler.abort();
+    let rss_samples = rss_samples.lock().unwrap().clone();
     let runs = worker.metrics.runs_applied.load(Ordering::Relaxed);
     let run_micros = worker.metrics.duration_sum_micros.load(Ordering::Relaxed);
     let run_count = worker.metrics.duration_count.load(Ordering::Relaxed).max(1);
@@ -154,6 +174,10 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         println!("| {name} | {:.0} |", pct(p));
     }
     println!("| max | {:.0} |", lags.last().copied().unwrap_or(0.0));
+    if let (Some(first), Some(last)) = (rss_samples.get(1).or(rss_samples.first()), rss_samples.last()) {
+        let max = rss_samples.iter().copied().fold(0.0, f64::max);
+        println!("\nRSS (sampled every 5 s): {first:.0} MB after 5 s, {last:.0} MB at the end, {max:.0} MB at most");
+    }
     println!(
         "\nsync runs: {runs} (mean {:.0} ms); peak RSS of this process (writer + daemon): {rss:.0} MB; Postgres CPU: {pg_cpu:.1} s",
         run_micros as f64 / run_count as f64 / 1000.0
