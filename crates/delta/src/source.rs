@@ -364,7 +364,10 @@ mod tests {
             let rows: usize = snap.batches().unwrap().map(|b| b.unwrap().num_rows()).sum();
             assert_eq!(rows, 150);
         }
+        assert_eq!(w.checkpoint().unwrap(), 1);
+        assert!(path.join("_delta_log/00000000000000000001.checkpoint.parquet").exists());
         let table = DeltaTable::open(&path.display().to_string()).unwrap();
+        assert_eq!(table.snapshot(None).unwrap().row_count().unwrap(), Some(150));
         assert_eq!(table.commits_after(None).unwrap().map(|c| c.latest), Some(1));
         assert_eq!(table.commits_after(Some(0)).unwrap().map(|c| c.latest), Some(1));
         assert_eq!(table.commits_after(Some(1)).unwrap(), None);

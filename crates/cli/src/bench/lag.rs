@@ -32,7 +32,8 @@ fn vm_rss_kb(pid: u32) -> Option<u64> {
 
 pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> anyhow::Result<()> {
     let admin = PgConfig::parse(&cluster.connection_string("postgres"))?.connect().await?;
-    admin.batch_execute("DROP DATABASE IF EXISTS bench_lag WITH (FORCE); CREATE DATABASE bench_lag").await?;
+    admin.batch_execute("DROP DATABASE IF EXISTS bench_lag WITH (FORCE)").await?;
+    admin.batch_execute("CREATE DATABASE bench_lag").await?;
     let config = PgConfig::parse(&cluster.connection_string("bench_lag"))?;
     let postmaster = postmaster_pid(&dir.join("postgres/data"))?;
     let (ticks, per_tick) = (args.seconds, args.changes);

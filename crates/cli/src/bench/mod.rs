@@ -113,7 +113,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dir = std::path::absolute(&args.dir)?;
     let rows = args.rows;
     let spec = ChangeSpec::new(rows);
-    eprintln!("bench: {rows} rows, {} changes; working in {}", spec.len(), dir.display());
+    if args.scenario == Scenario::Sync {
+        eprintln!("bench: {rows} rows, {} changes; working in {}", spec.len(), dir.display());
+    }
 
     let cluster = {
         let pg_dir = dir.join("postgres");
