@@ -586,6 +586,13 @@ mod tests {
     }
 
     #[test]
+    fn a_source_that_vanishes_after_syncing_is_retried_but_a_wrong_path_parks() {
+        let gone = EngineError::from(DeltaTable::open("/nonexistent/lakesync/table").unwrap_err());
+        assert_eq!(retry_class(&gone, false), ErrorClass::Config);
+        assert_eq!(retry_class(&gone, true), ErrorClass::Transient);
+    }
+
+    #[test]
     fn the_state_reflects_failures_runs_and_mode() {
         let triggered = TableMode::Triggered { schedule: None };
         let continuous = TableMode::Continuous { poll: Duration::from_millis(100) };

@@ -874,3 +874,28 @@ fn a_reader_never_sees_a_partial_or_empty_table_during_a_resnapshot() {
     assert!(counts.iter().all(|c| [20_000, 16_000, 11_000].contains(c)), "a reader saw {seen:?}");
     assert!(seen.values().sum::<u64>() > 10, "the reader should have run throughout: {seen:?}");
 }
+
+/// The feed switched off for a while mid-range (changes made meanwhile have no change rows):
+/// the range cannot be served, so lakesync re-snapshots rather than miss them.
+#[test]
+fn a_change_feed_disabled_mid_range_falls_back_to_a_snapshot() {
+    let db = TestDb::new("cdf_disabled_mid_range");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    let v = t.run(json!([
+        {"op": "set_properties", "properties": {"delta.enableChangeDataFeed": "false"}},
+        {"op": "update", "predicate": "id = 1", "set": {"name": "'unseen by the feed'"}},
+        {"op": "set_properties", "properties": {"delta.enableChangeDataFeed": "true"}},
+        {"op": "append", "schema": people_schema(), "rows": [[3, "c", 3.0]]},
+    ]));
+    let out = db.sync(&req).unwrap();
+    assert_eq!(out.mode.as_str(), "snapshot", "{}", out.reason);
+    assert!(out.reason.contains("change data feed cannot serve"), "{}", out.reason);
+    assert_eq!(
+        db.rows("SELECT id, name FROM public.people ORDER BY id"),
+        ["(1,\"unseen by the feed\")", "(2,b)", "(3,c)"]
+    );
+    db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
+}
