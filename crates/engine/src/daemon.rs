@@ -381,7 +381,8 @@ async fn run_worker(worker: Arc<Worker>, postgres: PgConfig, mut shutdown: watch
             TableMode::Continuous { poll } => poll,
             _ => HEAD_REFRESH,
         };
-        for at in [due, status.retry_at].into_iter().flatten() {
+        // Without an open source only a retry can make progress (a past `due` would spin).
+        for at in [due.filter(|_| source.is_some()), status.retry_at].into_iter().flatten() {
             wait = wait.min(at.saturating_duration_since(Instant::now()));
         }
         if status.parked.is_some() {
