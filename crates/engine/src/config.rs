@@ -196,6 +196,25 @@ pub struct TableSpec {
 }
 
 impl TableConfig {
+    /// An entry with the required fields and every optional one at its default.
+    pub fn new(source: impl Into<String>, target: impl Into<String>, primary_key: &[&str], mode: &str) -> Self {
+        Self {
+            name: None,
+            source: source.into(),
+            target: target.into(),
+            primary_key: primary_key.iter().map(|c| c.to_string()).collect(),
+            mode: mode.into(),
+            schedule: None,
+            poll_interval: None,
+            indexes: Vec::new(),
+            parallelism: None,
+            nul_bytes: None,
+            dedup_by: None,
+            exclude: Vec::new(),
+            versions_per_transaction: None,
+        }
+    }
+
     /// Validates one table entry.
     pub fn validate(&self) -> Result<TableSpec, ConfigError> {
         let target =

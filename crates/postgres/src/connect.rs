@@ -85,27 +85,25 @@ impl PgConfig {
     pub async fn connect(&self) -> Result<Client, PgError> {
         let err = |source| PgError::Connect { target: self.target(), source };
         let client = match &self.connector {
-            None => {
-                let (client, connection) = self.config.connect(NoTls).await.map_err(err)?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "postgres connection ended");
-                    }
-                });
-                client
-            }
-            Some(tls) => {
-                let (client, connection) = self.config.connect(tls.clone()).await.map_err(err)?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "postgres connection ended");
-                    }
-                });
-                client
-            }
+            None => drive(self.config.connect(NoTls).await.map_err(err)?),
+            Some(tls) => drive(self.config.connect(tls.clone()).await.map_err(err)?),
         };
         Ok(client)
     }
+}
+
+/// Runs a connection's I/O on its own task; returns the client.
+fn drive<S, T>((client, connection): (Client, tokio_postgres::Connection<S, T>)) -> Client
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection ended");
+        }
+    });
+    client
 }
 
 #[cfg(test)]

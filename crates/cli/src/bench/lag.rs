@@ -23,12 +23,7 @@ use lakesync_engine::Daemon;
 use lakesync_postgres::cluster::LocalCluster;
 use lakesync_postgres::PgConfig;
 
-use super::{pg_cpu_seconds, postmaster_pid, verify, vm_hwm_kb, BenchArgs};
-
-fn vm_rss_kb(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
-}
+use super::{pg_cpu_seconds, postmaster_pid, proc_status_kb, verify, BenchArgs};
 
 pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> anyhow::Result<()> {
     let admin = PgConfig::parse(&cluster.connection_string("postgres"))?.connect().await?;
@@ -54,19 +49,8 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     let (writer, base_files) = writer;
     let table = TableName::new("public", "customer_profiles");
     let spec = TableConfig {
-        name: None,
-        source: delta.display().to_string(),
-        target: table.to_string(),
-        primary_key: vec!["customer_id".into()],
-        mode: "continuous".into(),
-        schedule: None,
         poll_interval: Some(args.poll.clone()),
-        indexes: Vec::new(),
-        parallelism: None,
-        nul_bytes: None,
-        dedup_by: None,
-        exclude: Vec::new(),
-        versions_per_transaction: None,
+        ..TableConfig::new(delta.display().to_string(), table.to_string(), &["customer_id"], "continuous")
     }
     .validate()?;
     let daemon = Daemon::new(config.clone());
@@ -107,7 +91,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         let samples = rss_samples.clone();
         tokio::spawn(async move {
             loop {
-                if let Some(kb) = vm_rss_kb(std::process::id()) {
+                if let Some(kb) = proc_status_kb(std::process::id(), "VmRSS") {
                     samples.lock().unwrap().push(kb as f64 / 1024.0);
                 }
                 tokio::time::sleep(Duration::from_secs(5)).await;
@@ -162,7 +146,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         .collect();
     lags.sort_by(f64::total_cmp);
     let pct = |p: f64| lags[((lags.len() as f64 - 1.0) * p).round() as usize];
-    let rss = vm_hwm_kb(std::process::id()).map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
+    let rss = proc_status_kb(std::process::id(), "VmHWM").map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
     println!(
         "\nlakesync bench continuous: {ticks}s, {} commits, ~{per_tick} changed rows/s, poll {}",
         committed.len(),

@@ -321,7 +321,7 @@ fn run_child(exe: &Path, args: &[&str], conn: &str, postmaster: u32) -> anyhow::
     let pid = child.id();
     let mut peak_kb = 0u64;
     let status = loop {
-        if let Some(kb) = vm_hwm_kb(pid) {
+        if let Some(kb) = proc_status_kb(pid, "VmHWM") {
             peak_kb = peak_kb.max(kb);
         }
         if let Some(status) = child.try_wait()? {
@@ -341,9 +341,13 @@ fn run_child(exe: &Path, args: &[&str], conn: &str, postmaster: u32) -> anyhow::
     Ok((seconds, peak_kb as f64 / 1024.0, pg_cpu_seconds(postmaster)? - cpu0))
 }
 
-fn vm_hwm_kb(pid: u32) -> Option<u64> {
+/// A `kB` field of `/proc/<pid>/status` (`VmHWM`: peak RSS, `VmRSS`: current RSS).
+fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
 }
 
 fn postmaster_pid(data: &Path) -> anyhow::Result<u32> {

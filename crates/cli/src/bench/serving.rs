@@ -28,7 +28,7 @@ use lakesync_postgres::PgConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{vm_hwm_kb, BenchArgs};
+use super::{proc_status_kb, BenchArgs};
 
 const RATE: u64 = 2000;
 const OPEN_LOOP_CONNECTIONS: u64 = 16;
@@ -90,19 +90,8 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         .await??;
     }
     let spec = TableConfig {
-        name: None,
-        source: delta.display().to_string(),
-        target: "public.customer_profiles".into(),
-        primary_key: vec!["customer_id".into()],
-        mode: "triggered".into(),
-        schedule: None,
-        poll_interval: None,
-        indexes: Vec::new(),
         parallelism: Some(args.parallelism),
-        nul_bytes: None,
-        dedup_by: None,
-        exclude: Vec::new(),
-        versions_per_transaction: None,
+        ..TableConfig::new(delta.display().to_string(), "public.customer_profiles", &["customer_id"], "triggered")
     }
     .validate()?;
     let daemon = Daemon::new(config.clone());
@@ -153,7 +142,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     daemon.shutdown(Duration::from_secs(10)).await;
     fastapi.stop();
 
-    let rss = vm_hwm_kb(std::process::id()).map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
+    let rss = proc_status_kb(std::process::id(), "VmHWM").map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
     println!("\nlakesync bench api: {rows} rows, key lookups of random existing customers, all responses 200\n");
     println!("| server | open loop {RATE} req/s: achieved | p50 ms | p99 ms | max ms | closed loop {CLOSED_LOOP_CONNECTIONS} conns: req/s | p99 ms |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
@@ -210,14 +199,7 @@ async fn open_loop(
             Ok::<_, anyhow::Error>(lat)
         }));
     }
-    let mut load = Load { requests: 0, seconds: 0.0, latencies_ms: Vec::new() };
-    for t in tasks {
-        let lat = t.await??;
-        load.requests += lat.len() as u64;
-        load.latencies_ms.extend(lat);
-    }
-    load.seconds = start.elapsed().as_secs_f64();
-    Ok(load)
+    gather(tasks, start).await
 }
 
 /// As fast as `connections` keep-alive connections can go, each waiting for its response.
@@ -245,6 +227,13 @@ async fn closed_loop(
             Ok::<_, anyhow::Error>(lat)
         }));
     }
+    gather(tasks, start).await
+}
+
+type Latencies = tokio::task::JoinHandle<anyhow::Result<Vec<f64>>>;
+
+/// Joins the connections' latencies into one load figure over the time since `start`.
+async fn gather(tasks: Vec<Latencies>, start: Instant) -> anyhow::Result<Load> {
     let mut load = Load { requests: 0, seconds: 0.0, latencies_ms: Vec::new() };
     for t in tasks {
         let lat = t.await??;
