@@ -46,21 +46,6 @@ pub fn retry_policy(class: ErrorClass, failures: u32) -> Retry {
     }
 }
 
-/// One run's summary, kept in memory for status and metrics.
-#[derive(Debug, Clone)]
-pub struct RunSummary {
-    /// `snapshot`, `triggered`, `noop` or `failed`.
-    pub mode: &'static str,
-    /// Version after the run.
-    pub to_version: Option<Version>,
-    /// Rows inserted, updated, deleted.
-    pub counts: (u64, u64, u64),
-    /// Wall time.
-    pub duration: Duration,
-    /// The error of a failed run.
-    pub error: Option<String>,
-}
-
 /// What the daemon knows about a table right now.
 #[derive(Debug, Clone, Default)]
 pub struct LiveStatus {
@@ -80,8 +65,6 @@ pub struct LiveStatus {
     pub last_error: Option<String>,
     /// When the next retry of a transiently failed run is due.
     pub retry_at: Option<Instant>,
-    /// The last run.
-    pub last_run: Option<RunSummary>,
 }
 
 impl LiveStatus {
@@ -344,7 +327,7 @@ async fn run_worker(worker: Arc<Worker>, postgres: PgConfig, mut shutdown: watch
             match DeltaTable::open(&spec.source) {
                 Ok(s) => source = Some(s),
                 Err(e) => {
-                    record_failure(&worker, &EngineError::from(e), Duration::ZERO);
+                    record_failure(&worker, &EngineError::from(e));
                     status = worker.status();
                 }
             }
@@ -471,7 +454,7 @@ async fn execute(worker: &Worker, postgres: &PgConfig, mode: SyncMode) {
     worker.metrics.observe(elapsed);
     match result {
         Ok(out) => succeeded(worker, &out),
-        Err(e) => record_failure(worker, &e, elapsed),
+        Err(e) => record_failure(worker, &e),
     }
 }
 
@@ -487,7 +470,7 @@ fn retry_class(e: &EngineError, synced_before: bool) -> ErrorClass {
     }
 }
 
-fn record_failure(worker: &Worker, e: &EngineError, elapsed: Duration) {
+fn record_failure(worker: &Worker, e: &EngineError) {
     worker.metrics.runs_failed.fetch_add(1, Ordering::Relaxed);
     let status = worker.status();
     let failures = status.consecutive_failures + 1;
@@ -502,16 +485,7 @@ fn record_failure(worker: &Worker, e: &EngineError, elapsed: Duration) {
         }
         Retry::Park => park(worker, e),
     }
-    worker.update(|s| {
-        s.running = false;
-        s.last_run = Some(RunSummary {
-            mode: "failed",
-            to_version: s.synced_version,
-            counts: (0, 0, 0),
-            duration: elapsed,
-            error: Some(e.to_string()),
-        });
-    });
+    worker.update(|s| s.running = false);
 }
 
 fn succeeded(worker: &Worker, out: &SyncOutcome) {
@@ -545,13 +519,6 @@ fn succeeded(worker: &Worker, out: &SyncOutcome) {
         s.parked = None;
         s.last_error = None;
         s.retry_at = None;
-        s.last_run = Some(RunSummary {
-            mode: out.mode.as_str(),
-            to_version: Some(out.to_version),
-            counts: (out.counts.inserted, out.counts.updated, out.counts.deleted),
-            duration: out.duration,
-            error: None,
-        });
     });
 }
 
