@@ -215,7 +215,7 @@ async fn snapshot(
         let checkpoint = Checkpoint { version, commit_timestamp_ms: Some(commit_ts(end).await?) };
         tracing::debug!(table = %req.table, rows, "staging loaded");
         req.progress.set_phase(Phase::Indexing);
-        Ok::<_, EngineError>(sink.finish_snapshot(&staging, schema, key, &req.indexes, id, checkpoint).await?)
+        Ok::<_, EngineError>(sink.finish_snapshot(&staging, schema, key, &req.indexes, rows, id, checkpoint).await?)
     }
     .await;
     match result {
@@ -297,15 +297,18 @@ async fn triggered(
         let mut chunk_start = start;
         while chunk_start <= seg_end {
             let chunk_end = (chunk_start + req.versions_per_transaction.max(1) - 1).min(seg_end);
+            let t = std::time::Instant::now();
             let keys_only = read_changes(source, chunk_start, chunk_end, Some(key.to_vec())).await?;
             let plan = plan_keys(table, key, &keys_only)?;
             drop(keys_only);
+            let planned_ms = t.elapsed().as_millis();
             let mut full = Vec::new();
             for (a, b) in version_runs(&plan.upsert_versions()) {
                 full.extend(read_changes(source, a, b, None).await?);
             }
             let mut changes = plan.into_change_set(table, &schema, key, &full)?;
             drop(full);
+            tracing::debug!(table = %table, from = chunk_start, to = chunk_end, planned_ms, read_ms = t.elapsed().as_millis(), "read the change feed");
             changes.added_columns = std::mem::take(&mut added);
             let at = if chunk_end == end_version { end.clone() } else { snapshot_at(source, Some(chunk_end)).await? };
             let checkpoint = Checkpoint { version: chunk_end, commit_timestamp_ms: Some(commit_ts(&at).await?) };

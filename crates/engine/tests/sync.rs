@@ -308,6 +308,25 @@ fn a_null_primary_key_fails_naming_table_column_and_version() {
 }
 
 #[test]
+fn tables_first_synced_at_once_into_a_new_schema_all_succeed() {
+    // Two first runs racing to create the same schema: the loser must not fail (serve starts
+    // all its tables at once, and several often share a schema).
+    let db = TestDb::new("schema_race");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0]]))]));
+    for round in 0..5 {
+        let reqs: Vec<_> = (0..4).map(|i| db.request(&t.path(), &format!("race{round}.people{i}"), "id")).collect();
+        std::thread::scope(|s| {
+            let runs: Vec<_> = reqs.iter().map(|r| s.spawn(|| db.sync(r))).collect();
+            for run in runs {
+                run.join().unwrap().unwrap();
+            }
+        });
+    }
+    assert_eq!(db.value("SELECT count(*) FROM lakesync.synced_tables WHERE synced_version = 0"), "20");
+}
+
+#[test]
 fn duplicate_keys_fail_clearly_unless_a_dedup_column_is_given() {
     let db = TestDb::new("duplicates");
     let t = PyDelta::new();

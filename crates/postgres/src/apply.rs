@@ -54,7 +54,7 @@ impl Sink {
         let target = self.table.clone();
         let policy = self.policy.clone();
         let t = qualified(&target);
-        let tx = self.client.transaction().await.map_err(PgError::query(&target, "begin"))?;
+        let mut tx = self.client.transaction().await.map_err(PgError::query(&target, "begin"))?;
         if !changes.added_columns.is_empty() {
             let adds = changes
                 .added_columns
@@ -79,6 +79,8 @@ impl Sink {
             .await
             .map_err(PgError::query(&target, "read the row count"))?
             .get(0);
+        // JIT compilation costs ~10 ms a statement and pays off only for long scans.
+        tx.batch_execute("SET LOCAL jit = off").await.map_err(PgError::query(&target, "configure the transaction"))?;
         if table_rows.is_some_and(|n| (changed_rows as i64) * 10 < n) {
             tx.batch_execute("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
                 .await
@@ -128,29 +130,68 @@ impl Sink {
             let layout =
                 CopyLayout { target: target.clone(), columns: names, types, key: key.to_vec(), policy: policy.clone() };
             copy_batches(&tx, "_lakesync_upserts", &layout, &changes.upserts).await?;
-            // A key whose first change in the range is an insert must not be there already:
-            // if it is, the source holds two rows with that key.
-            let on = key.iter().map(|k| format!("t.{0} = u.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
-            let key_shown = key.iter().map(|k| format!("u.{}::text", ident(k))).collect::<Vec<_>>().join(" || ',' || ");
-            let dup = tx
-                .query_opt(
-                    &format!(
-                        "SELECT {key_shown}, u.{VERSION_COLUMN} FROM _lakesync_upserts u JOIN {t} t ON {on} \
-                         WHERE u.{EXPECT_ABSENT_COLUMN} LIMIT 1"
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(PgError::query(&target, "check for duplicate keys"))?;
-            if let Some(row) = dup {
-                return Err(PgError::DuplicateKey {
-                    table: target.to_string(),
-                    key: format!("({})=({})", key.join(", "), row.get::<_, String>(0)),
-                    version: Some(row.get::<_, i64>(1) as Version),
-                });
-            }
-            (inserted, updated) =
-                merge_from(&tx, &target, "_lakesync_upserts", "u", schema, key, Some(EXPECT_ABSENT_COLUMN)).await?;
+            // A key whose first change in the range is an insert must not be there already, so
+            // those rows are plainly inserted: the key index's uniqueness check is the
+            // existence check. If one is there, the source holds two rows with that key; the
+            // savepoint lets us find which (and at which version) before failing the run.
+            let cols = column_list(schema.columns.iter().map(|c| c.name.as_str()), None);
+            let new_rows = {
+                let sp = tx.savepoint("lakesync_new_rows").await.map_err(PgError::query(&target, "set a savepoint"))?;
+                match sp
+                    .execute(
+                        &format!("INSERT INTO {t} ({cols}) SELECT {cols} FROM _lakesync_upserts WHERE {EXPECT_ABSENT_COLUMN}"),
+                        &[],
+                    )
+                    .await
+                {
+                    Ok(n) => {
+                        sp.commit().await.map_err(PgError::query(&target, "insert new rows"))?;
+                        Ok(n)
+                    }
+                    Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                        sp.rollback().await.map_err(PgError::query(&target, "insert new rows"))?;
+                        Err(e)
+                    }
+                    Err(e) => return Err(PgError::query(&target, "insert new rows")(e)),
+                }
+            };
+            inserted = match new_rows {
+                Ok(n) => n,
+                Err(e) => {
+                    let on = key.iter().map(|k| format!("t.{0} = u.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
+                    let key_shown =
+                        key.iter().map(|k| format!("u.{}::text", ident(k))).collect::<Vec<_>>().join(" || ',' || ");
+                    let dup = tx
+                        .query_opt(
+                            &format!(
+                                "SELECT {key_shown}, u.{VERSION_COLUMN} FROM _lakesync_upserts u JOIN {t} t ON {on} \
+                                 WHERE u.{EXPECT_ABSENT_COLUMN} LIMIT 1"
+                            ),
+                            &[],
+                        )
+                        .await
+                        .map_err(PgError::query(&target, "check for duplicate keys"))?;
+                    return Err(match dup {
+                        Some(row) => PgError::DuplicateKey {
+                            table: target.to_string(),
+                            key: format!("({})=({})", key.join(", "), row.get::<_, String>(0)),
+                            version: Some(row.get::<_, i64>(1) as Version),
+                        },
+                        None => PgError::query(&target, "insert new rows")(e),
+                    });
+                }
+            };
+            let (more_inserted, u) = merge_from(
+                &tx,
+                &target,
+                &format!("(SELECT * FROM _lakesync_upserts WHERE NOT {EXPECT_ABSENT_COLUMN})"),
+                "u",
+                schema,
+                key,
+            )
+            .await?;
+            inserted += more_inserted;
+            updated = u;
         }
         let counts = RowCounts { inserted, updated, deleted };
         let rows = state::commit_checkpoint(&tx, &target, run_id, checkpoint, counts, None, final_chunk).await?;

@@ -21,6 +21,12 @@ impl LocalCluster {
     /// Starts (initializing if needed) the server whose data lives in `dir/data`, on `port`.
     /// If it is already running, just returns it.
     pub fn start(dir: &Path, port: u16) -> Result<Self, PgError> {
+        Self::start_with(dir, port, &[])
+    }
+
+    /// Like [`LocalCluster::start`], with extra server settings (`name`, `value`) that
+    /// override the defaults. An already running server keeps the settings it has.
+    pub fn start_with(dir: &Path, port: u16, settings: &[(&str, &str)]) -> Result<Self, PgError> {
         let bin = find_bin_dir()?;
         std::fs::create_dir_all(dir).map_err(|e| PgError::Cluster(format!("cannot create {}: {e}", dir.display())))?;
         let dir = std::path::absolute(dir).map_err(|e| PgError::Cluster(e.to_string()))?;
@@ -44,13 +50,16 @@ impl LocalCluster {
                 .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "--locale=C", "-D"])
                 .arg(&data))?;
         }
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
              -c shared_buffers=512MB -c max_wal_size=4GB -c max_connections=200 \
              -c maintenance_work_mem=512MB",
             cluster.port,
             cluster.dir.display()
         );
+        for (name, value) in settings {
+            opts.push_str(&format!(" -c {name}={value}"));
+        }
         run(cluster
             .command("pg_ctl")
             .args(["-w", "-t", "60", "-D"])

@@ -3,14 +3,15 @@
 //! A writer commits about `--changes` changed rows every second for `--seconds` (each tick a
 //! DELETE of one data file's rows and an append of the same customers revised: two Delta
 //! commits, like a MERGE written without change files), checkpointing every 10 commits as
-//! Spark does. The daemon follows the table in continuous mode in this process, exactly as
-//! `lakesync serve` runs it. A watcher polls `lakesync.synced_tables` every 5 ms on its own
-//! connection: a version is visible when its synced version commits (it commits with the
-//! rows). Latency = first time the watcher sees the version − the moment its Delta commit
-//! returned. The final table is verified against the Delta snapshot.
+//! Spark does. The daemon is a separate `lakesync serve` process following the table in
+//! continuous mode, so its memory is measured apart from the writer's. A watcher polls
+//! `lakesync.synced_tables` every 5 ms on its own connection: a version is visible when its
+//! synced version commits (it commits with the rows). Latency = first time the watcher sees
+//! the version − the moment its Delta commit returned. The final table is verified against
+//! the Delta snapshot.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,6 @@ use anyhow::Context;
 use lakesync_core::TableName;
 use lakesync_delta::sample::{customer_schema, customers};
 use lakesync_delta::write::DeltaWriter;
-use lakesync_engine::config::TableConfig;
-use lakesync_engine::Daemon;
 use lakesync_postgres::cluster::LocalCluster;
 use lakesync_postgres::PgConfig;
 
@@ -48,18 +47,50 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     };
     let (writer, base_files) = writer;
     let table = TableName::new("public", "customer_profiles");
-    let spec = TableConfig {
-        poll_interval: Some(args.poll.clone()),
-        ..TableConfig::new(delta.display().to_string(), table.to_string(), &["customer_id"], "continuous")
-    }
-    .validate()?;
-    let daemon = Daemon::new(config.clone());
-    let worker = daemon.add(spec)?;
+    let config_path = dir.join("lag.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[postgres]\nurl = {conn:?}\n\n[api]\nlisten = \"127.0.0.1:0\"\n\n[[tables]]\nsource = {source:?}\n\
+             target = \"{table}\"\nprimary_key = [\"customer_id\"]\nmode = \"continuous\"\npoll_interval = {poll:?}\n",
+            conn = cluster.connection_string("bench_lag"),
+            source = delta.display().to_string(),
+            poll = args.poll,
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("lag-serve.log"))?;
+    let mut daemon = Serve(
+        Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting lakesync serve")?,
+    );
+    let daemon_pid = daemon.0.id();
+    let watch = config.connect().await?;
     let deadline = Instant::now() + Duration::from_secs(300);
-    while worker.status().synced_version != Some(1) {
-        anyhow::ensure!(Instant::now() < deadline, "the initial snapshot did not finish: {:?}", worker.status());
+    loop {
+        let v: Option<i64> = watch
+            .query_opt(
+                "SELECT synced_version FROM lakesync.synced_tables WHERE target_table = 'customer_profiles'",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|r| r.get(0));
+        if v == Some(1) {
+            break;
+        }
+        if let Some(status) = daemon.0.try_wait()? {
+            anyhow::bail!("lakesync serve exited ({status}); see {}", dir.join("lag-serve.log").display());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the initial snapshot did not finish");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    drop(watch);
     eprintln!("bench: {} rows synced; committing ~{per_tick} changed rows/s for {ticks}s", (ticks + 5) * per_tick);
 
     // The watcher: (when seen, synced version) at every change.
@@ -85,15 +116,15 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         })
     };
 
-    // Memory over time (current RSS every 5 s): it must stay flat however long this runs.
-    let rss_samples: Arc<Mutex<Vec<f64>>> = Arc::default();
+    // Memory over time (current RSS of the daemon and of this writer every 5 s): the daemon's
+    // must stay flat however long this runs.
+    let rss_samples: Arc<Mutex<Vec<(f64, f64)>>> = Arc::default();
     let sampler = {
         let samples = rss_samples.clone();
         tokio::spawn(async move {
             loop {
-                if let Some(kb) = proc_status_kb(std::process::id(), "VmRSS") {
-                    samples.lock().unwrap().push(kb as f64 / 1024.0);
-                }
+                let mb = |pid| proc_status_kb(pid, "VmRSS").map(|kb| kb as f64 / 1024.0).unwrap_or(f64::NAN);
+                samples.lock().unwrap().push((mb(daemon_pid), mb(std::process::id())));
                 tokio::time::sleep(Duration::from_secs(5)).await;
             }
         })
@@ -131,10 +162,21 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     watcher.abort();
     sampler.abort();
     let rss_samples = rss_samples.lock().unwrap().clone();
-    let runs = worker.metrics.runs_applied.load(Ordering::Relaxed);
-    let run_micros = worker.metrics.duration_sum_micros.load(Ordering::Relaxed);
-    let run_count = worker.metrics.duration_count.load(Ordering::Relaxed).max(1);
-    daemon.shutdown(Duration::from_secs(10)).await;
+    let daemon_peak = proc_status_kb(daemon_pid, "VmHWM").map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
+    daemon.stop()?;
+    let (runs, mean_run_ms): (i64, f64) = {
+        let row = config
+            .connect()
+            .await?
+            .query_one(
+                "SELECT count(*), coalesce(avg(extract(epoch FROM ended_at - started_at)) * 1000, 0)::float8 \
+                 FROM lakesync.runs WHERE target_table = 'customer_profiles' AND mode = 'triggered' \
+                 AND outcome = 'succeeded'",
+                &[],
+            )
+            .await?;
+        (row.get(0), row.get(1))
+    };
     verify(&config, &table, &delta, last).await.context("verifying the continuously synced table")?;
 
     let seen = seen.lock().unwrap().clone();
@@ -147,7 +189,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         .collect();
     lags.sort_by(f64::total_cmp);
     let pct = |p: f64| lags[((lags.len() as f64 - 1.0) * p).round() as usize];
-    let rss = proc_status_kb(std::process::id(), "VmHWM").map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
+    let writer_peak = proc_status_kb(std::process::id(), "VmHWM").map(|k| k as f64 / 1024.0).unwrap_or(f64::NAN);
     println!(
         "\nlakesync bench continuous: {ticks}s, {} commits, ~{per_tick} changed rows/s, poll {}",
         committed.len(),
@@ -160,13 +202,46 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         println!("| {name} | {:.0} |", pct(p));
     }
     println!("| max | {:.0} |", lags.last().copied().unwrap_or(0.0));
-    if let (Some(first), Some(last)) = (rss_samples.get(1).or(rss_samples.first()), rss_samples.last()) {
-        let max = rss_samples.iter().copied().fold(0.0, f64::max);
-        println!("\nRSS (sampled every 5 s): {first:.0} MB after 5 s, {last:.0} MB at the end, {max:.0} MB at most");
+    let daemon_rss: Vec<f64> = rss_samples.iter().map(|s| s.0).collect();
+    let writer_rss: Vec<f64> = rss_samples.iter().map(|s| s.1).collect();
+    println!("\nRSS in MB, sampled every 5 s: after 5 s, at the end, at most (peak)");
+    for (name, samples, peak) in
+        [("daemon (lakesync serve)", &daemon_rss, daemon_peak), ("writer (this process)", &writer_rss, writer_peak)]
+    {
+        if let (Some(first), Some(last)) = (samples.get(1).or(samples.first()), samples.last()) {
+            let max = samples.iter().copied().fold(0.0, f64::max);
+            println!("- {name}: {first:.0}, {last:.0}, {max:.0} ({peak:.0})");
+        }
     }
-    println!(
-        "\nsync runs: {runs} (mean {:.0} ms); peak RSS of this process (writer + daemon): {rss:.0} MB; Postgres CPU: {pg_cpu:.1} s",
-        run_micros as f64 / run_count as f64 / 1000.0
-    );
+    if daemon_rss.len() >= 8 {
+        // Growth after warm-up: the last quarter's mean against the second quarter's.
+        let q = daemon_rss.len() / 4;
+        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        println!(
+            "- daemon growth after warm-up: {:+.1} MB (mean of the last quarter of samples minus the second quarter's)",
+            mean(&daemon_rss[3 * q..]) - mean(&daemon_rss[q..2 * q])
+        );
+    }
+    println!("\nsync runs: {runs} (mean {mean_run_ms:.0} ms); Postgres CPU: {pg_cpu:.1} s");
     Ok(())
+}
+
+/// The `lakesync serve` child; killed if the bench fails before stopping it.
+struct Serve(Child);
+
+impl Serve {
+    /// SIGTERM, then wait for the clean exit.
+    fn stop(&mut self) -> anyhow::Result<()> {
+        Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status()?;
+        let status = self.0.wait()?;
+        anyhow::ensure!(status.success(), "lakesync serve exited with {status} after SIGTERM");
+        Ok(())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

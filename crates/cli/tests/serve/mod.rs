@@ -11,7 +11,7 @@ use lakesync_delta::sample::{customer_schema, customers};
 use lakesync_delta::write::DeltaWriter;
 use serde_json::{json, Value};
 
-use crate::support::{PyDelta, TestDb};
+use crate::support::{block_on, PyDelta, TestDb};
 
 const TOKEN: &str = "test-token-7f3a";
 
@@ -150,6 +150,7 @@ fn serve_keeps_tables_in_every_mode_in_sync_and_serves_their_rows() {
 listen = "127.0.0.1:0"
 token_env = "LAKESYNC_TEST_TOKEN"
 max_page_size = 50
+statement_timeout = "1s"
 
 [[tables]]
 name = "customers"
@@ -240,6 +241,19 @@ mode = "triggered"
     assert_eq!(err.status, 400);
     assert!(err.json()["error"].as_str().unwrap().contains("no column \"colour\""), "{}", err.body);
     assert_eq!(server.get("/api/v1/tables/crm.orders/rows?limit=51").status, 400);
+
+    // A data query running past statement_timeout is cancelled with 504; here it waits for a
+    // lock another session holds on the table.
+    block_on(async {
+        let locker = db.config().connect().await.unwrap();
+        locker.batch_execute("BEGIN; LOCK TABLE crm.orders IN ACCESS EXCLUSIVE MODE").await.unwrap();
+        let started = Instant::now();
+        let slow = server.get("/api/v1/tables/crm.orders/rows/emea/7");
+        assert_eq!(slow.status, 504, "{}", slow.body);
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+        locker.batch_execute("ROLLBACK").await.unwrap();
+    });
+    assert_eq!(server.get("/api/v1/tables/crm.orders/rows/emea/7").status, 200);
 
     // Continuous mode: new commits arrive without anyone asking.
     let original = writer.files().unwrap();
