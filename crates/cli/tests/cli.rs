@@ -214,3 +214,63 @@ fn killing_lakesync_at_random_points_never_loses_or_duplicates_rows() {
     }
     eprintln!("crash test: {kills} kills in {round} rounds");
 }
+
+/// Runs `lakesync` as a user other than root when we are root (root reads any file, so a
+/// permission error cannot happen to it), or as ourselves otherwise.
+fn lakesync_unprivileged(conn: &str, args: &[&str]) -> Output {
+    let root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
+    let mut cmd = if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(env!("CARGO_BIN_EXE_lakesync"));
+        c
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_lakesync"))
+    };
+    cmd.args(args).args(["--postgres", conn]).output().unwrap()
+}
+
+#[test]
+fn an_unreadable_source_file_fails_naming_the_table_and_changes_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = TestDb::new("cli_permissions");
+    let t = PyDelta::new();
+    let schema = json!([["id", "pa.int64()"], ["name", "pa.string()"]]);
+    t.run(json!([{"op": "create", "schema": schema, "rows": [[1, "a"], [2, "b"]]}]));
+    let parquet = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .collect();
+        files.sort();
+        files
+    };
+    // Everything readable by everyone, so that the unprivileged user can read the table at all.
+    let chmod = Command::new("chmod").arg("-R").arg("a+rX").arg(t.dir.path()).status().unwrap();
+    assert!(chmod.success());
+    let source = t.path().display().to_string();
+    let args = ["sync", "--source", source.as_str(), "--table", "public.people", "--primary-key", "id"];
+    let out = lakesync_unprivileged(&db.conn, &args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let before = parquet(&t.path());
+    t.run(json!([{"op": "append", "schema": schema, "rows": [[3, "c"]]}]));
+    let new_file = parquet(&t.path()).into_iter().find(|p| !before.contains(p)).expect("the appended file");
+    Command::new("chmod").arg("-R").arg("a+rX").arg(t.dir.path()).status().unwrap();
+    std::fs::set_permissions(&new_file, std::fs::Permissions::from_mode(0o000)).unwrap();
+
+    let out = lakesync_unprivileged(&db.conn, &args);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: ") && last.contains(&source) && last.contains("ermission denied"), "{stderr}");
+    assert_eq!(db.value("SELECT synced_version FROM lakesync.synced_tables"), "0");
+    assert_eq!(db.rows("SELECT id FROM public.people ORDER BY id"), ["(1)", "(2)"]);
+
+    // Readable again: the next run applies the change.
+    std::fs::set_permissions(&new_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = lakesync_unprivileged(&db.conn, &args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(db.rows("SELECT id FROM public.people ORDER BY id"), ["(1)", "(2)", "(3)"]);
+}

@@ -97,11 +97,24 @@ fn key_rows(converter: &mut Option<RowConverter>, keys: &[ArrayRef], table: &Tab
 
 /// Pass one: reduces the change rows in `batches` (which need only the key columns, the
 /// change type and the version) to one action per key.
-pub fn plan_keys(table: &TableName, key: &[String], batches: &[RecordBatch]) -> Result<KeyPlan, EngineError> {
+///
+/// Takes the batches as they are read, so planning overlaps the reader's decoding.
+pub fn plan_keys<E>(
+    table: &TableName,
+    key: &[String],
+    batches: impl IntoIterator<Item = Result<RecordBatch, E>>,
+) -> Result<KeyPlan, EngineError>
+where
+    EngineError: From<E>,
+{
     let mut planner: ChangePlanner<Box<[u8]>, ()> = ChangePlanner::new();
     let mut converter = None;
-    for batch in batches.iter().filter(|b| b.num_rows() > 0) {
-        let cols = change_columns(table, key, batch)?;
+    for batch in batches {
+        let batch = batch?;
+        if batch.num_rows() == 0 {
+            continue;
+        }
+        let cols = change_columns(table, key, &batch)?;
         let rows = key_rows(&mut converter, &cols.keys, table)?;
         for i in 0..batch.num_rows() {
             let version = cols.versions.value(i) as Version;
@@ -109,7 +122,7 @@ pub fn plan_keys(table: &TableName, key: &[String], batches: &[RecordBatch]) -> 
             planner.observe(rows.row(i).as_ref().into(), version, kind, ()).map_err(|c| {
                 EngineError::Postgres(PgError::DuplicateKey {
                     table: table.to_string(),
-                    key: key_text(batch, key, i),
+                    key: key_text(&batch, key, i),
                     version: Some(c.version),
                 })
             })?;
@@ -165,7 +178,6 @@ impl KeyPlan {
         // visit heap pages in order rather than at random: several times faster on tables
         // larger than memory, and the order the source files usually hold.
         picks.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        self.deletes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let refs: Vec<&RecordBatch> = full.iter().collect();
         let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
         let mut out = ChangeSet::default();
@@ -191,17 +203,40 @@ impl KeyPlan {
             all.extend([EXPECT_ABSENT_COLUMN.to_string(), VERSION_COLUMN.to_string()]);
             out.upserts.push(batch_of(&all, cols).map_err(internal)?);
         }
-        if !self.deletes.is_empty() {
-            let conv = self.converter.as_ref().expect("deletes imply rows were seen");
-            for chunk in self.deletes.chunks(OUT_BATCH_ROWS) {
-                let parser = conv.parser();
-                let rows: Vec<_> = chunk.iter().map(|(k, _)| parser.parse(k)).collect();
-                let mut cols = conv.convert_rows(rows).map_err(|e| internal(e.to_string()))?;
-                cols.push(Arc::new(Int64Array::from(chunk.iter().map(|(_, v)| *v as i64).collect::<Vec<_>>())));
-                let mut all = key.to_vec();
-                all.push(VERSION_COLUMN.into());
-                out.deletes.push(batch_of(&all, cols).map_err(internal)?);
-            }
+        out.deletes = self.take_deletes(table, key)?;
+        Ok(out)
+    }
+
+    /// How many keys end as upserts.
+    pub fn upsert_count(&self) -> usize {
+        self.upserts.len()
+    }
+
+    /// How many keys end deleted (before [`KeyPlan::take_deletes`]).
+    pub fn delete_count(&self) -> usize {
+        self.deletes.len()
+    }
+
+    /// The keys to delete as batches of the key columns plus the version, in key order; the
+    /// plan keeps only its upserts. Needs no second read, so Postgres can delete while the
+    /// winning rows are read.
+    pub fn take_deletes(&mut self, table: &TableName, key: &[String]) -> Result<Vec<RecordBatch>, EngineError> {
+        let internal = |m: String| EngineError::Internal(format!("table {table}: {m}"));
+        let mut deletes = std::mem::take(&mut self.deletes);
+        let mut out = Vec::new();
+        if deletes.is_empty() {
+            return Ok(out);
+        }
+        deletes.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let conv = self.converter.as_ref().expect("deletes imply rows were seen");
+        for chunk in deletes.chunks(OUT_BATCH_ROWS) {
+            let parser = conv.parser();
+            let rows: Vec<_> = chunk.iter().map(|(k, _)| parser.parse(k)).collect();
+            let mut cols = conv.convert_rows(rows).map_err(|e| internal(e.to_string()))?;
+            cols.push(Arc::new(Int64Array::from(chunk.iter().map(|(_, v)| *v as i64).collect::<Vec<_>>())));
+            let mut all = key.to_vec();
+            all.push(VERSION_COLUMN.into());
+            out.push(batch_of(&all, cols).map_err(internal)?);
         }
         Ok(out)
     }

@@ -298,27 +298,50 @@ async fn triggered(
         while chunk_start <= seg_end {
             let chunk_end = (chunk_start + req.versions_per_transaction.max(1) - 1).min(seg_end);
             let t = std::time::Instant::now();
-            let keys_only = read_changes(source, chunk_start, chunk_end, Some(key.to_vec())).await?;
-            let plan = plan_keys(table, key, &keys_only)?;
-            drop(keys_only);
+            let plan = {
+                let (source, table, key) = (source.clone(), table.clone(), key.to_vec());
+                tokio::task::spawn_blocking(move || {
+                    plan_keys(&table, &key, source.changes(chunk_start, chunk_end, Some(&key))?)
+                })
+                .await
+                .map_err(|e| EngineError::Internal(format!("change planner panicked: {e}")))??
+            };
             let planned_ms = t.elapsed().as_millis();
-            let mut full = Vec::new();
-            for (a, b) in version_runs(&plan.upsert_versions()) {
-                full.extend(read_changes(source, a, b, None).await?);
-            }
-            let mut changes = plan.into_change_set(table, &schema, key, &full)?;
-            drop(full);
+            let mut plan = plan;
+            let deletes = plan.take_deletes(table, key)?;
+            let changed_rows = deletes.iter().map(|b| b.num_rows()).sum::<usize>() + plan.upsert_count();
+            // Pass two (the winning rows) and the checkpoint's facts are read while Postgres
+            // deletes.
+            let pass_two = {
+                let (source, table, key, schema, end) =
+                    (source.clone(), table.clone(), key.to_vec(), schema.clone(), end.clone());
+                // With --dedup-by the table holds fewer rows than the source by design, so the
+                // row-count check cannot apply.
+                let count_rows = req.policy.dedup_by.is_none();
+                tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
+                    let mut full = Vec::new();
+                    for (a, b) in version_runs(&plan.upsert_versions()) {
+                        full.extend(source.changes(a, b, None)?.collect::<Result<Vec<_>, _>>()?);
+                    }
+                    let upserts = plan.into_change_set(&table, &schema, &key, &full)?.upserts;
+                    drop(full);
+                    let at = if chunk_end == end_version { end } else { source.snapshot(Some(chunk_end))? };
+                    let checkpoint =
+                        Checkpoint { version: chunk_end, commit_timestamp_ms: Some(at.commit_timestamp_ms()?) };
+                    let source_rows = if count_rows { at.row_count()? } else { None };
+                    Ok((upserts, checkpoint, source_rows))
+                })
+            };
+            let added_now = std::mem::take(&mut added);
+            let mut apply = sink.begin_changes(&schema, key, &added_now, changed_rows).await?;
+            apply.delete(&deletes).await?;
+            drop(deletes);
+            let (upserts, checkpoint, source_rows) =
+                pass_two.await.map_err(|e| EngineError::Internal(format!("change reader panicked: {e}")))??;
             tracing::debug!(table = %table, from = chunk_start, to = chunk_end, planned_ms, read_ms = t.elapsed().as_millis(), "read the change feed");
-            changes.added_columns = std::mem::take(&mut added);
-            let at = if chunk_end == end_version { end.clone() } else { snapshot_at(source, Some(chunk_end)).await? };
-            let checkpoint = Checkpoint { version: chunk_end, commit_timestamp_ms: Some(commit_ts(&at).await?) };
-            // With --dedup-by the table holds fewer rows than the source by design, so the
-            // row-count check cannot apply.
-            let source_rows =
-                if req.policy.dedup_by.is_some() { None } else { blocking(move || at.row_count()).await? };
-            let counts = sink
-                .apply_changes(&schema, key, &changes, id, checkpoint, source_rows, chunk_end == end_version)
-                .await?;
+            apply.upsert(&upserts).await?;
+            drop(upserts);
+            let counts = apply.commit(id, checkpoint, source_rows, chunk_end == end_version).await?;
             tracing::info!(table = %table, from = chunk_start, to = chunk_end, inserted = counts.inserted, updated = counts.updated, deleted = counts.deleted, "applied changes");
             total.inserted += counts.inserted;
             total.updated += counts.updated;
@@ -349,16 +372,6 @@ async fn first_schema_change(
         }
     }
     Ok(lo)
-}
-
-async fn read_changes(
-    source: &DeltaTable,
-    start: Version,
-    end: Version,
-    columns: Option<Vec<String>>,
-) -> Result<Vec<arrow_array::RecordBatch>, EngineError> {
-    let source = source.clone();
-    Ok(blocking(move || source.changes(start, end, columns.as_deref())?.collect::<Result<Vec<_>, _>>()).await?)
 }
 
 async fn snapshot_at(source: &DeltaTable, version: Option<Version>) -> Result<TableSnapshot, EngineError> {

@@ -2,13 +2,14 @@
 //! in one transaction that also records the new synced version.
 //!
 //! Upserted rows and deleted keys are bulk-loaded with binary COPY into temporary tables, then
-//! applied with one `DELETE .. USING`, one `UPDATE .. FROM` and one `INSERT .. SELECT`. No statement
-//! is issued per row.
+//! applied with one `DELETE .. USING`, one `INSERT .. SELECT` of the rows whose key is new in
+//! the range, and one `MERGE` (see [`crate::snapshot`]'s `merge_from`) for the rest. No
+//! statement is issued per row.
 
 use arrow_array::RecordBatch;
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
-use lakesync_core::{Column, ColumnType, TableSchema, Version};
+use lakesync_core::{Column, ColumnType, DataPolicy, TableName, TableSchema, Version};
 
 use crate::copy::{HEADER, TRAILER};
 use crate::ddl::{column_definition, column_list, ident, qualified};
@@ -33,31 +34,35 @@ pub struct ChangeSet {
     pub added_columns: Vec<Column>,
 }
 
+/// One chunk's transaction, open: deletes and upserts go in as they become known (the caller
+/// can read the upserted rows while Postgres deletes), then [`ChangeApply::commit`] records
+/// the checkpoint with them. Dropping it without committing rolls everything back.
+pub struct ChangeApply<'a> {
+    tx: tokio_postgres::Transaction<'a>,
+    target: TableName,
+    policy: DataPolicy,
+    schema: &'a TableSchema,
+    key: &'a [String],
+    counts: RowCounts,
+}
+
 impl Sink {
-    /// Applies `changes` and records `checkpoint` in one transaction. `final_chunk` marks the
-    /// last chunk of the run (the run is then recorded as succeeded).
-    ///
-    /// `source_rows` is the source's row count at the checkpoint version, when known: if the
-    /// table would then hold a different number of rows, the change feed disagrees with the
-    /// table, nothing is committed and [`PgError::Drift`] is returned.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn apply_changes(
-        &mut self,
-        schema: &TableSchema,
-        key: &[String],
-        changes: &ChangeSet,
-        run_id: i64,
-        checkpoint: Checkpoint,
-        source_rows: Option<u64>,
-        final_chunk: bool,
-    ) -> Result<RowCounts, PgError> {
+    /// Begins applying one chunk of changes: opens the transaction and adds the source's new
+    /// columns. `changed_rows` is how many deletes and upserts the chunk holds (it decides how
+    /// Postgres joins them to the table).
+    pub async fn begin_changes<'a>(
+        &'a mut self,
+        schema: &'a TableSchema,
+        key: &'a [String],
+        added_columns: &[Column],
+        changed_rows: usize,
+    ) -> Result<ChangeApply<'a>, PgError> {
         let target = self.table.clone();
         let policy = self.policy.clone();
         let t = qualified(&target);
-        let mut tx = self.client.transaction().await.map_err(PgError::query(&target, "begin"))?;
-        if !changes.added_columns.is_empty() {
-            let adds = changes
-                .added_columns
+        let tx = self.client.transaction().await.map_err(PgError::query(&target, "begin"))?;
+        if !added_columns.is_empty() {
+            let adds = added_columns
                 .iter()
                 .map(|c| format!("ADD COLUMN IF NOT EXISTS {}", column_definition(c, false)))
                 .collect::<Vec<_>>()
@@ -70,7 +75,6 @@ impl Sink {
         // and without them the planner picks hash or merge joins that read the whole table;
         // probing the key index per change row is what a small change set wants. (ANALYZE of
         // the temporary tables would tell the planner, but costs more than the probes.)
-        let changed_rows: usize = changes.upserts.iter().chain(&changes.deletes).map(|b| b.num_rows()).sum();
         let table_rows: Option<i64> = tx
             .query_one(
                 "SELECT row_count FROM lakesync.synced_tables WHERE target_schema = $1 AND target_table = $2",
@@ -86,114 +90,158 @@ impl Sink {
                 .await
                 .map_err(PgError::query(&target, "plan for a small change set"))?;
         }
-        let key_cols: Vec<&Column> =
-            key.iter().map(|k| schema.column(k).expect("key validated against schema")).collect();
+        Ok(ChangeApply { tx, target, policy, schema, key, counts: RowCounts::default() })
+    }
+}
 
-        // Deletes.
-        let mut deleted = 0;
-        if changes.deletes.iter().any(|b| b.num_rows() > 0) {
-            let defs = key_cols.iter().map(|c| column_definition(c, false)).collect::<Vec<_>>().join(", ");
-            tx.batch_execute(&format!(
-                "CREATE TEMP TABLE _lakesync_deletes ({defs}, {VERSION_COLUMN} bigint) ON COMMIT DROP"
-            ))
-            .await
-            .map_err(PgError::query(&target, "create the delete table"))?;
-            let mut names: Vec<String> = key.to_vec();
-            names.push(VERSION_COLUMN.into());
-            let mut types: Vec<ColumnType> = key_cols.iter().map(|c| c.ty).collect();
-            types.push(ColumnType::Int64);
-            let layout =
-                CopyLayout { target: target.clone(), columns: names, types, key: key.to_vec(), policy: policy.clone() };
-            copy_batches(&tx, "_lakesync_deletes", &layout, &changes.deletes).await?;
-            let on = key.iter().map(|k| format!("t.{0} = d.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
-            deleted = tx
-                .execute(&format!("DELETE FROM {t} t USING _lakesync_deletes d WHERE {on}"), &[])
-                .await
-                .map_err(PgError::query(&target, "delete rows"))?;
+impl ChangeApply<'_> {
+    /// Deletes the keys in `deletes` (key columns plus [`VERSION_COLUMN`]).
+    pub async fn delete(&mut self, deletes: &[RecordBatch]) -> Result<(), PgError> {
+        if !deletes.iter().any(|b| b.num_rows() > 0) {
+            return Ok(());
         }
+        let (tx, target, key) = (&self.tx, &self.target, self.key);
+        let key_cols: Vec<&Column> =
+            key.iter().map(|k| self.schema.column(k).expect("key validated against schema")).collect();
+        let defs = key_cols.iter().map(|c| column_definition(c, false)).collect::<Vec<_>>().join(", ");
+        tx.batch_execute(&format!(
+            "CREATE TEMP TABLE _lakesync_deletes ({defs}, {VERSION_COLUMN} bigint) ON COMMIT DROP"
+        ))
+        .await
+        .map_err(PgError::query(target, "create the delete table"))?;
+        let mut names: Vec<String> = key.to_vec();
+        names.push(VERSION_COLUMN.into());
+        let mut types: Vec<ColumnType> = key_cols.iter().map(|c| c.ty).collect();
+        types.push(ColumnType::Int64);
+        let layout = CopyLayout {
+            target: target.clone(),
+            columns: names,
+            types,
+            key: key.to_vec(),
+            policy: self.policy.clone(),
+        };
+        copy_batches(tx, "_lakesync_deletes", &layout, deletes).await?;
+        let on = key.iter().map(|k| format!("t.{0} = d.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
+        self.counts.deleted += tx
+            .execute(&format!("DELETE FROM {} t USING _lakesync_deletes d WHERE {on}", qualified(target)), &[])
+            .await
+            .map_err(PgError::query(target, "delete rows"))?;
+        Ok(())
+    }
 
-        // Upserts.
-        let (mut inserted, mut updated) = (0, 0);
-        if changes.upserts.iter().any(|b| b.num_rows() > 0) {
-            let defs = schema.columns.iter().map(|c| column_definition(c, false)).collect::<Vec<_>>().join(", ");
-            tx.batch_execute(&format!(
+    /// Inserts or updates the rows in `upserts` (the table's columns plus
+    /// [`EXPECT_ABSENT_COLUMN`] and [`VERSION_COLUMN`]).
+    pub async fn upsert(&mut self, upserts: &[RecordBatch]) -> Result<(), PgError> {
+        if !upserts.iter().any(|b| b.num_rows() > 0) {
+            return Ok(());
+        }
+        let (schema, key) = (self.schema, self.key);
+        let target = self.target.clone();
+        let t = qualified(&target);
+        let defs = schema.columns.iter().map(|c| column_definition(c, false)).collect::<Vec<_>>().join(", ");
+        self.tx
+            .batch_execute(&format!(
                 "CREATE TEMP TABLE _lakesync_upserts ({defs}, {EXPECT_ABSENT_COLUMN} boolean, {VERSION_COLUMN} bigint) ON COMMIT DROP"
             ))
             .await
             .map_err(PgError::query(&target, "create the upsert table"))?;
-            let mut names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
-            names.push(EXPECT_ABSENT_COLUMN.into());
-            names.push(VERSION_COLUMN.into());
-            let mut types: Vec<ColumnType> = schema.columns.iter().map(|c| c.ty).collect();
-            types.push(ColumnType::Boolean);
-            types.push(ColumnType::Int64);
-            let layout =
-                CopyLayout { target: target.clone(), columns: names, types, key: key.to_vec(), policy: policy.clone() };
-            copy_batches(&tx, "_lakesync_upserts", &layout, &changes.upserts).await?;
-            // A key whose first change in the range is an insert must not be there already, so
-            // those rows are plainly inserted: the key index's uniqueness check is the
-            // existence check. If one is there, the source holds two rows with that key; the
-            // savepoint lets us find which (and at which version) before failing the run.
-            let cols = column_list(schema.columns.iter().map(|c| c.name.as_str()), None);
-            let new_rows = {
-                let sp = tx.savepoint("lakesync_new_rows").await.map_err(PgError::query(&target, "set a savepoint"))?;
-                match sp
-                    .execute(
-                        &format!("INSERT INTO {t} ({cols}) SELECT {cols} FROM _lakesync_upserts WHERE {EXPECT_ABSENT_COLUMN}"),
+        let mut names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
+        names.push(EXPECT_ABSENT_COLUMN.into());
+        names.push(VERSION_COLUMN.into());
+        let mut types: Vec<ColumnType> = schema.columns.iter().map(|c| c.ty).collect();
+        types.push(ColumnType::Boolean);
+        types.push(ColumnType::Int64);
+        let layout = CopyLayout {
+            target: target.clone(),
+            columns: names,
+            types,
+            key: key.to_vec(),
+            policy: self.policy.clone(),
+        };
+        copy_batches(&self.tx, "_lakesync_upserts", &layout, upserts).await?;
+        // A key whose first change in the range is an insert must not be there already, so
+        // those rows are plainly inserted: the key index's uniqueness check is the
+        // existence check. If one is there, the source holds two rows with that key; the
+        // savepoint lets us find which (and at which version) before failing the run.
+        let cols = column_list(schema.columns.iter().map(|c| c.name.as_str()), None);
+        let new_rows = {
+            let sp =
+                self.tx.savepoint("lakesync_new_rows").await.map_err(PgError::query(&target, "set a savepoint"))?;
+            match sp
+                .execute(
+                    &format!(
+                        "INSERT INTO {t} ({cols}) SELECT {cols} FROM _lakesync_upserts WHERE {EXPECT_ABSENT_COLUMN}"
+                    ),
+                    &[],
+                )
+                .await
+            {
+                Ok(n) => {
+                    sp.commit().await.map_err(PgError::query(&target, "insert new rows"))?;
+                    Ok(n)
+                }
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                    sp.rollback().await.map_err(PgError::query(&target, "insert new rows"))?;
+                    Err(e)
+                }
+                Err(e) => return Err(PgError::query(&target, "insert new rows")(e)),
+            }
+        };
+        let inserted = match new_rows {
+            Ok(n) => n,
+            Err(e) => {
+                let on = key.iter().map(|k| format!("t.{0} = u.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
+                let key_shown =
+                    key.iter().map(|k| format!("u.{}::text", ident(k))).collect::<Vec<_>>().join(" || ',' || ");
+                let dup = self
+                    .tx
+                    .query_opt(
+                        &format!(
+                            "SELECT {key_shown}, u.{VERSION_COLUMN} FROM _lakesync_upserts u JOIN {t} t ON {on} \
+                             WHERE u.{EXPECT_ABSENT_COLUMN} LIMIT 1"
+                        ),
                         &[],
                     )
                     .await
-                {
-                    Ok(n) => {
-                        sp.commit().await.map_err(PgError::query(&target, "insert new rows"))?;
-                        Ok(n)
-                    }
-                    Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
-                        sp.rollback().await.map_err(PgError::query(&target, "insert new rows"))?;
-                        Err(e)
-                    }
-                    Err(e) => return Err(PgError::query(&target, "insert new rows")(e)),
-                }
-            };
-            inserted = match new_rows {
-                Ok(n) => n,
-                Err(e) => {
-                    let on = key.iter().map(|k| format!("t.{0} = u.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
-                    let key_shown =
-                        key.iter().map(|k| format!("u.{}::text", ident(k))).collect::<Vec<_>>().join(" || ',' || ");
-                    let dup = tx
-                        .query_opt(
-                            &format!(
-                                "SELECT {key_shown}, u.{VERSION_COLUMN} FROM _lakesync_upserts u JOIN {t} t ON {on} \
-                                 WHERE u.{EXPECT_ABSENT_COLUMN} LIMIT 1"
-                            ),
-                            &[],
-                        )
-                        .await
-                        .map_err(PgError::query(&target, "check for duplicate keys"))?;
-                    return Err(match dup {
-                        Some(row) => PgError::DuplicateKey {
-                            table: target.to_string(),
-                            key: format!("({})=({})", key.join(", "), row.get::<_, String>(0)),
-                            version: Some(row.get::<_, i64>(1) as Version),
-                        },
-                        None => PgError::query(&target, "insert new rows")(e),
-                    });
-                }
-            };
-            let (more_inserted, u) = merge_from(
-                &tx,
-                &target,
-                &format!("(SELECT * FROM _lakesync_upserts WHERE NOT {EXPECT_ABSENT_COLUMN})"),
-                "u",
-                schema,
-                key,
-            )
-            .await?;
-            inserted += more_inserted;
-            updated = u;
-        }
-        let counts = RowCounts { inserted, updated, deleted };
+                    .map_err(PgError::query(&target, "check for duplicate keys"))?;
+                return Err(match dup {
+                    Some(row) => PgError::DuplicateKey {
+                        table: target.to_string(),
+                        key: format!("({})=({})", key.join(", "), row.get::<_, String>(0)),
+                        version: Some(row.get::<_, i64>(1) as Version),
+                    },
+                    None => PgError::query(&target, "insert new rows")(e),
+                });
+            }
+        };
+        let (more_inserted, updated) = merge_from(
+            &self.tx,
+            &target,
+            &format!("(SELECT * FROM _lakesync_upserts WHERE NOT {EXPECT_ABSENT_COLUMN})"),
+            "u",
+            schema,
+            key,
+        )
+        .await?;
+        self.counts.inserted += inserted + more_inserted;
+        self.counts.updated += updated;
+        Ok(())
+    }
+
+    /// Records `checkpoint` (and the run's progress; `final_chunk` marks the run succeeded)
+    /// and commits.
+    ///
+    /// `source_rows` is the source's row count at the checkpoint version, when known: if the
+    /// table would then hold a different number of rows, the change feed disagrees with the
+    /// table, nothing is committed and [`PgError::Drift`] is returned.
+    pub async fn commit(
+        self,
+        run_id: i64,
+        checkpoint: Checkpoint,
+        source_rows: Option<u64>,
+        final_chunk: bool,
+    ) -> Result<RowCounts, PgError> {
+        let (tx, target, counts) = (self.tx, self.target, self.counts);
         let rows = state::commit_checkpoint(&tx, &target, run_id, checkpoint, counts, None, final_chunk).await?;
         if let (Some(expected), Some(actual)) = (source_rows, rows) {
             if expected != actual {

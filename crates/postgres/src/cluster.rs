@@ -60,13 +60,21 @@ impl LocalCluster {
         for (name, value) in settings {
             opts.push_str(&format!(" -c {name}={value}"));
         }
+        let log = cluster.dir.join("postgres.log");
         run(cluster
             .command("pg_ctl")
             .args(["-w", "-t", "60", "-D"])
             .arg(&data)
             .arg("-l")
-            .arg(cluster.dir.join("postgres.log"))
-            .args(["-o", &opts, "start"]))?;
+            .arg(&log)
+            .args(["-o", &opts, "start"]))
+        .map_err(|e| {
+            // pg_ctl says only "examine the log output"; the log may be gone with its directory
+            // by the time anyone looks, so the error carries its end.
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect();
+            PgError::Cluster(format!("{e}\nserver log ({}):\n{}", log.display(), tail.join("\n")))
+        })?;
         Ok(cluster)
     }
 
