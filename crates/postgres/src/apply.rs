@@ -103,24 +103,7 @@ impl ChangeApply<'_> {
         let (tx, target, key) = (&self.tx, &self.target, self.key);
         let key_cols: Vec<&Column> =
             key.iter().map(|k| self.schema.column(k).expect("key validated against schema")).collect();
-        let defs = key_cols.iter().map(|c| column_definition(c, false)).collect::<Vec<_>>().join(", ");
-        tx.batch_execute(&format!(
-            "CREATE TEMP TABLE _lakesync_deletes ({defs}, {VERSION_COLUMN} bigint) ON COMMIT DROP"
-        ))
-        .await
-        .map_err(PgError::query(target, "create the delete table"))?;
-        let mut names: Vec<String> = key.to_vec();
-        names.push(VERSION_COLUMN.into());
-        let mut types: Vec<ColumnType> = key_cols.iter().map(|c| c.ty).collect();
-        types.push(ColumnType::Int64);
-        let layout = CopyLayout {
-            target: target.clone(),
-            columns: names,
-            types,
-            key: key.to_vec(),
-            policy: self.policy.clone(),
-        };
-        copy_batches(tx, "_lakesync_deletes", &layout, deletes).await?;
+        self.stage("_lakesync_deletes", &key_cols, &[(VERSION_COLUMN, ColumnType::Int64)], deletes).await?;
         let on = key.iter().map(|k| format!("t.{0} = d.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
         self.counts.deleted += tx
             .execute(&format!("DELETE FROM {} t USING _lakesync_deletes d WHERE {on}", qualified(target)), &[])
@@ -138,27 +121,9 @@ impl ChangeApply<'_> {
         let (schema, key) = (self.schema, self.key);
         let target = self.target.clone();
         let t = qualified(&target);
-        let defs = schema.columns.iter().map(|c| column_definition(c, false)).collect::<Vec<_>>().join(", ");
-        self.tx
-            .batch_execute(&format!(
-                "CREATE TEMP TABLE _lakesync_upserts ({defs}, {EXPECT_ABSENT_COLUMN} boolean, {VERSION_COLUMN} bigint) ON COMMIT DROP"
-            ))
-            .await
-            .map_err(PgError::query(&target, "create the upsert table"))?;
-        let mut names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
-        names.push(EXPECT_ABSENT_COLUMN.into());
-        names.push(VERSION_COLUMN.into());
-        let mut types: Vec<ColumnType> = schema.columns.iter().map(|c| c.ty).collect();
-        types.push(ColumnType::Boolean);
-        types.push(ColumnType::Int64);
-        let layout = CopyLayout {
-            target: target.clone(),
-            columns: names,
-            types,
-            key: key.to_vec(),
-            policy: self.policy.clone(),
-        };
-        copy_batches(&self.tx, "_lakesync_upserts", &layout, upserts).await?;
+        let columns: Vec<&Column> = schema.columns.iter().collect();
+        let extra = [(EXPECT_ABSENT_COLUMN, ColumnType::Boolean), (VERSION_COLUMN, ColumnType::Int64)];
+        self.stage("_lakesync_upserts", &columns, &extra, upserts).await?;
         // A key whose first change in the range is an insert must not be there already, so
         // those rows are plainly inserted: the key index's uniqueness check is the
         // existence check. If one is there, the source holds two rows with that key; the
@@ -226,6 +191,35 @@ impl ChangeApply<'_> {
         self.counts.inserted += inserted + more_inserted;
         self.counts.updated += updated;
         Ok(())
+    }
+
+    /// Creates the temporary table `temp` (dropped at commit) with `columns` and our `extra`
+    /// columns, and COPYs `batches` into it.
+    async fn stage(
+        &self,
+        temp: &str,
+        columns: &[&Column],
+        extra: &[(&str, ColumnType)],
+        batches: &[RecordBatch],
+    ) -> Result<(), PgError> {
+        let defs = columns
+            .iter()
+            .map(|c| column_definition(c, false))
+            .chain(extra.iter().map(|(name, ty)| format!("{name} {}", ty.postgres_type())))
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.tx
+            .batch_execute(&format!("CREATE TEMP TABLE {temp} ({defs}) ON COMMIT DROP"))
+            .await
+            .map_err(PgError::query(&self.target, format!("create {temp}")))?;
+        let layout = CopyLayout {
+            target: self.target.clone(),
+            columns: columns.iter().map(|c| c.name.clone()).chain(extra.iter().map(|(n, _)| n.to_string())).collect(),
+            types: columns.iter().map(|c| c.ty).chain(extra.iter().map(|(_, ty)| *ty)).collect(),
+            key: self.key.to_vec(),
+            policy: self.policy.clone(),
+        };
+        copy_batches(&self.tx, temp, &layout, batches).await
     }
 
     /// Records `checkpoint` (and the run's progress; `final_chunk` marks the run succeeded)
