@@ -33,11 +33,33 @@ const ENGINE_INFO: &str = concat!("lakesync/", env!("CARGO_PKG_VERSION"));
 pub struct DeltaWriter {
     uri: String,
     url: Url,
-    engine: Arc<DefaultEngine<TokioMultiThreadExecutor>>,
-    runtime: tokio::runtime::Runtime,
+    /// The kernel engine (with its own runtime) and a runtime for our async calls; `None` only
+    /// while being dropped.
+    kernel: Option<(Arc<DefaultEngine<TokioMultiThreadExecutor>>, tokio::runtime::Runtime)>,
+}
+
+impl Drop for DeltaWriter {
+    fn drop(&mut self) {
+        // Tokio refuses to drop a runtime on an async worker thread (it would block it), and a
+        // writer held in async code is dropped there on every early return; hand the runtimes
+        // to a thread of their own then.
+        if let Some(kernel) = self.kernel.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                std::thread::spawn(move || drop(kernel));
+            }
+        }
+    }
 }
 
 impl DeltaWriter {
+    fn engine(&self) -> &DefaultEngine<TokioMultiThreadExecutor> {
+        &self.kernel.as_ref().expect("present until drop").0
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.kernel.as_ref().expect("present until drop").1
+    }
+
     /// Creates a new, empty table at the local directory `path` with the columns of `schema`
     /// and the given table properties (e.g. `delta.enableChangeDataFeed = true`).
     /// Must not be called from inside an async runtime's worker thread.
@@ -54,8 +76,8 @@ impl DeltaWriter {
         let kernel_schema = Arc::new(StructType::try_from_arrow(schema).map_err(|e| writer.err(e.into()))?);
         let result = create_table(writer.url.as_str(), kernel_schema, ENGINE_INFO, true)
             .with_table_properties(properties.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-            .build(writer.engine.as_ref(), Box::new(FileSystemCommitter::new()))
-            .and_then(|txn| txn.commit(writer.engine.as_ref()))
+            .build(writer.engine(), Box::new(FileSystemCommitter::new()))
+            .and_then(|txn| txn.commit(writer.engine()))
             .map_err(|e| writer.err(e))?;
         writer.commit(result)?;
         Ok(writer)
@@ -75,7 +97,7 @@ impl DeltaWriter {
         let engine = Arc::new(DefaultEngineBuilder::new(store).with_task_executor(Arc::new(executor)).build());
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| shape(e.to_string()))?;
-        Ok(Self { uri, url, engine, runtime })
+        Ok(Self { uri, url, kernel: Some((engine, runtime)) })
     }
 
     fn err(&self, source: KernelError) -> DeltaError {
@@ -83,7 +105,7 @@ impl DeltaWriter {
     }
 
     fn latest(&self) -> Result<SnapshotRef, DeltaError> {
-        Snapshot::builder_for(self.url.as_str()).build(self.engine.as_ref()).map_err(|e| self.err(e))
+        Snapshot::builder_for(self.url.as_str()).build(self.engine()).map_err(|e| self.err(e))
     }
 
     /// A transaction on the latest version, with that version's snapshot.
@@ -92,7 +114,7 @@ impl DeltaWriter {
         let txn = snapshot
             .clone()
             .update_table(operation, ENGINE_INFO, true)
-            .build(self.engine.as_ref(), Box::new(FileSystemCommitter::new()))
+            .build(self.engine(), Box::new(FileSystemCommitter::new()))
             .map_err(|e| self.err(e))?;
         Ok((snapshot, txn))
     }
@@ -102,7 +124,7 @@ impl DeltaWriter {
     fn scan_files(&self, snapshot: &SnapshotRef) -> Result<Vec<(RecordBatch, Vec<bool>)>, DeltaError> {
         let scan = snapshot.clone().scan_builder().build().map_err(|e| self.err(e))?;
         let mut out = Vec::new();
-        for meta in scan.scan_metadata(self.engine.as_ref()).map_err(|e| self.err(e))? {
+        for meta in scan.scan_metadata(self.engine()).map_err(|e| self.err(e))? {
             let (data, mut selected) = meta.map_err(|e| self.err(e))?.scan_files.into_parts();
             let batch: RecordBatch = (*ArrowEngineData::try_from_engine_data(data).map_err(|e| self.err(e))?).into();
             selected.resize(batch.num_rows(), true);
@@ -132,13 +154,13 @@ impl DeltaWriter {
         let mut paths = Vec::new();
         for batch in batches {
             let data = ArrowEngineData::new(batch);
-            let added = self.runtime.block_on(self.engine.write_parquet(&data, &ctx)).map_err(|e| self.err(e))?;
+            let added = self.runtime().block_on(self.engine().write_parquet(&data, &ctx)).map_err(|e| self.err(e))?;
             let meta: RecordBatch = (*ArrowEngineData::try_from_engine_data(added).map_err(|e| self.err(e))?).into();
             let path = path_column(&meta);
             paths.extend((0..meta.num_rows()).map(|i| path.value(i).to_string()));
             txn.add_files(Box::new(ArrowEngineData::new(meta)));
         }
-        let version = self.commit(txn.commit(self.engine.as_ref()).map_err(|e| self.err(e))?)?;
+        let version = self.commit(txn.commit(self.engine()).map_err(|e| self.err(e))?)?;
         Ok((version, paths))
     }
 
@@ -147,7 +169,7 @@ impl DeltaWriter {
     pub fn checkpoint(&self) -> Result<Version, DeltaError> {
         // (Tested by the continuous benchmark, which checkpoints every 10 commits.)
         let snapshot = self.latest()?;
-        snapshot.checkpoint(self.engine.as_ref(), None).map_err(|e| self.err(e))?;
+        snapshot.checkpoint(self.engine(), None).map_err(|e| self.err(e))?;
         Ok(snapshot.version())
     }
 
@@ -172,7 +194,7 @@ impl DeltaWriter {
             }
             txn.remove_files(self.filtered(batch, selected)?);
         }
-        self.commit(txn.commit(self.engine.as_ref()).map_err(|e| self.err(e))?)
+        self.commit(txn.commit(self.engine()).map_err(|e| self.err(e))?)
     }
 
     /// Deletes rows by position with deletion vectors, in one commit (a `DELETE` that keeps
@@ -209,7 +231,7 @@ impl DeltaWriter {
             .map(|(batch, selected)| self.filtered(batch, selected))
             .collect::<Result<Vec<_>, _>>()?;
         txn.update_deletion_vectors(descriptors, files.into_iter().map(Ok)).map_err(|e| self.err(e))?;
-        self.commit(txn.commit(self.engine.as_ref()).map_err(|e| self.err(e))?)
+        self.commit(txn.commit(self.engine()).map_err(|e| self.err(e))?)
     }
 
     fn commit<S>(&self, result: CommitResult<S>) -> Result<Version, DeltaError> {

@@ -308,6 +308,32 @@ fn a_null_primary_key_fails_naming_table_column_and_version() {
 }
 
 #[test]
+fn state_left_by_an_older_build_is_brought_up_to_date() {
+    // The state tables as the first builds created them, before row counts, commit
+    // timestamps and run reasons were recorded.
+    let db = TestDb::new("old_state");
+    db.execute(
+        "CREATE SCHEMA lakesync; \
+         CREATE TABLE lakesync.synced_tables (target_schema text NOT NULL, target_table text NOT NULL, \
+           source_uri text NOT NULL, primary_key text[] NOT NULL, synced_version bigint, state text NOT NULL, \
+           PRIMARY KEY (target_schema, target_table)); \
+         CREATE TABLE lakesync.runs (run_id bigserial PRIMARY KEY, target_schema text NOT NULL, \
+           target_table text NOT NULL, started_at timestamptz NOT NULL DEFAULT clock_timestamp(), \
+           mode text NOT NULL, outcome text NOT NULL); \
+         CREATE INDEX runs_by_table ON lakesync.runs (target_schema, target_table, run_id DESC)",
+    );
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    t.run(json!([{"op": "delete", "predicate": "id = 2"}]));
+    db.sync(&req).unwrap();
+    assert_eq!(db.rows("SELECT id FROM public.people"), ["(1)"]);
+    assert_eq!(db.value("SELECT row_count FROM lakesync.synced_tables"), "1");
+    assert_eq!(runs(&db), ["(snapshot,succeeded,,0,2,0,0)", "(triggered,succeeded,0,1,0,0,1)"]);
+}
+
+#[test]
 fn tables_first_synced_at_once_into_a_new_schema_all_succeed() {
     // Two first runs racing to create the same schema: the loser must not fail (serve starts
     // all its tables at once, and several often share a schema).

@@ -61,16 +61,44 @@ CREATE TABLE IF NOT EXISTS lakesync.runs (
     error text
 );
 CREATE INDEX IF NOT EXISTS runs_by_table ON lakesync.runs (target_schema, target_table, run_id DESC);
+-- State written by older lakesync builds lacks later columns; add them (no-ops otherwise).
+ALTER TABLE lakesync.synced_tables
+    ADD COLUMN IF NOT EXISTS synced_commit_timestamp timestamptz,
+    ADD COLUMN IF NOT EXISTS row_count bigint,
+    ADD COLUMN IF NOT EXISTS last_error text,
+    ADD COLUMN IF NOT EXISTS rows_inserted bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS rows_updated bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS rows_deleted bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS runs_succeeded bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS runs_failed bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now();
+ALTER TABLE lakesync.runs
+    ADD COLUMN IF NOT EXISTS ended_at timestamptz,
+    ADD COLUMN IF NOT EXISTS reason text,
+    ADD COLUMN IF NOT EXISTS from_version bigint,
+    ADD COLUMN IF NOT EXISTS to_version bigint,
+    ADD COLUMN IF NOT EXISTS rows_inserted bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS rows_updated bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS rows_deleted bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS error text;
+COMMENT ON TABLE lakesync.synced_tables IS 'lakesync state v2';
 "#;
+
+/// Marks state created (or brought up to date) by this build's [`STATE_DDL`]; change it
+/// whenever the DDL changes, so existing state gets the new columns.
+const STATE_MARK: &str = "lakesync state v2";
 
 /// Creates the state schema if needed. Serialized by a transaction-level advisory lock so
 /// concurrent first runs do not race on `CREATE ... IF NOT EXISTS`.
 pub async fn ensure_schema(client: &mut Client) -> Result<(), PgError> {
-    // The common case (every run of `serve`'s continuous tables) is one catalog lookup.
+    // The common case (every run of `serve`'s continuous tables) is one catalog lookup; state
+    // left by an older build lacks the mark and is brought up to date below.
     let present: bool = client
         .query_one(
-            "SELECT to_regclass('lakesync.synced_tables') IS NOT NULL AND to_regclass('lakesync.runs_by_table') IS NOT NULL",
-            &[],
+            "SELECT coalesce(obj_description(to_regclass('lakesync.synced_tables'), 'pg_class') = $1, false) \
+             AND to_regclass('lakesync.runs_by_table') IS NOT NULL",
+            &[&STATE_MARK],
         )
         .await
         .map_err(PgError::query("lakesync state", "look for the lakesync state schema"))?
