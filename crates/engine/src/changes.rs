@@ -1,4 +1,5 @@
-//! From change data feed batches to the net [`ChangeSet`] of a chunk of versions.
+//! From change data feed batches to the net changes of a chunk of versions: keys to delete
+//! and rows to upsert, as batches for [`lakesync_postgres::ChangeApply`].
 //!
 //! Two passes keep reads cheap: the first reads only the key columns (plus change type and
 //! version) of every change row and plans the net action per key; the second reads whole rows
@@ -15,7 +16,7 @@ use arrow_schema::{Field, Schema};
 use lakesync_core::{ChangeKind, ChangePlanner, TableName, TableSchema, Version};
 use lakesync_delta::{CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN};
 use lakesync_postgres::apply::{EXPECT_ABSENT_COLUMN, VERSION_COLUMN};
-use lakesync_postgres::{key_text, ChangeSet, PgError};
+use lakesync_postgres::{key_text, PgError};
 
 use crate::EngineError;
 
@@ -143,14 +144,16 @@ impl KeyPlan {
     }
 
     /// Pass two: picks the winning row images out of full change rows (which must cover every
-    /// version of [`KeyPlan::upsert_versions`]) and builds the change set.
-    pub fn into_change_set(
+    /// version of [`KeyPlan::upsert_versions`]) and returns them in key order, as the table's
+    /// columns plus [`EXPECT_ABSENT_COLUMN`] and [`VERSION_COLUMN`]. The deletes are taken
+    /// before, with [`KeyPlan::take_deletes`].
+    pub fn into_upserts(
         mut self,
         table: &TableName,
         schema: &TableSchema,
         key: &[String],
         full: &[RecordBatch],
-    ) -> Result<ChangeSet, EngineError> {
+    ) -> Result<Vec<RecordBatch>, EngineError> {
         let internal = |m: String| EngineError::Internal(format!("table {table}: {m}"));
         let mut picks: Vec<Pick> = Vec::with_capacity(self.upserts.len());
         for (bi, batch) in full.iter().enumerate().filter(|(_, b)| b.num_rows() > 0) {
@@ -180,7 +183,7 @@ impl KeyPlan {
         picks.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let refs: Vec<&RecordBatch> = full.iter().collect();
         let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
-        let mut out = ChangeSet::default();
+        let mut out = Vec::new();
         for chunk in picks.chunks(OUT_BATCH_ROWS) {
             let idx: Vec<(usize, usize)> = chunk.iter().map(|p| (p.batch, p.row)).collect();
             let mut cols = names
@@ -201,9 +204,8 @@ impl KeyPlan {
             cols.push(Arc::new(Int64Array::from(chunk.iter().map(|p| p.version as i64).collect::<Vec<_>>())));
             let mut all = names.clone();
             all.extend([EXPECT_ABSENT_COLUMN.to_string(), VERSION_COLUMN.to_string()]);
-            out.upserts.push(batch_of(&all, cols).map_err(internal)?);
+            out.push(batch_of(&all, cols).map_err(internal)?);
         }
-        out.deletes = self.take_deletes(table, key)?;
         Ok(out)
     }
 

@@ -323,7 +323,7 @@ async fn triggered(
                     for (a, b) in version_runs(&plan.upsert_versions()) {
                         full.extend(source.changes(a, b, None)?.collect::<Result<Vec<_>, _>>()?);
                     }
-                    let upserts = plan.into_change_set(&table, &schema, &key, &full)?.upserts;
+                    let upserts = plan.into_upserts(&table, &schema, &key, &full)?;
                     drop(full);
                     let at = if chunk_end == end_version { end } else { source.snapshot(Some(chunk_end))? };
                     let checkpoint =

@@ -23,17 +23,6 @@ pub const EXPECT_ABSENT_COLUMN: &str = "_lakesync_expect_absent";
 /// Column holding the Delta version of each change.
 pub const VERSION_COLUMN: &str = "_lakesync_version";
 
-/// The net changes of one chunk of versions.
-#[derive(Debug, Default)]
-pub struct ChangeSet {
-    /// Rows to upsert: the table's columns plus [`EXPECT_ABSENT_COLUMN`] and [`VERSION_COLUMN`].
-    pub upserts: Vec<RecordBatch>,
-    /// Keys to delete: the key columns plus [`VERSION_COLUMN`].
-    pub deletes: Vec<RecordBatch>,
-    /// Columns added to the source since the last checkpoint (applied with `ADD COLUMN`).
-    pub added_columns: Vec<Column>,
-}
-
 /// One chunk's transaction, open: deletes and upserts go in as they become known (the caller
 /// can read the upserted rows while Postgres deletes), then [`ChangeApply::commit`] records
 /// the checkpoint with them. Dropping it without committing rolls everything back.

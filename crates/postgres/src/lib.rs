@@ -30,7 +30,7 @@ use arrow_array::RecordBatch;
 use lakesync_core::{DataPolicy, TableName};
 use tokio_postgres::{Client, GenericClient};
 
-pub use apply::ChangeSet;
+pub use apply::ChangeApply;
 pub use connect::PgConfig;
 pub use error::PgError;
 pub use snapshot::{ParallelCopy, Staging};
