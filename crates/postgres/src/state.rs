@@ -24,47 +24,22 @@ pub mod states {
     pub const OFFLINE_FAILED: &str = "OFFLINE_FAILED";
 }
 
+/// The state tables. Each is created with its key only and gets every other column from one
+/// `ADD COLUMN IF NOT EXISTS` list, so the same statements create new state and bring state
+/// written by older builds (which lack later columns) up to date; a column is listed once.
 const STATE_DDL: &str = r#"
 CREATE TABLE IF NOT EXISTS lakesync.synced_tables (
     target_schema text NOT NULL,
     target_table text NOT NULL,
-    source_uri text NOT NULL,
-    primary_key text[] NOT NULL,
-    synced_version bigint,
-    synced_commit_timestamp timestamptz,
-    row_count bigint,
-    state text NOT NULL,
-    last_error text,
-    rows_inserted bigint NOT NULL DEFAULT 0,
-    rows_updated bigint NOT NULL DEFAULT 0,
-    rows_deleted bigint NOT NULL DEFAULT 0,
-    runs_succeeded bigint NOT NULL DEFAULT 0,
-    runs_failed bigint NOT NULL DEFAULT 0,
-    created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (target_schema, target_table)
 );
-CREATE TABLE IF NOT EXISTS lakesync.runs (
-    run_id bigserial PRIMARY KEY,
-    target_schema text NOT NULL,
-    target_table text NOT NULL,
-    started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    ended_at timestamptz,
-    mode text NOT NULL,
-    reason text,
-    from_version bigint,
-    to_version bigint,
-    rows_inserted bigint NOT NULL DEFAULT 0,
-    rows_updated bigint NOT NULL DEFAULT 0,
-    rows_deleted bigint NOT NULL DEFAULT 0,
-    outcome text NOT NULL,
-    error text
-);
-CREATE INDEX IF NOT EXISTS runs_by_table ON lakesync.runs (target_schema, target_table, run_id DESC);
--- State written by older lakesync builds lacks later columns; add them (no-ops otherwise).
 ALTER TABLE lakesync.synced_tables
+    ADD COLUMN IF NOT EXISTS source_uri text NOT NULL,
+    ADD COLUMN IF NOT EXISTS primary_key text[] NOT NULL,
+    ADD COLUMN IF NOT EXISTS synced_version bigint,
     ADD COLUMN IF NOT EXISTS synced_commit_timestamp timestamptz,
     ADD COLUMN IF NOT EXISTS row_count bigint,
+    ADD COLUMN IF NOT EXISTS state text NOT NULL,
     ADD COLUMN IF NOT EXISTS last_error text,
     ADD COLUMN IF NOT EXISTS rows_inserted bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS rows_updated bigint NOT NULL DEFAULT 0,
@@ -73,20 +48,29 @@ ALTER TABLE lakesync.synced_tables
     ADD COLUMN IF NOT EXISTS runs_failed bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now(),
     ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now();
+CREATE TABLE IF NOT EXISTS lakesync.runs (
+    run_id bigserial PRIMARY KEY
+);
 ALTER TABLE lakesync.runs
+    ADD COLUMN IF NOT EXISTS target_schema text NOT NULL,
+    ADD COLUMN IF NOT EXISTS target_table text NOT NULL,
+    ADD COLUMN IF NOT EXISTS started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     ADD COLUMN IF NOT EXISTS ended_at timestamptz,
+    ADD COLUMN IF NOT EXISTS mode text NOT NULL,
     ADD COLUMN IF NOT EXISTS reason text,
     ADD COLUMN IF NOT EXISTS from_version bigint,
     ADD COLUMN IF NOT EXISTS to_version bigint,
     ADD COLUMN IF NOT EXISTS rows_inserted bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS rows_updated bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS rows_deleted bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS outcome text NOT NULL,
     ADD COLUMN IF NOT EXISTS error text;
-COMMENT ON TABLE lakesync.synced_tables IS 'lakesync state v2';
+CREATE INDEX IF NOT EXISTS runs_by_table ON lakesync.runs (target_schema, target_table, run_id DESC);
 "#;
 
-/// Marks state created (or brought up to date) by this build's [`STATE_DDL`]; change it
-/// whenever the DDL changes, so existing state gets the new columns.
+/// Marks state created (or brought up to date) by this build's [`STATE_DDL`] (a comment on
+/// `lakesync.synced_tables`); change it whenever the DDL changes, so existing state gets the
+/// new columns.
 const STATE_MARK: &str = "lakesync state v2";
 
 /// Creates the state schema if needed. Serialized by a transaction-level advisory lock so
@@ -121,6 +105,8 @@ pub async fn ensure_schema(client: &mut Client) -> Result<(), PgError> {
         tx.batch_execute("CREATE SCHEMA lakesync").await.map_err(err)?;
     }
     tx.batch_execute(STATE_DDL).await.map_err(err)?;
+    // COMMENT takes no parameters; the mark is a constant without quotes.
+    tx.batch_execute(&format!("COMMENT ON TABLE lakesync.synced_tables IS '{STATE_MARK}'")).await.map_err(err)?;
     tx.commit().await.map_err(err)
 }
 
