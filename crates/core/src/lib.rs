@@ -20,5 +20,5 @@ pub use model::{
     Column, ColumnType, DataPolicy, ModelError, NulBytePolicy, PrimaryKey, SchemaChange, SyncMode, TableName,
     TableSchema, Version,
 };
-pub use plan::{ChangeKind, ChangePlan, ChangePlanner, PlanConflict, PlannedRow};
+pub use plan::{ChangeKind, ChangePlan, ChangePlanner, KeyMap, PlanConflict, PlannedRow};
 pub use schedule::{parse_duration, Cron, Schedule, ScheduleError};

@@ -16,6 +16,11 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 
+/// The planner's key map: every change row is hashed once or twice, and SipHash (the std
+/// default) was the largest single cost of planning; aHash is several times faster and still
+/// randomly keyed per map.
+pub type KeyMap<K, V> = HashMap<K, V, ahash::RandomState>;
+
 use crate::model::Version;
 
 /// The `_change_type` of a change data feed row.
@@ -73,12 +78,12 @@ struct Entry<R> {
 /// index), kept only for the winning event.
 #[derive(Debug)]
 pub struct ChangePlanner<K, R> {
-    entries: HashMap<K, Entry<R>>,
+    entries: KeyMap<K, Entry<R>>,
 }
 
 impl<K, R> Default for ChangePlanner<K, R> {
     fn default() -> Self {
-        Self { entries: HashMap::new() }
+        Self { entries: KeyMap::default() }
     }
 }
 

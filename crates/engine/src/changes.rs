@@ -7,13 +7,13 @@
 //! (for example a `DELETE` with deletion vectors, whose files must be decoded to find the
 //! deleted rows) is never decoded beyond its key column.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow_row::{RowConverter, Rows, SortField};
 use arrow_schema::{Field, Schema};
-use lakesync_core::{ChangeKind, ChangePlanner, TableName, TableSchema, Version};
+use lakesync_core::{ChangeKind, ChangePlanner, KeyMap, TableName, TableSchema, Version};
 use lakesync_delta::{CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN};
 use lakesync_postgres::apply::{EXPECT_ABSENT_COLUMN, VERSION_COLUMN};
 use lakesync_postgres::{key_text, PgError};
@@ -36,7 +36,7 @@ struct Pick {
 pub struct KeyPlan {
     converter: Option<RowConverter>,
     /// Winning upsert per key: (version, expect_absent).
-    upserts: HashMap<Box<[u8]>, (Version, bool)>,
+    upserts: KeyMap<Box<[u8]>, (Version, bool)>,
     deletes: Vec<(Box<[u8]>, Version)>,
 }
 
