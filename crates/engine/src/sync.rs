@@ -64,12 +64,25 @@ pub struct SyncOutcome {
 /// tables (when Postgres is reachable) and the table stays at its last synced version.
 pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
     let started = Instant::now();
-    let source = blocking({
-        let uri = req.source.clone();
-        move || DeltaTable::open(&uri)
-    })
-    .await?;
-    let mut sink = Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait).await?;
+    // Opening the source (object store, engine) and connecting to Postgres (and taking the
+    // table's lock) are independent: do both at once. A source error wins, as it would alone.
+    let (source, sink) = tokio::join!(
+        blocking({
+            let uri = req.source.clone();
+            move || DeltaTable::open(&uri)
+        }),
+        Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait)
+    );
+    let source = match source {
+        Ok(source) => source,
+        Err(e) => {
+            if let Ok(sink) = sink {
+                sink.close().await;
+            }
+            return Err(e.into());
+        }
+    };
+    let mut sink = sink?;
     let mut run_id = None;
     let result = run(req, &source, &mut sink, &mut run_id).await;
     let result = match result {
@@ -97,8 +110,11 @@ async fn run(
     run_id: &mut Option<i64>,
 ) -> Result<SyncOutcome, EngineError> {
     let table = &req.table;
-    let synced = state::register(sink.client(), table, source.uri(), &req.primary_key).await?.synced_version;
-    let latest = snapshot_at(source, None).await?;
+    // The latest snapshot is read while Postgres registers the table.
+    let (registered, latest) =
+        tokio::join!(state::register(sink.client(), table, source.uri(), &req.primary_key), snapshot_at(source, None));
+    let synced = registered?.synced_version;
+    let latest = latest?;
     let end = match req.to_version {
         Some(v) if v > latest.version() => {
             return Err(EngineError::Request {
@@ -251,13 +267,17 @@ async fn triggered(
         })
     };
     // The schema the Postgres table holds: the source's at the synced version.
-    let mut schema = match snapshot_at(source, Some(synced)).await {
+    // The synced version's snapshot is read while Postgres records the run's start.
+    let (at_synced, id) = tokio::join!(
+        snapshot_at(source, Some(synced)),
+        state::start_run(sink.client(), table, RunMode::Triggered, "change data feed", Some(synced), end_version)
+    );
+    let id = id?;
+    *run_id = Some(id);
+    let mut schema = match at_synced {
         Ok(s) => s.schema_without(&req.exclude)?,
         Err(e) => return Err(unavailable(format!("version {synced} is no longer readable: {e}"))),
     };
-    let id = state::start_run(sink.client(), table, RunMode::Triggered, "change data feed", Some(synced), end_version)
-        .await?;
-    *run_id = Some(id);
     let mut total = RowCounts::default();
     let mut start = synced + 1;
     while start <= end_version {
