@@ -95,30 +95,37 @@ fn the_demo_snapshots_changes_and_syncs_incrementally() {
 
 #[test]
 fn the_bench_generates_changes_and_verifies_every_result_on_a_small_table() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = support::test_port(1).to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_lakesync"))
-        .args(["bench", "--rows", "20000", "--file-rows", "5000", "--port", &port, "--dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    // 0.8% updated + 0.1% deleted + 0.2% inserted of 20,000 rows.
-    assert!(stderr.contains("20000 rows, 220 changes"), "{stderr}");
-    for (table, version, rows) in [
-        ("bench_ref.customer_profiles", 1, 20000),
-        ("bench.customer_profiles", 1, 20000),
-        ("bench.customer_profiles", 3, 20020),
-        ("bench_ref.customer_profiles", 3, 20020),
-    ] {
-        let line = format!("verified {table} = Delta version {version} ({rows} rows)");
-        assert!(stderr.contains(&line), "missing {line:?} in\n{stderr}");
+    // Both shapes of the change: one MERGE commit with cdc files (Python deltalake), and a
+    // deletion-vector commit plus an append (kernel writer).
+    for (change, final_version) in [("merge", 2), ("deletion-vectors", 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = support::test_port(1).to_string();
+        let out = Command::new(env!("CARGO_BIN_EXE_lakesync"))
+            .args(["bench", "--rows", "20000", "--file-rows", "5000", "--port", &port, "--change", change])
+            .arg("--python")
+            .arg(support::python())
+            .arg("--dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "{change}: {stdout}\n{stderr}");
+        // 0.8% updated + 0.1% deleted + 0.2% inserted of 20,000 rows.
+        assert!(stderr.contains("20000 rows, 220 changes"), "{stderr}");
+        for (table, version, rows) in [
+            ("bench_ref.customer_profiles", 1, 20000),
+            ("bench.customer_profiles", 1, 20000),
+            ("bench.customer_profiles", final_version, 20020),
+            ("bench_ref.customer_profiles", final_version, 20020),
+        ] {
+            let line = format!("verified {table} = Delta version {version} ({rows} rows)");
+            assert!(stderr.contains(&line), "{change}: missing {line:?} in\n{stderr}");
+        }
+        for phase in ["a. reference", "b. lakesync snapshot", "c. lakesync incremental", "d. blog pattern"] {
+            assert!(stdout.contains(phase), "{stdout}");
+        }
+        assert!(!dir.path().join("postgres/data/postmaster.pid").exists(), "the bench must stop its Postgres");
     }
-    for phase in ["a. reference", "b. lakesync snapshot", "c. lakesync incremental", "d. blog pattern"] {
-        assert!(stdout.contains(phase), "{stdout}");
-    }
-    assert!(!dir.path().join("postgres/data/postmaster.pid").exists(), "the bench must stop its Postgres");
 }
 
 /// Exactly-once under crashes: `lakesync sync` is killed with SIGKILL at random points of

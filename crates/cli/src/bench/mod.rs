@@ -9,9 +9,12 @@
 //! transaction) applied to the reference table. (b) and (c) run `lakesync` as a child process
 //! so its peak RSS can be read.
 //!
-//! The change is committed as the kernel can write it with the change data feed on: one
-//! commit deleting the old rows with deletion vectors, one appending the new ones. Synced as
-//! one range, it is one set of 55k net changes at 5M rows.
+//! The change is one `MERGE` commit written by a real MERGE writer (Python `deltalake`, i.e.
+//! delta-rs): like Spark's MERGE, it rewrites the touched files and records the change in
+//! `_change_data` (cdc) files. `--change deletion-vectors` commits it instead as the kernel
+//! can write it: one commit deleting the old rows with deletion vectors (the shape of Spark's
+//! DELETE, for which the change feed must be computed from the data files), one appending
+//! the new ones. Either way it is one set of 55k net changes at 5M rows, synced in one range.
 
 mod lag;
 mod serving;
@@ -69,6 +72,24 @@ pub struct BenchArgs {
     /// continuous: the table's poll interval.
     #[arg(long, default_value = "100ms")]
     poll: String,
+    /// sync: how the change is committed to Delta.
+    #[arg(long, value_enum, default_value = "merge")]
+    change: ChangeShape,
+    /// sync, --change merge: the Python interpreter with `deltalake` installed (default:
+    /// `.venv/bin/python` if it exists, else `python3`).
+    #[arg(long)]
+    python: Option<PathBuf>,
+}
+
+/// How the bench's change reaches Delta.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChangeShape {
+    /// One MERGE commit with cdc files, written by Python `deltalake` (as Spark and delta-rs
+    /// write MERGE with the change data feed on).
+    Merge,
+    /// A deletion-vector commit of the old rows plus an append of the new ones (kernel writer);
+    /// the change feed of the first must be computed by reading every touched data file.
+    DeletionVectors,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -256,20 +277,27 @@ async fn measure(
     let target = TableName::new("bench", "customer_profiles");
     verify(&config, &target, &delta, base_version).await.context("verifying the snapshot")?;
 
-    // The change: delete old images with deletion vectors, then append the new ones.
-    let final_version = {
-        let (file_rows, updated, deleted, inserted) =
-            (args.file_rows, spec.updated.clone(), spec.deleted.clone(), spec.inserted.clone());
-        tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-            let mut by_file: std::collections::HashMap<String, Vec<u64>> = std::collections::HashMap::new();
-            for id in updated.iter().chain(&deleted) {
-                by_file.entry(paths[(id / file_rows) as usize].clone()).or_default().push(id % file_rows);
-            }
-            writer.delete_rows(&by_file)?;
-            Ok(writer.append(&[customers(updated, 1), customers(inserted, 0)])?)
-        })
-        .await??
+    // The change.
+    let final_version = match args.change {
+        ChangeShape::Merge => {
+            drop(writer);
+            merge_change(args, dir, &delta, spec).await?
+        }
+        ChangeShape::DeletionVectors => {
+            let (file_rows, updated, deleted, inserted) =
+                (args.file_rows, spec.updated.clone(), spec.deleted.clone(), spec.inserted.clone());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                let mut by_file: std::collections::HashMap<String, Vec<u64>> = std::collections::HashMap::new();
+                for id in updated.iter().chain(&deleted) {
+                    by_file.entry(paths[(id / file_rows) as usize].clone()).or_default().push(id % file_rows);
+                }
+                writer.delete_rows(&by_file)?;
+                Ok(writer.append(&[customers(updated, 1), customers(inserted, 0)])?)
+            })
+            .await??
+        }
     };
+    eprintln!("bench: the change is Delta version {final_version}");
 
     // Steady state for (c) and (d). Both freshly loaded tables start with every page dirty and
     // unhinted and (bulk loads go through a small ring of buffers) outside shared_buffers, so
@@ -320,6 +348,86 @@ async fn measure(
     });
     verify(&config, &reference, &delta, final_version).await.context("verifying the blog pattern")?;
     Ok(results)
+}
+
+/// The MERGE the Python `deltalake` package runs: a source of new images and deleted keys,
+/// one commit that updates, inserts and deletes, with cdc files for the change data feed.
+const MERGE_PY: &str = r#"
+import sys
+import pyarrow as pa
+from deltalake import DeltaTable
+target, upserts, deletes = sys.argv[1:4]
+u = DeltaTable(upserts).to_pyarrow_table()
+d = DeltaTable(deletes).to_pyarrow_table()
+source = pa.concat_tables([
+    u.append_column("_op", pa.array(["upsert"] * u.num_rows)),
+    d.append_column("_op", pa.array(["delete"] * d.num_rows)),
+])
+m = (DeltaTable(target)
+     .merge(source, "t.customer_id = s.customer_id", source_alias="s", target_alias="t")
+     .when_matched_delete("s._op = 'delete'")
+     .when_matched_update_all(predicate="s._op = 'upsert'", except_cols=["_op"])
+     .when_not_matched_insert_all(predicate="s._op = 'upsert'", except_cols=["_op"])
+     .execute())
+print(DeltaTable(target).version(), m["num_target_rows_updated"], m["num_target_rows_inserted"],
+      m["num_target_rows_deleted"])
+"#;
+
+/// Commits the change as one MERGE through Python `deltalake` and returns its version. The
+/// source rows come from the same generator as every other phase, staged as small Delta tables.
+async fn merge_change(args: &BenchArgs, dir: &Path, delta: &Path, spec: &ChangeSpec) -> anyhow::Result<u64> {
+    let (upserts, deletes) = (dir.join("merge-upserts"), dir.join("merge-deletes"));
+    {
+        let (upserts, deletes) = (upserts.clone(), deletes.clone());
+        let (updated, deleted, inserted) = (spec.updated.clone(), spec.deleted.clone(), spec.inserted.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            for (path, batches) in [
+                (&upserts, vec![customers(updated, 1), customers(inserted, 0)]),
+                (&deletes, vec![customers(deleted, 0)]),
+            ] {
+                let _ = std::fs::remove_dir_all(path);
+                DeltaWriter::create(path, &customer_schema(), &[])?.append(&batches)?;
+            }
+            Ok(())
+        })
+        .await??;
+    }
+    let python = args.python.clone().unwrap_or_else(|| {
+        let venv = PathBuf::from(".venv/bin/python");
+        if venv.exists() {
+            venv
+        } else {
+            "python3".into()
+        }
+    });
+    let t = Instant::now();
+    let out = Command::new(&python)
+        .arg("-c")
+        .arg(MERGE_PY)
+        .args([delta, &upserts, &deletes])
+        .output()
+        .with_context(|| format!("running {} for the MERGE change", python.display()))?;
+    if !out.status.success() {
+        bail!(
+            "the MERGE change through {} failed (it needs the `deltalake` package: `bash scripts/test` \
+             creates .venv with it; or use --change deletion-vectors):\n{}",
+            python.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<u64> = stdout.split_whitespace().map(str::parse).collect::<Result<_, _>>()?;
+    let [version, updated, inserted, deleted] = fields[..] else { bail!("unexpected output of the MERGE: {stdout}") };
+    if (updated, inserted, deleted)
+        != (spec.updated.len() as u64, spec.inserted.len() as u64, spec.deleted.len() as u64)
+    {
+        bail!("the MERGE changed {updated} updated / {inserted} inserted / {deleted} deleted rows, not the spec's");
+    }
+    eprintln!(
+        "bench: MERGE commit (Python deltalake, cdc files): {updated} updated, {inserted} inserted, {deleted} deleted in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(version)
 }
 
 fn print_table(results: &[Measurement], rows: u64) {

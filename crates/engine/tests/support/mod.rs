@@ -183,7 +183,7 @@ fn quote(s: &str) -> String {
 
 /// The Python interpreter with `deltalake` installed: `LAKESYNC_TEST_PYTHON`, else the
 /// workspace's `.venv`, else `python3`.
-fn python() -> PathBuf {
+pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("LAKESYNC_TEST_PYTHON") {
         return p.into();
     }
