@@ -65,24 +65,15 @@ pub struct SyncOutcome {
 pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
     let started = Instant::now();
     // Opening the source (object store, engine) and connecting to Postgres (and taking the
-    // table's lock) are independent: do both at once. A source error wins, as it would alone.
-    let (source, sink) = tokio::join!(
-        blocking({
+    // table's lock) are independent: do both at once. The first failure ends both, so a bad
+    // source is reported at once even while another run holds the table's lock.
+    let (source, mut sink) = tokio::try_join!(
+        async {
             let uri = req.source.clone();
-            move || DeltaTable::open(&uri)
-        }),
-        Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait)
-    );
-    let source = match source {
-        Ok(source) => source,
-        Err(e) => {
-            if let Ok(sink) = sink {
-                sink.close().await;
-            }
-            return Err(e.into());
-        }
-    };
-    let mut sink = sink?;
+            Ok::<_, EngineError>(blocking(move || DeltaTable::open(&uri)).await?)
+        },
+        async { Ok::<_, EngineError>(Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait).await?) }
+    )?;
     let mut run_id = None;
     let result = run(req, &source, &mut sink, &mut run_id).await;
     let result = match result {

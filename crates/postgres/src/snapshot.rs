@@ -450,7 +450,7 @@ async fn copy_worker(ctx: &CopyContext, rx: &Mutex<mpsc::Receiver<RecordBatch>>)
     sink.finish().await.map_err(err("finish COPY"))
 }
 
-/// Batches go in with [`ParallelCopy::send`]; [`ParallelCopy::finish`] waits for all
+/// Batches go in through [`ParallelCopy::sender`]; [`ParallelCopy::finish`] waits for all
 /// connections and returns the rows loaded.
 pub struct ParallelCopy {
     tx: Option<mpsc::Sender<RecordBatch>>,
