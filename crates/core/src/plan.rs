@@ -19,10 +19,8 @@ use std::hash::Hash;
 use crate::model::Version;
 
 /// The planner's key map: every change row is hashed once or twice, and SipHash (the std
-/// default) was the largest single cost of planning; aHash is several times faster. Built
-/// without its random-number features (as arrow builds it), aHash seeds each map from a
-/// counter and addresses rather than the OS, which is enough here: keys come from the synced
-/// table's own data, not from untrusted clients.
+/// default) was the largest single cost of planning; aHash is several times faster and, with
+/// its `runtime-rng` feature, still keyed from the OS's random numbers.
 pub type KeyMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
 /// The `_change_type` of a change data feed row.
