@@ -214,11 +214,6 @@ impl KeyPlan {
         self.upserts.len()
     }
 
-    /// How many keys end deleted (before [`KeyPlan::take_deletes`]).
-    pub fn delete_count(&self) -> usize {
-        self.deletes.len()
-    }
-
     /// The keys to delete as batches of the key columns plus the version, in key order; the
     /// plan keeps only its upserts. Needs no second read, so Postgres can delete while the
     /// winning rows are read.

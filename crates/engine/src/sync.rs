@@ -309,7 +309,7 @@ async fn triggered(
         while chunk_start <= seg_end {
             let chunk_end = (chunk_start + req.versions_per_transaction.max(1) - 1).min(seg_end);
             let t = std::time::Instant::now();
-            let plan = {
+            let mut plan = {
                 let (source, table, key) = (source.clone(), table.clone(), key.to_vec());
                 tokio::task::spawn_blocking(move || {
                     plan_keys(&table, &key, source.changes(chunk_start, chunk_end, Some(&key))?)
@@ -318,7 +318,6 @@ async fn triggered(
                 .map_err(|e| EngineError::Internal(format!("change planner panicked: {e}")))??
             };
             let planned_ms = t.elapsed().as_millis();
-            let mut plan = plan;
             let deletes = plan.take_deletes(table, key)?;
             let changed_rows = deletes.iter().map(|b| b.num_rows()).sum::<usize>() + plan.upsert_count();
             // Pass two (the winning rows) and the checkpoint's facts are read while Postgres
