@@ -22,7 +22,7 @@ use lakesync_delta::write::DeltaWriter;
 use lakesync_postgres::cluster::LocalCluster;
 use lakesync_postgres::PgConfig;
 
-use super::{pg_cpu_seconds, postmaster_pid, proc_status_kb, verify, BenchArgs};
+use super::{pg_cpu_seconds, postmaster_pid, proc_status_kb, verify_against_delta, BenchArgs};
 
 pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> anyhow::Result<()> {
     let admin = PgConfig::parse(&cluster.connection_string("postgres"))?.connect().await?;
@@ -177,7 +177,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
             .await?;
         (row.get(0), row.get(1))
     };
-    verify(&config, &table, &delta, last).await.context("verifying the continuously synced table")?;
+    verify_against_delta(&config, &table, &delta, last).await.context("verifying the continuously synced table")?;
 
     let seen = seen.lock().unwrap().clone();
     let mut lags: Vec<f64> = committed

@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// COPY connections for lakesync's snapshot.
     #[arg(long, default_value_t = 2)]
     parallelism: usize,
+    /// sync: how many times to measure a, b, c and d (each round from fresh tables); the table
+    /// then shows each phase's median and every round's ratios.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
     /// Leave the private Postgres running afterwards (to look at the tables).
     #[arg(long)]
     keep_postgres: bool,
@@ -156,7 +160,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .await??
     };
     let result = match args.scenario {
-        Scenario::Sync => measure(&args, &dir, &cluster, &spec).await.map(|results| print_table(&results, rows)),
+        Scenario::Sync => {
+            let memory = shared_memory(&dir.join("postgres/data"));
+            measure(&args, &dir, &cluster, &spec).await.map(|rounds| print_table(&rounds, rows, &memory))
+        }
         Scenario::Continuous => lag::measure(&args, &dir, &cluster).await,
         Scenario::Api => serving::measure(&args, &dir, &cluster).await,
     };
@@ -172,7 +179,7 @@ async fn measure(
     dir: &Path,
     cluster: &LocalCluster,
     spec: &ChangeSpec,
-) -> anyhow::Result<Vec<Measurement>> {
+) -> anyhow::Result<Vec<Vec<Measurement>>> {
     let rows = args.rows;
     let admin = PgConfig::parse(&cluster.connection_string("postgres"))?;
     let admin_client = admin.connect().await?;
@@ -182,7 +189,8 @@ async fn measure(
     let config = PgConfig::parse(&conn)?;
     let postmaster = postmaster_pid(&dir.join("postgres/data"))?;
 
-    // The Delta table: base version, then the change as two commits.
+    // The Delta table: base version, then the change. Both are committed before anything is
+    // measured, so every round syncs the same two versions (the snapshot stops at the base).
     let delta = dir.join("customer_profiles");
     let t = Instant::now();
     let (writer, base_version, paths) = {
@@ -203,81 +211,6 @@ async fn measure(
         .await??
     };
     eprintln!("bench: wrote Delta version {base_version} ({} files) in {:.1}s", paths.len(), t.elapsed().as_secs_f64());
-
-    let mut results = Vec::new();
-
-    // (a) Reference ceiling.
-    let schema = DeltaTable::open(&delta.display().to_string())?.snapshot(Some(base_version))?.schema()?;
-    let reference = TableName::new("bench_ref", "customer_profiles");
-    let client = config.connect().await?;
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA bench_ref; CREATE TABLE {} ({})",
-            qualified(&reference),
-            column_definitions(&schema, &[])
-        ))
-        .await?;
-    let types: Vec<_> = schema.columns.iter().map(|c| c.ty).collect();
-    let mut encoded: Vec<Bytes> = Vec::new();
-    for start in (0..rows).step_by(65_536) {
-        let mut buf = BytesMut::new();
-        encode_batch(&customers(start..(start + 65_536).min(rows), 0), &types, NulBytePolicy::Error, &mut buf)
-            .map_err(|e| anyhow::anyhow!("encoding: {}", e.problem))?;
-        encoded.push(buf.freeze());
-    }
-    let cpu0 = pg_cpu_seconds(postmaster)?;
-    let t = Instant::now();
-    {
-        let sink = client.copy_in(&format!("COPY {} FROM STDIN (FORMAT binary)", qualified(&reference))).await?;
-        futures_util::pin_mut!(sink);
-        sink.send(Bytes::from_static(HEADER)).await?;
-        for chunk in &encoded {
-            sink.send(chunk.clone()).await?;
-        }
-        sink.send(Bytes::from_static(TRAILER)).await?;
-        sink.finish().await?;
-    }
-    let copy_s = t.elapsed().as_secs_f64();
-    client.batch_execute(&format!("ALTER TABLE {} ADD PRIMARY KEY (customer_id)", qualified(&reference))).await?;
-    let total_s = t.elapsed().as_secs_f64();
-    drop(encoded);
-    results.push(Measurement {
-        name: "a. reference: 1 binary COPY + primary key",
-        seconds: total_s,
-        rows,
-        peak_rss_mb: None,
-        pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
-    });
-    eprintln!("bench: reference COPY {copy_s:.2}s + primary key {:.2}s", total_s - copy_s);
-    verify(&config, &reference, &delta, base_version).await.context("verifying the reference load")?;
-
-    // (b) lakesync snapshot.
-    let exe = std::env::current_exe()?;
-    let source = delta.display().to_string();
-    let parallelism = args.parallelism.to_string();
-    let sync_args = [
-        "sync",
-        "--source",
-        source.as_str(),
-        "--table",
-        "bench.customer_profiles",
-        "--primary-key",
-        "customer_id",
-        "--parallelism",
-        parallelism.as_str(),
-    ];
-    let (seconds, rss, cpu) = run_child(&exe, &sync_args, &conn, postmaster)?;
-    results.push(Measurement {
-        name: "b. lakesync snapshot (Delta -> indexed table)",
-        seconds,
-        rows,
-        peak_rss_mb: Some(rss),
-        pg_cpu_seconds: cpu,
-    });
-    let target = TableName::new("bench", "customer_profiles");
-    verify(&config, &target, &delta, base_version).await.context("verifying the snapshot")?;
-
-    // The change.
     let final_version = match args.change {
         ChangeShape::Merge => {
             drop(writer);
@@ -299,55 +232,158 @@ async fn measure(
     };
     eprintln!("bench: the change is Delta version {final_version}");
 
-    // Steady state for (c) and (d). Both freshly loaded tables start with every page dirty and
-    // unhinted and (bulk loads go through a small ring of buffers) outside shared_buffers, so
-    // the first statements to touch them would pay for the load: writing it out and reading it
-    // back from the OS. A table that receives changes all day has been vacuumed and
-    // checkpointed and has its pages cached; we do that here for both tables alike.
-    // (Separate statements: a multi-statement string runs as one transaction, which VACUUM refuses.)
-    for table in [qualified(&reference), "bench.customer_profiles".to_string()] {
-        client.batch_execute(&format!("VACUUM (ANALYZE) {table}")).await?;
+    // What every result must match, computed from Delta by the kernel.
+    let (expected_base, expected_final) = {
+        let delta = delta.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            Ok((delta_checksum(&delta, base_version)?, delta_checksum(&delta, final_version)?))
+        })
+        .await??
+    };
+    // The reference's rows, encoded once, before any clock runs.
+    let schema = DeltaTable::open(&delta.display().to_string())?.snapshot(Some(base_version))?.schema()?;
+    let types: Vec<_> = schema.columns.iter().map(|c| c.ty).collect();
+    let mut encoded: Vec<Bytes> = Vec::new();
+    for start in (0..rows).step_by(65_536) {
+        let mut buf = BytesMut::new();
+        encode_batch(&customers(start..(start + 65_536).min(rows), 0), &types, NulBytePolicy::Error, &mut buf)
+            .map_err(|e| anyhow::anyhow!("encoding: {}", e.problem))?;
+        encoded.push(buf.freeze());
     }
-    client.batch_execute("CHECKPOINT").await?;
-    match client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm").await {
-        Ok(()) => {
-            client
-                .batch_execute(&format!(
-                    "SELECT pg_prewarm(c.oid) FROM pg_class c \
-                     WHERE c.oid IN ('{0}'::regclass, 'bench.customer_profiles'::regclass) \
-                     OR c.oid IN (SELECT indexrelid FROM pg_index \
-                                  WHERE indrelid IN ('{0}'::regclass, 'bench.customer_profiles'::regclass))",
-                    qualified(&reference)
-                ))
-                .await?
+
+    let client = config.connect().await?;
+    let exe = std::env::current_exe()?;
+    let source = delta.display().to_string();
+    let parallelism = args.parallelism.to_string();
+    let base = base_version.to_string();
+    let reference = TableName::new("bench_ref", "customer_profiles");
+    let mut rounds = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        if args.rounds > 1 {
+            eprintln!("bench: round {round} of {}", args.rounds);
         }
-        Err(e) => eprintln!("bench: pg_prewarm is not available ({e}); measuring (c) and (d) with cold caches"),
+        // Each round starts from the same server state: the previous round's tables are
+        // dropped, and lakesync syncs a table it has never seen (no state to reset).
+        let target = TableName::new(
+            "bench",
+            if round == 1 { "customer_profiles".into() } else { format!("customer_profiles_r{round}") },
+        );
+        if round > 1 {
+            let previous =
+                if round == 2 { "customer_profiles".into() } else { format!("customer_profiles_r{}", round - 1) };
+            client.batch_execute(&format!("DROP TABLE bench.{previous}")).await?;
+        }
+        let mut results = Vec::new();
+
+        // (a) Reference ceiling.
+        client
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS bench_ref CASCADE; CREATE SCHEMA bench_ref; CREATE TABLE {} ({})",
+                qualified(&reference),
+                column_definitions(&schema, &[])
+            ))
+            .await?;
+        let cpu0 = pg_cpu_seconds(postmaster)?;
+        let t = Instant::now();
+        {
+            let sink = client.copy_in(&format!("COPY {} FROM STDIN (FORMAT binary)", qualified(&reference))).await?;
+            futures_util::pin_mut!(sink);
+            sink.send(Bytes::from_static(HEADER)).await?;
+            for chunk in &encoded {
+                sink.send(chunk.clone()).await?;
+            }
+            sink.send(Bytes::from_static(TRAILER)).await?;
+            sink.finish().await?;
+        }
+        let copy_s = t.elapsed().as_secs_f64();
+        client.batch_execute(&format!("ALTER TABLE {} ADD PRIMARY KEY (customer_id)", qualified(&reference))).await?;
+        let total_s = t.elapsed().as_secs_f64();
+        results.push(Measurement {
+            name: "a. reference: 1 binary COPY + primary key",
+            seconds: total_s,
+            rows,
+            peak_rss_mb: None,
+            pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
+        });
+        eprintln!("bench: reference COPY {copy_s:.2}s + primary key {:.2}s", total_s - copy_s);
+        verify(&config, &reference, base_version, expected_base).await.context("verifying the reference load")?;
+
+        // (b) lakesync snapshot.
+        let table = target.to_string();
+        let sync_args = [
+            "sync",
+            "--source",
+            source.as_str(),
+            "--table",
+            table.as_str(),
+            "--primary-key",
+            "customer_id",
+            "--parallelism",
+            parallelism.as_str(),
+        ];
+        let snapshot_args: Vec<&str> = sync_args.iter().copied().chain(["--to-version", base.as_str()]).collect();
+        let (seconds, rss, cpu) = run_child(&exe, &snapshot_args, &conn, postmaster)?;
+        results.push(Measurement {
+            name: "b. lakesync snapshot (Delta -> indexed table)",
+            seconds,
+            rows,
+            peak_rss_mb: Some(rss),
+            pg_cpu_seconds: cpu,
+        });
+        verify(&config, &target, base_version, expected_base).await.context("verifying the snapshot")?;
+
+        // Steady state for (c) and (d). Both freshly loaded tables start with every page dirty
+        // and unhinted and (bulk loads go through a small ring of buffers) outside
+        // shared_buffers, so the first statements to touch them would pay for the load:
+        // writing it out and reading it back from the OS. A table that receives changes all
+        // day has been vacuumed and checkpointed and has its pages cached; we do that here for
+        // both tables alike. (Separate statements: a multi-statement string runs as one
+        // transaction, which VACUUM refuses.)
+        for t in [qualified(&reference), qualified(&target)] {
+            client.batch_execute(&format!("VACUUM (ANALYZE) {t}")).await?;
+        }
+        client.batch_execute("CHECKPOINT").await?;
+        match client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm").await {
+            Ok(()) => {
+                client
+                    .batch_execute(&format!(
+                        "SELECT pg_prewarm(c.oid) FROM pg_class c \
+                         WHERE c.oid IN ('{0}'::regclass, '{1}'::regclass) \
+                         OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid IN ('{0}'::regclass, '{1}'::regclass))",
+                        qualified(&reference),
+                        qualified(&target),
+                    ))
+                    .await?
+            }
+            Err(e) => eprintln!("bench: pg_prewarm is not available ({e}); measuring (c) and (d) with cold caches"),
+        }
+
+        // (c) lakesync incremental.
+        let (seconds, rss, cpu) = run_child(&exe, &sync_args, &conn, postmaster)?;
+        results.push(Measurement {
+            name: "c. lakesync incremental (CDF -> one transaction)",
+            seconds,
+            rows: spec.len() as u64,
+            peak_rss_mb: Some(rss),
+            pg_cpu_seconds: cpu,
+        });
+        verify(&config, &target, final_version, expected_final).await.context("verifying the incremental sync")?;
+
+        // (d) The blog pattern on the reference table.
+        let cpu0 = pg_cpu_seconds(postmaster)?;
+        let t = Instant::now();
+        blog_merge(&config, &reference, spec).await?;
+        results.push(Measurement {
+            name: "d. blog pattern: MERGE .. VALUES x1000 + DELETE ANY",
+            seconds: t.elapsed().as_secs_f64(),
+            rows: spec.len() as u64,
+            peak_rss_mb: None,
+            pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
+        });
+        verify(&config, &reference, final_version, expected_final).await.context("verifying the blog pattern")?;
+        rounds.push(results);
     }
-
-    // (c) lakesync incremental.
-    let (seconds, rss, cpu) = run_child(&exe, &sync_args, &conn, postmaster)?;
-    results.push(Measurement {
-        name: "c. lakesync incremental (CDF -> one transaction)",
-        seconds,
-        rows: spec.len() as u64,
-        peak_rss_mb: Some(rss),
-        pg_cpu_seconds: cpu,
-    });
-    verify(&config, &target, &delta, final_version).await.context("verifying the incremental sync")?;
-
-    // (d) The blog pattern on the reference table.
-    let cpu0 = pg_cpu_seconds(postmaster)?;
-    let t = Instant::now();
-    blog_merge(&config, &reference, spec).await?;
-    results.push(Measurement {
-        name: "d. blog pattern: MERGE .. VALUES x1000 + DELETE ANY",
-        seconds: t.elapsed().as_secs_f64(),
-        rows: spec.len() as u64,
-        peak_rss_mb: None,
-        pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
-    });
-    verify(&config, &reference, &delta, final_version).await.context("verifying the blog pattern")?;
-    Ok(results)
+    Ok(rounds)
 }
 
 /// The MERGE the Python `deltalake` package runs: a source of new images and deleted keys,
@@ -430,26 +466,80 @@ async fn merge_change(args: &BenchArgs, dir: &Path, delta: &Path, spec: &ChangeS
     Ok(version)
 }
 
-fn print_table(results: &[Measurement], rows: u64) {
-    println!("\nlakesync bench: {rows} rows, all results verified against the Delta snapshot (count + checksum)\n");
+fn print_table(rounds: &[Vec<Measurement>], rows: u64, memory: &str) {
+    let n = rounds.len();
+    let what = if n > 1 { format!("median of {n} rounds") } else { "one round".into() };
+    println!(
+        "\nlakesync bench: {rows} rows, {what}, all results verified against the Delta snapshot (count + checksum)"
+    );
+    println!("Postgres shared memory: {memory}\n");
     println!("| phase | seconds | rows/s | ratio | peak RSS (MB) | Postgres CPU s |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for m in results {
-        let reference = if m.name.starts_with("c.") || m.name.starts_with("d.") {
-            results.iter().find(|r| r.name.starts_with("d."))
+    // Ratios are taken within each round (its reference measured next to it), then the median.
+    let reference_of = |name: &str| if name.starts_with("c.") || name.starts_with("d.") { "d." } else { "a." };
+    let ratio_in = |round: &[Measurement], i: usize| {
+        let m = &round[i];
+        round.iter().find(|r| r.name.starts_with(reference_of(m.name))).map(|r| m.seconds / r.seconds)
+    };
+    for (i, m) in rounds[0].iter().enumerate() {
+        let seconds = median(rounds.iter().map(|r| r[i].seconds));
+        let ratios: Vec<f64> = rounds.iter().filter_map(|r| ratio_in(r, i)).collect();
+        let ratio = if ratios.is_empty() {
+            String::new()
         } else {
-            results.iter().find(|r| r.name.starts_with("a."))
+            format!("{:.2}x {}", median(ratios.iter().copied()), &reference_of(m.name)[..1])
         };
-        let ratio = reference.map(|r| format!("{:.2}x {}", m.seconds / r.seconds, &r.name[..1])).unwrap_or_default();
+        let rss = rounds
+            .iter()
+            .filter_map(|r| r[i].peak_rss_mb)
+            .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
         println!(
             "| {} | {:.2} | {:.0} | {} | {} | {:.1} |",
             m.name,
-            m.seconds,
-            m.rows as f64 / m.seconds,
+            seconds,
+            m.rows as f64 / seconds,
             ratio,
-            m.peak_rss_mb.map(|r| format!("{r:.0}")).unwrap_or_else(|| "-".into()),
-            m.pg_cpu_seconds
+            rss.map(|r| format!("{r:.0}")).unwrap_or_else(|| "-".into()),
+            median(rounds.iter().map(|r| r[i].pg_cpu_seconds))
         );
+    }
+    if n > 1 {
+        println!("\nEach round (peak RSS is the largest of the rounds):\n");
+        for (k, round) in rounds.iter().enumerate() {
+            let s = |p: &str| round.iter().find(|m| m.name.starts_with(p)).map_or(f64::NAN, |m| m.seconds);
+            println!(
+                "- round {}: a {:.2} s, b {:.2} s (b/a {:.2}x); c {:.2} s, d {:.2} s (d/c {:.1}x)",
+                k + 1,
+                s("a."),
+                s("b."),
+                s("b.") / s("a."),
+                s("c."),
+                s("d."),
+                s("d.") / s("c.")
+            );
+        }
+    }
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Whether the server's shared memory is on huge pages: they make each buffer access cheaper
+/// (fewer TLB misses, and a new backend maps its buffers with far fewer page faults), which
+/// shows in every per-row phase. Postgres' default `huge_pages = try` uses them when the OS
+/// has them reserved (`vm.nr_hugepages`); see BENCHMARKS.md.
+fn shared_memory(data: &Path) -> String {
+    match postmaster_pid(data).ok().and_then(|pid| proc_status_kb(pid, "HugetlbPages")) {
+        Some(kb) if kb > 0 => format!("on huge pages ({} MB)", kb / 1024),
+        _ => "on 4 kB pages (no huge pages available to it: see vm.nr_hugepages)".into(),
     }
 }
 
@@ -698,11 +788,15 @@ pub async fn pg_checksum(config: &PgConfig, table: &TableName) -> anyhow::Result
     Ok((row.get::<_, i64>(0) as u64, row.get::<_, String>(1).parse()?))
 }
 
-async fn verify(config: &PgConfig, table: &TableName, delta: &Path, version: u64) -> anyhow::Result<()> {
-    let expected = {
-        let delta = delta.to_path_buf();
-        tokio::task::spawn_blocking(move || delta_checksum(&delta, version)).await??
-    };
+/// Checks `table` against Delta `version`, computing the expected checksum.
+async fn verify_against_delta(config: &PgConfig, table: &TableName, delta: &Path, version: u64) -> anyhow::Result<()> {
+    let delta = delta.to_path_buf();
+    let expected = tokio::task::spawn_blocking(move || delta_checksum(&delta, version)).await??;
+    verify(config, table, version, expected).await
+}
+
+/// Checks `table` against `expected`, the (row count, checksum) of Delta `version`.
+async fn verify(config: &PgConfig, table: &TableName, version: u64, expected: (u64, u128)) -> anyhow::Result<()> {
     let actual = pg_checksum(config, table).await?;
     if expected != actual {
         bail!(
