@@ -15,6 +15,11 @@
 //! can write it: one commit deleting the old rows with deletion vectors (the shape of Spark's
 //! DELETE, for which the change feed must be computed from the data files), one appending
 //! the new ones. Either way it is one set of 55k net changes at 5M rows, synced in one range.
+//!
+//! Both Delta versions are written before anything is measured. `--rounds N` then measures a
+//! to d N times, each round on fresh tables, and reports medians and every round's ratios
+//! (each taken against the reference measured in the same round). Before each phase the OS
+//! writes out its dirty pages, so no phase is charged for the previous one's writeback.
 
 mod lag;
 mod serving;
@@ -276,6 +281,7 @@ async fn measure(
         let mut results = Vec::new();
 
         // (a) Reference ceiling.
+        settle();
         client
             .batch_execute(&format!(
                 "DROP SCHEMA IF EXISTS bench_ref CASCADE; CREATE SCHEMA bench_ref; CREATE TABLE {} ({})",
@@ -309,6 +315,7 @@ async fn measure(
         verify(&config, &reference, base_version, expected_base).await.context("verifying the reference load")?;
 
         // (b) lakesync snapshot.
+        settle();
         let table = target.to_string();
         let sync_args = [
             "sync",
@@ -359,6 +366,7 @@ async fn measure(
         }
 
         // (c) lakesync incremental.
+        settle();
         let (seconds, rss, cpu) = run_child(&exe, &sync_args, &conn, postmaster)?;
         results.push(Measurement {
             name: "c. lakesync incremental (CDF -> one transaction)",
@@ -370,6 +378,7 @@ async fn measure(
         verify(&config, &target, final_version, expected_final).await.context("verifying the incremental sync")?;
 
         // (d) The blog pattern on the reference table.
+        settle();
         let cpu0 = pg_cpu_seconds(postmaster)?;
         let t = Instant::now();
         blog_merge(&config, &reference, spec).await?;
@@ -521,6 +530,15 @@ fn print_table(rounds: &[Vec<Measurement>], rows: u64, memory: &str) {
     }
 }
 
+/// Waits until the OS has written out its dirty pages. The server runs with `fsync=off`, so
+/// what one phase writes (a 5M-row load is gigabytes of heap and WAL) would otherwise be
+/// flushed by the kernel during the next phase, on the same two cores, and charged to it.
+fn settle() {
+    if let Err(e) = Command::new("sync").status() {
+        eprintln!("bench: could not run sync ({e}); a phase may pay for the previous one's writeback");
+    }
+}
+
 /// The median of `values` (the mean of the middle two for an even count).
 fn median(values: impl Iterator<Item = f64>) -> f64 {
     let mut v: Vec<f64> = values.collect();
@@ -538,7 +556,7 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 /// has them reserved (`vm.nr_hugepages`); see BENCHMARKS.md.
 fn shared_memory(data: &Path) -> String {
     match postmaster_pid(data).ok().and_then(|pid| proc_status_kb(pid, "HugetlbPages")) {
-        Some(kb) if kb > 0 => format!("on huge pages ({} MB)", kb / 1024),
+        Some(kb) if kb > 0 => "on huge pages".into(),
         _ => "on 4 kB pages (no huge pages available to it: see vm.nr_hugepages)".into(),
     }
 }
