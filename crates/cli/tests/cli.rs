@@ -221,6 +221,21 @@ fn killing_lakesync_at_random_points_never_loses_or_duplicates_rows() {
             kills += 1;
         }
         child.wait().unwrap();
+        // A killed run's backend still finishes what it had received (a COMMIT sent just
+        // before the kill commits) before it notices its client is gone. The check below reads
+        // the synced version and then the rows, in separate statements, so it must look at the
+        // database after that backend is done, not in between.
+        for waited in 0.. {
+            let others = db.value(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            );
+            if others == "0" {
+                break;
+            }
+            assert!(waited < 300, "a killed run's backend was still there after 30 s (seed {seed})");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
         // Crash-consistent: whatever happened, the table holds the recorded version.
         if let Ok(v) = synced(&db).parse::<u64>() {
             db.assert_matches_snapshot(&path, "public.customers", "customer_id", v);
