@@ -262,21 +262,22 @@ async fn measure(
     let parallelism = args.parallelism.to_string();
     let base = base_version.to_string();
     let reference = TableName::new("bench_ref", "customer_profiles");
+    // lakesync's table in each round: one it has never seen, so there is no state to reset.
+    let target_of = |round: u32| {
+        TableName::new(
+            "bench",
+            if round == 1 { "customer_profiles".into() } else { format!("customer_profiles_r{round}") },
+        )
+    };
     let mut rounds = Vec::new();
     for round in 1..=args.rounds.max(1) {
         if args.rounds > 1 {
             eprintln!("bench: round {round} of {}", args.rounds);
         }
-        // Each round starts from the same server state: the previous round's tables are
-        // dropped, and lakesync syncs a table it has never seen (no state to reset).
-        let target = TableName::new(
-            "bench",
-            if round == 1 { "customer_profiles".into() } else { format!("customer_profiles_r{round}") },
-        );
+        // Each round starts from the same server state: the previous round's tables go.
+        let target = target_of(round);
         if round > 1 {
-            let previous =
-                if round == 2 { "customer_profiles".into() } else { format!("customer_profiles_r{}", round - 1) };
-            client.batch_execute(&format!("DROP TABLE bench.{previous}")).await?;
+            client.batch_execute(&format!("DROP TABLE {}", qualified(&target_of(round - 1)))).await?;
         }
         let mut results = Vec::new();
 
