@@ -499,10 +499,7 @@ fn print_table(rounds: &[Vec<Measurement>], rows: u64, memory: &str) {
         } else {
             format!("{:.2}x {}", median(ratios.iter().copied()), &reference_of(m.name)[..1])
         };
-        let rss = rounds
-            .iter()
-            .filter_map(|r| r[i].peak_rss_mb)
-            .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
+        let rss = rounds.iter().filter_map(|r| r[i].peak_rss_mb).reduce(f64::max);
         println!(
             "| {} | {:.2} | {:.0} | {} | {} | {:.1} |",
             m.name,
