@@ -20,12 +20,32 @@ use lakesync_postgres::{key_text, PgError};
 
 use crate::EngineError;
 
-/// Rows per batch handed to the sink.
+/// Rows per batch handed to the sink (and per staged part, see [`staged_parts`]).
 const OUT_BATCH_ROWS: usize = 8192;
+/// Rows in the first batch of upserts. A staged apply waits for the first part's COPY
+/// alone, so that part is small; the parts then double while the applying session works
+/// through the previous one, up to [`OUT_BATCH_ROWS`].
+const FIRST_UPSERT_ROWS: usize = 2048;
+
+/// The sizes of the batches [`KeyPlan::into_upserts`] returns for `upserts` rows.
+fn upsert_batch_sizes(upserts: usize) -> Vec<usize> {
+    let (mut sizes, mut left, mut next) = (Vec::new(), upserts, FIRST_UPSERT_ROWS);
+    while left > 0 {
+        let n = next.min(left);
+        sizes.push(n);
+        left -= n;
+        next = (next * 2).min(OUT_BATCH_ROWS);
+    }
+    sizes
+}
+
+/// How many batches (staged parts) [`KeyPlan::into_upserts`] returns for `upserts` rows.
+pub fn staged_parts(upserts: usize) -> usize {
+    upsert_batch_sizes(upserts).len()
+}
 
 /// A winning row image found on the second read.
 struct Pick {
-    key: Box<[u8]>,
     batch: usize,
     row: usize,
     expect_absent: bool,
@@ -155,8 +175,16 @@ impl KeyPlan {
         full: &[RecordBatch],
     ) -> Result<Vec<RecordBatch>, EngineError> {
         let internal = |m: String| EngineError::Internal(format!("table {table}: {m}"));
+        // The keys of every full batch, encoded once: the picks below refer to them (no copy
+        // per winning row) and sort by them.
+        let mut keys: Vec<Option<Rows>> = Vec::with_capacity(full.len());
         let mut picks: Vec<Pick> = Vec::with_capacity(self.upserts.len());
-        for (bi, batch) in full.iter().enumerate().filter(|(_, b)| b.num_rows() > 0) {
+        for batch in full {
+            if batch.num_rows() == 0 {
+                keys.push(None);
+                continue;
+            }
+            let bi = keys.len();
             let cols = change_columns(table, key, batch)?;
             let rows = key_rows(&mut self.converter, &cols.keys, table)?;
             for i in 0..batch.num_rows() {
@@ -164,27 +192,38 @@ impl KeyPlan {
                 if !kind_of(table, &cols.kinds, version, i)?.leaves_row() {
                     continue;
                 }
-                let k = rows.row(i);
-                if let Some(&(v, expect_absent)) = self.upserts.get(k.as_ref()) {
+                // Pass one rejected two row images of one key in one version, so a winning
+                // (key, version) matches exactly one row here.
+                if let Some(&(v, expect_absent)) = self.upserts.get(rows.row(i).as_ref()) {
                     if v == version {
-                        let k: Box<[u8]> = k.as_ref().into();
-                        self.upserts.remove(&k);
-                        picks.push(Pick { key: k, batch: bi, row: i, expect_absent, version });
+                        picks.push(Pick { batch: bi, row: i, expect_absent, version });
                     }
                 }
             }
+            keys.push(Some(rows));
         }
-        if !self.upserts.is_empty() {
-            return Err(internal(format!("{} winning rows were not found on the second read", self.upserts.len())));
+        if picks.len() != self.upserts.len() {
+            return Err(internal(format!(
+                "the second read found {} winning rows where the first planned {}",
+                picks.len(),
+                self.upserts.len()
+            )));
         }
-        // Key order (the row encoding sorts like the key) makes Postgres probe the index and
-        // visit heap pages in order rather than at random: several times faster on tables
-        // larger than memory, and the order the source files usually hold.
-        picks.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        // Existing keys first and new ones last, so that most output batches hold only keys to
+        // merge or only new rows (plainly inserted), and a staged apply starts with its slowest
+        // parts (merging a row costs more than staging it, so the stager keeps ahead). Then key
+        // order (the row encoding sorts like the key): Postgres probes the index and visits
+        // heap pages in order rather than at random, several times faster on tables larger
+        // than memory, and the order the source files usually hold.
+        let key_of = |p: &Pick| keys[p.batch].as_ref().expect("picked rows come from non-empty batches").row(p.row);
+        picks.sort_unstable_by(|a, b| a.expect_absent.cmp(&b.expect_absent).then_with(|| key_of(a).cmp(&key_of(b))));
         let refs: Vec<&RecordBatch> = full.iter().collect();
         let names: Vec<String> = schema.columns.iter().map(|c| c.name.clone()).collect();
         let mut out = Vec::new();
-        for chunk in picks.chunks(OUT_BATCH_ROWS) {
+        let mut rest = picks.as_slice();
+        for size in upsert_batch_sizes(picks.len()) {
+            let (chunk, after) = rest.split_at(size);
+            rest = after;
             let idx: Vec<(usize, usize)> = chunk.iter().map(|p| (p.batch, p.row)).collect();
             let mut cols = names
                 .iter()
@@ -259,6 +298,15 @@ fn batch_of(names: &[String], cols: Vec<ArrayRef>) -> Result<RecordBatch, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upsert_batches_start_small_and_double_up_to_the_batch_size() {
+        assert_eq!(upsert_batch_sizes(0), Vec::<usize>::new());
+        assert_eq!(upsert_batch_sizes(100), [100]);
+        assert_eq!(upsert_batch_sizes(5000), [2048, 2952]);
+        assert_eq!(upsert_batch_sizes(30000), [2048, 4096, 8192, 8192, 7472]);
+        assert_eq!(staged_parts(30000), 5);
+    }
 
     #[test]
     fn versions_group_into_contiguous_runs() {

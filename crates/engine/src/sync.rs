@@ -3,12 +3,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arrow_array::RecordBatch;
 use lakesync_core::{Classify, DataPolicy, PrimaryKey, SchemaChange, SyncMode, TableName, TableSchema, Version};
 use lakesync_delta::{DeltaError, DeltaTable, TableSnapshot};
 use lakesync_postgres::state::{self, Checkpoint, RowCounts, RunMode};
-use lakesync_postgres::{PgConfig, Sink};
+use lakesync_postgres::{ChangeApply, PgConfig, Sink, Stager};
 
-use crate::changes::{plan_keys, version_runs};
+use crate::changes::{plan_keys, staged_parts, version_runs};
 use crate::progress::Phase;
 use crate::{EngineError, Progress};
 
@@ -320,6 +321,10 @@ async fn triggered(
             let planned_ms = t.elapsed().as_millis();
             let deletes = plan.take_deletes(table, key)?;
             let changed_rows = deletes.iter().map(|b| b.num_rows()).sum::<usize>() + plan.upsert_count();
+            // Upserts of more than one part are staged by a second session (see `Stager`),
+            // which connects (and drops what a crashed run left) while this session deletes.
+            let parts = staged_parts(plan.upsert_count());
+            let stager = (parts > 1).then(|| tokio::spawn(sink.open_stager(&schema, key)));
             // Pass two (the winning rows) and the checkpoint's facts are read while Postgres
             // deletes.
             let pass_two = {
@@ -349,9 +354,40 @@ async fn triggered(
             let (upserts, checkpoint, source_rows) =
                 pass_two.await.map_err(|e| EngineError::Internal(format!("change reader panicked: {e}")))??;
             tracing::debug!(table = %table, from = chunk_start, to = chunk_end, planned_ms, read_ms = t.elapsed().as_millis(), "read the change feed");
-            apply.upsert(&upserts).await?;
-            drop(upserts);
-            let counts = apply.commit(id, checkpoint, source_rows, chunk_end == end_version).await?;
+            // Without a staging session (a small chunk, or one that could not connect or
+            // create its tables: the temporary-table path needs neither) the rows go through
+            // a temporary table of this session.
+            let stager = match stager {
+                None => None,
+                Some(opening) => match opening.await {
+                    Ok(Ok(stager)) => Some(Arc::new(stager)),
+                    Ok(Err(e)) => {
+                        tracing::warn!(table = %table, error = %e, "no staging session; upserting through a temporary table");
+                        None
+                    }
+                    Err(e) => return Err(EngineError::Internal(format!("stager panicked: {e}"))),
+                },
+            };
+            let counts = match stager {
+                None => {
+                    apply.upsert(&upserts).await?;
+                    drop(upserts);
+                    apply.commit(id, checkpoint, source_rows, chunk_end == end_version).await?
+                }
+                Some(stager) => {
+                    let applied = async {
+                        apply_staged(&mut apply, &stager, upserts).await?;
+                        Ok::<_, EngineError>(apply.commit(id, checkpoint, source_rows, chunk_end == end_version).await?)
+                    }
+                    .await;
+                    // The part tables go either way (a failed chunk's transaction is rolled
+                    // back by now, releasing them); the next run drops whatever this leaves.
+                    if let Err(e) = stager.clear().await {
+                        tracing::warn!(table = %table, error = %e, "could not drop the staging tables; the next run will");
+                    }
+                    applied?
+                }
+            };
             tracing::info!(table = %table, from = chunk_start, to = chunk_end, inserted = counts.inserted, updated = counts.updated, deleted = counts.deleted, "applied changes");
             total.inserted += counts.inserted;
             total.updated += counts.updated;
@@ -361,6 +397,47 @@ async fn triggered(
         start = seg_end + 1;
     }
     Ok(outcome(RunMode::Triggered, "change data feed", Some(synced), end_version, total))
+}
+
+/// Applies `upserts` part by part while a second session stages the next part: the COPY of
+/// part `k + 1` overlaps the `MERGE` of part `k`.
+async fn apply_staged(
+    apply: &mut ChangeApply<'_>,
+    stager: &Arc<Stager>,
+    upserts: Vec<RecordBatch>,
+) -> Result<(), EngineError> {
+    let upserts = Arc::new(upserts);
+    let (staged_tx, mut staged) = tokio::sync::mpsc::unbounded_channel();
+    let copier = {
+        let (stager, upserts) = (stager.clone(), upserts.clone());
+        tokio::spawn(async move {
+            for (part, batch) in upserts.iter().enumerate() {
+                stager.stage(part, batch).await?;
+                if staged_tx.send(part).is_err() {
+                    break;
+                }
+            }
+            Ok::<_, lakesync_postgres::PgError>(())
+        })
+    };
+    for (part, batch) in upserts.iter().enumerate() {
+        match staged.recv().await {
+            Some(p) if p == part => {}
+            // The copier stopped early: its own error says why.
+            _ => {
+                copier.await.map_err(|e| EngineError::Internal(format!("stager panicked: {e}")))??;
+                return Err(EngineError::Internal(format!("part {part} of the upserts was never staged")));
+            }
+        }
+        if let Err(e) = apply.upsert_staged(stager, part, batch).await {
+            // Stopped for sure before the caller clears the staging tables.
+            copier.abort();
+            let _ = copier.await;
+            return Err(e.into());
+        }
+    }
+    copier.await.map_err(|e| EngineError::Internal(format!("stager panicked: {e}")))??;
+    Ok(())
 }
 
 /// The first version in `lo..=hi` whose schema differs from `schema` (binary search; assumes

@@ -371,6 +371,80 @@ fn duplicate_keys_fail_clearly_unless_a_dedup_column_is_given() {
     assert_eq!(db.value("SELECT synced_version FROM lakesync.synced_tables"), "0");
 }
 
+/// Records the tables created in `db` (a superuser's event trigger), to see which staging
+/// tables a run made.
+fn log_created_tables(db: &TestDb) {
+    db.execute(
+        "CREATE TABLE public.created_tables (name text); \
+         CREATE FUNCTION public.log_created_tables() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN \
+           INSERT INTO public.created_tables SELECT object_identity FROM pg_event_trigger_ddl_commands() \
+           WHERE command_tag = 'CREATE TABLE'; END $$; \
+         CREATE EVENT TRIGGER log_created_tables ON ddl_command_end EXECUTE FUNCTION public.log_created_tables();",
+    );
+}
+
+fn staging_tables_created(db: &TestDb) -> String {
+    db.value("SELECT count(*) FROM public.created_tables WHERE name LIKE 'lakesync.stage\\_%'")
+}
+
+fn staging_tables_left(db: &TestDb) -> String {
+    db.value("SELECT count(*) FROM pg_tables WHERE schemaname = 'lakesync' AND tablename LIKE 'stage\\_%'")
+}
+
+#[test]
+fn a_large_change_set_is_staged_part_by_part_and_leaves_no_staging_tables() {
+    let db = TestDb::new("staged_apply");
+    let t = PyDelta::new();
+    let rows: Vec<_> = (0..6000).map(|i| json!([i, format!("p{i}"), i as f64])).collect();
+    t.run(json!([people(json!(rows))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    log_created_tables(&db);
+    // What a crashed run would have left behind.
+    let prefix = lakesync_postgres::apply::staging_prefix(&lakesync_core::TableName::new("public", "people"));
+    db.execute(&format!("CREATE UNLOGGED TABLE lakesync.{prefix}_7 (id bigint)"));
+    // 4,000 updates and 1,500 inserts: 5,500 upserts, more than the first staged part holds.
+    let merged: Vec<_> = (2000..7500).map(|i| json!([i, format!("q{i}"), (2 * i) as f64])).collect();
+    let v = t.run(json!([
+        {"op": "merge", "schema": people_schema(), "rows": merged, "on": "t.id = s.id"},
+        {"op": "delete", "predicate": "id < 500"},
+    ]));
+    let out = db.sync(&req).unwrap();
+    assert_eq!((out.counts.inserted, out.counts.updated, out.counts.deleted), (1500, 4000, 500));
+    assert_eq!(
+        db.rows("SELECT * FROM public.people WHERE id IN (499, 500, 1999, 2000, 7499) ORDER BY id"),
+        ["(500,p500,500)", "(1999,p1999,1999)", "(2000,q2000,4000)", "(7499,q7499,14998)"]
+    );
+    db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
+    // Parts of 2,048 and 3,452 rows, each in its own table, all dropped after the commit
+    // (with the crashed run's).
+    assert_eq!(staging_tables_created(&db), "3");
+    assert_eq!(staging_tables_left(&db), "0");
+}
+
+#[test]
+fn a_duplicate_key_in_a_staged_change_set_fails_clearly_and_changes_nothing() {
+    let db = TestDb::new("staged_duplicate");
+    let t = PyDelta::new();
+    let rows: Vec<_> = (0..3000).map(|i| json!([i, "a", 1.0])).collect();
+    t.run(json!([people(json!(rows))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    log_created_tables(&db);
+    // 3,000 new keys and one that is already there: staged in two parts, and the insert of
+    // the part holding key 5 meets the existing row.
+    let mut appended: Vec<_> = (3000..6000).map(|i| json!([i, "b", 2.0])).collect();
+    appended.push(json!([5, "again", 2.0]));
+    t.run(json!([{"op": "append", "schema": people_schema(), "rows": appended}]));
+    let msg = db.sync(&req).unwrap_err().to_string();
+    assert!(msg.contains("more than one row with primary key (id)=(5)") && msg.contains("version 1"), "{msg}");
+    assert_eq!(db.value("SELECT count(*) FROM public.people"), "3000");
+    assert_eq!(db.value("SELECT synced_version FROM lakesync.synced_tables"), "0");
+    // The second part may or may not be staged before the first one fails.
+    assert_ne!(staging_tables_created(&db), "0");
+    assert_eq!(staging_tables_left(&db), "0");
+}
+
 #[test]
 fn nul_bytes_fail_by_default_and_are_stripped_on_request() {
     let db = TestDb::new("nul_bytes");

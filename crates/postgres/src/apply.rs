@@ -5,6 +5,12 @@
 //! applied with one `DELETE .. USING`, one `INSERT .. SELECT` of the rows whose key is new in
 //! the range, and one `MERGE` (see [`crate::snapshot`]'s `merge_from`) for the rest. No
 //! statement is issued per row.
+//!
+//! Large upsert sets go through a [`Stager`] instead: a second session copies them, part by
+//! part, into unlogged tables of schema `lakesync` while the transaction inserts and merges the
+//! parts already staged, so that the copying runs on another core. The transaction is still
+//! the only writer of the target and of the synced version; the staged parts are copies that
+//! are dropped after it ends.
 
 use arrow_array::RecordBatch;
 use bytes::{Bytes, BytesMut};
@@ -22,6 +28,9 @@ use crate::{PgError, Sink};
 pub const EXPECT_ABSENT_COLUMN: &str = "_lakesync_expect_absent";
 /// Column holding the Delta version of each change.
 pub const VERSION_COLUMN: &str = "_lakesync_version";
+/// The columns staged upserts carry besides the table's.
+const UPSERT_EXTRA: [(&str, ColumnType); 2] =
+    [(EXPECT_ABSENT_COLUMN, ColumnType::Boolean), (VERSION_COLUMN, ColumnType::Int64)];
 
 /// One chunk's transaction, open: deletes and upserts go in as they become known (the caller
 /// can read the upserted rows while Postgres deletes), then [`ChangeApply::commit`] records
@@ -102,30 +111,53 @@ impl ChangeApply<'_> {
     }
 
     /// Inserts or updates the rows in `upserts` (the table's columns plus
-    /// [`EXPECT_ABSENT_COLUMN`] and [`VERSION_COLUMN`]).
+    /// [`EXPECT_ABSENT_COLUMN`] and [`VERSION_COLUMN`]), staged in a temporary table.
     pub async fn upsert(&mut self, upserts: &[RecordBatch]) -> Result<(), PgError> {
         if !upserts.iter().any(|b| b.num_rows() > 0) {
             return Ok(());
         }
+        let columns: Vec<&Column> = self.schema.columns.iter().collect();
+        self.stage("_lakesync_upserts", &columns, &UPSERT_EXTRA, upserts).await?;
+        self.apply_upserts("_lakesync_upserts", true, true).await
+    }
+
+    /// Inserts or updates the rows of one part that `stager` has staged (and committed; see
+    /// [`Stager`]). `batch` is the part's rows, which tell whether it holds new keys, existing
+    /// keys or both, so that no statement runs for nothing.
+    pub async fn upsert_staged(&mut self, stager: &Stager, part: usize, batch: &RecordBatch) -> Result<(), PgError> {
+        let new = batch
+            .column_by_name(EXPECT_ABSENT_COLUMN)
+            .and_then(|c| c.as_any().downcast_ref::<arrow_array::BooleanArray>())
+            .map(|c| c.true_count())
+            .ok_or_else(|| PgError::Mismatch {
+                table: self.target.to_string(),
+                message: format!("a staged part without a boolean {EXPECT_ABSENT_COLUMN} column"),
+            })?;
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.apply_upserts(&stager.part_table(part), new > 0, new < batch.num_rows()).await
+    }
+
+    /// Applies the staged rows in `source`: the new keys by a plain `INSERT` (when `new`), the
+    /// others by `MERGE` (when `existing`).
+    async fn apply_upserts(&mut self, source: &str, new: bool, existing: bool) -> Result<(), PgError> {
         let (schema, key) = (self.schema, self.key);
         let target = self.target.clone();
         let t = qualified(&target);
-        let columns: Vec<&Column> = schema.columns.iter().collect();
-        let extra = [(EXPECT_ABSENT_COLUMN, ColumnType::Boolean), (VERSION_COLUMN, ColumnType::Int64)];
-        self.stage("_lakesync_upserts", &columns, &extra, upserts).await?;
         // A key whose first change in the range is an insert must not be there already, so
         // those rows are plainly inserted: the key index's uniqueness check is the
         // existence check. If one is there, the source holds two rows with that key; the
         // savepoint lets us find which (and at which version) before failing the run.
         let cols = column_list(schema.columns.iter().map(|c| c.name.as_str()), None);
-        let new_rows = {
+        let new_rows = if !new {
+            Ok(0)
+        } else {
             let sp =
                 self.tx.savepoint("lakesync_new_rows").await.map_err(PgError::query(&target, "set a savepoint"))?;
             match sp
                 .execute(
-                    &format!(
-                        "INSERT INTO {t} ({cols}) SELECT {cols} FROM _lakesync_upserts WHERE {EXPECT_ABSENT_COLUMN}"
-                    ),
+                    &format!("INSERT INTO {t} ({cols}) SELECT {cols} FROM {source} WHERE {EXPECT_ABSENT_COLUMN}"),
                     &[],
                 )
                 .await
@@ -151,7 +183,7 @@ impl ChangeApply<'_> {
                     .tx
                     .query_opt(
                         &format!(
-                            "SELECT {key_shown}, u.{VERSION_COLUMN} FROM _lakesync_upserts u JOIN {t} t ON {on} \
+                            "SELECT {key_shown}, u.{VERSION_COLUMN} FROM {source} u JOIN {t} t ON {on} \
                              WHERE u.{EXPECT_ABSENT_COLUMN} LIMIT 1"
                         ),
                         &[],
@@ -168,15 +200,19 @@ impl ChangeApply<'_> {
                 });
             }
         };
-        let (more_inserted, updated) = merge_from(
-            &self.tx,
-            &target,
-            &format!("(SELECT * FROM _lakesync_upserts WHERE NOT {EXPECT_ABSENT_COLUMN})"),
-            "u",
-            schema,
-            key,
-        )
-        .await?;
+        let (more_inserted, updated) = if existing {
+            merge_from(
+                &self.tx,
+                &target,
+                &format!("(SELECT * FROM {source} WHERE NOT {EXPECT_ABSENT_COLUMN})"),
+                "u",
+                schema,
+                key,
+            )
+            .await?
+        } else {
+            (0, 0)
+        };
         self.counts.inserted += inserted + more_inserted;
         self.counts.updated += updated;
         Ok(())
@@ -208,7 +244,9 @@ impl ChangeApply<'_> {
             key: self.key.to_vec(),
             policy: self.policy.clone(),
         };
-        copy_batches(&self.tx, temp, &layout, batches).await
+        let sink =
+            self.tx.copy_in(&copy_sql(temp, &layout)).await.map_err(PgError::query(&self.target, "start COPY"))?;
+        copy_batches(sink, &layout, batches).await
     }
 
     /// Records `checkpoint` (and the run's progress; `final_chunk` marks the run succeeded)
@@ -242,18 +280,19 @@ impl ChangeApply<'_> {
     }
 }
 
+fn copy_sql(table: &str, layout: &CopyLayout) -> String {
+    format!(
+        "COPY {table} ({}) FROM STDIN (FORMAT binary)",
+        column_list(layout.columns.iter().map(String::as_str), None)
+    )
+}
+
 async fn copy_batches(
-    tx: &tokio_postgres::Transaction<'_>,
-    temp: &str,
+    sink: tokio_postgres::CopyInSink<Bytes>,
     layout: &CopyLayout,
     batches: &[RecordBatch],
 ) -> Result<(), PgError> {
-    let sql = format!(
-        "COPY {temp} ({}) FROM STDIN (FORMAT binary)",
-        column_list(layout.columns.iter().map(String::as_str), None)
-    );
     let err = |action: &'static str| PgError::query(&layout.target, action);
-    let sink = tx.copy_in::<_, Bytes>(sql.as_str()).await.map_err(err("start COPY"))?;
     futures_util::pin_mut!(sink);
     let mut buf = BytesMut::with_capacity(1 << 20);
     buf.extend_from_slice(HEADER);
@@ -271,4 +310,197 @@ async fn copy_batches(
     sink.send(buf.split().freeze()).await.map_err(err("COPY rows"))?;
     sink.finish().await.map_err(err("finish COPY"))?;
     Ok(())
+}
+
+/// A second session that stages a chunk's upserted rows while the chunk's transaction applies
+/// them. Part `k + 1` is copied into its own unlogged table, and committed so that the
+/// transaction's next statement sees it, while the transaction merges part `k`: the COPY of
+/// every part but the first then runs on the other core instead of on the transaction's path.
+///
+/// The part tables (`lakesync."stage_<hash of the target>_<k>"`) only hold copies of source
+/// rows, so exactly-once still rests on the transaction alone. [`Stager::clear`] drops them
+/// after the commit; whatever a crashed run left behind, the next [`Stager::prepare`] for the
+/// same table drops.
+pub struct Stager {
+    client: tokio_postgres::Client,
+    target: TableName,
+    prefix: String,
+    layout: CopyLayout,
+    /// The part tables' column definitions.
+    definitions: String,
+    /// A `stage` began its transaction and has not ended it (it failed or was stopped).
+    in_transaction: std::sync::atomic::AtomicBool,
+}
+
+impl Sink {
+    /// Opens and prepares (see [`Stager::prepare`]) a staging session for this table's
+    /// upserts. The future owns what it needs, so it can run on its own task while this
+    /// session deletes.
+    pub fn open_stager(
+        &self,
+        schema: &TableSchema,
+        key: &[String],
+    ) -> impl std::future::Future<Output = Result<Stager, PgError>> + Send + 'static {
+        let (config, target, policy) = (self.config().clone(), self.table.clone(), self.policy.clone());
+        let (schema, key) = (schema.clone(), key.to_vec());
+        async move {
+            let stager = Stager::open(&config, &target, &schema, &key, policy).await?;
+            stager.prepare().await?;
+            Ok(stager)
+        }
+    }
+}
+
+impl Stager {
+    /// Connects the staging session for `target`, whose change rows have `schema` and `key`.
+    pub async fn open(
+        config: &crate::PgConfig,
+        target: &TableName,
+        schema: &TableSchema,
+        key: &[String],
+        policy: DataPolicy,
+    ) -> Result<Self, PgError> {
+        let client = config.connect().await?;
+        // Dropping the part tables waits for the applying transaction's locks; never forever.
+        client
+            .batch_execute("SET lock_timeout = '10s'")
+            .await
+            .map_err(PgError::query(target, "configure the session"))?;
+        let extra = UPSERT_EXTRA;
+        let layout = CopyLayout {
+            target: target.clone(),
+            columns: schema
+                .columns
+                .iter()
+                .map(|c| c.name.clone())
+                .chain(extra.iter().map(|(n, _)| n.to_string()))
+                .collect(),
+            types: schema.columns.iter().map(|c| c.ty).chain(extra.iter().map(|(_, ty)| *ty)).collect(),
+            key: key.to_vec(),
+            policy,
+        };
+        let definitions = schema
+            .columns
+            .iter()
+            .map(|c| column_definition(c, false))
+            .chain(UPSERT_EXTRA.iter().map(|(name, ty)| format!("{name} {}", ty.postgres_type())))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(Self {
+            client,
+            target: target.clone(),
+            prefix: staging_prefix(target),
+            layout,
+            definitions,
+            in_transaction: false.into(),
+        })
+    }
+
+    /// Drops the part tables a crashed run left for this target.
+    pub async fn prepare(&self) -> Result<(), PgError> {
+        self.clear().await
+    }
+
+    /// The qualified name of part `part`'s table.
+    pub fn part_table(&self, part: usize) -> String {
+        format!("lakesync.{}", ident(&format!("{}_{part}", self.prefix)))
+    }
+
+    /// Creates part `part`'s table and copies `batch` into it; the rows are committed when
+    /// this returns.
+    ///
+    /// The table is created in the COPY's transaction so that the rows go in frozen (`COPY ..
+    /// FREEZE`): already marked visible to everyone, so the applying session's reads need not
+    /// look up this transaction's outcome row by row and set hint bits on pages it then
+    /// dirties.
+    pub async fn stage(&self, part: usize, batch: &RecordBatch) -> Result<(), PgError> {
+        let err = |action: &'static str| PgError::query(&self.target, action);
+        let table = self.part_table(part);
+        let columns = column_list(self.layout.columns.iter().map(String::as_str), None);
+        self.in_transaction.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.client
+            .batch_execute(&format!("BEGIN; CREATE UNLOGGED TABLE {table} ({})", self.definitions))
+            .await
+            .map_err(err("create a staging table"))?;
+        let copied = async {
+            let sink = self
+                .client
+                .copy_in(&format!("COPY {table} ({columns}) FROM STDIN (FORMAT binary, FREEZE)"))
+                .await
+                .map_err(err("start COPY"))?;
+            copy_batches(sink, &self.layout, std::slice::from_ref(batch)).await
+        }
+        .await;
+        let end = if copied.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        let ended = self.client.batch_execute(end).await.map_err(err("commit a staging table"));
+        if ended.is_ok() {
+            self.in_transaction.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        copied.and(ended)
+    }
+
+    /// Drops the part tables (after the chunk's transaction ended: its reads hold locks on
+    /// them until then).
+    pub async fn clear(&self) -> Result<(), PgError> {
+        // A stopped `stage` can leave its transaction open (and failed, if its COPY was cut
+        // off); the drops must not run inside it. Outside a transaction this only warns.
+        self.client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(PgError::query(&self.target, "end a staging transaction"))?;
+        let drops: Vec<String> = self
+            .leftovers()
+            .await?
+            .into_iter()
+            .map(|name| format!("DROP TABLE IF EXISTS lakesync.{}", ident(&name)))
+            .collect();
+        if drops.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .batch_execute(&drops.join("; "))
+            .await
+            .map_err(PgError::query(&self.target, "drop the staging tables"))
+    }
+
+    async fn leftovers(&self) -> Result<Vec<String>, PgError> {
+        let rows = self
+            .client
+            .query(
+                "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = 'lakesync' AND c.relkind = 'r' AND left(c.relname, length($1)) = $1",
+                &[&format!("{}_", self.prefix)],
+            )
+            .await
+            .map_err(PgError::query(&self.target, "look for staging tables"))?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+}
+
+/// The name prefix of `target`'s staging tables (see [`Stager`]): `stage_` and a 64-bit
+/// FNV-1a hash of the target's name, short enough for any target name (identifiers stop at
+/// 63 bytes) and the same in every build and process, so a later run finds what a crashed
+/// one left.
+pub fn staging_prefix(target: &TableName) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{}\0{}", target.schema, target.name).bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("stage_{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_tables_are_named_the_same_by_every_build() {
+        // FNV-1a of "public\0people", computed independently (Python).
+        assert_eq!(staging_prefix(&TableName::new("public", "people")), "stage_76672d63469be623");
+        assert_ne!(
+            staging_prefix(&TableName::new("public", "people")),
+            staging_prefix(&TableName::new("publicp", "eople"))
+        );
+    }
 }

@@ -30,7 +30,7 @@ use arrow_array::RecordBatch;
 use lakesync_core::{DataPolicy, TableName};
 use tokio_postgres::{Client, GenericClient};
 
-pub use apply::ChangeApply;
+pub use apply::{ChangeApply, Stager};
 pub use connect::PgConfig;
 pub use error::PgError;
 pub use snapshot::{ParallelCopy, Staging};
@@ -82,6 +82,11 @@ impl Sink {
     /// The target table.
     pub fn table(&self) -> &TableName {
         &self.table
+    }
+
+    /// The connection settings, for a second session such as a [`Stager`].
+    pub fn config(&self) -> &PgConfig {
+        &self.config
     }
 
     /// The session's client (holding the lock), for state reads and writes.
