@@ -443,11 +443,13 @@ impl Stager {
     /// them until then).
     pub async fn clear(&self) -> Result<(), PgError> {
         // A stopped `stage` can leave its transaction open (and failed, if its COPY was cut
-        // off); the drops must not run inside it. Outside a transaction this only warns.
-        self.client
-            .batch_execute("ROLLBACK")
-            .await
-            .map_err(PgError::query(&self.target, "end a staging transaction"))?;
+        // off); the drops must not run inside it.
+        if self.in_transaction.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(PgError::query(&self.target, "end a staging transaction"))?;
+        }
         let drops: Vec<String> = self
             .leftovers()
             .await?
