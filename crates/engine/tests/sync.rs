@@ -6,6 +6,7 @@ mod support;
 use lakesync_core::{Classify, ErrorClass, NulBytePolicy, SyncMode};
 use lakesync_delta::sample::{customer_schema, customers};
 use lakesync_delta::write::DeltaWriter;
+use lakesync_engine::SyncRequest;
 use serde_json::json;
 use support::{spark_fixture, PyDelta, TestDb};
 
@@ -383,6 +384,18 @@ fn log_created_tables(db: &TestDb) {
     );
 }
 
+/// `public.people` synced from a new Delta table of `rows`, and the tables created from then on
+/// logged (see `log_created_tables`).
+fn people_synced_with_a_table_log(name: &str, rows: Vec<serde_json::Value>) -> (TestDb, PyDelta, SyncRequest) {
+    let db = TestDb::new(name);
+    let t = PyDelta::new();
+    t.run(json!([people(json!(rows))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    log_created_tables(&db);
+    (db, t, req)
+}
+
 fn staging_tables_created(db: &TestDb) -> String {
     db.value("SELECT count(*) FROM public.created_tables WHERE name LIKE 'lakesync.stage\\_%'")
 }
@@ -393,13 +406,8 @@ fn staging_tables_left(db: &TestDb) -> String {
 
 #[test]
 fn a_large_change_set_is_staged_part_by_part_and_leaves_no_staging_tables() {
-    let db = TestDb::new("staged_apply");
-    let t = PyDelta::new();
-    let rows: Vec<_> = (0..6000).map(|i| json!([i, format!("p{i}"), i as f64])).collect();
-    t.run(json!([people(json!(rows))]));
-    let req = db.request(&t.path(), "public.people", "id");
-    db.sync(&req).unwrap();
-    log_created_tables(&db);
+    let rows = (0..6000).map(|i| json!([i, format!("p{i}"), i as f64])).collect();
+    let (db, t, req) = people_synced_with_a_table_log("staged_apply", rows);
     // What a crashed run would have left behind.
     let prefix = lakesync_postgres::apply::staging_prefix(&lakesync_core::TableName::new("public", "people"));
     db.execute(&format!("CREATE UNLOGGED TABLE lakesync.{prefix}_7 (id bigint)"));
@@ -424,13 +432,8 @@ fn a_large_change_set_is_staged_part_by_part_and_leaves_no_staging_tables() {
 
 #[test]
 fn a_duplicate_key_in_a_staged_change_set_fails_clearly_and_changes_nothing() {
-    let db = TestDb::new("staged_duplicate");
-    let t = PyDelta::new();
-    let rows: Vec<_> = (0..3000).map(|i| json!([i, "a", 1.0])).collect();
-    t.run(json!([people(json!(rows))]));
-    let req = db.request(&t.path(), "public.people", "id");
-    db.sync(&req).unwrap();
-    log_created_tables(&db);
+    let (db, t, req) =
+        people_synced_with_a_table_log("staged_duplicate", (0..3000).map(|i| json!([i, "a", 1.0])).collect());
     // 3,000 new keys and one that is already there: staged in two parts, and the insert of
     // the part holding key 5 meets the existing row.
     let mut appended: Vec<_> = (3000..6000).map(|i| json!([i, "b", 2.0])).collect();

@@ -227,25 +227,16 @@ impl ChangeApply<'_> {
         extra: &[(&str, ColumnType)],
         batches: &[RecordBatch],
     ) -> Result<(), PgError> {
-        let defs = columns
-            .iter()
-            .map(|c| column_definition(c, false))
-            .chain(extra.iter().map(|(name, ty)| format!("{name} {}", ty.postgres_type())))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let (layout, defs) = staging_layout(&self.target, columns, extra, self.key, &self.policy);
         self.tx
             .batch_execute(&format!("CREATE TEMP TABLE {temp} ({defs}) ON COMMIT DROP"))
             .await
             .map_err(PgError::query(&self.target, format!("create {temp}")))?;
-        let layout = CopyLayout {
-            target: self.target.clone(),
-            columns: columns.iter().map(|c| c.name.clone()).chain(extra.iter().map(|(n, _)| n.to_string())).collect(),
-            types: columns.iter().map(|c| c.ty).chain(extra.iter().map(|(_, ty)| *ty)).collect(),
-            key: self.key.to_vec(),
-            policy: self.policy.clone(),
-        };
-        let sink =
-            self.tx.copy_in(&copy_sql(temp, &layout)).await.map_err(PgError::query(&self.target, "start COPY"))?;
+        let sink = self
+            .tx
+            .copy_in(&copy_sql(temp, &layout, "FORMAT binary"))
+            .await
+            .map_err(PgError::query(&self.target, "start COPY"))?;
         copy_batches(sink, &layout, batches).await
     }
 
@@ -280,11 +271,33 @@ impl ChangeApply<'_> {
     }
 }
 
-fn copy_sql(table: &str, layout: &CopyLayout) -> String {
-    format!(
-        "COPY {table} ({}) FROM STDIN (FORMAT binary)",
-        column_list(layout.columns.iter().map(String::as_str), None)
-    )
+/// How a staging table holds `columns` and our `extra` columns: the COPY layout for the
+/// change rows, and the table's column definitions.
+fn staging_layout(
+    target: &TableName,
+    columns: &[&Column],
+    extra: &[(&str, ColumnType)],
+    key: &[String],
+    policy: &DataPolicy,
+) -> (CopyLayout, String) {
+    let layout = CopyLayout {
+        target: target.clone(),
+        columns: columns.iter().map(|c| c.name.clone()).chain(extra.iter().map(|(n, _)| n.to_string())).collect(),
+        types: columns.iter().map(|c| c.ty).chain(extra.iter().map(|(_, ty)| *ty)).collect(),
+        key: key.to_vec(),
+        policy: policy.clone(),
+    };
+    let definitions = columns
+        .iter()
+        .map(|c| column_definition(c, false))
+        .chain(extra.iter().map(|(name, ty)| format!("{name} {}", ty.postgres_type())))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (layout, definitions)
+}
+
+fn copy_sql(table: &str, layout: &CopyLayout, options: &str) -> String {
+    format!("COPY {table} ({}) FROM STDIN ({options})", column_list(layout.columns.iter().map(String::as_str), None))
 }
 
 async fn copy_batches(
@@ -319,7 +332,7 @@ async fn copy_batches(
 ///
 /// The part tables (`lakesync."stage_<hash of the target>_<k>"`) only hold copies of source
 /// rows, so exactly-once still rests on the transaction alone. [`Stager::clear`] drops them
-/// after the commit; whatever a crashed run left behind, the next [`Stager::prepare`] for the
+/// after the commit; whatever a crashed run left behind, the next [`Sink::open_stager`] for the
 /// same table drops.
 pub struct Stager {
     client: tokio_postgres::Client,
@@ -333,8 +346,8 @@ pub struct Stager {
 }
 
 impl Sink {
-    /// Opens and prepares (see [`Stager::prepare`]) a staging session for this table's
-    /// upserts. The future owns what it needs, so it can run on its own task while this
+    /// Opens a staging session for this table's upserts, with no part tables left from
+    /// an earlier run (see [`Stager::clear`]). The future owns what it needs, so it can run on its own task while this
     /// session deletes.
     pub fn open_stager(
         &self,
@@ -345,7 +358,8 @@ impl Sink {
         let (schema, key) = (schema.clone(), key.to_vec());
         async move {
             let stager = Stager::open(&config, &target, &schema, &key, policy).await?;
-            stager.prepare().await?;
+            // Whatever a crashed run left goes first.
+            stager.clear().await?;
             Ok(stager)
         }
     }
@@ -366,26 +380,8 @@ impl Stager {
             .batch_execute("SET lock_timeout = '10s'")
             .await
             .map_err(PgError::query(target, "configure the session"))?;
-        let extra = UPSERT_EXTRA;
-        let layout = CopyLayout {
-            target: target.clone(),
-            columns: schema
-                .columns
-                .iter()
-                .map(|c| c.name.clone())
-                .chain(extra.iter().map(|(n, _)| n.to_string()))
-                .collect(),
-            types: schema.columns.iter().map(|c| c.ty).chain(extra.iter().map(|(_, ty)| *ty)).collect(),
-            key: key.to_vec(),
-            policy,
-        };
-        let definitions = schema
-            .columns
-            .iter()
-            .map(|c| column_definition(c, false))
-            .chain(UPSERT_EXTRA.iter().map(|(name, ty)| format!("{name} {}", ty.postgres_type())))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let columns: Vec<&Column> = schema.columns.iter().collect();
+        let (layout, definitions) = staging_layout(target, &columns, &UPSERT_EXTRA, key, &policy);
         Ok(Self {
             client,
             target: target.clone(),
@@ -394,11 +390,6 @@ impl Stager {
             definitions,
             in_transaction: false.into(),
         })
-    }
-
-    /// Drops the part tables a crashed run left for this target.
-    pub async fn prepare(&self) -> Result<(), PgError> {
-        self.clear().await
     }
 
     /// The qualified name of part `part`'s table.
@@ -416,7 +407,6 @@ impl Stager {
     pub async fn stage(&self, part: usize, batch: &RecordBatch) -> Result<(), PgError> {
         let err = |action: &'static str| PgError::query(&self.target, action);
         let table = self.part_table(part);
-        let columns = column_list(self.layout.columns.iter().map(String::as_str), None);
         self.in_transaction.store(true, std::sync::atomic::Ordering::SeqCst);
         self.client
             .batch_execute(&format!("BEGIN; CREATE UNLOGGED TABLE {table} ({})", self.definitions))
@@ -425,7 +415,7 @@ impl Stager {
         let copied = async {
             let sink = self
                 .client
-                .copy_in(&format!("COPY {table} ({columns}) FROM STDIN (FORMAT binary, FREEZE)"))
+                .copy_in(&copy_sql(&table, &self.layout, "FORMAT binary, FREEZE"))
                 .await
                 .map_err(err("start COPY"))?;
             copy_batches(sink, &self.layout, std::slice::from_ref(batch)).await
