@@ -125,6 +125,9 @@ impl ChangeApply<'_> {
     /// [`Stager`]). `batch` is the part's rows, which tell whether it holds new keys, existing
     /// keys or both, so that no statement runs for nothing.
     pub async fn upsert_staged(&mut self, stager: &Stager, part: usize, batch: &RecordBatch) -> Result<(), PgError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
         let new = batch
             .column_by_name(EXPECT_ABSENT_COLUMN)
             .and_then(|c| c.as_any().downcast_ref::<arrow_array::BooleanArray>())
@@ -133,9 +136,6 @@ impl ChangeApply<'_> {
                 table: self.target.to_string(),
                 message: format!("a staged part without a boolean {EXPECT_ABSENT_COLUMN} column"),
             })?;
-        if batch.num_rows() == 0 {
-            return Ok(());
-        }
         self.apply_upserts(&stager.part_table(part), new > 0, new < batch.num_rows()).await
     }
 
@@ -346,9 +346,9 @@ pub struct Stager {
 }
 
 impl Sink {
-    /// Opens a staging session for this table's upserts, with no part tables left from
-    /// an earlier run (see [`Stager::clear`]). The future owns what it needs, so it can run on its own task while this
-    /// session deletes.
+    /// Opens a staging session for this table's upserts, with no part tables left from an
+    /// earlier run (see [`Stager::clear`]). The future owns what it needs, so it can run on
+    /// its own task while this session deletes.
     pub fn open_stager(
         &self,
         schema: &TableSchema,
