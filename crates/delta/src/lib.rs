@@ -15,6 +15,7 @@
 //!   cannot serve a range (the engine then snapshots) or something else went wrong.
 
 pub mod error;
+pub mod read_ahead;
 pub mod sample;
 pub mod schema;
 pub mod source;

@@ -12,6 +12,7 @@ use delta_kernel_default_engine::DefaultEngineBuilder;
 use lakesync_core::{TableSchema, Version};
 use url::Url;
 
+use crate::read_ahead::ReadAheadEngine;
 use crate::DeltaError;
 
 /// Name of the change-type column of change data feed batches.
@@ -55,6 +56,7 @@ impl DeltaTable {
             .with_batch_size(NonZero::new(READ_BATCH_ROWS).expect("non-zero"))
             .with_buffer_size(NonZero::new(READ_AHEAD_FILES).expect("non-zero"))
             .build();
+        let engine = ReadAheadEngine::new(Arc::new(engine));
         Ok(Self { uri: uri.to_string(), url, engine: Arc::new(engine) })
     }
 
