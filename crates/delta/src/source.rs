@@ -20,9 +20,16 @@ pub const CHANGE_TYPE_COLUMN: &str = "_change_type";
 /// Name of the commit-version column of change data feed batches.
 pub const COMMIT_VERSION_COLUMN: &str = "_commit_version";
 
-/// Rows per Arrow batch read from Parquet. The kernel's default (1000) makes per-batch
-/// overhead dominate; 8192 keeps batches a few MB for typical tables.
+/// Rows per Arrow batch read from Parquet by snapshot scans. The kernel's default (1000)
+/// makes per-batch overhead dominate; 8192 keeps batches a few MB for typical tables, and a
+/// snapshot holds a dozen of them in flight (peak RSS 140-180 MB at 5M rows; 230-265 MB with
+/// 32768).
 const READ_BATCH_ROWS: usize = 8192;
+/// Rows per Arrow batch read by the change data feed. Its reads hold a few batches at a time,
+/// and the kernel's transform and the planner pay per batch: a deletion-vector commit that
+/// touches every file of a 5M-row table is planned in ~155 ms with 32768 against ~180 ms with
+/// 8192.
+const CHANGE_BATCH_ROWS: usize = 32768;
 /// Data files read ahead concurrently. The kernel's default (1000) lets a large table hold
 /// hundreds of files' batches in memory; a few keep the reader ahead of Postgres with
 /// bounded memory.
@@ -37,7 +44,10 @@ pub type ChangeBatch = RecordBatch;
 pub struct DeltaTable {
     uri: String,
     url: Url,
+    /// Reads the log and snapshot scans.
     engine: Arc<dyn Engine>,
+    /// Reads the change data feed's rows (larger batches, see [`CHANGE_BATCH_ROWS`]).
+    change_engine: Arc<dyn Engine>,
 }
 
 impl std::fmt::Debug for DeltaTable {
@@ -52,12 +62,19 @@ impl DeltaTable {
         let open_err = |source| DeltaError::Open { uri: uri.to_string(), source };
         let url = delta_kernel::try_parse_uri(uri).map_err(open_err)?;
         let store = store_from_url(&url).map_err(open_err)?;
-        let engine = DefaultEngineBuilder::new(store)
-            .with_batch_size(NonZero::new(READ_BATCH_ROWS).expect("non-zero"))
-            .with_buffer_size(NonZero::new(READ_AHEAD_FILES).expect("non-zero"))
-            .build();
-        let engine = ReadAheadEngine::new(Arc::new(engine));
-        Ok(Self { uri: uri.to_string(), url, engine: Arc::new(engine) })
+        let engine = |batch_rows: usize| -> Arc<dyn Engine> {
+            let engine = DefaultEngineBuilder::new(store.clone())
+                .with_batch_size(NonZero::new(batch_rows).expect("non-zero"))
+                .with_buffer_size(NonZero::new(READ_AHEAD_FILES).expect("non-zero"))
+                .build();
+            Arc::new(ReadAheadEngine::new(Arc::new(engine)))
+        };
+        Ok(Self {
+            uri: uri.to_string(),
+            url,
+            engine: engine(READ_BATCH_ROWS),
+            change_engine: engine(CHANGE_BATCH_ROWS),
+        })
     }
 
     /// The location as the user gave it.
@@ -122,7 +139,7 @@ impl DeltaTable {
             .with_schema(projection)
             .build()
             .map_err(|e| unavailable(describe_cdf_error(&e)))?;
-        let iter = scan.execute(self.engine.clone()).map_err(|e| unavailable(describe_cdf_error(&e)))?;
+        let iter = scan.execute(self.change_engine.clone()).map_err(|e| unavailable(describe_cdf_error(&e)))?;
         let uri = self.uri.clone();
         Ok(iter.map(move |data| {
             data.and_then(|d| ArrowEngineData::try_from_engine_data(d).map(|a| RecordBatch::from(*a))).map_err(
