@@ -9,6 +9,9 @@
 //! - Never depends on Postgres; hands out Arrow `RecordBatch`es and core model values only.
 //! - The kernel's API is synchronous and runs its own background runtime: every call here
 //!   blocks, so async callers run them on a blocking thread.
+//! - Every Parquet read decodes at most a couple of batches ahead of its consumer (see
+//!   [`read_ahead`]), so memory is bounded by batch size and read-ahead depth, never by table
+//!   size.
 //! - Progress is tracked by commit version, never by timestamp (timestamps of copied tables
 //!   are file mtimes).
 //! - Kernel errors are mapped to [`DeltaError`] variants that say whether the change data feed
