@@ -119,8 +119,8 @@ fn read_ahead<T: Send + 'static>(batches: KernelResultIteratorStatic<T>) -> Kern
     });
     match spawned {
         Ok(_) => Box::new(Drained { rx }),
-        // No thread to spare: the read still works, just without overlap. The iterator was
-        // moved into the failed closure, so report the failure as the read's error.
+        // No thread could be started. The read's iterator went down with the closure that
+        // failed to start, so the read fails, saying why.
         Err(e) => Box::new(std::iter::once(Err(delta_kernel::KernelError::generic(format!(
             "could not start a Parquet read-ahead thread: {e}"
         ))))),

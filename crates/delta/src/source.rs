@@ -7,6 +7,7 @@ use arrow_array::{Array, Int64Array, RecordBatch, StringArray, StructArray};
 use delta_kernel::engine::arrow_data::ArrowEngineData;
 use delta_kernel::table_changes::TableChanges;
 use delta_kernel::{Engine, KernelError, Snapshot, SnapshotRef};
+use delta_kernel_default_engine::executor::tokio::TokioBackgroundExecutor;
 use delta_kernel_default_engine::storage::store_from_url;
 use delta_kernel_default_engine::DefaultEngineBuilder;
 use lakesync_core::{TableSchema, Version};
@@ -62,8 +63,12 @@ impl DeltaTable {
         let open_err = |source| DeltaError::Open { uri: uri.to_string(), source };
         let url = delta_kernel::try_parse_uri(uri).map_err(open_err)?;
         let store = store_from_url(&url).map_err(open_err)?;
+        // Both engines share one background runtime (one thread): they differ only in
+        // batch size.
+        let executor = Arc::new(TokioBackgroundExecutor::new());
         let engine = |batch_rows: usize| -> Arc<dyn Engine> {
             let engine = DefaultEngineBuilder::new(store.clone())
+                .with_task_executor(executor.clone())
                 .with_batch_size(NonZero::new(batch_rows).expect("non-zero"))
                 .with_buffer_size(NonZero::new(READ_AHEAD_FILES).expect("non-zero"))
                 .build();
