@@ -163,21 +163,25 @@ mod tests {
 
     #[test]
     fn dropping_a_read_ahead_early_stops_its_thread() {
-        let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let pulled = Arc::new(AtomicUsize::new(0));
         let counter = pulled.clone();
         let endless = std::iter::repeat_with(move || {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            counter.fetch_add(1, Ordering::SeqCst);
             Ok(0u8)
         });
         let mut reader = read_ahead(Box::new(endless));
         assert!(reader.next().is_some());
         drop(reader);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let after_drop = pulled.load(std::sync::atomic::Ordering::SeqCst);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        // At most the channel's capacity plus the item in flight were read ahead, and the
-        // thread stopped pulling once the consumer was gone.
-        assert!(after_drop <= READ_AHEAD_BATCHES + 2, "pulled {after_drop}");
-        assert_eq!(pulled.load(std::sync::atomic::Ordering::SeqCst), after_drop);
+        // The thread owns the endless iterator (and so a clone of `pulled`): the count falls
+        // back to one when the thread has stopped and dropped it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(&pulled) > 1 {
+            assert!(std::time::Instant::now() < deadline, "the read-ahead thread kept running");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // At most the channel's capacity, the item taken and the one in flight were pulled.
+        let total = pulled.load(Ordering::SeqCst);
+        assert!(total <= READ_AHEAD_BATCHES + 2, "pulled {total}");
     }
 }
