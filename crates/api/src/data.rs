@@ -131,8 +131,8 @@ fn parse_list_query(shape: &TableShape, raw: &str, max: u32) -> Result<(RowQuery
     let mut q = RowQuery { filters: Vec::new(), order_by: None, descending: false, limit: DEFAULT_LIMIT, after: None };
     let mut cursor = None;
     let mut order_spec = String::new();
-    for (name, value) in url::form_urlencoded::parse(raw.as_bytes()) {
-        match name.as_ref() {
+    for (name, value) in query_pairs(raw)? {
+        match name.as_str() {
             "limit" => {
                 q.limit = value
                     .parse()
@@ -140,7 +140,7 @@ fn parse_list_query(shape: &TableShape, raw: &str, max: u32) -> Result<(RowQuery
                     .filter(|n| (1..=max).contains(n))
                     .ok_or_else(|| ApiError::BadRequest(format!("limit must be between 1 and {max}")))?;
             }
-            "after" => cursor = Some(value.into_owned()),
+            "after" => cursor = Some(value),
             "order_by" => {
                 let (col, desc) = match shape.column(&value) {
                     Some(c) => (c, false),
@@ -152,11 +152,11 @@ fn parse_list_query(shape: &TableShape, raw: &str, max: u32) -> Result<(RowQuery
                 };
                 q.order_by = Some(col);
                 q.descending = desc;
-                order_spec = value.into_owned();
+                order_spec = value;
             }
             column => {
                 let col = shape.column(column).ok_or_else(|| unknown(shape, column))?;
-                q.filters.push((col, value.into_owned()));
+                q.filters.push((col, value));
             }
         }
     }
@@ -196,14 +196,34 @@ fn decode_cursor(cursor: &str, order_spec: &str) -> Result<Vec<Option<String>>, 
     Ok(all)
 }
 
+/// The `name=value` pairs of a query string (`+` is a space), decoded strictly: a `%` not
+/// followed by two hex digits, or bytes that are not UTF-8, are a 400 rather than a
+/// replacement character that could silently match rows holding one.
+fn query_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+    let decode = |s: &str| {
+        percent_decode(&s.replace('+', " ")).ok_or_else(|| {
+            ApiError::BadRequest("the query string is not valid: bad percent-encoding or not UTF-8".into())
+        })
+    };
+    raw.split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            Ok((decode(name)?, decode(value)?))
+        })
+        .collect()
+}
+
+/// Percent-decodes `s`; `None` for a `%` without two hex digits after it or for bytes that
+/// are not UTF-8.
 fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit))?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -250,10 +270,25 @@ mod tests {
     }
 
     #[test]
+    fn filters_order_by_and_cursors_with_bad_encoding_are_rejected_not_replaced() {
+        for raw in ["country=%FF", "country=caf%C3", "order_by=%FFscore", "after=%ZZ", "country=%4", "%FF=x"] {
+            let err = parse_list_query(&shape(), raw, 100).unwrap_err();
+            assert!(matches!(err, ApiError::BadRequest(_)), "{raw}: {err}");
+        }
+        let (q, _) = parse_list_query(&shape(), "country=caf%C3%A9+au+lait&limit=5", 100).unwrap();
+        assert_eq!(q.filters[0].1, "café au lait");
+        let (q, _) = parse_list_query(&shape(), "country=a%2Bb", 100).unwrap();
+        assert_eq!(q.filters[0].1, "a+b");
+    }
+
+    #[test]
     fn key_segments_are_percent_decoded() {
         assert_eq!(percent_decode("a%2Fb%20c").as_deref(), Some("a/b c"));
         assert_eq!(percent_decode("caf%C3%A9").as_deref(), Some("café"));
         assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
         assert_eq!(percent_decode("%FF"), None);
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%+1"), None);
+        assert_eq!(percent_decode("100%"), None);
     }
 }

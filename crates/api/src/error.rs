@@ -40,7 +40,7 @@ impl ApiError {
         match e.sql_state().map(|s| s.code()) {
             Some(c) if c.starts_with("22") => ApiError::BadRequest(
                 match &e {
-                    PgError::Query { source, .. } => source.as_db_error().map(|d| d.message().to_string()),
+                    PgError::Query { error, .. } => error.as_db_error().map(|d| d.message().to_string()),
                     _ => None,
                 }
                 .unwrap_or_else(|| "invalid value".into()),

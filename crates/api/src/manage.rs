@@ -8,8 +8,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use lakesync_engine::config::TableConfig;
 use lakesync_engine::daemon::DaemonError;
-use lakesync_engine::Worker;
+use lakesync_engine::{EngineError, Worker};
 use lakesync_postgres::state::{self, RunRecord, TableStatus};
+use lakesync_postgres::PgError;
 use serde_json::{json, Value};
 
 use crate::{ApiError, AppState};
@@ -149,6 +150,25 @@ pub async fn add(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
     let config: TableConfig =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid table definition: {e}")))?;
     let spec = config.validate().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if !spec.adopt {
+        // Refuse at once (and start nothing) when the target exists and is not lakesync's;
+        // the run would refuse it too, but only after the table was added.
+        let client = state.pool.get().await.map_err(ApiError::from_query)?;
+        let recorded = match state::exists(client.client()).await.map_err(ApiError::from_query)? {
+            true => state::load(client.client(), &spec.target).await.map_err(ApiError::from_query)?,
+            false => None,
+        };
+        let owner =
+            state::ownership(client.client(), &spec.target, recorded.as_ref()).await.map_err(ApiError::from_query)?;
+        if let state::Ownership::Foreign { .. } = owner {
+            let refused = state::not_owned(
+                &spec.target,
+                owner,
+                "refusing to sync into it; set \"adopt\": true to take it over on purpose (its primary key must be the sync key and its columns the source's types)",
+            );
+            return Err(ApiError::Conflict(refused.to_string()));
+        }
+    }
     let worker = state.daemon.add(spec).map_err(|e| match e {
         DaemonError::Config(e) => ApiError::Conflict(e.to_string()),
         DaemonError::ShuttingDown => ApiError::Unavailable(e.to_string()),
@@ -173,6 +193,7 @@ pub async fn remove(
     let purge = q.purge_data.unwrap_or(false);
     state.daemon.remove(&name, purge).await.map_err(|e| match e {
         DaemonError::NotFound(_) => ApiError::NotFound(e.to_string()),
+        DaemonError::Purge(EngineError::Postgres(PgError::NotOwned { .. })) => ApiError::Conflict(e.to_string()),
         other => {
             tracing::error!(table = %name, error = %other, "removing the table failed");
             ApiError::Unavailable(other.to_string())

@@ -3,10 +3,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use lakesync_core::{DataPolicy, PrimaryKey, SyncMode, TableName};
+use lakesync_core::{SyncMode, TableName};
 use lakesync_delta::sample::{customer_schema, customers};
 use lakesync_delta::write::DeltaWriter;
-use lakesync_engine::{sync, SyncOutcome, SyncRequest};
+use lakesync_engine::config::TableConfig;
+use lakesync_engine::{sync, SyncOutcome};
 use lakesync_postgres::cluster::LocalCluster;
 use lakesync_postgres::PgConfig;
 
@@ -74,21 +75,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await??
     };
 
-    let req = SyncRequest {
-        source: delta_path.display().to_string(),
-        postgres: config.clone(),
-        table: table.clone(),
-        primary_key: PrimaryKey::parse("customer_id")?,
-        mode: SyncMode::Auto,
-        to_version: None,
-        parallelism: 2,
-        indexes: vec![vec!["email".into()]],
-        policy: DataPolicy::default(),
-        versions_per_transaction: 100,
-        exclude: Vec::new(),
-        lock_wait: std::time::Duration::from_secs(10),
-        progress: Default::default(),
-    };
+    let mut entry =
+        TableConfig::new(delta_path.display().to_string(), table.to_string(), &["customer_id"], "triggered");
+    entry.parallelism = Some(2);
+    entry.indexes = vec![vec!["email".into()]];
+    let req = entry.validate()?.request(&config, SyncMode::Auto, None, std::time::Duration::from_secs(10));
     println!("\n2. lakesync sync (first run: snapshot) ...");
     report(&sync(&req).await?);
 

@@ -11,7 +11,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use lakesync_core::{DataPolicy, NulBytePolicy, PrimaryKey, SyncMode, TableName};
+use lakesync_core::SyncMode;
+use lakesync_engine::config::TableConfig;
 use lakesync_engine::{sync, SyncRequest};
 use lakesync_postgres::PgConfig;
 
@@ -114,35 +115,51 @@ struct SyncArgs {
     /// go of the table before giving up.
     #[arg(long, default_value_t = 30)]
     lock_wait: u64,
+    /// Take over an existing Postgres table lakesync did not create (refused without it): its
+    /// primary key must be the sync key and its columns the source's types.
+    #[arg(long)]
+    adopt: bool,
+    /// With --adopt: drop the table's columns the Delta table lacks (refused without it).
+    #[arg(long, requires = "adopt")]
+    allow_drop_columns: bool,
+    /// Runs kept in the table's history (lakesync.runs).
+    #[arg(long, default_value_t = 10_000)]
+    keep_runs: u64,
+    /// Days of run history kept (0: any age).
+    #[arg(long, default_value_t = 30)]
+    keep_runs_days: u64,
 }
 
 impl SyncArgs {
+    /// The run, through the same validated spec as a config file's `[[tables]]` entry.
     fn request(&self) -> anyhow::Result<SyncRequest> {
-        Ok(SyncRequest {
-            source: self.source.clone(),
-            postgres: PgConfig::parse(&self.postgres)?,
-            table: TableName::parse(&self.table)?,
-            primary_key: PrimaryKey::parse(&self.primary_key)?,
-            mode: match self.mode {
-                Mode::Auto => SyncMode::Auto,
-                Mode::Snapshot => SyncMode::Snapshot,
-                Mode::Triggered => SyncMode::Triggered,
-            },
-            to_version: self.to_version,
-            parallelism: self.parallelism.clamp(1, 16),
-            indexes: self.indexes.iter().map(|i| i.split(',').map(|c| c.trim().to_string()).collect()).collect(),
-            policy: DataPolicy {
-                nul_bytes: match self.nul_bytes {
-                    NulBytes::Error => NulBytePolicy::Error,
-                    NulBytes::Strip => NulBytePolicy::Strip,
-                },
-                dedup_by: self.dedup_by.clone(),
-            },
-            versions_per_transaction: self.versions_per_transaction,
-            exclude: self.exclude.clone(),
-            lock_wait: std::time::Duration::from_secs(self.lock_wait),
-            progress: Default::default(),
-        })
+        let mut entry = TableConfig::new(
+            self.source.clone(),
+            self.table.clone(),
+            &self.primary_key.split(',').map(str::trim).collect::<Vec<_>>(),
+            "triggered",
+        );
+        entry.indexes = self.indexes.iter().map(|i| i.split(',').map(|c| c.trim().to_string()).collect()).collect();
+        entry.parallelism = Some(self.parallelism);
+        entry.nul_bytes = Some(match self.nul_bytes {
+            NulBytes::Error => "error".into(),
+            NulBytes::Strip => "strip".into(),
+        });
+        entry.dedup_by = self.dedup_by.clone();
+        entry.exclude = self.exclude.clone();
+        entry.versions_per_transaction = Some(self.versions_per_transaction);
+        entry.adopt = self.adopt;
+        entry.allow_drop_columns = self.allow_drop_columns;
+        entry.keep_runs = Some(self.keep_runs);
+        entry.keep_runs_days = Some(self.keep_runs_days);
+        let spec = entry.validate()?;
+        let mode = match self.mode {
+            Mode::Auto => SyncMode::Auto,
+            Mode::Snapshot => SyncMode::Snapshot,
+            Mode::Triggered => SyncMode::Triggered,
+        };
+        let lock_wait = std::time::Duration::from_secs(self.lock_wait);
+        Ok(spec.request(&PgConfig::parse(&self.postgres)?, mode, self.to_version, lock_wait))
     }
 }
 

@@ -79,7 +79,7 @@ impl Classify for DeltaError {
 }
 
 /// Object-store and I/O hiccups are worth a retry; missing files and corrupt data are not.
-fn is_transient(err: &KernelError) -> bool {
+pub(crate) fn is_transient(err: &KernelError) -> bool {
     use delta_kernel::KernelError as E;
     match err {
         E::IOError(e) => !matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied),

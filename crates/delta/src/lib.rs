@@ -12,12 +12,15 @@
 //! - Every Parquet read decodes at most a couple of batches ahead of its consumer (see
 //!   [`read_ahead`]), so memory is bounded by batch size and read-ahead depth, never by table
 //!   size.
+//! - Timestamps stored as Parquet INT96 (Spark's legacy encoding) are decoded at microseconds,
+//!   never through a nanosecond `i64` that wraps outside 1677-2262 (see `int96`).
 //! - Progress is tracked by commit version, never by timestamp (timestamps of copied tables
 //!   are file mtimes).
 //! - Kernel errors are mapped to [`DeltaError`] variants that say whether the change data feed
 //!   cannot serve a range (the engine then snapshots) or something else went wrong.
 
 pub mod error;
+mod int96;
 pub mod read_ahead;
 pub mod sample;
 pub mod schema;
@@ -25,4 +28,6 @@ pub mod source;
 pub mod write;
 
 pub use error::DeltaError;
-pub use source::{ChangeBatch, DeltaTable, NewCommits, TableSnapshot, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN};
+pub use source::{
+    ChangeBatch, DeltaTable, NewCommits, SchemaId, TableSnapshot, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN,
+};

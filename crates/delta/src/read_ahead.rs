@@ -13,6 +13,8 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
 use delta_kernel::schema::SchemaRef;
+
+use crate::int96::HintedParquetReader;
 use delta_kernel::{
     CancellationTokenRef, Engine, EngineData, EvaluationHandler, FileDataReadResultIterator, FileMeta, FileSize,
     JsonHandler, KernelResult, KernelResultIteratorStatic, ParquetFooter, ParquetHandler, PredicateRef, StorageHandler,
@@ -32,7 +34,14 @@ pub struct ReadAheadEngine {
 impl ReadAheadEngine {
     /// Wraps `inner`, whose Parquet handler does the reading.
     pub fn new(inner: Arc<dyn Engine>) -> Self {
-        let parquet = Arc::new(ReadAheadParquet { inner: inner.parquet_handler() });
+        let parquet = Arc::new(ReadAheadParquet { inner: inner.parquet_handler(), hinted: None });
+        Self { inner, parquet }
+    }
+
+    /// Wraps `inner`; reads whose schema has timestamps go through `hinted` instead, which
+    /// keeps INT96 timestamps whole (see [`crate::int96`]).
+    pub(crate) fn with_int96_reader(inner: Arc<dyn Engine>, hinted: HintedParquetReader) -> Self {
+        let parquet = Arc::new(ReadAheadParquet { inner: inner.parquet_handler(), hinted: Some(hinted) });
         Self { inner, parquet }
     }
 }
@@ -58,6 +67,16 @@ impl Engine for ReadAheadEngine {
 /// The Parquet half of [`ReadAheadEngine`].
 struct ReadAheadParquet {
     inner: Arc<dyn ParquetHandler>,
+    hinted: Option<HintedParquetReader>,
+}
+
+impl ReadAheadParquet {
+    /// The INT96-aware reader, when this read needs it: a schema with timestamps, files in
+    /// the table's store (not presigned URLs, which only the default engine fetches).
+    fn hinted_for(&self, files: &[FileMeta], schema: &SchemaRef) -> Option<&HintedParquetReader> {
+        let presigned = files.iter().any(|f| matches!(f.location.scheme(), "http" | "https"));
+        self.hinted.as_ref().filter(|_| !presigned && HintedParquetReader::needed_for(schema))
+    }
 }
 
 impl ParquetHandler for ReadAheadParquet {
@@ -67,6 +86,9 @@ impl ParquetHandler for ReadAheadParquet {
         physical_schema: SchemaRef,
         predicate: Option<PredicateRef>,
     ) -> KernelResult<FileDataReadResultIterator> {
+        if let Some(hinted) = self.hinted_for(files, &physical_schema) {
+            return Ok(read_ahead(hinted.read(files, physical_schema, predicate)));
+        }
         Ok(read_ahead(self.inner.read_parquet_files(files, physical_schema, predicate)?))
     }
 
@@ -77,6 +99,11 @@ impl ParquetHandler for ReadAheadParquet {
         predicate: Option<PredicateRef>,
         cancellation_token: Option<CancellationTokenRef>,
     ) -> KernelResult<FileDataReadResultIterator> {
+        if let Some(hinted) = self.hinted_for(files, &physical_schema) {
+            // Reads of table data are not cancelled by lakesync; the token is honoured
+            // between reads by the kernel.
+            return Ok(read_ahead(hinted.read(files, physical_schema, predicate)));
+        }
         Ok(read_ahead(self.inner.read_parquet_files_with_cancellation(
             files,
             physical_schema,

@@ -13,6 +13,7 @@ use delta_kernel_default_engine::DefaultEngineBuilder;
 use lakesync_core::{TableSchema, Version};
 use url::Url;
 
+use crate::int96::HintedParquetReader;
 use crate::read_ahead::ReadAheadEngine;
 use crate::DeltaError;
 
@@ -72,7 +73,8 @@ impl DeltaTable {
                 .with_batch_size(NonZero::new(batch_rows).expect("non-zero"))
                 .with_buffer_size(NonZero::new(READ_AHEAD_FILES).expect("non-zero"))
                 .build();
-            Arc::new(ReadAheadEngine::new(Arc::new(engine)))
+            let hinted = HintedParquetReader::new(store.clone(), executor.clone(), batch_rows, READ_AHEAD_FILES);
+            Arc::new(ReadAheadEngine::with_int96_reader(Arc::new(engine), hinted))
         };
         Ok(Self {
             uri: uri.to_string(),
@@ -104,6 +106,10 @@ impl DeltaTable {
             builder = builder.at_version(v);
         }
         let snap = builder.build(self.engine.as_ref()).map_err(|source| match version {
+            // A store hiccup is retried, never taken for a missing table or version.
+            _ if crate::error::is_transient(&source) => {
+                DeltaError::Read { uri: self.uri.clone(), version: version.unwrap_or_default(), source }
+            }
             Some(version) if !is_missing_table(&source) => {
                 DeltaError::VersionUnavailable { uri: self.uri.clone(), version, source }
             }
@@ -127,24 +133,20 @@ impl DeltaTable {
         end: Version,
         columns: Option<&[String]>,
     ) -> Result<impl Iterator<Item = Result<ChangeBatch, DeltaError>>, DeltaError> {
-        let unavailable = |reason: String| DeltaError::CdfUnavailable { uri: self.uri.clone(), start, end, reason };
-        let changes = TableChanges::try_new(self.url.clone(), self.engine.as_ref(), start, Some(end))
-            .map_err(|e| unavailable(describe_cdf_error(&e)))?;
+        let unavailable = |e: KernelError| cdf_error(&self.uri, start, end, e);
+        let changes =
+            TableChanges::try_new(self.url.clone(), self.engine.as_ref(), start, Some(end)).map_err(unavailable)?;
         let projection = match columns {
             Some(cols) => {
                 let mut names: Vec<&str> = cols.iter().map(String::as_str).collect();
                 names.extend([CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN]);
                 let full: delta_kernel::schema::SchemaRef = changes.schema().clone().into();
-                Some(full.project(&names).map_err(|e| unavailable(describe_cdf_error(&e)))?)
+                Some(full.project(&names).map_err(unavailable)?)
             }
             None => None,
         };
-        let scan = changes
-            .into_scan_builder()
-            .with_schema(projection)
-            .build()
-            .map_err(|e| unavailable(describe_cdf_error(&e)))?;
-        let iter = scan.execute(self.change_engine.clone()).map_err(|e| unavailable(describe_cdf_error(&e)))?;
+        let scan = changes.into_scan_builder().with_schema(projection).build().map_err(unavailable)?;
+        let iter = scan.execute(self.change_engine.clone()).map_err(unavailable)?;
         let uri = self.uri.clone();
         Ok(iter.map(move |data| {
             data.and_then(|d| ArrowEngineData::try_from_engine_data(d).map(|a| RecordBatch::from(*a))).map_err(
@@ -226,6 +228,10 @@ fn commit_version(name: &str) -> Option<Version> {
     (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
 }
 
+/// A Delta schema exactly as logged, compared for equality (see [`TableSnapshot::schema_id`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchemaId(delta_kernel::schema::SchemaRef);
+
 /// One version of a Delta table.
 #[derive(Clone)]
 pub struct TableSnapshot {
@@ -254,6 +260,13 @@ impl TableSnapshot {
     /// not checked: excluding is how a user syncs a table with a column Postgres cannot hold).
     pub fn schema_without(&self, excluded: &[String]) -> Result<TableSchema, DeltaError> {
         crate::schema::table_schema(&self.table.uri, &self.snap.schema(), excluded)
+    }
+
+    /// The Delta schema exactly as logged (with field metadata such as comments): the change
+    /// data feed can only read a range of versions whose schemas are all equal in this sense,
+    /// even where lakesync's [`TableSchema`] sees no difference.
+    pub fn schema_id(&self) -> SchemaId {
+        SchemaId(self.snap.schema())
     }
 
     /// Whether `delta.enableChangeDataFeed` is on at this version.
@@ -356,6 +369,17 @@ fn is_missing_file(err: &KernelError) -> bool {
     false
 }
 
+/// The error for a change feed that could not be opened for `start..=end`. A store or I/O
+/// hiccup (timeout, 503, connection reset) is a [`DeltaError::Read`] the daemon retries with
+/// backoff; only what the protocol says the feed cannot serve (not enabled, log truncated,
+/// schema changed, files gone) is [`DeltaError::CdfUnavailable`], which a snapshot serves.
+fn cdf_error(uri: &str, start: Version, end: Version, err: KernelError) -> DeltaError {
+    if crate::error::is_transient(&err) {
+        return DeltaError::Read { uri: uri.to_string(), version: start, source: err };
+    }
+    DeltaError::CdfUnavailable { uri: uri.to_string(), start, end, reason: describe_cdf_error(&err) }
+}
+
 fn describe_cdf_error(err: &KernelError) -> String {
     match err {
         KernelError::ChangeDataFeedUnsupported(v) => {
@@ -372,6 +396,27 @@ mod tests {
     use super::*;
     use crate::sample::{customer_schema, customers};
     use crate::write::DeltaWriter;
+    use lakesync_core::{Classify, ErrorClass};
+
+    #[test]
+    fn a_store_hiccup_opening_the_change_feed_is_retried_and_only_protocol_reasons_call_for_a_snapshot() {
+        let reset = KernelError::IOError(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer"));
+        let e = cdf_error("s3://lake/t", 3, 5, reset);
+        assert!(matches!(e, DeltaError::Read { .. }), "{e:?}");
+        assert_eq!(e.class(), ErrorClass::Transient);
+        let timeout = KernelError::ObjectStore(delta_kernel::object_store::Error::Generic {
+            store: "S3",
+            source: "operation timed out".into(),
+        });
+        assert_eq!(cdf_error("s3://lake/t", 3, 5, timeout).class(), ErrorClass::Transient);
+        let off = cdf_error("s3://lake/t", 3, 5, KernelError::ChangeDataFeedUnsupported(3));
+        assert!(matches!(off, DeltaError::CdfUnavailable { .. }), "{off:?}");
+        let gone = KernelError::ObjectStore(delta_kernel::object_store::Error::NotFound {
+            path: "_delta_log/00000000000000000003.json".into(),
+            source: "no such key".into(),
+        });
+        assert!(matches!(cdf_error("s3://lake/t", 3, 5, gone), DeltaError::CdfUnavailable { .. }));
+    }
 
     #[test]
     fn a_table_opens_from_a_path_or_a_file_uri_and_counts_its_rows_from_the_log() {

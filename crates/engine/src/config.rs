@@ -25,11 +25,14 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use lakesync_core::SyncMode;
 use lakesync_core::{
     parse_duration, Classify, DataPolicy, ErrorClass, NulBytePolicy, PrimaryKey, Schedule, TableName, Version,
 };
-use lakesync_postgres::PgConfig;
+use lakesync_postgres::{PgConfig, RunRetention};
 use serde::{Deserialize, Serialize};
+
+use crate::SyncRequest;
 
 /// Environment variable with the Postgres connection string when the file has none.
 pub const POSTGRES_ENV: &str = "LAKESYNC_POSTGRES";
@@ -144,6 +147,18 @@ pub struct TableConfig {
     /// At most this many versions per incremental transaction (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub versions_per_transaction: Option<Version>,
+    /// Take over an existing Postgres table lakesync did not create (default false: refused).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub adopt: bool,
+    /// When adopting, drop the table's columns the source lacks (default false: refused).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_drop_columns: bool,
+    /// Runs kept in the table's history (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_runs: Option<u64>,
+    /// Days of run history kept (default 30; 0 keeps runs of any age).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_runs_days: Option<u64>,
 }
 
 /// How the daemon keeps a table in sync.
@@ -191,8 +206,45 @@ pub struct TableSpec {
     pub versions_per_transaction: Version,
     /// Excluded source columns.
     pub exclude: Vec<String>,
+    /// Take over an existing table lakesync did not create.
+    pub adopt: bool,
+    /// When adopting, drop the table's columns the source lacks.
+    pub allow_drop_columns: bool,
+    /// Run history kept.
+    pub history: RunRetention,
     /// The entry as written, echoed by the API.
     pub config: TableConfig,
+}
+
+impl TableSpec {
+    /// The sync run this table's spec asks for: the one place a [`SyncRequest`] is built
+    /// from validated settings (the CLI's `sync`, the daemon's workers).
+    pub fn request(
+        &self,
+        postgres: &PgConfig,
+        mode: SyncMode,
+        to_version: Option<Version>,
+        lock_wait: Duration,
+    ) -> SyncRequest {
+        SyncRequest {
+            source: self.source.clone(),
+            postgres: postgres.clone(),
+            table: self.target.clone(),
+            primary_key: self.primary_key.clone(),
+            mode,
+            to_version,
+            parallelism: self.parallelism,
+            indexes: self.indexes.clone(),
+            policy: self.policy.clone(),
+            versions_per_transaction: self.versions_per_transaction,
+            exclude: self.exclude.clone(),
+            lock_wait,
+            adopt: self.adopt,
+            allow_drop_columns: self.allow_drop_columns,
+            history: self.history,
+            progress: Default::default(),
+        }
+    }
 }
 
 impl TableConfig {
@@ -212,6 +264,10 @@ impl TableConfig {
             dedup_by: None,
             exclude: Vec::new(),
             versions_per_transaction: None,
+            adopt: false,
+            allow_drop_columns: false,
+            keep_runs: None,
+            keep_runs_days: None,
         }
     }
 
@@ -269,9 +325,24 @@ impl TableConfig {
         if self.source.trim().is_empty() {
             return Err(invalid(&scope, "source is empty"));
         }
-        if let Some(i) = self.indexes.iter().find(|i| i.is_empty()) {
-            return Err(invalid(&scope, format!("indexes: an index needs at least one column ({i:?})")));
+        if let Some(i) = self.indexes.iter().find(|i| i.is_empty() || i.iter().any(|c| c.trim().is_empty())) {
+            return Err(invalid(&scope, format!("indexes: an index needs at least one column, none empty ({i:?})")));
         }
+        if self.allow_drop_columns && !self.adopt {
+            return Err(invalid(&scope, "allow_drop_columns applies only with adopt = true"));
+        }
+        let history = RunRetention {
+            max_runs: match self.keep_runs {
+                Some(0) => return Err(invalid(&scope, "keep_runs must be at least 1")),
+                Some(n) => n,
+                None => RunRetention::default().max_runs,
+            },
+            max_age: match self.keep_runs_days {
+                Some(0) => None,
+                Some(d) => Some(Duration::from_secs(d.saturating_mul(86_400))),
+                None => RunRetention::default().max_age,
+            },
+        };
         Ok(TableSpec {
             name,
             source: self.source.clone(),
@@ -283,6 +354,9 @@ impl TableConfig {
             parallelism,
             versions_per_transaction,
             exclude: self.exclude.clone(),
+            adopt: self.adopt,
+            allow_drop_columns: self.allow_drop_columns,
+            history,
             config: self.clone(),
         })
     }

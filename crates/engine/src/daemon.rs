@@ -22,7 +22,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{check_unique, ConfigError, TableMode, TableSpec};
-use crate::{sync, EngineError, Progress, SyncOutcome, SyncRequest};
+use crate::{sync, EngineError, Progress, SyncOutcome};
 
 /// How a failed run is followed up: the one place that decides retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,6 +251,25 @@ impl Daemon {
     /// Stops syncing `name` (an in-flight run finishes first) and, with `purge`, drops its
     /// Postgres table and its sync state.
     pub async fn remove(&self, name: &str, purge: bool) -> Result<(), DaemonError> {
+        if purge {
+            // Refuse before stopping anything when the table is not lakesync's to drop
+            // (`forget` checks again under the table's lock).
+            let target = self.table(name).ok_or_else(|| DaemonError::NotFound(name.into()))?.spec.target.clone();
+            let client = self.postgres.connect().await.map_err(EngineError::from)?;
+            let recorded = match state::exists(&client).await.map_err(EngineError::from)? {
+                true => state::load(&client, &target).await.map_err(EngineError::from)?,
+                false => None,
+            };
+            let owner = state::ownership(&client, &target, recorded.as_ref()).await.map_err(EngineError::from)?;
+            if let state::Ownership::Foreign { .. } = owner {
+                return Err(EngineError::from(state::not_owned(
+                    &target,
+                    owner,
+                    "refusing to drop it (nothing was changed, the table is still synced); remove it without purge_data to stop syncing and keep the table",
+                ))
+                .into());
+            }
+        }
         let (worker, task) = self
             .workers
             .write()
@@ -432,24 +451,37 @@ async fn refresh_head(worker: &Worker, source: &DeltaTable) -> bool {
 
 async fn execute(worker: &Worker, postgres: &PgConfig, mode: SyncMode) {
     let spec = &worker.spec;
-    let req = SyncRequest {
-        source: spec.source.clone(),
-        postgres: postgres.clone(),
-        table: spec.target.clone(),
-        primary_key: spec.primary_key.clone(),
-        mode,
-        to_version: None,
-        parallelism: spec.parallelism,
-        indexes: spec.indexes.clone(),
-        policy: spec.policy.clone(),
-        versions_per_transaction: spec.versions_per_transaction,
-        exclude: spec.exclude.clone(),
-        lock_wait: Duration::from_secs(5),
-        progress: worker.progress.clone(),
-    };
+    let mut req = spec.request(postgres, mode, None, Duration::from_secs(5));
+    req.progress = worker.progress.clone();
     worker.update(|s| s.running = true);
     let started = Instant::now();
-    let result = sync(&req).await;
+    // The run is a task of its own, so a panic inside it (in the kernel, say) becomes this
+    // table's failed run, retried with backoff, instead of a worker gone quiet. Dropping
+    // this future (shutdown past the grace period) stops the run too.
+    let name = spec.name.clone();
+    let run = tokio::spawn(async move {
+        if std::env::var_os(PANIC_FAILPOINT).is_some_and(|t| t == name.as_str()) {
+            panic!("failpoint {PANIC_FAILPOINT} hit for table {name}");
+        }
+        sync(&req).await
+    });
+    let _stop_on_drop = AbortOnDrop(run.abort_handle());
+    let result = match run.await {
+        Ok(result) => result,
+        Err(e) => {
+            let e = EngineError::Panicked(panic_message(e));
+            // The run could not record its failure itself; record it for `status` and the
+            // API (best effort: the next run marks the run row abandoned either way).
+            let recorded = async {
+                let client = postgres.connect().await?;
+                state::fail_run(&client, &spec.target, None, &e.to_string()).await
+            };
+            if let Err(record) = recorded.await {
+                tracing::warn!(table = %spec.name, error = %record, "could not record the failed run");
+            }
+            Err(e)
+        }
+    };
     let elapsed = started.elapsed();
     worker.metrics.observe(elapsed);
     match result {
@@ -458,11 +490,40 @@ async fn execute(worker: &Worker, postgres: &PgConfig, mode: SyncMode) {
     }
 }
 
+/// Test-only failpoint: a run of the table named in this environment variable panics, as a
+/// bug in the kernel would (the supervision test sets it; nothing else should).
+pub const PANIC_FAILPOINT: &str = "LAKESYNC_FAILPOINT_PANIC";
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The message a panicked task panicked with.
+fn panic_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return "the run was cancelled".into();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// The class that decides the retry. A source that was readable before (the table has a
 /// synced version) and now is not is far more likely an unmounted volume or a storage outage
 /// than a wrong path: retry it rather than park it.
 fn retry_class(e: &EngineError, synced_before: bool) -> ErrorClass {
     match e {
+        // A bug, but maybe one that a state it does not meet again set off: back off and
+        // start over, with the panic's message on the table meanwhile.
+        EngineError::Panicked(_) => ErrorClass::Transient,
         EngineError::Delta(DeltaError::NotATable { .. } | DeltaError::Open { .. }) if synced_before => {
             ErrorClass::Transient
         }

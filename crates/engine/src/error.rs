@@ -25,6 +25,9 @@ pub enum EngineError {
     /// A background task failed unexpectedly.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The run panicked (a bug, in lakesync or a library); nothing it did was committed.
+    #[error("internal error: the sync run panicked: {0}")]
+    Panicked(String),
 }
 
 impl EngineError {
@@ -48,7 +51,7 @@ impl Classify for EngineError {
             EngineError::Model(e) => e.class(),
             EngineError::Request { .. } => ErrorClass::Config,
             EngineError::UnusableFeed { .. } => ErrorClass::Schema,
-            EngineError::Internal(_) => ErrorClass::Internal,
+            EngineError::Internal(_) | EngineError::Panicked(_) => ErrorClass::Internal,
         }
     }
 }

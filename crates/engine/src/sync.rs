@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 use lakesync_core::{Classify, DataPolicy, PrimaryKey, SchemaChange, SyncMode, TableName, TableSchema, Version};
-use lakesync_delta::{DeltaError, DeltaTable, TableSnapshot};
-use lakesync_postgres::state::{self, Checkpoint, RowCounts, RunMode};
+use lakesync_delta::{DeltaError, DeltaTable, SchemaId, TableSnapshot};
+use lakesync_postgres::state::{self, Checkpoint, Ownership, RowCounts, RunMode, RunRetention};
 use lakesync_postgres::{ChangeApply, PgConfig, Sink, Stager};
 
 use crate::changes::{plan_keys, staged_parts, version_runs};
@@ -40,6 +40,13 @@ pub struct SyncRequest {
     pub exclude: Vec<String>,
     /// How long to wait for another run of the same table to finish.
     pub lock_wait: Duration,
+    /// Take over an existing Postgres table lakesync did not create (its primary key must be
+    /// the sync key and its columns the source's types); without it such a table is refused.
+    pub adopt: bool,
+    /// When adopting, drop the table's columns the source lacks (otherwise refused).
+    pub allow_drop_columns: bool,
+    /// How much run history to keep for the table.
+    pub history: RunRetention,
     /// Where the run reports progress, for a display.
     pub progress: Arc<Progress>,
 }
@@ -73,7 +80,11 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
             let uri = req.source.clone();
             Ok::<_, EngineError>(blocking(move || DeltaTable::open(&uri)).await?)
         },
-        async { Ok::<_, EngineError>(Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait).await?) }
+        async {
+            Ok::<_, EngineError>(
+                Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait, req.history).await?,
+            )
+        }
     )?;
     let mut run_id = None;
     let result = run(req, &source, &mut sink, &mut run_id).await;
@@ -102,10 +113,29 @@ async fn run(
     run_id: &mut Option<i64>,
 ) -> Result<SyncOutcome, EngineError> {
     let table = &req.table;
-    // The latest snapshot is read while Postgres registers the table.
-    let (registered, latest) =
-        tokio::join!(state::register(sink.client(), table, source.uri(), &req.primary_key), snapshot_at(source, None));
-    let synced = registered?.synced_version;
+    // The latest snapshot is read while Postgres looks at the target and the state.
+    let (recorded, latest) = tokio::join!(
+        async {
+            let recorded = state::load(sink.client(), table).await?;
+            let owner = state::ownership(sink.client(), table, recorded.as_ref()).await?;
+            Ok::<_, EngineError>((recorded, owner))
+        },
+        snapshot_at(source, None)
+    );
+    let (recorded, owner) = recorded?;
+    // Never write into a table lakesync did not create, unless asked to adopt it.
+    let adopting = matches!(owner, Ownership::Foreign { .. });
+    if adopting && !req.adopt {
+        return Err(state::not_owned(
+            table,
+            owner,
+            "refusing to sync into it: a snapshot would replace its rows and drop its columns the Delta table lacks. \
+             Choose another --table, or pass --adopt (adopt = true in the config) to take it over on purpose: \
+             allowed when its primary key is the sync key and its columns have the source's types; \
+             columns the source lacks are dropped only with --allow-drop-columns",
+        )
+        .into());
+    }
     let latest = latest?;
     let end = match req.to_version {
         Some(v) if v > latest.version() => {
@@ -122,12 +152,21 @@ async fn run(
         _ => latest,
     };
     let schema = end.schema_without(&req.exclude)?;
+    check_identifiers(table, source.uri(), &schema)?;
     req.primary_key.validate_against(&schema)?;
     let key = req.primary_key.columns().to_vec();
+    if adopting {
+        sink.check_adoptable(&schema, &key, req.allow_drop_columns).await?;
+    }
+    // Registered only once the run is known to be allowed: a refused run leaves no state.
+    let synced = state::register(sink.client(), table, recorded, source.uri(), &req.primary_key).await?.synced_version;
 
     let reason = match (req.mode, synced) {
+        _ if adopting => "adopting the existing table (--adopt)".to_string(),
         (SyncMode::Snapshot, _) => "requested with --mode snapshot".to_string(),
         (_, None) => "initial snapshot: nothing synced yet".to_string(),
+        // Dropped by hand: the data is gone, so the synced version means nothing; reload.
+        (_, Some(_)) if owner == Ownership::Absent => "the target table is missing (dropped?)".to_string(),
         (_, Some(s)) if s == end.version() => {
             let id = state::start_run(sink.client(), table, RunMode::Noop, "already at the requested version", synced, s).await?;
             *run_id = Some(id);
@@ -148,27 +187,41 @@ async fn run(
             if !end.cdf_enabled() {
                 return Err(source.cdf_not_enabled(end.version()).into());
             }
-            if !sink.target_exists().await? {
-                "the target table is missing".to_string()
-            } else {
-                match triggered(req, source, sink, run_id, s, &end, &schema, &key).await {
-                    Ok(done) => return Ok(done),
-                    Err(e) if mode == SyncMode::Auto && e.calls_for_snapshot().is_some() => {
-                        let reason = e.calls_for_snapshot().unwrap_or_default();
-                        tracing::warn!(table = %table, error = %e, "falling back to a snapshot");
-                        // Close the triggered run (if one started) before the fallback run.
-                        if let Some(id) = run_id.take() {
-                            state::fail_run(sink.client(), table, Some(id), &format!("falling back to a snapshot: {reason}")).await?;
-                        }
-                        format!("the change data feed cannot serve versions {}..={}: {reason}", s + 1, end.version())
+            match triggered(req, source, sink, run_id, s, &end, &key).await {
+                Ok(done) => return Ok(done),
+                Err(e) if mode == SyncMode::Auto && e.calls_for_snapshot().is_some() => {
+                    let reason = e.calls_for_snapshot().unwrap_or_default();
+                    tracing::warn!(table = %table, error = %e, "falling back to a snapshot");
+                    // Close the triggered run (if one started) before the fallback run.
+                    if let Some(id) = run_id.take() {
+                        state::fail_run(sink.client(), table, Some(id), &format!("falling back to a snapshot: {reason}")).await?;
                     }
-                    Err(e) => return Err(e),
+                    format!("the change data feed cannot serve versions {}..={}: {reason}", s + 1, end.version())
                 }
+                Err(e) => return Err(e),
             }
         }
     };
     tracing::info!(table = %table, version = end.version(), reason = %reason, "snapshot");
     snapshot(req, sink, run_id, synced, &end, &schema, &key, &reason).await
+}
+
+/// Postgres keeps the first 63 bytes of an identifier: a longer column name would be
+/// truncated (and could then collide with another column, the key among them). Refused,
+/// naming the column, before anything is written.
+fn check_identifiers(table: &TableName, uri: &str, schema: &TableSchema) -> Result<(), EngineError> {
+    match schema.columns.iter().find(|c| c.name.len() > 63) {
+        None => Ok(()),
+        Some(c) => Err(EngineError::Request {
+            table: table.to_string(),
+            message: format!(
+                "column {:?} of {uri} is {} bytes long, but Postgres identifiers hold at most 63 bytes (a longer name \
+                 would be truncated and could collide with another column); exclude it with --exclude, or rename it",
+                c.name,
+                c.name.len()
+            ),
+        }),
+    }
 }
 
 fn outcome(mode: RunMode, reason: &str, from: Option<Version>, to: Version, counts: RowCounts) -> SyncOutcome {
@@ -196,6 +249,10 @@ async fn snapshot(
     let version = end.version();
     let id = state::start_run(sink.client(), &req.table, RunMode::Snapshot, reason, synced, version).await?;
     *run_id = Some(id);
+    // The version the snapshot replaces: `synced`, or where a fallen-back triggered run's
+    // committed chunks left it. Read under the table lock; the checkpoint moves it only from
+    // there (a compare-and-set).
+    let from = state::load(sink.client(), &req.table).await?.and_then(|r| r.synced_version);
     let staging = sink.prepare_staging(schema).await?;
     let copy = sink.copy_into(&staging, schema, key, version, req.parallelism);
     let sender = copy.sender();
@@ -223,7 +280,9 @@ async fn snapshot(
         let checkpoint = Checkpoint { version, commit_timestamp_ms: Some(commit_ts(end).await?) };
         tracing::debug!(table = %req.table, rows, "staging loaded");
         req.progress.set_phase(Phase::Indexing);
-        Ok::<_, EngineError>(sink.finish_snapshot(&staging, schema, key, &req.indexes, rows, id, checkpoint).await?)
+        Ok::<_, EngineError>(
+            sink.finish_snapshot(&staging, schema, key, &req.indexes, rows, id, from, checkpoint).await?,
+        )
     }
     .await;
     match result {
@@ -245,7 +304,6 @@ async fn triggered(
     run_id: &mut Option<i64>,
     synced: Version,
     end: &TableSnapshot,
-    end_schema: &TableSchema,
     key: &[String],
 ) -> Result<SyncOutcome, EngineError> {
     let table = &req.table;
@@ -266,43 +324,48 @@ async fn triggered(
     );
     let id = id?;
     *run_id = Some(id);
-    let mut schema = match at_synced {
-        Ok(s) => s.schema_without(&req.exclude)?,
+    let (mut schema, mut schema_id) = match at_synced {
+        Ok(s) => (s.schema_without(&req.exclude)?, s.schema_id()),
+        // A store hiccup is retried; only a version the log no longer has calls for a snapshot.
+        Err(e) if e.class() == lakesync_core::ErrorClass::Transient => return Err(e),
         Err(e) => return Err(unavailable(format!("version {synced} is no longer readable: {e}"))),
     };
+    let end_id = end.schema_id();
     let mut total = RowCounts::default();
     let mut start = synced + 1;
     while start <= end_version {
-        // The segment [start, seg_end] has one schema; a change at seg_end + 1 starts the next.
-        let (seg_end, added) = match schema.change_to(end_schema) {
-            SchemaChange::None => (end_version, Vec::new()),
-            _ => {
-                let first_change = first_schema_change(source, &schema, &req.exclude, start, end_version).await?;
-                if first_change > start {
-                    (first_change - 1, Vec::new())
-                } else {
-                    let new_schema = snapshot_at(source, Some(first_change)).await?.schema_without(&req.exclude)?;
-                    match schema.change_to(&new_schema) {
-                        SchemaChange::Additive(cols) => {
-                            tracing::info!(table = %table, version = first_change, columns = cols.len(), "source added columns");
-                            schema = new_schema;
-                            let seg_end = if schema.change_to(end_schema) == SchemaChange::None {
-                                end_version
-                            } else {
-                                first_schema_change(source, &schema, &req.exclude, start + 1, end_version).await? - 1
-                            };
-                            (seg_end, cols)
-                        }
-                        SchemaChange::Breaking(why) => {
-                            return Err(unavailable(format!("at version {first_change}: {why}")))
-                        }
-                        SchemaChange::None => {
-                            // Only nullability moved: nothing for Postgres to do.
-                            schema = new_schema;
-                            (start, Vec::new())
-                        }
+        // The segment [start, seg_end] has one Delta schema (exactly as logged: the feed reads
+        // no range across a change, even of a column comment); a change at seg_end + 1 starts
+        // the next. What the change means for Postgres is read from lakesync's schema.
+        let (seg_end, added) = if schema_id == end_id {
+            (end_version, Vec::new())
+        } else {
+            let first_change = first_schema_change(source, &schema_id, start, end_version).await?;
+            if first_change > start {
+                (first_change - 1, Vec::new())
+            } else {
+                let at_change = snapshot_at(source, Some(first_change)).await?;
+                let new_schema = at_change.schema_without(&req.exclude)?;
+                let added = match schema.change_to(&new_schema) {
+                    SchemaChange::Additive(cols) => {
+                        tracing::info!(table = %table, version = first_change, columns = cols.len(), "source added columns");
+                        cols
                     }
-                }
+                    SchemaChange::Breaking(why) => {
+                        return Err(unavailable(format!("at version {first_change}: {why}")))
+                    }
+                    // Comments, field metadata, nullability or excluded columns: nothing
+                    // for Postgres to do.
+                    SchemaChange::None => Vec::new(),
+                };
+                schema = new_schema;
+                schema_id = at_change.schema_id();
+                let seg_end = if schema_id == end_id {
+                    end_version
+                } else {
+                    first_schema_change(source, &schema_id, start + 1, end_version).await? - 1
+                };
+                (seg_end, added)
             }
         };
         let mut added = added;
@@ -372,12 +435,16 @@ async fn triggered(
                 None => {
                     apply.upsert(&upserts).await?;
                     drop(upserts);
-                    apply.commit(id, checkpoint, source_rows, chunk_end == end_version).await?
+                    apply.commit(id, chunk_start - 1, checkpoint, source_rows, chunk_end == end_version).await?
                 }
                 Some(stager) => {
                     let applied = async {
                         apply_staged(&mut apply, &stager, upserts).await?;
-                        Ok::<_, EngineError>(apply.commit(id, checkpoint, source_rows, chunk_end == end_version).await?)
+                        Ok::<_, EngineError>(
+                            apply
+                                .commit(id, chunk_start - 1, checkpoint, source_rows, chunk_end == end_version)
+                                .await?,
+                        )
                     }
                     .await;
                     // The part tables go either way (a failed chunk's transaction is rolled
@@ -440,19 +507,18 @@ async fn apply_staged(
     Ok(())
 }
 
-/// The first version in `lo..=hi` whose schema differs from `schema` (binary search; assumes
-/// the schema does not change back and forth).
+/// The first version in `lo..=hi` whose Delta schema differs from `schema` (binary search;
+/// assumes the schema does not change back and forth).
 async fn first_schema_change(
     source: &DeltaTable,
-    schema: &TableSchema,
-    exclude: &[String],
+    schema: &SchemaId,
     lo: Version,
     hi: Version,
 ) -> Result<Version, EngineError> {
     let (mut lo, mut hi) = (lo, hi);
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
-        if snapshot_at(source, Some(mid)).await?.schema_without(exclude)? == *schema {
+        if snapshot_at(source, Some(mid)).await?.schema_id() == *schema {
             lo = mid + 1;
         } else {
             hi = mid;

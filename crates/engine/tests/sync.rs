@@ -532,10 +532,8 @@ fn a_second_process_cannot_sync_the_same_table_at_once() {
     req.lock_wait = std::time::Duration::from_millis(300);
     support::block_on(async {
         let holder = db.config().connect().await.unwrap();
-        holder
-            .execute("SELECT pg_advisory_lock(hashtextextended('lakesync:table:public.people', 0))", &[])
-            .await
-            .unwrap();
+        let key = lakesync_postgres::state::lock_key(&req.table);
+        holder.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key]).await.unwrap();
         let err = lakesync_engine::sync(&req).await.unwrap_err();
         assert!(err.to_string().contains("being synced by another lakesync process"), "{err}");
         assert_eq!(err.class(), ErrorClass::Busy);
@@ -936,6 +934,9 @@ fn tls_connections_follow_sslmode_and_verify_the_server_certificate() {
     assert!(err.contains("certificate") && err.contains("cannot connect to Postgres"), "{err}");
     assert!(encrypted(&format!("{admin} sslmode=verify-ca sslrootcert={other}")).is_err());
     assert_eq!(encrypted(&format!("{admin} sslmode=verify-ca sslrootcert={ca}")), Ok(true));
+    // libpq: with a root certificate, require checks the chain (it is verify-ca).
+    assert!(encrypted(&format!("{admin} sslmode=require sslrootcert={other}")).is_err());
+    assert_eq!(encrypted(&format!("{admin} sslmode=require sslrootcert={ca}")), Ok(true));
     let err = PgConfig::parse(&format!("{admin} sslmode=verify-full sslrootcert={}/missing.pem", d.display()))
         .err()
         .unwrap()
@@ -1019,5 +1020,414 @@ fn a_change_feed_disabled_mid_range_falls_back_to_a_snapshot() {
         db.rows("SELECT id, name FROM public.people ORDER BY id"),
         ["(1,\"unseen by the feed\")", "(2,b)", "(3,c)"]
     );
+    db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
+}
+
+// ---- Production safety: ownership, compare-and-set, names, errors, history (issue 15) ----
+
+fn oid(db: &TestDb, table: &str) -> String {
+    db.value(&format!("SELECT '{table}'::regclass::oid"))
+}
+
+#[test]
+fn a_table_lakesync_did_not_create_is_refused_and_adopted_only_on_purpose() {
+    let db = TestDb::new("adopt");
+    db.execute(
+        "CREATE TABLE public.users (id bigint PRIMARY KEY, name text, score double precision, notes text); \
+         INSERT INTO public.users VALUES (1, 'app-owned', 9.0, 'keep'), (99, 'only-in-app', 1.0, NULL);",
+    );
+    let before = oid(&db, "public.users");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "ada", 1.0], [2, "grace", 2.0]]))]));
+    let mut req = db.request(&t.path(), "public.users", "id");
+
+    // A typo'd --table: refused, naming the table and the way to adopt it; nothing changed.
+    let err = db.sync(&req).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("public.users") && msg.contains("lakesync did not create") && msg.contains("--adopt"),
+        "{msg}"
+    );
+    assert_eq!(err.class(), ErrorClass::Config);
+    let unchanged = ["(1,app-owned,9,keep)", "(99,only-in-app,1,)"];
+    assert_eq!(db.rows("SELECT * FROM public.users ORDER BY id"), unchanged);
+    assert_eq!(db.value("SELECT count(*) FROM lakesync.synced_tables"), "0");
+
+    // Adopting still never drops a column without --allow-drop-columns.
+    req.adopt = true;
+    let msg = db.sync(&req).unwrap_err().to_string();
+    assert!(msg.contains("columns the source lacks (notes)") && msg.contains("--allow-drop-columns"), "{msg}");
+    assert_eq!(db.rows("SELECT * FROM public.users ORDER BY id"), unchanged);
+
+    // A table keyed differently, or with a column of another type, cannot be adopted.
+    db.execute("CREATE TABLE public.by_name (id bigint, name text PRIMARY KEY, score double precision)");
+    let mut other = db.request(&t.path(), "public.by_name", "id");
+    other.adopt = true;
+    let msg = db.sync(&other).unwrap_err().to_string();
+    assert!(msg.contains("its primary key is (name), but the sync key is (id)"), "{msg}");
+    db.execute("CREATE TABLE public.typed (id bigint PRIMARY KEY, name integer, score double precision)");
+    let mut typed = db.request(&t.path(), "public.typed", "id");
+    typed.adopt = true;
+    let msg = db.sync(&typed).unwrap_err().to_string();
+    assert!(msg.contains("column \"name\" is integer, but the source's column is text"), "{msg}");
+
+    // On purpose: the table keeps its identity (OID) and now holds the Delta rows.
+    req.allow_drop_columns = true;
+    let out = db.sync(&req).unwrap();
+    assert_eq!(out.mode.as_str(), "snapshot");
+    assert_eq!(db.rows("SELECT * FROM public.users ORDER BY id"), ["(1,ada,1)", "(2,grace,2)"]);
+    assert_eq!(oid(&db, "public.users"), before);
+    assert_eq!(db.value("SELECT table_oid FROM lakesync.synced_tables"), before);
+    // From then on it is lakesync's: later runs need no --adopt.
+    t.run(json!([{"op": "update", "predicate": "id = 2", "set": {"name": "'hopper'"}}]));
+    let out = db.sync(&db.request(&t.path(), "public.users", "id")).unwrap();
+    assert_eq!(out.mode.as_str(), "triggered");
+    assert_eq!(db.rows("SELECT name FROM public.users ORDER BY id"), ["(ada)", "(hopper)"]);
+}
+
+#[test]
+fn a_table_dropped_and_recreated_by_someone_else_is_not_lakesyncs() {
+    let db = TestDb::new("recreated");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    db.execute(
+        "DROP TABLE public.people; CREATE TABLE public.people (id bigint PRIMARY KEY, name text, score float8); \
+         INSERT INTO public.people VALUES (7, 'theirs', 0);",
+    );
+    let msg = db.sync(&req).unwrap_err().to_string();
+    assert!(msg.contains("was dropped and this one") && msg.contains("--adopt"), "{msg}");
+    assert_eq!(db.rows("SELECT id, name FROM public.people"), ["(7,theirs)"]);
+}
+
+#[test]
+fn a_table_dropped_by_hand_is_snapshotted_again_instead_of_reported_online() {
+    let db = TestDb::new("dropped_by_hand");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    db.execute("DROP TABLE public.people");
+    // Nothing new in Delta: before, this was a no-op reported ONLINE over a missing table.
+    let out = db.sync(&req).unwrap();
+    assert_eq!(out.mode.as_str(), "snapshot");
+    assert!(out.reason.contains("target table is missing"), "{}", out.reason);
+    assert_eq!(db.value("SELECT count(*) FROM public.people"), "2");
+    assert_eq!(db.value("SELECT state FROM lakesync.synced_tables"), "ONLINE_NO_PENDING_UPDATE");
+}
+
+#[test]
+fn purging_drops_only_the_table_lakesync_created_and_its_staging_leftovers() {
+    use lakesync_postgres::state;
+    let db = TestDb::new("purge_owned");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    let table = lakesync_core::TableName::new("public", "people");
+    let prefix = lakesync_postgres::apply::staging_prefix(&table);
+    let forget = || {
+        support::block_on(async {
+            let client = db.config().connect().await.unwrap();
+            state::forget(&client, &table, std::time::Duration::from_secs(5)).await
+        })
+    };
+
+    db.sync(&req).unwrap();
+    // Someone replaced the table: a purge must not drop theirs, and changes nothing.
+    db.execute("DROP TABLE public.people; CREATE TABLE public.people (id bigint PRIMARY KEY); INSERT INTO public.people VALUES (5)");
+    let err = forget().unwrap_err();
+    assert!(err.to_string().contains("refusing to drop it"), "{err}");
+    assert_eq!(db.rows("SELECT id FROM public.people"), ["(5)"]);
+    assert_eq!(db.value("SELECT count(*) FROM lakesync.synced_tables"), "1");
+
+    // lakesync's own table goes, with what a crashed snapshot and a crashed apply left.
+    db.execute("DROP TABLE public.people");
+    db.sync(&req).unwrap();
+    db.execute(&format!(
+        "CREATE TABLE public._lakesync_stage_people (id bigint); CREATE UNLOGGED TABLE lakesync.{prefix}_0 (id bigint)"
+    ));
+    forget().unwrap();
+    assert_eq!(db.value("SELECT to_regclass('public.people') IS NULL"), "true");
+    assert_eq!(
+        db.value(
+            "SELECT count(*) FROM pg_tables WHERE tablename LIKE '\\_lakesync\\_stage%' OR tablename LIKE 'stage\\_%'"
+        ),
+        "0"
+    );
+    assert_eq!(db.value("SELECT count(*) FROM lakesync.synced_tables"), "0");
+}
+
+#[test]
+fn a_run_that_lost_the_race_for_the_synced_version_rolls_back_and_changes_nothing() {
+    use arrow_array::{Int64Array, RecordBatch};
+    use lakesync_postgres::state::{self, Checkpoint, RunMode};
+    use std::sync::Arc;
+    let db = TestDb::new("compare_and_set");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    t.run(json!([{"op": "update", "predicate": "id = 1", "set": {"name": "'new'"}}]));
+    t.run(json!([{"op": "update", "predicate": "id = 2", "set": {"name": "'newer'"}}]));
+    let schema = lakesync_delta::DeltaTable::open(&t.path().display().to_string())
+        .unwrap()
+        .snapshot(None)
+        .unwrap()
+        .schema_without(&[])
+        .unwrap();
+    let key = vec!["id".to_string()];
+    support::block_on(async {
+        // Run A starts from version 0 and holds the table's lock ...
+        let mut a = lakesync_postgres::Sink::open(
+            &db.config(),
+            &req.table,
+            Default::default(),
+            std::time::Duration::from_secs(5),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        let run = state::start_run(a.client(), &req.table, RunMode::Triggered, "test", Some(0), 1).await.unwrap();
+        // ... which a transaction-pooling proxy would not keep: run B gets past it and syncs to 2.
+        state::unlock(a.client(), &req.table).await.unwrap();
+        let b = lakesync_engine::sync(&req).await.unwrap();
+        assert_eq!(b.to_version, 2);
+        // A now applies its (older) change set of version 1, deleting id 2, and tries to
+        // record version 1.
+        let fields = vec![
+            arrow_schema::Field::new("id", arrow_schema::DataType::Int64, false),
+            arrow_schema::Field::new(lakesync_postgres::apply::VERSION_COLUMN, arrow_schema::DataType::Int64, false),
+        ];
+        let stale = RecordBatch::try_new(
+            Arc::new(arrow_schema::Schema::new(fields)),
+            vec![Arc::new(Int64Array::from(vec![2])), Arc::new(Int64Array::from(vec![1]))],
+        )
+        .unwrap();
+        let mut apply = a.begin_changes(&schema, &key, &[], 1).await.unwrap();
+        apply.delete(&[stale]).await.unwrap();
+        let err =
+            apply.commit(run, 0, Checkpoint { version: 1, commit_timestamp_ms: None }, None, true).await.unwrap_err();
+        assert!(err.to_string().contains("moved its synced version from 0 to 2"), "{err}");
+        assert_eq!(err.class(), ErrorClass::Busy);
+    });
+    // Never backwards, never the older image.
+    assert_eq!(db.value("SELECT synced_version FROM lakesync.synced_tables"), "2");
+    assert_eq!(db.rows("SELECT id, name FROM public.people ORDER BY id"), ["(1,new)", "(2,newer)"]);
+}
+
+#[test]
+fn tables_whose_names_join_to_the_same_text_take_different_locks() {
+    let db = TestDb::new("lock_keys");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0]]))]));
+    db.execute("CREATE SCHEMA \"a.b\"; CREATE SCHEMA a;");
+    let first = db.request(&t.path(), "\"a.b\".c", "id");
+    let mut second = db.request(&t.path(), "a.\"b.c\"", "id");
+    second.lock_wait = std::time::Duration::from_millis(200);
+    support::block_on(async {
+        // The first table's lock, held as a run of it would hold it.
+        let holder = db.config().connect().await.unwrap();
+        let key = lakesync_postgres::state::lock_key(&first.table);
+        holder.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", &[&key]).await.unwrap();
+        lakesync_engine::sync(&second).await.unwrap();
+    });
+    assert_eq!(db.value("SELECT count(*) FROM a.\"b.c\""), "1");
+}
+
+#[test]
+fn indexes_whose_names_would_collide_get_names_of_their_own() {
+    let db = TestDb::new("index_names");
+    let t = PyDelta::new();
+    let schema = json!([["id", "pa.int64()"], ["a", "pa.string()"], ["b", "pa.string()"], ["a_b", "pa.string()"]]);
+    t.run(json!([{"op": "create", "schema": schema, "rows": [[1, "x", "y", "z"]]}]));
+    let mut req = db.request(&t.path(), "public.t", "id");
+    req.indexes = vec![vec!["a_b".into()], vec!["a".into(), "b".into()]];
+    db.sync(&req).unwrap();
+    let defs =
+        db.rows("SELECT indexdef FROM pg_indexes WHERE tablename = 't' AND indexname <> 't_pkey' ORDER BY indexdef");
+    assert_eq!(defs.len(), 2, "{defs:?}");
+    assert!(defs[0].contains("(a, b)") && defs[1].contains("(a_b)"), "{defs:?}");
+    // A re-snapshot finds them by the same names and builds nothing twice.
+    req.mode = SyncMode::Snapshot;
+    db.sync(&req).unwrap();
+    assert_eq!(db.value("SELECT count(*) FROM pg_indexes WHERE tablename = 't'"), "3");
+}
+
+#[test]
+fn a_column_name_postgres_would_truncate_is_refused_naming_it() {
+    let db = TestDb::new("long_names");
+    let t = PyDelta::new();
+    let long = format!("customer_lifetime_value_{}", "x".repeat(50));
+    let schema = json!([["id", "pa.int64()"], [long.clone(), "pa.float64()"]]);
+    t.run(json!([{"op": "create", "schema": schema, "rows": [[1, 2.5]]}]));
+    let mut req = db.request(&t.path(), "public.wide", "id");
+    let err = db.sync(&req).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&long) && msg.contains("63 bytes") && msg.contains("--exclude"), "{msg}");
+    assert_eq!(db.value("SELECT to_regclass('public.wide') IS NULL"), "true");
+    req.exclude = vec![long];
+    db.sync(&req).unwrap();
+    assert_eq!(db.rows("SELECT * FROM public.wide"), ["(1)"]);
+}
+
+#[test]
+fn a_constraint_violation_never_puts_row_values_in_errors_or_state() {
+    let db = TestDb::new("no_row_values");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    db.execute("ALTER TABLE public.people ADD CONSTRAINT score_is_small CHECK (score < 100)");
+    t.run(json!([{"op": "update", "predicate": "id = 1", "set": {"name": "'secret-name-4711'", "score": "31337.0"}}]));
+    let msg = db.sync(&req).unwrap_err().to_string();
+    assert!(msg.contains("score_is_small") && msg.contains("23514"), "{msg}");
+    for shown in [
+        msg,
+        db.value("SELECT last_error FROM lakesync.synced_tables"),
+        db.value("SELECT string_agg(coalesce(error, ''), ' ') FROM lakesync.runs"),
+    ] {
+        assert!(!shown.contains("secret-name-4711") && !shown.contains("31337"), "row values leaked: {shown}");
+        assert!(!shown.contains("Failing row"), "{shown}");
+    }
+}
+
+#[test]
+fn the_run_history_keeps_only_the_configured_number_of_runs() {
+    let db = TestDb::new("history");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0]]))]));
+    let mut req = db.request(&t.path(), "public.people", "id");
+    req.history.max_runs = 3;
+    for _ in 0..6 {
+        db.sync(&req).unwrap();
+    }
+    // Each run trims before it starts: the 3 kept plus the last run.
+    assert_eq!(db.value("SELECT count(*) FROM lakesync.runs"), "4");
+    assert_eq!(db.value("SELECT min(run_id) FROM lakesync.runs"), "3");
+    db.execute("UPDATE lakesync.runs SET started_at = now() - interval '40 days' WHERE run_id < 6");
+    db.sync(&req).unwrap();
+    assert_eq!(db.rows("SELECT run_id FROM lakesync.runs ORDER BY 1"), ["(6)", "(7)"]);
+}
+
+#[test]
+fn a_panicking_run_is_recorded_as_failed_retried_with_backoff_and_the_other_tables_go_on() {
+    use lakesync_engine::config::TableConfig;
+    use lakesync_engine::daemon::PANIC_FAILPOINT;
+    use std::time::{Duration, Instant};
+    let db = TestDb::new("panic_supervision");
+    let (a, b) = (PyDelta::new(), PyDelta::new());
+    a.run(json!([people(json!([[1, "a", 1.0]]))]));
+    b.run(json!([people(json!([[1, "b", 1.0]]))]));
+    // Each test runs in a process of its own (nextest), so the variable reaches no other test.
+    std::env::set_var(PANIC_FAILPOINT, "panicky");
+    support::block_on(async {
+        let daemon = lakesync_engine::Daemon::new(db.config());
+        let mut panicky = TableConfig::new(a.path().display().to_string(), "public.a", &["id"], "continuous");
+        panicky.name = Some("panicky".into());
+        let steady = TableConfig::new(b.path().display().to_string(), "public.b", &["id"], "continuous");
+        let panicky = daemon.add(panicky.validate().unwrap()).unwrap();
+        let steady = daemon.add(steady.validate().unwrap()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Two failed runs: the first, then a restart after the backoff.
+        while panicky.metrics.runs_failed.load(std::sync::atomic::Ordering::Relaxed) < 2
+            || steady.status().synced_version.is_none()
+        {
+            assert!(Instant::now() < deadline, "{:?} / {:?}", panicky.status(), steady.status());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let status = panicky.status();
+        assert!(!status.running && status.parked.is_none() && status.retry_at.is_some(), "{status:?}");
+        assert!(status.last_error.as_deref().unwrap_or_default().contains("panicked"), "{status:?}");
+        assert_eq!(status.state(&panicky.spec.mode), "OFFLINE_FAILED");
+        // Once the cause is gone, the retry syncs the table.
+        std::env::remove_var(PANIC_FAILPOINT);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while panicky.status().synced_version.is_none() {
+            assert!(Instant::now() < deadline, "{:?}", panicky.status());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        daemon.shutdown(Duration::from_secs(5)).await;
+    });
+    assert_eq!(db.value("SELECT count(*) FROM public.a"), "1");
+    assert_eq!(db.value("SELECT count(*) FROM public.b"), "1");
+}
+
+#[test]
+fn a_table_synced_by_a_build_that_did_not_record_oids_stays_lakesyncs() {
+    let db = TestDb::new("legacy_owner");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    db.execute("UPDATE lakesync.synced_tables SET table_oid = NULL");
+    t.run(json!([{"op": "delete", "predicate": "id = 1"}]));
+    assert_eq!(db.sync(&req).unwrap().mode.as_str(), "triggered");
+    assert_eq!(db.value("SELECT table_oid FROM lakesync.synced_tables"), oid(&db, "public.people"));
+}
+
+#[test]
+fn int96_timestamps_outside_1677_to_2262_sync_exactly_by_snapshot_and_change_feed() {
+    let db = TestDb::new("int96");
+    let t = PyDelta::new();
+    let schema =
+        json!([["id", "pa.int64()"], ["valid_to", "pa.timestamp('us', tz='UTC')"], ["local", "pa.timestamp('us')"]]);
+    // Spark's legacy encoding, with the sentinel "end of time" of slowly changing dimensions
+    // and values before 1677 (both wrapped around through nanoseconds before).
+    t.run(json!([{"op": "add_int96_file", "schema": schema, "rows": [
+        [1, "9999-12-31T23:59:59.999999+00:00", "9999-12-31T23:59:59.999999"],
+        [2, "1500-01-01T00:00:00+00:00", "0001-01-01T00:00:00"],
+        [3, "2024-05-06T07:08:09.123456+00:00", "2024-05-06T07:08:09.123456"],
+        [4, null, null]
+    ]}]));
+    let req = db.request(&t.path(), "public.dims", "id");
+    assert_eq!(db.sync(&req).unwrap().mode.as_str(), "snapshot");
+    let read = "SELECT id, to_char(valid_to AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US'), \
+                to_char(local, 'YYYY-MM-DD HH24:MI:SS.US') FROM public.dims ORDER BY id";
+    assert_eq!(
+        db.rows(read),
+        [
+            "(1,\"9999-12-31 23:59:59.999999\",\"9999-12-31 23:59:59.999999\")",
+            "(2,\"1500-01-01 00:00:00.000000\",\"0001-01-01 00:00:00.000000\")",
+            "(3,\"2024-05-06 07:08:09.123456\",\"2024-05-06 07:08:09.123456\")",
+            "(4,,)"
+        ]
+    );
+    // The change data feed reads an appended INT96 file as inserts, through the same reader.
+    t.run(json!([{"op": "add_int96_file", "schema": schema, "rows": [
+        [5, "2262-04-12T00:00:00+00:00", "1677-09-21T00:00:00"],
+        [6, "9999-12-31T00:00:00+00:00", "1066-10-14T09:00:00"]
+    ]}]));
+    assert_eq!(db.sync(&req).unwrap().mode.as_str(), "triggered");
+    assert_eq!(
+        db.rows(&format!("{read} OFFSET 4")),
+        [
+            "(5,\"2262-04-12 00:00:00.000000\",\"1677-09-21 00:00:00.000000\")",
+            "(6,\"9999-12-31 00:00:00.000000\",\"1066-10-14 09:00:00.000000\")"
+        ]
+    );
+    db.assert_matches_snapshot(&t.path(), "public.dims", "id", 1);
+}
+
+#[test]
+fn metadata_only_schema_changes_neither_resnapshot_nor_break_triggered_mode() {
+    let db = TestDb::new("metadata_only");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let mut req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    let oid_before = oid(&db, "public.people");
+    let v = t.run(json!([
+        {"op": "update", "predicate": "id = 1", "set": {"name": "'x'"}},
+        {"op": "set_column_metadata", "column": "name", "metadata": {"comment": "what people call them"}},
+        {"op": "update", "predicate": "id = 2", "set": {"name": "'y'"}},
+        {"op": "add_constraint", "constraints": {"score_positive": "score > 0"}},
+        {"op": "delete", "predicate": "id = 1"}
+    ]));
+    req.mode = SyncMode::Triggered;
+    let out = db.sync(&req).unwrap();
+    assert_eq!((out.mode.as_str(), out.to_version), ("triggered", v));
+    assert_eq!(db.rows("SELECT id, name FROM public.people"), ["(2,y)"]);
+    assert_eq!(oid(&db, "public.people"), oid_before);
     db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
 }

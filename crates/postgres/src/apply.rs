@@ -22,6 +22,7 @@ use crate::ddl::{column_definition, column_list, ident, qualified};
 use crate::snapshot::{merge_from, CopyLayout};
 use crate::state::{self, Checkpoint, RowCounts};
 use crate::{PgError, Sink};
+use tokio_postgres::GenericClient;
 
 /// Column holding, per upserted row, whether its key must not exist yet (first change in the
 /// range was an insert).
@@ -241,7 +242,8 @@ impl ChangeApply<'_> {
     }
 
     /// Records `checkpoint` (and the run's progress; `final_chunk` marks the run succeeded)
-    /// and commits.
+    /// and commits, if the table was still at version `from` (see
+    /// [`state::commit_checkpoint`]).
     ///
     /// `source_rows` is the source's row count at the checkpoint version, when known: if the
     /// table would then hold a different number of rows, the change feed disagrees with the
@@ -249,12 +251,14 @@ impl ChangeApply<'_> {
     pub async fn commit(
         self,
         run_id: i64,
+        from: Version,
         checkpoint: Checkpoint,
         source_rows: Option<u64>,
         final_chunk: bool,
     ) -> Result<RowCounts, PgError> {
         let (tx, target, counts) = (self.tx, self.target, self.counts);
-        let rows = state::commit_checkpoint(&tx, &target, run_id, checkpoint, counts, None, final_chunk).await?;
+        let rows =
+            state::commit_checkpoint(&tx, &target, run_id, Some(from), checkpoint, counts, None, final_chunk).await?;
         if let (Some(expected), Some(actual)) = (source_rows, rows) {
             if expected != actual {
                 // Dropping `tx` rolls everything back.
@@ -440,33 +444,26 @@ impl Stager {
                 .await
                 .map_err(PgError::query(&self.target, "end a staging transaction"))?;
         }
-        let drops: Vec<String> = self
-            .leftovers()
-            .await?
-            .into_iter()
-            .map(|name| format!("DROP TABLE IF EXISTS lakesync.{}", ident(&name)))
-            .collect();
-        if drops.is_empty() {
-            return Ok(());
-        }
-        self.client
-            .batch_execute(&drops.join("; "))
-            .await
-            .map_err(PgError::query(&self.target, "drop the staging tables"))
+        drop_part_tables(&self.client, &self.target).await
     }
+}
 
-    async fn leftovers(&self) -> Result<Vec<String>, PgError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = 'lakesync' AND c.relkind = 'r' AND left(c.relname, length($1)) = $1",
-                &[&format!("{}_", self.prefix)],
-            )
-            .await
-            .map_err(PgError::query(&self.target, "look for staging tables"))?;
-        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+/// Drops the part tables a [`Stager`] of `target` made (or a crashed run left behind).
+pub(crate) async fn drop_part_tables(client: &impl GenericClient, target: &TableName) -> Result<(), PgError> {
+    let rows = client
+        .query(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'lakesync' AND c.relkind = 'r' AND left(c.relname, length($1)) = $1",
+            &[&format!("{}_", staging_prefix(target))],
+        )
+        .await
+        .map_err(PgError::query(target, "look for staging tables"))?;
+    let drops: Vec<String> =
+        rows.iter().map(|r| format!("DROP TABLE IF EXISTS lakesync.{}", ident(r.get::<_, &str>(0)))).collect();
+    if drops.is_empty() {
+        return Ok(());
     }
+    client.batch_execute(&drops.join("; ")).await.map_err(PgError::query(target, "drop the staging tables"))
 }
 
 /// The name prefix of `target`'s staging tables (see [`Stager`]): `stage_` and a 64-bit

@@ -16,14 +16,11 @@ pub enum PgError {
         #[source]
         source: tokio_postgres::Error,
     },
-    /// A statement failed.
-    #[error("Postgres failed to {action} for table {table}: {source}{}", detail(source))]
-    Query {
-        table: String,
-        action: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    /// A statement failed. The message says what the server said, but never a DETAIL that
+    /// can hold row values ("Failing row contains (...)"); the error is not exposed as a
+    /// `source` either, so nothing that prints error chains can show it.
+    #[error("Postgres failed to {action} for table {table}: {}", describe(error))]
+    Query { table: String, action: String, error: tokio_postgres::Error },
     /// Several source rows share one primary key.
     #[error("table {table}: the source holds more than one row with primary key {key}{} (choose another --primary-key, or --dedup-by <column> to keep the row with the greatest value of a column)", at_version(*version))]
     DuplicateKey { table: String, key: String, version: Option<Version> },
@@ -41,6 +38,13 @@ pub enum PgError {
     /// The target or the state does not match what the sync expects.
     #[error("table {table}: {message}")]
     Mismatch { table: String, message: String },
+    /// The target table exists and is not lakesync's.
+    #[error("table {table}: {message}")]
+    NotOwned { table: String, message: String },
+    /// Another writer moved the synced version while this run applied (two runs of one table
+    /// past the advisory lock); this run's transaction was rolled back.
+    #[error("table {table}: another lakesync run moved its synced version from {} to {} while this run was applying up to version {version}; this run's changes were rolled back", show_version(*expected), show_version(*found))]
+    Conflict { table: String, expected: Option<Version>, found: Option<Version>, version: Version },
     /// Applying the change feed would leave a different row count than the source holds.
     #[error("table {table}: after applying the change data feed up to version {version} it would hold {postgres_rows} rows, but the Delta table holds {source_rows}; nothing was committed")]
     Drift { table: String, version: Version, postgres_rows: u64, source_rows: u64 },
@@ -61,24 +65,47 @@ fn causes(err: &tokio_postgres::Error) -> String {
     out
 }
 
+fn show_version(version: Option<Version>) -> String {
+    version.map(|v| v.to_string()).unwrap_or_else(|| "none".into())
+}
+
 fn at_version(version: Option<Version>) -> String {
     version.map(|v| format!(" at Delta version {v}")).unwrap_or_default()
 }
 
-fn detail(source: &tokio_postgres::Error) -> String {
-    match source.as_db_error() {
-        Some(db) => {
-            let mut s = String::new();
-            if let Some(d) = db.detail() {
-                s.push_str(&format!(" (detail: {d})"));
-            }
-            if let Some(h) = db.hint() {
-                s.push_str(&format!(" (hint: {h})"));
-            }
-            s
+/// What the server said about a failed statement, without row values.
+///
+/// Data errors (SQLSTATE classes 22 and 23) are where the server quotes values: a CHECK or
+/// NOT NULL violation's DETAIL is the whole row ("Failing row contains (...)"), a unique
+/// violation's the key, and class 22 messages end in the offending value (`invalid input
+/// syntax for type integer: "..."`). For those only the message up to the value, the
+/// constraint and the column are kept. Other classes' details (dependent objects, lock
+/// holders) name catalog objects and are kept, as are hints.
+pub(crate) fn describe(error: &tokio_postgres::Error) -> String {
+    let Some(db) = error.as_db_error() else { return format!("{error}{}", causes(error)) };
+    let code = db.code().code();
+    let holds_values = code.starts_with("22") || code.starts_with("23");
+    let mut s = if holds_values {
+        let message = db.message();
+        let cut = message.find(": \"").map(|i| &message[..i]).unwrap_or(message);
+        let mut s = format!("{cut} (SQLSTATE {code})");
+        if let Some(c) = db.constraint() {
+            s.push_str(&format!(" (constraint {c:?})"));
         }
-        None => String::new(),
+        if let Some(c) = db.column() {
+            s.push_str(&format!(" (column {c:?})"));
+        }
+        s
+    } else {
+        format!("{} (SQLSTATE {code})", db.message())
+    };
+    if let Some(d) = db.detail().filter(|_| !holds_values) {
+        s.push_str(&format!(" (detail: {d})"));
     }
+    if let Some(h) = db.hint() {
+        s.push_str(&format!(" (hint: {h})"));
+    }
+    s
 }
 
 impl PgError {
@@ -86,13 +113,13 @@ impl PgError {
     pub fn query(table: impl ToString, action: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError {
         let table = table.to_string();
         let action = action.into();
-        move |source| PgError::Query { table, action, source }
+        move |error| PgError::Query { table, action, error }
     }
 
     /// The SQLSTATE of a failed statement, if any.
     pub fn sql_state(&self) -> Option<&SqlState> {
         match self {
-            PgError::Query { source, .. } | PgError::Connect { source, .. } => source.code(),
+            PgError::Query { error: source, .. } | PgError::Connect { source, .. } => source.code(),
             _ => None,
         }
     }
@@ -103,9 +130,10 @@ impl Classify for PgError {
         match self {
             PgError::InvalidConnection(_) => ErrorClass::Config,
             PgError::Connect { .. } => ErrorClass::Transient,
-            PgError::Query { source, .. } => classify_db(source),
+            PgError::Query { error, .. } => classify_db(error),
             PgError::DuplicateKey { .. } | PgError::NullKey { .. } | PgError::Value { .. } => ErrorClass::Data,
-            PgError::Locked { .. } => ErrorClass::Busy,
+            PgError::Locked { .. } | PgError::Conflict { .. } => ErrorClass::Busy,
+            PgError::NotOwned { .. } => ErrorClass::Config,
             PgError::Mismatch { .. } | PgError::Drift { .. } => ErrorClass::Schema,
             PgError::Cluster(_) => ErrorClass::Config,
         }

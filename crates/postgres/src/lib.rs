@@ -34,7 +34,7 @@ pub use apply::{ChangeApply, Stager};
 pub use connect::PgConfig;
 pub use error::PgError;
 pub use snapshot::{ParallelCopy, Staging};
-pub use state::{Checkpoint, RowCounts, RunMode, SyncedTable, TableStatus};
+pub use state::{Checkpoint, Ownership, RowCounts, RunMode, RunRetention, SyncedTable, TableStatus};
 
 /// A session that syncs one target table: it holds the table's advisory lock for its
 /// lifetime, so no other lakesync process can sync the same table meanwhile.
@@ -48,12 +48,14 @@ pub struct Sink {
 impl Sink {
     /// Connects, creates the state schema if needed, takes the table's advisory lock (waiting
     /// up to `lock_wait` for another run to finish, then failing with [`PgError::Locked`]) and
-    /// marks runs a crashed process left behind as abandoned.
+    /// marks runs a crashed process left behind as abandoned, and trims the run history to
+    /// `history`.
     pub async fn open(
         config: &PgConfig,
         table: &TableName,
         policy: DataPolicy,
         lock_wait: std::time::Duration,
+        history: state::RunRetention,
     ) -> Result<Self, PgError> {
         let mut client = config.connect().await?;
         // Change sets are staged in temporary tables; the default 8MB of temp buffers makes a
@@ -69,6 +71,7 @@ impl Sink {
         state::ensure_schema(&mut client).await?;
         state::lock(&client, table, lock_wait).await?;
         state::abandon_stale_runs(&client, table).await?;
+        state::prune_runs(&client, table, history).await?;
         Ok(Self { config: config.clone(), client, table: table.clone(), policy })
     }
 

@@ -77,6 +77,70 @@ impl Sink {
         Ok(Staging { table: staging, target_exists })
     }
 
+    /// Checks that the existing target, which lakesync did not create, can be adopted for
+    /// `schema` keyed by `key`: its primary key is `key`, every source column it has has the
+    /// source's type, and it has no column the source lacks (unless `allow_drop_columns`:
+    /// the snapshot then drops them). Fails with [`PgError::NotOwned`], naming what differs.
+    pub async fn check_adoptable(
+        &self,
+        schema: &TableSchema,
+        key: &[String],
+        allow_drop_columns: bool,
+    ) -> Result<(), PgError> {
+        let target = &self.table;
+        let refuse = |why: String| PgError::NotOwned {
+            table: target.to_string(),
+            message: format!("cannot adopt it: {why}; nothing was changed"),
+        };
+        let mut pkey: Vec<String> = self
+            .client
+            .query(
+                "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid \
+                 AND a.attnum = ANY (i.indkey::int2[]) WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+                &[&qualified(target)],
+            )
+            .await
+            .map_err(PgError::query(target, "read the table's primary key"))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut wanted = key.to_vec();
+        pkey.sort();
+        wanted.sort();
+        if pkey != wanted {
+            return Err(refuse(if pkey.is_empty() {
+                format!("it has no primary key, and the sync key is ({})", key.join(", "))
+            } else {
+                format!("its primary key is ({}), but the sync key is ({})", pkey.join(", "), key.join(", "))
+            }));
+        }
+        let existing = crate::target_columns(&self.client, target).await?;
+        for col in &schema.columns {
+            if let Some((_, ty)) = existing.iter().find(|(n, _)| n == &col.name) {
+                if *ty != col.ty.postgres_type() {
+                    return Err(refuse(format!(
+                        "column {:?} is {ty}, but the source's column is {}",
+                        col.name,
+                        col.ty.postgres_type()
+                    )));
+                }
+            }
+        }
+        let extra: Vec<&str> = existing
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .filter(|n| schema.column(n).is_none() && !n.starts_with("_lakesync"))
+            .collect();
+        if !extra.is_empty() && !allow_drop_columns {
+            return Err(refuse(format!(
+                "it has columns the source lacks ({}), which a sync would drop; pass --allow-drop-columns \
+                 (allow_drop_columns = true) to drop them",
+                extra.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether the target table exists.
     pub async fn target_exists(&self) -> Result<bool, PgError> {
         let row = self
@@ -132,8 +196,9 @@ impl Sink {
     }
 
     /// Builds the key and declared indexes on the staging table, then, in one transaction,
-    /// puts the rows in place and records `checkpoint`. Drops the staging table. `loaded` is
-    /// the number of rows the COPY workers wrote ([`ParallelCopy::finish`]).
+    /// puts the rows in place and records `checkpoint` (if the table was still at version
+    /// `from`). Drops the staging table. `loaded` is the number of rows the COPY workers
+    /// wrote ([`ParallelCopy::finish`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn finish_snapshot(
         &mut self,
@@ -143,6 +208,7 @@ impl Sink {
         indexes: &[Vec<String>],
         loaded: u64,
         run_id: i64,
+        from: Option<Version>,
         checkpoint: Checkpoint,
     ) -> Result<RowCounts, PgError> {
         let target = self.table.clone();
@@ -203,7 +269,7 @@ impl Sink {
                 .map_err(PgError::query(&target, "put the loaded table in place"))?;
             RowCounts { inserted: rows, updated: 0, deleted: 0 }
         };
-        state::commit_checkpoint(&tx, &target, run_id, checkpoint, counts, Some(rows), true).await?;
+        state::commit_checkpoint(&tx, &target, run_id, from, checkpoint, counts, Some(rows), true).await?;
         tx.commit().await.map_err(PgError::query(&target, "commit the snapshot"))?;
         Ok(counts)
     }
@@ -217,10 +283,9 @@ impl Sink {
 /// `CREATE INDEX` statements (with the index name) for the declared `indexes`, named after the
 /// target table and built on `on` (the staging table or the target itself).
 fn index_statements(target: &TableName, on: &str, indexes: &[Vec<String>], if_missing: bool) -> Vec<(String, String)> {
-    indexes
-        .iter()
-        .map(|cols| {
-            let name = derived_name(&target.name, &format!("_{}_idx", cols.join("_")));
+    index_names(target, indexes)
+        .into_iter()
+        .map(|(name, cols)| {
             let sql = format!(
                 "CREATE INDEX {}{} ON {on} ({})",
                 if if_missing { "IF NOT EXISTS " } else { "" },
@@ -228,6 +293,37 @@ fn index_statements(target: &TableName, on: &str, indexes: &[Vec<String>], if_mi
                 column_list(cols.iter().map(String::as_str), None)
             );
             (name, sql)
+        })
+        .collect()
+}
+
+/// The declared indexes (each column list once) with their names: `<table>_<cols>_idx`, the
+/// columns joined by `_`. Where two column lists give one name (`["a_b"]` and `["a", "b"]`),
+/// each of them gets a hash of its exact column list too, so names are always unique and do
+/// not depend on the order the indexes are declared in.
+pub(crate) fn index_names(target: &TableName, indexes: &[Vec<String>]) -> Vec<(String, Vec<String>)> {
+    let mut unique: Vec<&Vec<String>> = Vec::new();
+    for cols in indexes {
+        if !unique.contains(&cols) {
+            unique.push(cols);
+        }
+    }
+    let plain = |cols: &[String]| derived_name(&target.name, &format!("_{}_idx", cols.join("_")));
+    unique
+        .iter()
+        .map(|cols| {
+            let name = plain(cols);
+            let collides = unique.iter().any(|other| other != cols && plain(other) == name);
+            let name = if collides {
+                let hash = cols
+                    .join("\0")
+                    .bytes()
+                    .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+                derived_name(&target.name, &format!("_{}_{:08x}_idx", cols.join("_"), hash as u32))
+            } else {
+                name
+            };
+            (name, cols.to_vec())
         })
         .collect()
 }
@@ -249,7 +345,7 @@ fn key_violation(target: &TableName, key: &[String], version: Option<Version>, e
         let column = e.as_db_error().and_then(|d| d.column()).map(str::to_string).unwrap_or_else(|| key.join(","));
         return PgError::NullKey { table: target.to_string(), column, version };
     }
-    PgError::Query { table: target.to_string(), action: "build the primary key".into(), source: e }
+    PgError::Query { table: target.to_string(), action: "build the primary key".into(), error: e }
 }
 
 /// Makes the existing target match the staging table: schema first (new columns added,
@@ -483,5 +579,29 @@ impl ParallelCopy {
             Some(e) => Err(e),
             None => Ok(rows),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(indexes: &[&[&str]]) -> Vec<String> {
+        let indexes: Vec<Vec<String>> = indexes.iter().map(|c| c.iter().map(|s| s.to_string()).collect()).collect();
+        index_names(&TableName::new("public", "t"), &indexes).into_iter().map(|(n, _)| n).collect()
+    }
+
+    #[test]
+    fn index_names_read_as_their_columns_and_never_collide() {
+        assert_eq!(names(&[&["email"], &["a", "b"]]), ["t_email_idx", "t_a_b_idx"]);
+        let clash = names(&[&["a_b"], &["a", "b"]]);
+        assert_eq!(clash.len(), 2);
+        assert_ne!(clash[0], clash[1]);
+        assert!(clash.iter().all(|n| n.starts_with("t_a_b_") && n.ends_with("_idx")), "{clash:?}");
+        // The same names whatever the order they are declared in.
+        let reversed = names(&[&["a", "b"], &["a_b"]]);
+        assert_eq!((&reversed[0], &reversed[1]), (&clash[1], &clash[0]));
+        // One column list declared twice is one index.
+        assert_eq!(names(&[&["x"], &["x"]]), ["t_x_idx"]);
     }
 }

@@ -47,7 +47,8 @@ ALTER TABLE lakesync.synced_tables
     ADD COLUMN IF NOT EXISTS runs_succeeded bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS runs_failed bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now(),
-    ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now();
+    ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN IF NOT EXISTS table_oid bigint;
 CREATE TABLE IF NOT EXISTS lakesync.runs (
     run_id bigserial PRIMARY KEY
 );
@@ -71,7 +72,7 @@ CREATE INDEX IF NOT EXISTS runs_by_table ON lakesync.runs (target_schema, target
 /// Marks state created (or brought up to date) by this build's [`STATE_DDL`] (a comment on
 /// `lakesync.synced_tables`); change it whenever the DDL changes, so existing state gets the
 /// new columns.
-const STATE_MARK: &str = "lakesync state v2";
+const STATE_MARK: &str = "lakesync state v3";
 
 /// Creates the state schema if needed. Serialized by a transaction-level advisory lock so
 /// concurrent first runs do not race on `CREATE ... IF NOT EXISTS`.
@@ -95,7 +96,7 @@ pub async fn ensure_schema(client: &mut Client) -> Result<(), PgError> {
     let err = |e| PgError::Query {
         table: "lakesync state".into(),
         action: "create the lakesync state schema".into(),
-        source: e,
+        error: e,
     };
     tx.execute("SELECT pg_advisory_xact_lock(hashtextextended('lakesync:state-ddl', 0))", &[]).await.map_err(err)?;
     // CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists;
@@ -127,6 +128,10 @@ pub struct SyncedTable {
     pub state: String,
     /// The last failure, if the last run failed.
     pub last_error: Option<String>,
+    /// The OID of the Postgres table lakesync created (or adopted), recorded with every
+    /// checkpoint; `None` before the first snapshot (and in state written by builds before
+    /// ownership was recorded).
+    pub table_oid: Option<i64>,
 }
 
 /// Where a finished run leaves the table.
@@ -176,7 +181,7 @@ pub async fn load(client: &impl GenericClient, table: &TableName) -> Result<Opti
     let row = client
         .query_opt(
             "SELECT source_uri, primary_key, synced_version, \
-             to_char(synced_commit_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), state, last_error \
+             to_char(synced_commit_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), state, last_error, table_oid \
              FROM lakesync.synced_tables WHERE target_schema = $1 AND target_table = $2",
             &[&table.schema, &table.name],
         )
@@ -190,17 +195,20 @@ pub async fn load(client: &impl GenericClient, table: &TableName) -> Result<Opti
         synced_commit_timestamp: r.get(3),
         state: r.get(4),
         last_error: r.get(5),
+        table_oid: r.get(6),
     }))
 }
 
-/// Registers `table` (first run) or checks that source and key did not change.
+/// Registers `table` (first run) or checks that source and key did not change; `existing` is
+/// its state row as [`load`] read it under the table lock.
 pub async fn register(
     client: &Client,
     table: &TableName,
+    existing: Option<SyncedTable>,
     source: &str,
     key: &PrimaryKey,
 ) -> Result<SyncedTable, PgError> {
-    if let Some(existing) = load(client, table).await? {
+    if let Some(existing) = existing {
         if existing.source != source {
             return Err(PgError::Mismatch {
                 table: table.to_string(),
@@ -235,6 +243,61 @@ pub async fn register(
     })
 }
 
+/// Whose the target table is, as far as lakesync's state can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// No table of that name exists.
+    Absent,
+    /// The table lakesync created (or adopted): its OID is the one recorded with the last
+    /// checkpoint. State written before OIDs were recorded counts a table with a synced
+    /// version as owned; its next checkpoint records the OID.
+    Owned,
+    /// A table lakesync did not create: there is no state for it, the state never completed
+    /// a snapshot, or the table was dropped and re-created by someone else (another OID).
+    Foreign {
+        /// The OID of the table that exists now.
+        oid: i64,
+        /// The OID lakesync recorded, if any.
+        recorded: Option<i64>,
+    },
+}
+
+/// The OID of `table`, if it exists.
+pub async fn table_oid(client: &impl GenericClient, table: &TableName) -> Result<Option<i64>, PgError> {
+    Ok(client
+        .query_one("SELECT to_regclass($1)::oid::bigint", &[&crate::ddl::qualified(table)])
+        .await
+        .map_err(PgError::query(table, "look up the table"))?
+        .get(0))
+}
+
+/// Whether the existing `table` is lakesync's, given its recorded state (`None`: no state row).
+pub async fn ownership(
+    client: &impl GenericClient,
+    table: &TableName,
+    recorded: Option<&SyncedTable>,
+) -> Result<Ownership, PgError> {
+    let Some(oid) = table_oid(client, table).await? else { return Ok(Ownership::Absent) };
+    let recorded_oid = recorded.and_then(|r| r.table_oid);
+    Ok(match recorded {
+        Some(r) if r.table_oid == Some(oid) => Ownership::Owned,
+        Some(r) if r.table_oid.is_none() && r.synced_version.is_some() => Ownership::Owned,
+        _ => Ownership::Foreign { oid, recorded: recorded_oid },
+    })
+}
+
+/// The error for a sync or purge of a table lakesync does not own; `what` says what was
+/// refused.
+pub fn not_owned(table: &TableName, ownership: Ownership, what: &str) -> PgError {
+    let why = match ownership {
+        Ownership::Foreign { oid, recorded: Some(recorded) } => format!(
+            "it is not the table lakesync created: that one (OID {recorded}) was dropped and this one (OID {oid}) was created by someone else"
+        ),
+        _ => "it exists and lakesync did not create it".to_string(),
+    };
+    PgError::NotOwned { table: table.to_string(), message: format!("{why}; {what}") }
+}
+
 /// Marks runs left `running` by a crashed process as `abandoned` (call under the table lock).
 pub async fn abandon_stale_runs(client: &Client, table: &TableName) -> Result<u64, PgError> {
     client
@@ -246,6 +309,39 @@ pub async fn abandon_stale_runs(client: &Client, table: &TableName) -> Result<u6
         )
         .await
         .map_err(PgError::query(table, "mark abandoned runs"))
+}
+
+/// How much run history to keep per table: the newest `max_runs` runs, and none older than
+/// `max_age` (when set). Runs still `running` are never removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunRetention {
+    /// Runs kept per table.
+    pub max_runs: u64,
+    /// Runs older than this are removed.
+    pub max_age: Option<std::time::Duration>,
+}
+
+impl Default for RunRetention {
+    /// The last 10,000 runs, at most 30 days old.
+    fn default() -> Self {
+        Self { max_runs: 10_000, max_age: Some(std::time::Duration::from_secs(30 * 86_400)) }
+    }
+}
+
+/// Removes `table`'s runs beyond `keep` (call under the table lock). Both conditions walk the
+/// `runs_by_table` index of this table only.
+pub async fn prune_runs(client: &Client, table: &TableName, keep: RunRetention) -> Result<u64, PgError> {
+    let max_age_secs = keep.max_age.map(|d| d.as_secs_f64());
+    client
+        .execute(
+            "DELETE FROM lakesync.runs WHERE target_schema = $1 AND target_table = $2 AND outcome <> 'running' \
+             AND (run_id <= (SELECT run_id FROM lakesync.runs WHERE target_schema = $1 AND target_table = $2 \
+                             ORDER BY run_id DESC OFFSET $3 LIMIT 1) \
+                  OR started_at < clock_timestamp() - make_interval(secs => $4))",
+            &[&table.schema, &table.name, &(keep.max_runs.min(i64::MAX as u64) as i64), &max_age_secs],
+        )
+        .await
+        .map_err(PgError::query(table, "remove old runs from the history"))
 }
 
 /// Records the start of a run; returns its id.
@@ -272,10 +368,18 @@ pub async fn start_run(
 /// synced version. Must run inside the transaction that wrote the data. `total_rows` is the
 /// table's row count after a snapshot; `None` after an incremental apply, where the count moves
 /// by inserted minus deleted. Returns the new row count (`None` if it was never known).
+///
+/// A compare-and-set: the synced version moves only from `from` (the version the data
+/// written in this transaction was based on). If another writer moved it meanwhile (two runs
+/// past the advisory lock, e.g. through a transaction-pooling proxy), nothing is recorded and
+/// [`PgError::Conflict`] is returned; the caller's transaction must then roll back. The
+/// table's OID is recorded too, as the proof of ownership [`ownership`] checks.
+#[allow(clippy::too_many_arguments)]
 pub async fn commit_checkpoint(
     tx: &impl GenericClient,
     table: &TableName,
     run_id: i64,
+    from: Option<Version>,
     checkpoint: Checkpoint,
     counts: RowCounts,
     total_rows: Option<u64>,
@@ -289,8 +393,9 @@ pub async fn commit_checkpoint(
              synced_commit_timestamp = to_timestamp($4::bigint / 1000.0), state = $5, last_error = NULL, \
              rows_inserted = rows_inserted + $6, rows_updated = rows_updated + $7, rows_deleted = rows_deleted + $8, \
              runs_succeeded = runs_succeeded + $9, updated_at = clock_timestamp(), \
-             row_count = COALESCE($10, row_count + $6 - $8) \
-             WHERE target_schema = $1 AND target_table = $2 RETURNING row_count",
+             row_count = COALESCE($10, row_count + $6 - $8), table_oid = to_regclass($12)::oid::bigint \
+             WHERE target_schema = $1 AND target_table = $2 AND synced_version IS NOT DISTINCT FROM $11 \
+             RETURNING row_count",
             &[
                 &table.schema,
                 &table.name,
@@ -302,14 +407,23 @@ pub async fn commit_checkpoint(
                 &del,
                 &(final_chunk as i64),
                 &total_rows.map(|n| n as i64),
+                &from.map(|v| v as i64),
+                &crate::ddl::qualified(table),
             ],
         )
         .await
         .map_err(err)?;
     let Some(row) = row else {
-        return Err(PgError::Mismatch {
-            table: table.to_string(),
-            message: "state row missing while committing".into(),
+        return Err(match load(tx, table).await? {
+            None => {
+                PgError::Mismatch { table: table.to_string(), message: "state row missing while committing".into() }
+            }
+            Some(now) => PgError::Conflict {
+                table: table.to_string(),
+                expected: from,
+                found: now.synced_version,
+                version: checkpoint.version,
+            },
         });
     };
     let row_count = row.get::<_, Option<i64>>(0).map(|n| n as u64);
@@ -369,8 +483,10 @@ pub async fn fail_run(client: &Client, table: &TableName, run_id: Option<i64>, e
     Ok(())
 }
 
-fn lock_key(table: &TableName) -> String {
-    format!("lakesync:table:{}.{}", table.schema, table.name)
+/// The advisory lock's key text: schema and name quoted as identifiers, so no two tables
+/// share one (`"a.b"."c"` and `"a"."b.c"` differ where `a.b.c` would not).
+pub fn lock_key(table: &TableName) -> String {
+    format!("lakesync:table:{}", crate::ddl::qualified(table))
 }
 
 /// Releases the per-table advisory lock. (Closing the session releases it too, but only once
@@ -476,7 +592,7 @@ async fn status_where(client: &Client, only: Option<&TableName>) -> Result<Vec<T
              s.rows_inserted, s.rows_updated, s.rows_deleted, \
              r.run_id, r.mode, r.reason, r.outcome, r.from_version, r.to_version, r.rows_inserted, r.rows_updated, r.rows_deleted, \
              to_char(r.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
-             extract(epoch FROM r.ended_at - r.started_at)::float8, r.error \
+             extract(epoch FROM r.ended_at - r.started_at)::float8, r.error, s.table_oid \
              FROM lakesync.synced_tables s LEFT JOIN LATERAL ( \
                SELECT * FROM lakesync.runs r WHERE r.target_schema = s.target_schema AND r.target_table = s.target_table \
                ORDER BY run_id DESC LIMIT 1) r ON true \
@@ -499,6 +615,7 @@ async fn status_where(client: &Client, only: Option<&TableName>) -> Result<Vec<T
                     synced_commit_timestamp: r.get(5),
                     state: r.get(6),
                     last_error: r.get(7),
+                    table_oid: r.get(23),
                 },
                 totals: RowCounts { inserted: count(8), updated: count(9), deleted: count(10) },
                 last_run: r.get::<_, Option<i64>>(11).map(|run_id| RunRecord {
@@ -555,17 +672,38 @@ pub async fn runs(client: &Client, table: &TableName, limit: i64) -> Result<Vec<
 }
 
 /// Drops `table` and forgets its sync state and run history, under the table's lock (waiting
-/// up to `wait` for a run in progress elsewhere) and in one transaction.
+/// up to `wait` for a run in progress elsewhere) and in one transaction. Staging tables a
+/// crashed snapshot or apply left behind go too.
+///
+/// Drops only a table lakesync owns (see [`ownership`]); for any other table it fails with
+/// [`PgError::NotOwned`] and changes nothing.
 pub async fn forget(client: &Client, table: &TableName, wait: std::time::Duration) -> Result<(), PgError> {
     lock(client, table, wait).await?;
     let result = async {
         let err = PgError::query(table, "drop the table and its sync state");
         client.batch_execute("BEGIN").await.map_err(err)?;
+        let has_state = exists(client).await?;
+        let recorded = if has_state { load(client, table).await? } else { None };
+        match ownership(client, table, recorded.as_ref()).await? {
+            Ownership::Absent => {}
+            Ownership::Owned => client
+                .batch_execute(&format!("DROP TABLE {}", crate::ddl::qualified(table)))
+                .await
+                .map_err(PgError::query(table, "drop the table"))?,
+            foreign => {
+                return Err(not_owned(
+                    table,
+                    foreign,
+                    "refusing to drop it (nothing was changed); remove the synced table without purging its data to stop syncing and keep the table",
+                ))
+            }
+        }
         client
-            .batch_execute(&format!("DROP TABLE IF EXISTS {}", crate::ddl::qualified(table)))
+            .batch_execute(&format!("DROP TABLE IF EXISTS {}", crate::ddl::qualified(&crate::snapshot::staging_name(table))))
             .await
-            .map_err(PgError::query(table, "drop the table"))?;
-        if exists(client).await? {
+            .map_err(PgError::query(table, "drop the staging table"))?;
+        if has_state {
+            crate::apply::drop_part_tables(client, table).await?;
             for sql in [
                 "DELETE FROM lakesync.runs WHERE target_schema = $1 AND target_table = $2",
                 "DELETE FROM lakesync.synced_tables WHERE target_schema = $1 AND target_table = $2",

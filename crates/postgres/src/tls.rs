@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `disable` | never | – |
 //! | `prefer` (default) | if the server offers it | no |
-//! | `require` | always | no (as libpq without a root certificate) |
+//! | `require` | always | no; with `sslrootcert`, the chain (as libpq: then it is `verify-ca`) |
 //! | `verify-ca` | always | chain to a trusted root |
 //! | `verify-full` | always | chain and host name |
 //!
@@ -77,7 +77,12 @@ impl TlsSettings {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
-        let config = match self.mode {
+        // libpq: "if a root CA file exists, sslmode=require behaves like verify-ca".
+        let mode = match (self.mode, &self.root_cert) {
+            (SslMode::Require, Some(_)) => SslMode::VerifyCa,
+            (mode, _) => mode,
+        };
+        let config = match mode {
             SslMode::Disable | SslMode::Prefer | SslMode::Require => builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
@@ -106,7 +111,7 @@ impl TlsSettings {
                     .build()
                     .map_err(|e| e.to_string())?;
                 let builder = builder.dangerous();
-                if self.mode == SslMode::VerifyCa {
+                if mode == SslMode::VerifyCa {
                     builder.with_custom_certificate_verifier(Arc::new(ChainOnly(webpki))).with_no_client_auth()
                 } else {
                     builder.with_custom_certificate_verifier(webpki).with_no_client_auth()

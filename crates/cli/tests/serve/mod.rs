@@ -301,6 +301,32 @@ mode = "triggered"
     assert_eq!(server.get("/api/v1/synced-tables/orders2").status, 404);
     assert_eq!(server.get("/api/v1/tables/crm.orders2/rows").status, 404);
 
+    // A table lakesync did not create is refused at once, and nothing of it is touched.
+    db.execute("CREATE TABLE crm.app_users (region text, id bigint, PRIMARY KEY (region, id)); INSERT INTO crm.app_users VALUES ('x', 1)");
+    let mut onto_app = new_table.clone();
+    onto_app["name"] = json!("app");
+    onto_app["target"] = json!("crm.app_users");
+    let refused = http(&server.addr, "POST", "/api/v1/synced-tables", Some(TOKEN), Some(&onto_app));
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(refused.body.contains("lakesync did not create") && refused.body.contains("adopt"), "{}", refused.body);
+    assert_eq!(server.get("/api/v1/synced-tables/app").status, 404);
+    assert_eq!(db.rows("SELECT region, id FROM crm.app_users"), ["(x,1)"]);
+    // A purge drops only the table lakesync created: not one re-created by someone else.
+    let mut third = new_table.clone();
+    third["name"] = json!("orders3");
+    third["target"] = json!("crm.orders3");
+    assert_eq!(http(&server.addr, "POST", "/api/v1/synced-tables", Some(TOKEN), Some(&third)).status, 201);
+    server.wait_for("the third table", Duration::from_secs(30), || server.table("orders3")["synced_version"] == 1);
+    db.execute("DROP TABLE crm.orders3; CREATE TABLE crm.orders3 (id bigint); INSERT INTO crm.orders3 VALUES (3)");
+    let kept = http(&server.addr, "DELETE", "/api/v1/synced-tables/orders3?purge_data=true", Some(TOKEN), None);
+    assert_eq!(kept.status, 409, "{}", kept.body);
+    assert!(kept.body.contains("refusing to drop it"), "{}", kept.body);
+    assert_eq!(db.rows("SELECT id FROM crm.orders3"), ["(3)"]);
+    assert_eq!(server.get("/api/v1/synced-tables/orders3").status, 200);
+    let stopped = http(&server.addr, "DELETE", "/api/v1/synced-tables/orders3", Some(TOKEN), None);
+    assert_eq!(stopped.status, 200, "{}", stopped.body);
+    assert_eq!(db.rows("SELECT id FROM crm.orders3"), ["(3)"]);
+
     // Metrics and the OpenAPI document.
     let metrics = server.get("/metrics").body;
     for line in [

@@ -13,7 +13,9 @@ import os
 import sys
 
 import pyarrow as pa
-from deltalake import DeltaTable, write_deltalake
+import pyarrow.parquet as pq
+from deltalake import DeltaTable, Schema, write_deltalake
+from deltalake.transaction import AddAction, create_table_with_add_actions
 
 
 def arrow_type(expr):
@@ -65,8 +67,28 @@ def apply(path, op):
          .when_matched_update_all()
          .when_not_matched_insert_all()
          .execute())
+    elif kind == "add_int96_file":
+        # A data file with timestamps stored as Parquet INT96, as Spark writes by default
+        # (spark.sql.parquet.outputTimestampType=INT96), added to the table (created if missing)
+        # as Spark's own commit would: the Delta schema says timestamp, the file says INT96.
+        data = table(op["schema"], op["rows"])
+        os.makedirs(path, exist_ok=True)
+        name = f"part-int96-{len(os.listdir(path)):05d}.parquet"
+        pq.write_table(data, os.path.join(path, name), use_deprecated_int96_timestamps=True)
+        add = AddAction(name, os.path.getsize(os.path.join(path, name)), {},
+                        int(os.path.getmtime(os.path.join(path, name)) * 1000), True,
+                        json.dumps({"numRecords": data.num_rows}))
+        if os.path.isdir(os.path.join(path, "_delta_log")):
+            DeltaTable(path).create_write_transaction([add], mode="append", schema=data.schema)
+        else:
+            create_table_with_add_actions(path, Schema.from_arrow(data.schema), [add],
+                                          configuration={"delta.enableChangeDataFeed": "true"})
     elif kind == "checkpoint":
         DeltaTable(path).create_checkpoint()
+    elif kind == "set_column_metadata":
+        DeltaTable(path).alter.set_column_metadata(op["column"], op["metadata"])
+    elif kind == "add_constraint":
+        DeltaTable(path).alter.add_constraint(op["constraints"])
     elif kind == "set_properties":
         DeltaTable(path).alter.set_table_properties(op["properties"])
     else:

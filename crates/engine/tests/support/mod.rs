@@ -140,6 +140,9 @@ impl TestDb {
             versions_per_transaction: 100,
             exclude: Vec::new(),
             lock_wait: std::time::Duration::from_secs(10),
+            adopt: false,
+            allow_drop_columns: false,
+            history: Default::default(),
             progress: Default::default(),
         }
     }
