@@ -1363,7 +1363,10 @@ fn a_table_synced_by_a_build_that_did_not_record_oids_stays_lakesyncs() {
     db.execute("UPDATE lakesync.synced_tables SET table_oid = NULL");
     t.run(json!([{"op": "delete", "predicate": "id = 1"}]));
     assert_eq!(db.sync(&req).unwrap().mode.as_str(), "triggered");
-    assert_eq!(db.value("SELECT table_oid FROM lakesync.synced_tables"), oid(&db, "public.people"));
+    assert_eq!(
+        db.value("SELECT table_oid FROM lakesync.synced_tables WHERE target_table = 'people'"),
+        oid(&db, "public.people")
+    );
 }
 
 #[test]
@@ -1429,5 +1432,43 @@ fn metadata_only_schema_changes_neither_resnapshot_nor_break_triggered_mode() {
     assert_eq!((out.mode.as_str(), out.to_version), ("triggered", v));
     assert_eq!(db.rows("SELECT id, name FROM public.people"), ["(2,y)"]);
     assert_eq!(oid(&db, "public.people"), oid_before);
+    db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
+}
+
+#[test]
+fn a_retyped_key_is_widened_in_place_or_rebuilt_never_parked() {
+    let db = TestDb::new("key_retyped");
+    let t = PyDelta::new();
+    let narrow = json!([["id", "pa.int32()"], ["name", "pa.string()"]]);
+    t.run(json!([{"op": "create", "schema": narrow, "rows": [[1, "a"], [2, "b"]]}]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    let first_oid = oid(&db, "public.people");
+    // Spark's overwriteSchema with the key widened from int to bigint: a cast, in place.
+    let wide = json!([["id", "pa.int64()"], ["name", "pa.string()"]]);
+    let v = t.run(json!([{"op": "overwrite", "schema": wide, "schema_mode": "overwrite",
+                          "rows": [[1, "a"], [2, "bb"], [3_000_000_000_i64, "big"]]}]));
+    assert_eq!(db.sync(&req).unwrap().mode.as_str(), "snapshot");
+    assert_eq!(db.value("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'public.people'::regclass AND attname = 'id'"), "bigint");
+    assert_eq!(oid(&db, "public.people"), first_oid, "widened in place");
+    db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
+    // The key retyped beyond any cast (bigint to string): rebuilt through the staging table.
+    let text = json!([["id", "pa.string()"], ["name", "pa.string()"]]);
+    let v = t.run(json!([{"op": "overwrite", "schema": text, "schema_mode": "overwrite",
+                          "rows": [["x-1", "a"], ["x-2", "b"]]}]));
+    assert_eq!(db.sync(&req).unwrap().mode.as_str(), "snapshot");
+    assert_eq!(db.value("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'public.people'::regclass AND attname = 'id'"), "text");
+    assert_eq!(
+        db.value("SELECT table_oid FROM lakesync.synced_tables WHERE target_table = 'people'"),
+        oid(&db, "public.people")
+    );
+    assert_eq!(
+        db.rows("SELECT conname FROM pg_constraint WHERE conrelid = 'public.people'::regclass"),
+        ["(people_pkey)"]
+    );
+    db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
+    // And the change feed goes on from there.
+    let v = t.run(json!([{"op": "update", "predicate": "id = 'x-1'", "set": {"name": "'z'"}}]));
+    assert_eq!(db.sync(&req).unwrap().mode.as_str(), "triggered");
     db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
 }

@@ -254,7 +254,30 @@ impl Sink {
         self.client.batch_execute(&format!("ANALYZE {stage}")).await.map_err(PgError::query(&target, "analyze"))?;
 
         let tx = self.client.transaction().await.map_err(PgError::query(&target, "begin"))?;
-        let counts = if staging.target_exists {
+        let rebuild = staging.target_exists && needs_rebuild(&tx, &target, schema, key).await?;
+        let counts = if rebuild {
+            // The key's type changed beyond any cast: the loaded table takes the target's
+            // place. (Objects depending on the old table, such as views, make the DROP fail
+            // loudly rather than vanish.)
+            let old_rows: i64 = tx
+                .query_one(&format!("SELECT count(*) FROM {}", qualified(&target)), &[])
+                .await
+                .map_err(PgError::query(&target, "count the rows replaced"))?
+                .get(0);
+            let pkey = ident(&derived_name(&target.name, "_pkey"));
+            tx.batch_execute(&format!(
+                "DROP TABLE {t}; ALTER TABLE {stage} RENAME TO {name}; ALTER TABLE {t} RENAME CONSTRAINT {staged_pkey} TO {pkey}",
+                t = qualified(&target),
+                name = ident(&target.name),
+                staged_pkey = ident(&derived_name(&staging.table.name, "_pkey")),
+            ))
+            .await
+            .map_err(PgError::query(&target, "rebuild the table for its new key type"))?;
+            for (name, sql) in index_statements(&target, &qualified(&target), indexes, true) {
+                tx.batch_execute(&sql).await.map_err(PgError::query(&target, format!("create index {name}")))?;
+            }
+            RowCounts { inserted: rows, updated: 0, deleted: old_rows as u64 }
+        } else if staging.target_exists {
             let counts = replace_in_place(&tx, &target, staging, schema, key).await?;
             for (name, sql) in index_statements(&target, &qualified(&target), indexes, true) {
                 tx.batch_execute(&sql).await.map_err(PgError::query(&target, format!("create index {name}")))?;
@@ -328,6 +351,61 @@ pub(crate) fn index_names(target: &TableName, indexes: &[Vec<String>]) -> Vec<(S
         .collect()
 }
 
+/// Whether a column of Postgres type `from` (as `format_type` spells it) converts to `to`
+/// without losing a value: the changes Delta's type widening makes (byte/short/int to long
+/// or double, float to double, date to timestamp without time zone, decimals with more
+/// integer digits and scale).
+pub(crate) fn widens(from: &str, to: &ColumnType) -> bool {
+    let decimal_digits = |d: &ColumnType| match d {
+        ColumnType::Decimal { precision, scale } => Some((*precision as i64 - *scale as i64, *scale as i64)),
+        _ => None,
+    };
+    match (from, to) {
+        ("smallint", ColumnType::Int32 | ColumnType::Int64 | ColumnType::Float64) => true,
+        ("integer", ColumnType::Int64 | ColumnType::Float64) => true,
+        ("real", ColumnType::Float64) => true,
+        ("date", ColumnType::Timestamp) => true,
+        ("smallint" | "integer" | "bigint", to) => {
+            let needed = match from {
+                "smallint" => 5,
+                "integer" => 10,
+                _ => 19,
+            };
+            decimal_digits(to).is_some_and(|(int_digits, _)| int_digits >= needed)
+        }
+        (from, to) => {
+            let Some(args) = from.strip_prefix("numeric(").and_then(|r| r.strip_suffix(')')) else { return false };
+            let Some((p, s)) = args
+                .split_once(',')
+                .and_then(|(p, s)| Some((p.trim().parse::<i64>().ok()?, s.trim().parse::<i64>().ok()?)))
+            else {
+                return false;
+            };
+            decimal_digits(to).is_some_and(|(int_digits, scale)| int_digits >= p - s && scale >= s)
+        }
+    }
+}
+
+/// Whether putting `schema` in place of the existing target needs the table rebuilt (the
+/// staging table renamed in its place) rather than changed in place: a key column whose type
+/// changed in a way no cast keeps every value of (int to string, say), which `ALTER .. TYPE`
+/// cannot do under a primary key.
+async fn needs_rebuild(
+    client: &impl tokio_postgres::GenericClient,
+    target: &TableName,
+    schema: &TableSchema,
+    key: &[String],
+) -> Result<bool, PgError> {
+    let existing = crate::target_columns(client, target).await?;
+    Ok(key.iter().any(|k| {
+        let new = schema.column(k).map(|c| c.ty);
+        match (existing.iter().find(|(n, _)| n == k), new) {
+            (Some((_, ty)), Some(new)) => *ty != new.postgres_type() && !widens(ty, &new),
+            _ => false,
+        }
+    }))
+}
+
 /// Turns a failed primary-key build into a clear duplicate- or NULL-key error.
 fn key_violation(target: &TableName, key: &[String], version: Option<Version>, e: tokio_postgres::Error) -> PgError {
     let code = e.code().cloned();
@@ -364,10 +442,15 @@ async fn replace_in_place(
     for col in &schema.columns {
         match existing.iter().find(|(n, _)| n == &col.name) {
             None => alters.push(format!("ADD COLUMN {} {}", ident(&col.name), col.ty.postgres_type())),
+            // Widened (int -> bigint, float -> double, date -> timestamp, more decimal digits):
+            // a real cast keeps every value (and the key). Anything else only reaches here for
+            // a column outside the key (see `needs_rebuild`): its values are rewritten by the
+            // merge below, in this transaction.
             Some((_, ty)) if *ty != col.ty.postgres_type() => alters.push(format!(
-                "ALTER COLUMN {0} TYPE {1} USING NULL::{1}",
+                "ALTER COLUMN {0} TYPE {1} USING {2}::{1}",
                 ident(&col.name),
-                col.ty.postgres_type()
+                col.ty.postgres_type(),
+                if widens(ty, &col.ty) { ident(&col.name) } else { "NULL".to_string() }
             )),
             Some(_) => {}
         }
@@ -589,6 +672,36 @@ mod tests {
     fn names(indexes: &[&[&str]]) -> Vec<String> {
         let indexes: Vec<Vec<String>> = indexes.iter().map(|c| c.iter().map(|s| s.to_string()).collect()).collect();
         index_names(&TableName::new("public", "t"), &indexes).into_iter().map(|(n, _)| n).collect()
+    }
+
+    #[test]
+    fn widening_is_what_keeps_every_value() {
+        let dec = |precision, scale| ColumnType::Decimal { precision, scale };
+        for (from, to) in [
+            ("smallint", ColumnType::Int32),
+            ("integer", ColumnType::Int64),
+            ("integer", ColumnType::Float64),
+            ("real", ColumnType::Float64),
+            ("date", ColumnType::Timestamp),
+            ("numeric(10,2)", dec(12, 2)),
+            ("numeric(10,2)", dec(12, 4)),
+            ("integer", dec(12, 2)),
+            ("bigint", dec(38, 0)),
+        ] {
+            assert!(widens(from, &to), "{from} -> {to}");
+        }
+        for (from, to) in [
+            ("bigint", ColumnType::Int32),
+            ("integer", ColumnType::Text),
+            ("double precision", ColumnType::Float32),
+            ("date", ColumnType::Timestamptz),
+            ("numeric(10,2)", dec(10, 3)),
+            ("numeric(10,2)", dec(12, 1)),
+            ("bigint", dec(18, 0)),
+            ("text", ColumnType::Int64),
+        ] {
+            assert!(!widens(from, &to), "{from} -> {to}");
+        }
     }
 
     #[test]
