@@ -158,11 +158,84 @@ async fn run(
     if adopting {
         sink.check_adoptable(&schema, &key, req.allow_drop_columns).await?;
     }
+    // What shaped the rows the table holds, as recorded by its last successful run.
+    let (recorded_key, recorded_options) = match &recorded {
+        Some(r) => (Some(r.primary_key.clone()), r.options.clone()),
+        None => (None, None),
+    };
     // Registered only once the run is known to be allowed: a refused run leaves no state.
     let synced = state::register(sink.client(), table, recorded, source.uri(), &req.primary_key).await?.synced_version;
+    let options = identity_options(req);
+    let changed = |field: &str| recorded_options.as_ref().is_some_and(|o| o.get(field) != options.get(field));
+    let reshaped = recorded_key
+        .as_ref()
+        .filter(|k| k.as_slice() != key.as_slice())
+        .map(|k| format!("the primary key changed from ({}) to ({})", k.join(", "), key.join(", ")));
+    let reshaped = reshaped.or_else(|| {
+        ["exclude", "dedup_by", "nul_bytes"]
+            .into_iter()
+            .find(|f| changed(f))
+            .map(|f| format!("the {f} option changed, which changes the rows the table holds"))
+    });
+    let outcome =
+        execute_run(req, source, sink, run_id, RunPlan { owner, adopting, synced, reshaped }, &end, &schema, &key)
+            .await?;
+    // Declared indexes that were dropped from the config go; new ones were built by a
+    // snapshot, or are built now.
+    let old_indexes: Vec<Vec<String>> = match recorded_options.as_ref().and_then(|o| o.get("indexes")) {
+        Some(v) => serde_json::from_value(v.clone()).unwrap_or_default(),
+        None => req.indexes.clone(),
+    };
+    if changed("indexes") {
+        sink.sync_indexes(&old_indexes, &req.indexes).await?;
+    }
+    state::record_identity(sink.client(), table, &req.primary_key, &options).await?;
+    Ok(outcome)
+}
 
+/// The options that shape a synced table's contents and indexes, recorded with it.
+fn identity_options(req: &SyncRequest) -> serde_json::Value {
+    let mut exclude = req.exclude.clone();
+    exclude.sort();
+    serde_json::json!({
+        "exclude": exclude,
+        "indexes": req.indexes,
+        "dedup_by": req.policy.dedup_by,
+        "nul_bytes": match req.policy.nul_bytes {
+            lakesync_core::NulBytePolicy::Error => "error",
+            lakesync_core::NulBytePolicy::Strip => "strip",
+        },
+    })
+}
+
+/// What the start of a run found out, for choosing what it does.
+struct RunPlan {
+    owner: Ownership,
+    adopting: bool,
+    synced: Option<Version>,
+    /// Why the rows must be reloaded although the source may not have changed: the key or an
+    /// option that shapes the rows changed since the last run.
+    reshaped: Option<String>,
+}
+
+/// Chooses snapshot, change feed or no-op for a run that may go ahead, and carries it out.
+#[allow(clippy::too_many_arguments)]
+async fn execute_run(
+    req: &SyncRequest,
+    source: &DeltaTable,
+    sink: &mut Sink,
+    run_id: &mut Option<i64>,
+    plan: RunPlan,
+    end: &TableSnapshot,
+    schema: &TableSchema,
+    key: &[String],
+) -> Result<SyncOutcome, EngineError> {
+    let table = &req.table;
+    let RunPlan { owner, adopting, synced, reshaped } = plan;
     let reason = match (req.mode, synced) {
         _ if adopting => "adopting the existing table (--adopt)".to_string(),
+        // Another key or an option that shapes the rows: reload, also with --mode triggered.
+        (_, Some(_)) if reshaped.is_some() => reshaped.unwrap_or_default(),
         (SyncMode::Snapshot, _) => "requested with --mode snapshot".to_string(),
         (_, None) => "initial snapshot: nothing synced yet".to_string(),
         // Dropped by hand: the data is gone, so the synced version means nothing; reload.
@@ -187,7 +260,7 @@ async fn run(
             if !end.cdf_enabled() {
                 return Err(source.cdf_not_enabled(end.version()).into());
             }
-            match triggered(req, source, sink, run_id, s, &end, &key).await {
+            match triggered(req, source, sink, run_id, s, end, key).await {
                 Ok(done) => return Ok(done),
                 Err(e) if mode == SyncMode::Auto && e.calls_for_snapshot().is_some() => {
                     let reason = e.calls_for_snapshot().unwrap_or_default();
@@ -203,7 +276,7 @@ async fn run(
         }
     };
     tracing::info!(table = %table, version = end.version(), reason = %reason, "snapshot");
-    snapshot(req, sink, run_id, synced, &end, &schema, &key, &reason).await
+    snapshot(req, sink, run_id, synced, end, schema, key, &reason).await
 }
 
 /// Postgres keeps the first 63 bytes of an identifier: a longer column name would be

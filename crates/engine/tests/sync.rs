@@ -567,19 +567,68 @@ fn a_least_privilege_role_can_snapshot_apply_and_resnapshot() {
 }
 
 #[test]
-fn a_source_or_key_change_for_a_synced_table_is_refused() {
+fn a_source_change_is_refused_and_a_key_change_reloads_the_table() {
     let db = TestDb::new("identity");
     let t = PyDelta::new();
     t.run(json!([people(json!([[1, "a", 1.0]]))]));
     db.sync(&db.request(&t.path(), "public.people", "id")).unwrap();
-    let msg = db.sync(&db.request(&t.path(), "public.people", "name")).unwrap_err().to_string();
-    assert!(msg.contains("refusing primary key (name)"), "{msg}");
     let other = PyDelta::new();
     other.run(json!([people(json!([[1, "a", 1.0]]))]));
     let msg = db.sync(&db.request(&other.path(), "public.people", "id")).unwrap_err().to_string();
     assert!(msg.contains("already synced from"), "{msg}");
     let msg = db.sync(&db.request(&t.path(), "public.people2", "nope")).unwrap_err().to_string();
     assert!(msg.contains("\"nope\" is not a column"), "{msg}");
+    // Another key: the table is reloaded with the new key's index, even in triggered mode.
+    let mut by_name = db.request(&t.path(), "public.people", "name");
+    by_name.mode = SyncMode::Triggered;
+    let out = db.sync(&by_name).unwrap();
+    assert_eq!(out.mode.as_str(), "snapshot");
+    assert!(out.reason.contains("primary key changed from (id) to (name)"), "{}", out.reason);
+    assert_eq!(
+        db.value("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = 'public.people'::regclass AND contype = 'p'"),
+        "PRIMARY KEY (name)"
+    );
+    assert_eq!(db.rows("SELECT primary_key FROM lakesync.synced_tables"), ["({name})"]);
+    assert_eq!(db.sync(&by_name).unwrap().mode.as_str(), "noop");
+}
+
+#[test]
+fn changing_exclude_indexes_or_data_policies_does_what_the_change_implies() {
+    let db = TestDb::new("options_change");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let mut req = db.request(&t.path(), "public.people", "id");
+    req.exclude = vec!["score".into()];
+    req.indexes = vec![vec!["name".into()]];
+    db.sync(&req).unwrap();
+    let indexes = || db.rows("SELECT indexname FROM pg_indexes WHERE tablename = 'people' ORDER BY 1");
+    assert_eq!(indexes(), ["(people_name_idx)", "(people_pkey)"]);
+    let v = t.run(json!([{"op": "update", "predicate": "id = 1", "set": {"score": "10.0"}}]));
+
+    // The column is no longer excluded: a snapshot backfills it (before, the feed would have
+    // written rows without it); the index moves from name to score.
+    req.exclude.clear();
+    req.indexes = vec![vec!["score".into()]];
+    req.mode = SyncMode::Triggered;
+    let out = db.sync(&req).unwrap();
+    assert_eq!(out.mode.as_str(), "snapshot");
+    assert!(out.reason.contains("exclude option changed"), "{}", out.reason);
+    assert_eq!(db.rows("SELECT id, score FROM public.people ORDER BY id"), ["(1,10)", "(2,2)"]);
+    assert_eq!(indexes(), ["(people_pkey)", "(people_score_idx)"]);
+
+    // Only the indexes change: built and dropped, no reload.
+    req.indexes = vec![vec!["name".into(), "score".into()]];
+    let out = db.sync(&req).unwrap();
+    assert_eq!(out.mode.as_str(), "noop");
+    assert_eq!(indexes(), ["(people_name_score_idx)", "(people_pkey)"]);
+
+    // Excluded again: the column goes (a snapshot applied in place), instead of going stale.
+    req.exclude = vec!["score".into()];
+    req.indexes = vec![vec!["name".into()]];
+    assert_eq!(db.sync(&req).unwrap().mode.as_str(), "snapshot");
+    assert_eq!(db.rows("SELECT * FROM public.people ORDER BY id"), ["(1,a)", "(2,b)"]);
+    assert_eq!(indexes(), ["(people_name_idx)", "(people_pkey)"]);
+    assert_eq!(db.value("SELECT synced_version FROM lakesync.synced_tables"), v.to_string());
 }
 
 #[test]

@@ -92,22 +92,8 @@ impl Sink {
             table: target.to_string(),
             message: format!("cannot adopt it: {why}; nothing was changed"),
         };
-        let mut pkey: Vec<String> = self
-            .client
-            .query(
-                "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid \
-                 AND a.attnum = ANY (i.indkey::int2[]) WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
-                &[&qualified(target)],
-            )
-            .await
-            .map_err(PgError::query(target, "read the table's primary key"))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let mut wanted = key.to_vec();
-        pkey.sort();
-        wanted.sort();
-        if pkey != wanted {
+        let pkey = primary_key_columns(&self.client, target).await?;
+        if !same_columns(&pkey, key) {
             return Err(refuse(if pkey.is_empty() {
                 format!("it has no primary key, and the sync key is ({})", key.join(", "))
             } else {
@@ -137,6 +123,34 @@ impl Sink {
                  (allow_drop_columns = true) to drop them",
                 extra.join(", ")
             )));
+        }
+        Ok(())
+    }
+
+    /// Brings the target's declared indexes from `old` to `new`: drops those no longer
+    /// declared, builds those newly declared (nothing when the target does not exist yet:
+    /// its first snapshot builds them).
+    pub async fn sync_indexes(&self, old: &[Vec<String>], new: &[Vec<String>]) -> Result<(), PgError> {
+        if !self.target_exists().await? {
+            return Ok(());
+        }
+        let target = &self.table;
+        let (old, new) = (index_names(target, old), index_names(target, new));
+        for (name, _) in old.iter().filter(|(name, _)| !new.iter().any(|(n, _)| n == name)) {
+            let index = qualified(&TableName::new(target.schema.clone(), name.clone()));
+            self.client
+                .batch_execute(&format!("DROP INDEX IF EXISTS {index}"))
+                .await
+                .map_err(PgError::query(target, format!("drop index {name}")))?;
+            tracing::info!(table = %target, index = %name, "dropped an index no longer declared");
+        }
+        for (name, sql) in index_statements(
+            target,
+            &qualified(target),
+            new.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>().as_slice(),
+            true,
+        ) {
+            self.client.batch_execute(&sql).await.map_err(PgError::query(target, format!("create index {name}")))?;
         }
         Ok(())
     }
@@ -396,6 +410,11 @@ async fn needs_rebuild(
     schema: &TableSchema,
     key: &[String],
 ) -> Result<bool, PgError> {
+    // Another key (`--primary-key` changed): its index and uniqueness are built on the
+    // loaded table, which takes the target's place.
+    if !same_columns(&primary_key_columns(client, target).await?, key) {
+        return Ok(true);
+    }
     let existing = crate::target_columns(client, target).await?;
     Ok(key.iter().any(|k| {
         let new = schema.column(k).map(|c| c.ty);
@@ -404,6 +423,32 @@ async fn needs_rebuild(
             _ => false,
         }
     }))
+}
+
+/// The columns of `table`'s primary key (empty without one).
+async fn primary_key_columns(
+    client: &impl tokio_postgres::GenericClient,
+    table: &TableName,
+) -> Result<Vec<String>, PgError> {
+    Ok(client
+        .query(
+            "SELECT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid \
+             AND a.attnum = ANY (i.indkey::int2[]) WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+            &[&qualified(table)],
+        )
+        .await
+        .map_err(PgError::query(table, "read the table's primary key"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The same columns, in any order.
+fn same_columns(a: &[String], b: &[String]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    b.sort();
+    a == b
 }
 
 /// Turns a failed primary-key build into a clear duplicate- or NULL-key error.

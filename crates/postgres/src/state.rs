@@ -48,7 +48,8 @@ ALTER TABLE lakesync.synced_tables
     ADD COLUMN IF NOT EXISTS runs_failed bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now(),
     ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now(),
-    ADD COLUMN IF NOT EXISTS table_oid bigint;
+    ADD COLUMN IF NOT EXISTS table_oid bigint,
+    ADD COLUMN IF NOT EXISTS options jsonb;
 CREATE TABLE IF NOT EXISTS lakesync.runs (
     run_id bigserial PRIMARY KEY
 );
@@ -72,7 +73,7 @@ CREATE INDEX IF NOT EXISTS runs_by_table ON lakesync.runs (target_schema, target
 /// Marks state created (or brought up to date) by this build's [`STATE_DDL`] (a comment on
 /// `lakesync.synced_tables`); change it whenever the DDL changes, so existing state gets the
 /// new columns.
-const STATE_MARK: &str = "lakesync state v3";
+const STATE_MARK: &str = "lakesync state v4";
 
 /// Creates the state schema if needed. Serialized by a transaction-level advisory lock so
 /// concurrent first runs do not race on `CREATE ... IF NOT EXISTS`.
@@ -132,6 +133,9 @@ pub struct SyncedTable {
     /// checkpoint; `None` before the first snapshot (and in state written by builds before
     /// ownership was recorded).
     pub table_oid: Option<i64>,
+    /// The options that shape the table's contents (see [`record_identity`]) as of its last
+    /// successful run; `None` before it (and in state written by older builds).
+    pub options: Option<serde_json::Value>,
 }
 
 /// Where a finished run leaves the table.
@@ -181,7 +185,7 @@ pub async fn load(client: &impl GenericClient, table: &TableName) -> Result<Opti
     let row = client
         .query_opt(
             "SELECT source_uri, primary_key, synced_version, \
-             to_char(synced_commit_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), state, last_error, table_oid \
+             to_char(synced_commit_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), state, last_error, table_oid, options \
              FROM lakesync.synced_tables WHERE target_schema = $1 AND target_table = $2",
             &[&table.schema, &table.name],
         )
@@ -196,11 +200,13 @@ pub async fn load(client: &impl GenericClient, table: &TableName) -> Result<Opti
         state: r.get(4),
         last_error: r.get(5),
         table_oid: r.get(6),
+        options: r.get(7),
     }))
 }
 
-/// Registers `table` (first run) or checks that source and key did not change; `existing` is
-/// its state row as [`load`] read it under the table lock.
+/// Registers `table` (first run) or checks that the source did not change; `existing` is its
+/// state row as [`load`] read it under the table lock. (A changed key is the caller's to
+/// handle: it calls for a snapshot, and [`record_identity`] then records it.)
 pub async fn register(
     client: &Client,
     table: &TableName,
@@ -215,15 +221,6 @@ pub async fn register(
                 message: format!(
                     "it is already synced from {}; refusing to sync it from {source} (drop the table and its row in lakesync.synced_tables to change the source)",
                     existing.source
-                ),
-            });
-        }
-        if existing.primary_key != key.columns() {
-            return Err(PgError::Mismatch {
-                table: table.to_string(),
-                message: format!(
-                    "it is synced with primary key ({}); refusing primary key ({key})",
-                    existing.primary_key.join(",")
                 ),
             });
         }
@@ -296,6 +293,27 @@ pub fn not_owned(table: &TableName, ownership: Ownership, what: &str) -> PgError
         _ => "it exists and lakesync did not create it".to_string(),
     };
     PgError::NotOwned { table: table.to_string(), message: format!("{why}; {what}") }
+}
+
+/// Records what shapes the table's contents after a successful run: the primary key and the
+/// `options` (excluded columns, declared indexes, data policies). A later run whose options
+/// differ does what the difference implies (see the engine). Written after the run's commit:
+/// a crash in between only makes the next run redo that.
+pub async fn record_identity(
+    client: &impl GenericClient,
+    table: &TableName,
+    key: &PrimaryKey,
+    options: &serde_json::Value,
+) -> Result<(), PgError> {
+    client
+        .execute(
+            "UPDATE lakesync.synced_tables SET primary_key = $3, options = $4 \
+             WHERE target_schema = $1 AND target_table = $2 AND (primary_key, options) IS DISTINCT FROM ($3, $4)",
+            &[&table.schema, &table.name, &key.columns(), options],
+        )
+        .await
+        .map_err(PgError::query(table, "record the table's options"))?;
+    Ok(())
 }
 
 /// Marks runs left `running` by a crashed process as `abandoned` (call under the table lock).
@@ -592,7 +610,7 @@ async fn status_where(client: &Client, only: Option<&TableName>) -> Result<Vec<T
              s.rows_inserted, s.rows_updated, s.rows_deleted, \
              r.run_id, r.mode, r.reason, r.outcome, r.from_version, r.to_version, r.rows_inserted, r.rows_updated, r.rows_deleted, \
              to_char(r.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
-             extract(epoch FROM r.ended_at - r.started_at)::float8, r.error, s.table_oid \
+             extract(epoch FROM r.ended_at - r.started_at)::float8, r.error, s.table_oid, s.options \
              FROM lakesync.synced_tables s LEFT JOIN LATERAL ( \
                SELECT * FROM lakesync.runs r WHERE r.target_schema = s.target_schema AND r.target_table = s.target_table \
                ORDER BY run_id DESC LIMIT 1) r ON true \
@@ -616,6 +634,7 @@ async fn status_where(client: &Client, only: Option<&TableName>) -> Result<Vec<T
                     state: r.get(6),
                     last_error: r.get(7),
                     table_oid: r.get(23),
+                    options: r.get(24),
                 },
                 totals: RowCounts { inserted: count(8), updated: count(9), deleted: count(10) },
                 last_run: r.get::<_, Option<i64>>(11).map(|run_id| RunRecord {
