@@ -11,10 +11,13 @@
 //!   statement as the rows.
 //! - Request values reach Postgres only as parameters; identifiers come from the catalog.
 //! - Mutating calls need the bearer token; without a configured token they are refused.
+//! - With `read_auth` set, every other route but `/healthz` and `/metrics` needs a bearer
+//!   token too (the read token or the management token).
 //! - No secret (token, Postgres password) and no row value is logged.
 
 mod data;
 mod error;
+pub mod https;
 mod manage;
 mod metrics;
 mod openapi;
@@ -22,9 +25,13 @@ mod openapi;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use lakesync_engine::config::{ApiSettings, Secret};
+use lakesync_engine::config::{ApiSettings, ReadAuth, Secret};
 use lakesync_engine::Daemon;
 use lakesync_postgres::pool::Pool;
 use lakesync_postgres::rows::TableShape;
@@ -39,6 +46,7 @@ pub struct AppState {
     daemon: Arc<Daemon>,
     pool: Pool,
     token: Option<Secret>,
+    read_auth: ReadAuth,
     max_page_size: u32,
     /// Table shapes by synced-table name, with the synced version they were read at.
     shapes: Mutex<HashMap<String, CachedShape>>,
@@ -52,9 +60,16 @@ impl AppState {
             settings.statement_timeout.as_millis()
         );
         Arc::new(Self {
-            pool: Pool::new(daemon.postgres().clone(), settings.pool_size, setup),
+            // The data API's own role when configured (read-only as a privilege), else the
+            // syncing one; the sessions are read-only either way.
+            pool: Pool::new(
+                settings.postgres.clone().unwrap_or_else(|| daemon.postgres().clone()),
+                settings.pool_size,
+                setup,
+            ),
             daemon,
             token: settings.token.clone(),
+            read_auth: settings.read_auth.clone(),
             max_page_size: settings.max_page_size,
             shapes: Mutex::new(HashMap::new()),
         })
@@ -74,12 +89,50 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/tables/{table}/rows", get(data::list))
         .route("/api/v1/tables/{table}/rows/{*key}", get(data::lookup))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_read_token))
         .with_state(state)
+}
+
+/// Whether the request carries `Authorization: Bearer <one of tokens>` (constant-time
+/// comparison).
+pub(crate) fn bearer_matches(headers: &HeaderMap, tokens: &[&Secret]) -> bool {
+    let Some(given) =
+        headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    tokens.iter().fold(false, |found, token| {
+        let (a, b) = (given.as_bytes(), token.expose().as_bytes());
+        let diff = a.iter().zip(b).fold(a.len() ^ b.len(), |acc, (x, y)| acc | (x ^ y) as usize);
+        found | (diff == 0)
+    })
+}
+
+/// With `read_auth`, reading routes need a token; `/healthz` and `/metrics` stay open (probes
+/// and Prometheus), and mutating routes check the management token themselves.
+async fn require_read_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if let ReadAuth::Tokens(tokens) = &state.read_auth {
+        let open = matches!(request.uri().path(), "/healthz" | "/metrics");
+        let reading = matches!(*request.method(), Method::GET | Method::HEAD);
+        if reading && !open && !bearer_matches(request.headers(), &tokens.iter().collect::<Vec<_>>()) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+}
+
+/// Serves the API over HTTPS (see [`https`]) on `listener` until `shutdown` completes.
+pub async fn serve_tls(
+    listener: https::TlsListener,
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {

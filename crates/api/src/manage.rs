@@ -28,14 +28,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
             "mutating calls are disabled: set token_env in the [api] section of the config".into(),
         ));
     };
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ApiError::Unauthorized)?;
-    let (a, b) = (given.as_bytes(), token.expose().as_bytes());
-    let diff = a.iter().zip(b).fold(a.len() ^ b.len(), |acc, (x, y)| acc | (x ^ y) as usize);
-    if diff == 0 {
+    if crate::bearer_matches(headers, &[token]) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)

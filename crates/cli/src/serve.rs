@@ -14,10 +14,18 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
     println!("{}: ok", path.display());
     println!("postgres: {}", config.postgres.target());
     println!(
-        "api: listen {}, mutating calls {}",
+        "api: listen {} ({}), mutating calls {}, reads {}",
         config.api.listen,
-        if config.api.token.is_some() { "enabled (bearer token set)" } else { "disabled (no token_env)" }
+        if config.api.tls.is_some() { "https" } else { "http" },
+        if config.api.token.is_some() { "enabled (bearer token set)" } else { "disabled (no token_env)" },
+        match config.api.read_auth {
+            lakesync_engine::config::ReadAuth::Open => "open",
+            lakesync_engine::config::ReadAuth::Tokens(_) => "need a bearer token",
+        }
     );
+    if let Some((cert, key)) = &config.api.tls {
+        lakesync_api::https::server_config(cert, key).map_err(anyhow::Error::msg)?;
+    }
     for t in &config.tables {
         let when = match &t.mode {
             TableMode::Snapshot { schedule: Some(s) } | TableMode::Triggered { schedule: Some(s) } => s.to_string(),
@@ -38,14 +46,27 @@ pub async fn run(path: &Path, grace: Duration) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.api.listen))?;
     let daemon = Daemon::new(config.postgres.clone());
+    // Certificate problems are found before any table starts.
+    let tls = match &config.api.tls {
+        Some((cert, key)) => Some(lakesync_api::https::server_config(cert, key).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     for table in config.tables {
         daemon.add(table)?;
     }
     let state = AppState::new(daemon.clone(), &config.api);
     let addr = listener.local_addr()?;
-    println!("lakesync serving http://{addr} ({} synced tables)", daemon.tables().len());
-    tracing::info!(%addr, "serving");
-    let server = tokio::spawn(lakesync_api::serve(listener, state, stop_signal()));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("lakesync serving {scheme}://{addr} ({} synced tables)", daemon.tables().len());
+    tracing::info!(%addr, scheme, "serving");
+    let server = match tls {
+        Some(tls) => tokio::spawn(lakesync_api::serve_tls(
+            lakesync_api::https::TlsListener::new(listener, tls)?,
+            state,
+            stop_signal(),
+        )),
+        None => tokio::spawn(lakesync_api::serve(listener, state, stop_signal())),
+    };
     let _ = server.await.context("API server task")?;
     tracing::info!("stopping: letting in-flight runs finish");
     daemon.shutdown(grace).await;

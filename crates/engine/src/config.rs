@@ -105,6 +105,22 @@ pub struct ApiSection {
     pub statement_timeout: Option<String>,
     /// Postgres connections serving the API (default 8).
     pub pool_size: Option<usize>,
+    /// Who may read rows, table status, runs and the OpenAPI document: `"open"` (default:
+    /// anyone who reaches the port), `"token"` (the bearer token of `token_env`) or
+    /// `"read_token"` (the bearer token of `read_token_env`, or the `token_env` one).
+    /// `/healthz` and `/metrics` stay open.
+    pub read_auth: Option<String>,
+    /// Name of the environment variable holding the read token (`read_auth = "read_token"`).
+    pub read_token_env: Option<String>,
+    /// Connection string of the role the data API reads with (default: `[postgres]`'s), so
+    /// that read-only is a privilege of the role, not only a session setting.
+    pub postgres_url: Option<String>,
+    /// Name of the environment variable holding that role's password.
+    pub postgres_password_env: Option<String>,
+    /// PEM file of the certificate chain to serve HTTPS with (with `tls_key`).
+    pub tls_cert: Option<String>,
+    /// PEM file of the private key for `tls_cert`.
+    pub tls_key: Option<String>,
 }
 
 /// One `[[tables]]` entry; also the body of `POST /api/v1/synced-tables`.
@@ -375,6 +391,21 @@ pub struct ApiSettings {
     pub statement_timeout: Duration,
     /// Pool size.
     pub pool_size: usize,
+    /// Who may read.
+    pub read_auth: ReadAuth,
+    /// The data API's Postgres connection, when it differs from the syncing one.
+    pub postgres: Option<PgConfig>,
+    /// HTTPS certificate chain and key files.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+/// Who may call the API's reading routes (rows, table status, runs, OpenAPI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadAuth {
+    /// Anyone who reaches the port.
+    Open,
+    /// A bearer token: any of these (the read token and the management token).
+    Tokens(Vec<Secret>),
 }
 
 /// A secret value that never prints.
@@ -468,9 +499,67 @@ impl ConfigFile {
         if max_page_size == 0 || !(1..=256).contains(&pool_size) {
             return Err(invalid("[api]", "max_page_size must be at least 1 and pool_size 1 to 256"));
         }
+        let secret = |what: &str, var: &str| match env(var) {
+            Some(t) if !t.is_empty() => Ok(Secret::new(t)),
+            _ => Err(invalid("[api]", format!("{what} names {var}, which is not set in the environment"))),
+        };
+        let read_auth = match api.read_auth.as_deref() {
+            None | Some("open") => ReadAuth::Open,
+            Some("token") => match &token {
+                Some(t) => ReadAuth::Tokens(vec![t.clone()]),
+                None => return Err(invalid("[api]", "read_auth = \"token\" needs token_env")),
+            },
+            Some("read_token") => {
+                let var = api
+                    .read_token_env
+                    .as_deref()
+                    .ok_or_else(|| invalid("[api]", "read_auth = \"read_token\" needs read_token_env"))?;
+                ReadAuth::Tokens(std::iter::once(secret("read_token_env", var)?).chain(token.clone()).collect())
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "[api]",
+                    format!("read_auth {other:?}: expected \"open\", \"token\" or \"read_token\""),
+                ))
+            }
+        };
+        if api.read_token_env.is_some() && api.read_auth.as_deref() != Some("read_token") {
+            return Err(invalid("[api]", "read_token_env applies only with read_auth = \"read_token\""));
+        }
+        let api_postgres = match &api.postgres_url {
+            Some(url) => {
+                let mut config = PgConfig::parse(url).map_err(|e| invalid("[api]", format!("postgres_url: {e}")))?;
+                if let Some(var) = &api.postgres_password_env {
+                    config = config.with_password(secret("postgres_password_env", var)?.expose());
+                }
+                Some(config)
+            }
+            None if api.postgres_password_env.is_some() => {
+                return Err(invalid("[api]", "postgres_password_env applies only with postgres_url"))
+            }
+            None => None,
+        };
+        let tls = match (&api.tls_cert, &api.tls_key) {
+            (Some(cert), Some(key)) => Some((cert.into(), key.into())),
+            (None, None) => None,
+            _ => return Err(invalid("[api]", "tls_cert and tls_key go together")),
+        };
         let tables = self.tables.iter().map(TableConfig::validate).collect::<Result<Vec<_>, _>>()?;
         check_unique(&tables)?;
-        Ok(Config { postgres, api: ApiSettings { listen, token, max_page_size, statement_timeout, pool_size }, tables })
+        Ok(Config {
+            postgres,
+            api: ApiSettings {
+                listen,
+                token,
+                max_page_size,
+                statement_timeout,
+                pool_size,
+                read_auth,
+                postgres: api_postgres,
+                tls,
+            },
+            tables,
+        })
     }
 }
 
@@ -567,6 +656,29 @@ mod tests {
         assert!(err.contains("MISSING_TOKEN") && err.contains("not set"), "{err}");
         let err = error(&GOOD.replace("[\"region\", \"order_id\"]", "[]"));
         assert!(err.contains("table orders") && err.contains("primary key"), "{err}");
+        let api = |extra: &str| {
+            error(&GOOD.replace("token_env = \"TOKEN_FOR_TEST\"", &format!("token_env = \"TOKEN_FOR_TEST\"\n{extra}")))
+        };
+        assert!(api("read_auth = \"everyone\"").contains("read_auth \"everyone\""));
+        assert!(api("read_auth = \"read_token\"").contains("needs read_token_env"));
+        assert!(api("read_auth = \"read_token\"\nread_token_env = \"NOPE\"").contains("NOPE"));
+        assert!(api("tls_cert = \"/c.pem\"").contains("tls_cert and tls_key go together"));
+        assert!(api("postgres_password_env = \"P\"").contains("only with postgres_url"));
+    }
+
+    #[test]
+    fn reads_can_need_the_management_token_or_a_read_token() {
+        let with = |extra: &str| {
+            let text =
+                GOOD.replace("token_env = \"TOKEN_FOR_TEST\"", &format!("token_env = \"TOKEN_FOR_TEST\"\n{extra}"));
+            Config::from_toml("f", &text, &env).unwrap().api.read_auth
+        };
+        assert_eq!(with(""), ReadAuth::Open);
+        assert_eq!(with("read_auth = \"token\""), ReadAuth::Tokens(vec![Secret::new("s3cret-token".into())]));
+        let ReadAuth::Tokens(tokens) = with("read_auth = \"read_token\"\nread_token_env = \"TOKEN_FOR_TEST\"") else {
+            panic!("read tokens expected")
+        };
+        assert_eq!(tokens.len(), 2);
     }
 
     #[test]

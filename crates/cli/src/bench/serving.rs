@@ -113,6 +113,9 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         max_page_size: 1000,
         statement_timeout: Duration::from_secs(5),
         pool_size: 8,
+        read_auth: lakesync_engine::config::ReadAuth::Open,
+        postgres: None,
+        tls: None,
     };
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     let ours = listener.local_addr()?;

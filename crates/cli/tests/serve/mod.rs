@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::support::{block_on, PyDelta, TestDb};
 
 const TOKEN: &str = "test-token-7f3a";
+const READ_TOKEN: &str = "read-token-91c2";
 
 /// A response: status, lower-cased headers, body.
 struct Reply {
@@ -32,6 +33,38 @@ impl Reply {
 fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> Reply {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    exchange(&mut stream, addr, method, path, token, body)
+}
+
+/// The same over TLS, trusting only the PEM certificates in `ca`.
+fn https(addr: &str, ca: &std::path::Path, method: &str, path: &str, token: Option<&str>) -> Reply {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let host = addr.rsplit_once(':').unwrap().0.to_string();
+    let name = rustls::pki_types::ServerName::try_from(host).unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    exchange(&mut rustls::StreamOwned::new(conn, tcp), addr, method, path, token, None)
+}
+
+fn exchange(
+    stream: &mut (impl Read + Write),
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> Reply {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     write!(
@@ -40,8 +73,12 @@ fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<
         body.len()
     )
     .unwrap();
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).unwrap();
+    let mut raw = Vec::new();
+    // A TLS peer may close without close_notify once the response is complete.
+    if let Err(e) = stream.read_to_end(&mut raw) {
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    }
+    let raw = String::from_utf8(raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let mut lines = head.lines();
     let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
@@ -65,6 +102,7 @@ impl Server {
             .arg(&path)
             .env("LAKESYNC_POSTGRES", &db.conn)
             .env("LAKESYNC_TEST_TOKEN", TOKEN)
+            .env("LAKESYNC_TEST_READ_TOKEN", READ_TOKEN)
             .env("LAKESYNC_LOG", "warn,lakesync=debug,lakesync_engine=debug,lakesync_api=debug")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
@@ -73,7 +111,7 @@ impl Server {
         let mut first = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
         let addr = first
-            .split("http://")
+            .split("://")
             .nth(1)
             .and_then(|s| s.split_whitespace().next())
             .unwrap_or_else(|| {
@@ -428,4 +466,138 @@ fn continuous_mode_rides_out_a_postgres_restart_and_loses_nothing() {
         .unwrap();
     assert!(failed >= 1, "the outage should have failed at least one run:\n{metrics}");
     drop(server);
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with openssl in `dir`: returns the
+/// CA's PEM file, the certificate and its key.
+fn test_certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=lakesync api test ca",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "api.key",
+        "-out",
+        "api.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "api.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "api.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+    (dir.join("ca.pem"), dir.join("api.pem"), dir.join("api.key"))
+}
+
+#[test]
+fn serve_over_https_needs_a_token_to_read_and_reads_with_its_own_role() {
+    let db = TestDb::new("cli_https");
+    let dir = tempfile::tempdir().unwrap();
+    // The data API's own role: it can read, and nothing else.
+    db.execute(
+        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'lakesync_reader') THEN \
+           CREATE ROLE lakesync_reader LOGIN NOSUPERUSER; END IF; END $$; \
+         CREATE SCHEMA app; CREATE SCHEMA lakesync; \
+         GRANT USAGE ON SCHEMA app, lakesync TO lakesync_reader; \
+         ALTER DEFAULT PRIVILEGES IN SCHEMA app GRANT SELECT ON TABLES TO lakesync_reader; \
+         ALTER DEFAULT PRIVILEGES IN SCHEMA lakesync GRANT SELECT ON TABLES TO lakesync_reader;",
+    );
+    let reader_conn = db.conn.replace("user=postgres", "user=lakesync_reader");
+    let (ca, cert, key) = test_certificates(dir.path());
+    let people = PyDelta::new();
+    people.run(json!([{"op": "create", "schema": [["id", "pa.int64()"], ["name", "pa.string()"]], "rows": [[1, "ada"], [2, "grace"]]}]));
+    let config = format!(
+        r#"
+[api]
+listen = "127.0.0.1:0"
+token_env = "LAKESYNC_TEST_TOKEN"
+read_auth = "read_token"
+read_token_env = "LAKESYNC_TEST_READ_TOKEN"
+postgres_url = "{reader_conn}"
+tls_cert = "{cert}"
+tls_key = "{key}"
+
+[[tables]]
+name = "people"
+source = "{people}"
+target = "app.people"
+primary_key = ["id"]
+mode = "continuous"
+poll_interval = "100ms"
+"#,
+        cert = cert.display(),
+        key = key.display(),
+        people = people.path().display(),
+    );
+    let server = Server::start(&db, &config, dir.path());
+    let get = |path: &str, token: Option<&str>| https(&server.addr, &ca, "GET", path, token);
+    server.wait_for("the first sync", Duration::from_secs(60), || {
+        get("/api/v1/synced-tables/people", Some(READ_TOKEN)).json()["synced_version"] == 0
+    });
+    // Probes and Prometheus stay open; everything else that reads needs a token.
+    assert_eq!(get("/healthz", None).status, 200);
+    assert_eq!(get("/metrics", None).status, 200);
+    for path in [
+        "/api/v1/tables/app.people/rows",
+        "/api/v1/synced-tables",
+        "/api/v1/synced-tables/people/runs",
+        "/openapi.json",
+    ] {
+        assert_eq!(get(path, None).status, 401, "{path}");
+        assert_eq!(get(path, Some("wrong")).status, 401, "{path}");
+        assert_eq!(get(path, Some(READ_TOKEN)).status, 200, "{path}");
+        assert_eq!(get(path, Some(TOKEN)).status, 200, "{path}");
+    }
+    let rows = get("/api/v1/tables/app.people/rows?order_by=id", Some(READ_TOKEN)).json();
+    assert_eq!(rows["rows"].as_array().unwrap().len(), 2, "{rows}");
+    // The read token does not manage.
+    let sync = "/api/v1/synced-tables/people/sync";
+    assert_eq!(https(&server.addr, &ca, "POST", sync, Some(READ_TOKEN)).status, 401);
+    assert_eq!(https(&server.addr, &ca, "POST", sync, Some(TOKEN)).status, 202);
+    // The data API's sessions are the reader role's.
+    assert_eq!(
+        db.value("SELECT count(*) > 0 FROM pg_stat_activity WHERE usename = 'lakesync_reader' AND datname = current_database()"),
+        "true"
+    );
+    // Plain HTTP gets no answer from the HTTPS port.
+    let mut plain = TcpStream::connect(&server.addr).unwrap();
+    plain.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(plain, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = plain.read_to_string(&mut answer);
+    assert!(!answer.contains("200 OK"), "{answer}");
 }
