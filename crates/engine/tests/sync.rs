@@ -1512,7 +1512,7 @@ fn a_retyped_key_is_widened_in_place_or_rebuilt_never_parked() {
         oid(&db, "public.people")
     );
     assert_eq!(
-        db.rows("SELECT conname FROM pg_constraint WHERE conrelid = 'public.people'::regclass"),
+        db.rows("SELECT conname FROM pg_constraint WHERE conrelid = 'public.people'::regclass AND contype = 'p'"),
         ["(people_pkey)"]
     );
     db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
