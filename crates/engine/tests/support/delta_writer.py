@@ -25,6 +25,8 @@ def arrow_type(expr):
 def convert(value, t):
     if value is None:
         return None
+    if pa.types.is_floating(t) and isinstance(value, str):
+        return float(value)  # "inf", "-inf", "nan": JSON has no literal for them
     if pa.types.is_timestamp(t):
         return dt.datetime.fromisoformat(value)
     if pa.types.is_date(t):
