@@ -218,6 +218,61 @@ pub enum ColumnType {
 }
 
 impl ColumnType {
+    /// Whether every value of this type converts to `to` without loss: the changes Delta's
+    /// type widening makes (byte/short/int to long or double, float to double, date to
+    /// timestamp without time zone, integers and decimals to decimals with at least as many
+    /// integer digits and as much scale).
+    pub fn widens_to(&self, to: &ColumnType) -> bool {
+        use ColumnType::*;
+        let integer_digits = |t: &ColumnType| match t {
+            Decimal { precision, scale } => Some((*precision as i32 - *scale as i32, *scale as i32)),
+            _ => None,
+        };
+        match (self, to) {
+            (Int16, Int32 | Int64 | Float64) | (Int32, Int64 | Float64) | (Float32, Float64) | (Date, Timestamp) => {
+                true
+            }
+            (Int16 | Int32 | Int64, Decimal { .. }) => {
+                let needed = match self {
+                    Int16 => 5,
+                    Int32 => 10,
+                    _ => 19,
+                };
+                integer_digits(to).is_some_and(|(digits, _)| digits >= needed)
+            }
+            (Decimal { .. }, Decimal { .. }) => {
+                let ((from_digits, from_scale), (to_digits, to_scale)) =
+                    (integer_digits(self).unwrap_or_default(), integer_digits(to).unwrap_or_default());
+                to_digits >= from_digits && to_scale >= from_scale
+            }
+            _ => false,
+        }
+    }
+
+    /// The type whose [`ColumnType::postgres_type`] is `spelled` (as `format_type` spells
+    /// it), if any.
+    pub fn from_postgres(spelled: &str) -> Option<ColumnType> {
+        use ColumnType::*;
+        Some(match spelled {
+            "boolean" => Boolean,
+            "smallint" => Int16,
+            "integer" => Int32,
+            "bigint" => Int64,
+            "real" => Float32,
+            "double precision" => Float64,
+            "text" => Text,
+            "bytea" => Bytes,
+            "date" => Date,
+            "timestamp with time zone" => Timestamptz,
+            "timestamp without time zone" => Timestamp,
+            "jsonb" => Json,
+            other => {
+                let (p, s) = other.strip_prefix("numeric(")?.strip_suffix(')')?.split_once(',')?;
+                Decimal { precision: p.trim().parse().ok()?, scale: s.trim().parse().ok()? }
+            }
+        })
+    }
+
     /// The Postgres type this column is stored as.
     pub fn postgres_type(&self) -> String {
         match self {
@@ -267,9 +322,16 @@ pub struct TableSchema {
 pub enum SchemaChange {
     /// Nothing changed.
     None,
-    /// Only new columns appeared; existing ones are untouched. Applied with `ADD COLUMN`.
-    Additive(Vec<Column>),
-    /// A column was dropped, renamed or retyped: only a fresh snapshot can follow it.
+    /// New columns appeared and/or existing ones were widened (Delta type widening: see
+    /// [`ColumnType::widens_to`]); every value the table holds still fits. Applied with
+    /// `ADD COLUMN` and `ALTER COLUMN .. TYPE .. USING` a cast, and the feed goes on.
+    Evolved {
+        /// New columns.
+        added: Vec<Column>,
+        /// Existing columns with their new, wider type.
+        widened: Vec<Column>,
+    },
+    /// A column was dropped, renamed or retyped otherwise: only a fresh snapshot can follow it.
     Breaking(String),
 }
 
@@ -284,9 +346,11 @@ impl TableSchema {
         if self.columns == new.columns {
             return SchemaChange::None;
         }
+        let mut widened = Vec::new();
         for old in &self.columns {
             match new.column(&old.name) {
                 None => return SchemaChange::Breaking(format!("column {:?} was dropped or renamed", old.name)),
+                Some(n) if n.ty != old.ty && old.ty.widens_to(&n.ty) => widened.push(n.clone()),
                 Some(n) if n.ty != old.ty => {
                     return SchemaChange::Breaking(format!(
                         "column {:?} changed type from {} to {}",
@@ -297,11 +361,11 @@ impl TableSchema {
             }
         }
         let added: Vec<Column> = new.columns.iter().filter(|c| self.column(&c.name).is_none()).cloned().collect();
-        if added.is_empty() {
+        if added.is_empty() && widened.is_empty() {
             // Only nullability or order moved; the Postgres table needs nothing.
             SchemaChange::None
         } else {
-            SchemaChange::Additive(added)
+            SchemaChange::Evolved { added, widened }
         }
     }
 }
@@ -358,13 +422,70 @@ mod tests {
     }
 
     #[test]
-    fn an_added_column_is_additive_and_a_retyped_one_is_breaking() {
+    fn added_and_widened_columns_evolve_and_a_narrowed_or_dropped_one_is_breaking() {
         let old = TableSchema { columns: vec![col("id", ColumnType::Int64)] };
         let added = TableSchema { columns: vec![col("id", ColumnType::Int64), col("x", ColumnType::Text)] };
-        assert_eq!(old.change_to(&added), SchemaChange::Additive(vec![col("x", ColumnType::Text)]));
-        let retyped = TableSchema { columns: vec![col("id", ColumnType::Int32)] };
-        assert!(matches!(old.change_to(&retyped), SchemaChange::Breaking(_)));
+        assert_eq!(
+            old.change_to(&added),
+            SchemaChange::Evolved { added: vec![col("x", ColumnType::Text)], widened: vec![] }
+        );
+        let narrowed = TableSchema { columns: vec![col("id", ColumnType::Int32)] };
+        assert!(matches!(old.change_to(&narrowed), SchemaChange::Breaking(_)));
+        assert_eq!(
+            narrowed.change_to(&old),
+            SchemaChange::Evolved { added: vec![], widened: vec![col("id", ColumnType::Int64)] }
+        );
         assert!(matches!(added.change_to(&old), SchemaChange::Breaking(_)));
         assert_eq!(old.change_to(&old), SchemaChange::None);
+    }
+
+    #[test]
+    fn widening_is_exactly_what_keeps_every_value() {
+        use ColumnType::*;
+        let dec = |precision, scale| Decimal { precision, scale };
+        for (from, to) in [
+            (Int16, Int32),
+            (Int16, Float64),
+            (Int32, Int64),
+            (Int32, Float64),
+            (Float32, Float64),
+            (Date, Timestamp),
+            (dec(10, 2), dec(12, 2)),
+            (dec(10, 2), dec(12, 4)),
+            (Int32, dec(12, 2)),
+            (Int64, dec(38, 0)),
+        ] {
+            assert!(from.widens_to(&to), "{from} -> {to}");
+        }
+        for (from, to) in [
+            (Int64, Int32),
+            (Int64, Float64),
+            (Int32, Text),
+            (Float64, Float32),
+            (Date, Timestamptz),
+            (dec(10, 2), dec(10, 3)),
+            (dec(10, 2), dec(12, 1)),
+            (Int64, dec(18, 0)),
+            (Text, Int64),
+        ] {
+            assert!(!from.widens_to(&to), "{from} -> {to}");
+        }
+        for ty in [
+            Boolean,
+            Int16,
+            Int32,
+            Int64,
+            Float32,
+            Float64,
+            dec(38, 18),
+            Text,
+            Bytes,
+            Date,
+            Timestamptz,
+            Timestamp,
+            Json,
+        ] {
+            assert_eq!(ColumnType::from_postgres(&ty.postgres_type()), Some(ty));
+        }
     }
 }

@@ -410,26 +410,26 @@ async fn triggered(
         // The segment [start, seg_end] has one Delta schema (exactly as logged: the feed reads
         // no range across a change, even of a column comment); a change at seg_end + 1 starts
         // the next. What the change means for Postgres is read from lakesync's schema.
-        let (seg_end, added) = if schema_id == end_id {
-            (end_version, Vec::new())
+        let (seg_end, evolved) = if schema_id == end_id {
+            (end_version, (Vec::new(), Vec::new()))
         } else {
             let first_change = first_schema_change(source, &schema_id, start, end_version).await?;
             if first_change > start {
-                (first_change - 1, Vec::new())
+                (first_change - 1, (Vec::new(), Vec::new()))
             } else {
                 let at_change = snapshot_at(source, Some(first_change)).await?;
                 let new_schema = at_change.schema_without(&req.exclude)?;
-                let added = match schema.change_to(&new_schema) {
-                    SchemaChange::Additive(cols) => {
-                        tracing::info!(table = %table, version = first_change, columns = cols.len(), "source added columns");
-                        cols
+                let evolved = match schema.change_to(&new_schema) {
+                    SchemaChange::Evolved { added, widened } => {
+                        tracing::info!(table = %table, version = first_change, added = added.len(), widened = widened.len(), "source added or widened columns");
+                        (added, widened)
                     }
                     SchemaChange::Breaking(why) => {
                         return Err(unavailable(format!("at version {first_change}: {why}")))
                     }
                     // Comments, field metadata, nullability or excluded columns: nothing
                     // for Postgres to do.
-                    SchemaChange::None => Vec::new(),
+                    SchemaChange::None => (Vec::new(), Vec::new()),
                 };
                 schema = new_schema;
                 schema_id = at_change.schema_id();
@@ -438,10 +438,10 @@ async fn triggered(
                 } else {
                     first_schema_change(source, &schema_id, start + 1, end_version).await? - 1
                 };
-                (seg_end, added)
+                (seg_end, evolved)
             }
         };
-        let mut added = added;
+        let mut evolved = evolved;
         let mut chunk_start = start;
         while chunk_start <= seg_end {
             let chunk_end = (chunk_start + req.versions_per_transaction.max(1) - 1).min(seg_end);
@@ -483,8 +483,9 @@ async fn triggered(
                     Ok((upserts, checkpoint, source_rows))
                 })
             };
-            let added_now = std::mem::take(&mut added);
-            let mut apply = sink.begin_changes(&schema, key, &added_now, changed_rows).await?;
+            // Columns are added or widened by the segment's first chunk only.
+            let (added, widened) = std::mem::take(&mut evolved);
+            let mut apply = sink.begin_changes(&schema, key, (&added, &widened), changed_rows).await?;
             apply.delete(&deletes).await?;
             drop(deletes);
             let (upserts, checkpoint, source_rows) =

@@ -46,29 +46,37 @@ pub struct ChangeApply<'a> {
 }
 
 impl Sink {
-    /// Begins applying one chunk of changes: opens the transaction and adds the source's new
-    /// columns. `changed_rows` is how many deletes and upserts the chunk holds (it decides how
+    /// Begins applying one chunk of changes: opens the transaction and adds or widens columns.
+    /// `evolved` is the columns the source added and those it widened since the previous
+    /// chunk. `changed_rows` is how many deletes and upserts the chunk holds (it decides how
     /// Postgres joins them to the table).
     pub async fn begin_changes<'a>(
         &'a mut self,
         schema: &'a TableSchema,
         key: &'a [String],
-        added_columns: &[Column],
+        evolved: (&[Column], &[Column]),
         changed_rows: usize,
     ) -> Result<ChangeApply<'a>, PgError> {
         let target = self.table.clone();
         let policy = self.policy.clone();
         let t = qualified(&target);
         let tx = self.client.transaction().await.map_err(PgError::query(&target, "begin"))?;
-        if !added_columns.is_empty() {
-            let adds = added_columns
-                .iter()
-                .map(|c| format!("ADD COLUMN IF NOT EXISTS {}", column_definition(c, false)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            tx.batch_execute(&format!("ALTER TABLE {t} {adds}"))
+        let (added_columns, widened_columns) = evolved;
+        if !added_columns.is_empty() || !widened_columns.is_empty() {
+            // Widened columns keep every value through a cast (type widening never narrows);
+            // the key's index is rebuilt by Postgres when a key column widens.
+            let alters =
+                added_columns
+                    .iter()
+                    .map(|c| format!("ADD COLUMN IF NOT EXISTS {}", column_definition(c, false)))
+                    .chain(widened_columns.iter().map(|c| {
+                        format!("ALTER COLUMN {0} TYPE {1} USING {0}::{1}", ident(&c.name), c.ty.postgres_type())
+                    }))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+            tx.batch_execute(&format!("ALTER TABLE {t} {alters}"))
                 .await
-                .map_err(PgError::query(&target, "add the source's new columns"))?;
+                .map_err(PgError::query(&target, "add or widen the source's changed columns"))?;
         }
         // Change sets are usually tiny next to the table. Temporary tables have no statistics,
         // and without them the planner picks hash or merge joins that read the whole table;
