@@ -147,12 +147,7 @@ pub async fn add(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
         // Refuse at once (and start nothing) when the target exists and is not lakesync's;
         // the run would refuse it too, but only after the table was added.
         let client = state.pool.get().await.map_err(ApiError::from_query)?;
-        let recorded = match state::exists(client.client()).await.map_err(ApiError::from_query)? {
-            true => state::load(client.client(), &spec.target).await.map_err(ApiError::from_query)?,
-            false => None,
-        };
-        let owner =
-            state::ownership(client.client(), &spec.target, recorded.as_ref()).await.map_err(ApiError::from_query)?;
+        let owner = state::current_ownership(client.client(), &spec.target).await.map_err(ApiError::from_query)?;
         if let state::Ownership::Foreign { .. } = owner {
             let refused = state::not_owned(
                 &spec.target,

@@ -256,11 +256,7 @@ impl Daemon {
             // (`forget` checks again under the table's lock).
             let target = self.table(name).ok_or_else(|| DaemonError::NotFound(name.into()))?.spec.target.clone();
             let client = self.postgres.connect().await.map_err(EngineError::from)?;
-            let recorded = match state::exists(&client).await.map_err(EngineError::from)? {
-                true => state::load(&client, &target).await.map_err(EngineError::from)?,
-                false => None,
-            };
-            let owner = state::ownership(&client, &target, recorded.as_ref()).await.map_err(EngineError::from)?;
+            let owner = state::current_ownership(&client, &target).await.map_err(EngineError::from)?;
             if let state::Ownership::Foreign { .. } = owner {
                 return Err(EngineError::from(state::not_owned(
                     &target,

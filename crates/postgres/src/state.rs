@@ -283,6 +283,13 @@ pub async fn ownership(
     })
 }
 
+/// [`ownership`] of `table` as its recorded state says (none when lakesync never ran against
+/// this database), for checks made outside a run.
+pub async fn current_ownership(client: &impl GenericClient, table: &TableName) -> Result<Ownership, PgError> {
+    let recorded = if exists(client).await? { load(client, table).await? } else { None };
+    ownership(client, table, recorded.as_ref()).await
+}
+
 /// The error for a sync or purge of a table lakesync does not own; `what` says what was
 /// refused.
 pub fn not_owned(table: &TableName, ownership: Ownership, what: &str) -> PgError {
@@ -702,8 +709,7 @@ pub async fn forget(client: &Client, table: &TableName, wait: std::time::Duratio
         let err = PgError::query(table, "drop the table and its sync state");
         client.batch_execute("BEGIN").await.map_err(err)?;
         let has_state = exists(client).await?;
-        let recorded = if has_state { load(client, table).await? } else { None };
-        match ownership(client, table, recorded.as_ref()).await? {
+        match current_ownership(client, table).await? {
             Ownership::Absent => {}
             Ownership::Owned => client
                 .batch_execute(&format!("DROP TABLE {}", crate::ddl::qualified(table)))
