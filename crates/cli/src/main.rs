@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use lakesync_core::SyncMode;
-use lakesync_engine::config::TableConfig;
+use lakesync_engine::config::{OptionValue, TableConfig};
 use lakesync_engine::{sync, SyncRequest};
 use lakesync_postgres::PgConfig;
 
@@ -73,9 +73,16 @@ enum NulBytes {
 
 #[derive(clap::Args)]
 struct SyncArgs {
-    /// Delta table path or file:// URI.
+    /// Delta table: a local path, file://, s3:// (or s3a://), abfss:// (or az://) or gs:// URI.
+    /// Credentials come from the store's standard environment variables and files
+    /// (AWS_*, ~/.aws, AZURE_*, GOOGLE_APPLICATION_CREDENTIALS).
     #[arg(long)]
     source: String,
+    /// An object-store setting, KEY=VALUE (aws_region, aws_endpoint, aws_allow_http,
+    /// azure_storage_account_name, ...); KEY_env=VAR reads the value from the environment
+    /// variable VAR, the only way secrets are accepted; repeatable.
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = parse_storage_option)]
+    storage_options: Vec<(String, String)>,
     /// Postgres connection string (libpq key=value or postgresql:// URI).
     #[arg(long, env = "LAKESYNC_POSTGRES", hide_env_values = true)]
     postgres: String,
@@ -130,6 +137,14 @@ struct SyncArgs {
     keep_runs_days: u64,
 }
 
+/// `KEY=VALUE` of `--storage-option`.
+fn parse_storage_option(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err("expected KEY=VALUE".into()),
+    }
+}
+
 impl SyncArgs {
     /// The run, through the same validated spec as a config file's `[[tables]]` entry.
     fn request(&self) -> anyhow::Result<SyncRequest> {
@@ -152,6 +167,8 @@ impl SyncArgs {
         entry.allow_drop_columns = self.allow_drop_columns;
         entry.keep_runs = Some(self.keep_runs);
         entry.keep_runs_days = Some(self.keep_runs_days);
+        entry.storage_options =
+            self.storage_options.iter().map(|(k, v)| (k.clone(), OptionValue::Text(v.clone()))).collect();
         let spec = entry.validate()?;
         let mode = match self.mode {
             Mode::Auto => SyncMode::Auto,

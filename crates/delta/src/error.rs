@@ -13,6 +13,17 @@ pub enum DeltaError {
         #[source]
         source: KernelError,
     },
+    /// The object store could not be configured (unknown option, bad credentials file,
+    /// unsupported scheme). Never carries a secret.
+    #[error("cannot open Delta table {uri}: {message}")]
+    Store { uri: String, message: String },
+    /// The store refused the credentials or denied access.
+    #[error("access to Delta table {uri} was denied: {source}. Check the credentials lakesync runs with (the store's environment variables, storage_options, or the instance's role)")]
+    Access {
+        uri: String,
+        #[source]
+        source: KernelError,
+    },
     /// No Delta log at the location.
     #[error("no Delta table at {uri}: there is no readable _delta_log ({source})")]
     NotATable {
@@ -61,14 +72,18 @@ pub enum DeltaError {
 impl Classify for DeltaError {
     fn class(&self) -> ErrorClass {
         match self {
-            DeltaError::Open { .. } | DeltaError::NotATable { .. } | DeltaError::CdfNotEnabled { .. } => {
-                ErrorClass::Config
-            }
+            DeltaError::Open { .. }
+            | DeltaError::Store { .. }
+            | DeltaError::Access { .. }
+            | DeltaError::NotATable { .. }
+            | DeltaError::CdfNotEnabled { .. } => ErrorClass::Config,
             DeltaError::UnsupportedType { .. } | DeltaError::CdfUnavailable { .. } => ErrorClass::Schema,
             DeltaError::VersionUnavailable { .. } => ErrorClass::Config,
             DeltaError::Read { source, .. } | DeltaError::Write { source, .. } => {
                 if is_transient(source) {
                     ErrorClass::Transient
+                } else if is_denied(source) {
+                    ErrorClass::Config
                 } else {
                     ErrorClass::Internal
                 }
@@ -78,17 +93,88 @@ impl Classify for DeltaError {
     }
 }
 
-/// Object-store and I/O hiccups are worth a retry; missing files and corrupt data are not.
+/// The causes of `err`, itself first. The kernel's transparent variants are unwrapped by
+/// hand: their `source()` skips the wrapped error.
+fn chain(err: &KernelError) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    let first: &(dyn std::error::Error + 'static) = match err {
+        KernelError::IOError(e) => e,
+        KernelError::ObjectStore(e) => e,
+        other => other,
+    };
+    std::iter::successors(Some(first), |e| e.source())
+}
+
+/// The HTTP status an object store answered with, when a cause says. `object_store` turns
+/// 403 and 404 into typed errors for reads but not for listings (a `Generic` error whose
+/// message carries the status), so the message is read too.
+fn http_status(err: &KernelError) -> Option<u16> {
+    chain(err).find_map(|e| {
+        let text = e.to_string();
+        let at = text.find("non-2xx status code: ")? + "non-2xx status code: ".len();
+        text.get(at..at + 3)?.parse().ok()
+    })
+}
+
+/// Whether the store refused the credentials or denied access, however deep the cause.
+pub(crate) fn is_denied(err: &KernelError) -> bool {
+    use delta_kernel::object_store::Error as S;
+    chain(err).any(|e| matches!(e.downcast_ref(), Some(S::PermissionDenied { .. } | S::Unauthenticated { .. })))
+        || matches!(http_status(err), Some(401 | 403))
+}
+
+/// Object-store and I/O hiccups (timeouts, connection resets, 5xx, 429) are worth a retry;
+/// missing files, refused credentials, other client errors and corrupt data are not.
 pub(crate) fn is_transient(err: &KernelError) -> bool {
-    use delta_kernel::KernelError as E;
-    match err {
-        E::IOError(e) => !matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied),
-        E::ObjectStore(e) => !matches!(
-            e,
-            delta_kernel::object_store::Error::NotFound { .. }
-                | delta_kernel::object_store::Error::PermissionDenied { .. }
-                | delta_kernel::object_store::Error::Unauthenticated { .. }
-        ),
-        _ => false,
+    use delta_kernel::object_store::Error as S;
+    if is_denied(err) {
+        return false;
+    }
+    if let Some(status) = http_status(err) {
+        return status >= 500 || status == 408 || status == 429;
+    }
+    for e in chain(err) {
+        if let Some(store) = e.downcast_ref::<S>() {
+            return matches!(store, S::Generic { .. } | S::JoinError { .. });
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return !matches!(
+                io.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidData
+            );
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing_failed(status: &str) -> KernelError {
+        KernelError::ObjectStore(delta_kernel::object_store::Error::Generic {
+            store: "S3",
+            source: format!(
+                "Error performing list request: Error performing GET http://127.0.0.1/lake?list-type=2 in 3ms - \
+                 Server returned non-2xx status code: {status}: <Error/>"
+            )
+            .into(),
+        })
+    }
+
+    #[test]
+    fn a_listing_answered_with_a_status_is_classified_by_that_status() {
+        for denied in ["401 Unauthorized", "403 Forbidden"] {
+            assert!(is_denied(&listing_failed(denied)), "{denied}");
+            assert!(!is_transient(&listing_failed(denied)), "{denied}");
+        }
+        for hiccup in ["500 Internal Server Error", "503 Service Unavailable", "429 Too Many Requests"] {
+            assert!(is_transient(&listing_failed(hiccup)), "{hiccup}");
+        }
+        // A missing bucket or a bad request is not retried.
+        for client in ["404 Not Found", "400 Bad Request"] {
+            assert!(!is_transient(&listing_failed(client)) && !is_denied(&listing_failed(client)), "{client}");
+        }
+        let read = DeltaError::Read { uri: "s3://lake/t".into(), version: 3, source: listing_failed("403 Forbidden") };
+        assert_eq!(read.class(), ErrorClass::Config);
     }
 }

@@ -14,6 +14,8 @@
 //!   size.
 //! - Timestamps stored as Parquet INT96 (Spark's legacy encoding) are decoded at microseconds,
 //!   never through a nanosecond `i64` that wraps outside 1677-2262 (see `int96`).
+//! - Object stores are configured from the cloud's standard environment variables and the
+//!   table's options (see [`store`]); no secret is ever printed or put in an error.
 //! - Progress is tracked by commit version, never by timestamp (timestamps of copied tables
 //!   are file mtimes).
 //! - Kernel errors are mapped to [`DeltaError`] variants that say whether the change data feed
@@ -25,9 +27,11 @@ pub mod read_ahead;
 pub mod sample;
 pub mod schema;
 pub mod source;
+pub mod store;
 pub mod write;
 
 pub use error::DeltaError;
 pub use source::{
     ChangeBatch, DeltaTable, NewCommits, SchemaId, TableSnapshot, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN,
 };
+pub use store::{StorageOptions, StoreKind};

@@ -8,13 +8,13 @@ use delta_kernel::engine::arrow_data::ArrowEngineData;
 use delta_kernel::table_changes::TableChanges;
 use delta_kernel::{Engine, KernelError, Snapshot, SnapshotRef};
 use delta_kernel_default_engine::executor::tokio::TokioBackgroundExecutor;
-use delta_kernel_default_engine::storage::store_from_url;
 use delta_kernel_default_engine::DefaultEngineBuilder;
 use lakesync_core::{TableSchema, Version};
 use url::Url;
 
 use crate::int96::HintedParquetReader;
 use crate::read_ahead::ReadAheadEngine;
+use crate::store::StorageOptions;
 use crate::DeltaError;
 
 /// Name of the change-type column of change data feed batches.
@@ -59,11 +59,18 @@ impl std::fmt::Debug for DeltaTable {
 }
 
 impl DeltaTable {
-    /// Opens the table at `uri` (a local path or a `file://` URI). Reads nothing yet.
+    /// Opens the table at `uri` (a local path or a URI) with the store configured from the
+    /// environment only. Reads nothing yet.
     pub fn open(uri: &str) -> Result<Self, DeltaError> {
-        let open_err = |source| DeltaError::Open { uri: uri.to_string(), source };
-        let url = delta_kernel::try_parse_uri(uri).map_err(open_err)?;
-        let store = store_from_url(&url).map_err(open_err)?;
+        Self::open_with(uri, &StorageOptions::default())
+    }
+
+    /// Opens the table at `uri` (a local path, `file://`, `s3://`, `s3a://`, `abfss://`,
+    /// `az://` or `gs://`) with the store configured from the environment and `options`.
+    /// Reads nothing yet.
+    pub fn open_with(uri: &str, options: &StorageOptions) -> Result<Self, DeltaError> {
+        let url = crate::store::table_url(uri)?;
+        let store = crate::store::build_store(uri, &url, options)?;
         // Both engines share one background runtime (one thread): they differ only in
         // batch size.
         let executor = Arc::new(TokioBackgroundExecutor::new());
@@ -107,6 +114,7 @@ impl DeltaTable {
         }
         let snap = builder.build(self.engine.as_ref()).map_err(|source| match version {
             // A store hiccup is retried, never taken for a missing table or version.
+            _ if crate::error::is_denied(&source) => DeltaError::Access { uri: self.uri.clone(), source },
             _ if crate::error::is_transient(&source) => {
                 DeltaError::Read { uri: self.uri.clone(), version: version.unwrap_or_default(), source }
             }
@@ -170,7 +178,16 @@ impl DeltaTable {
     /// from the next commit's file name: one cheap listing, no log replay, so continuous mode
     /// can poll it often. `None` when there is no newer commit.
     pub fn commits_after(&self, after: Option<Version>) -> Result<Option<NewCommits>, DeltaError> {
-        let not_a_table = |source| DeltaError::NotATable { uri: self.uri.clone(), source };
+        let not_a_table = |source: KernelError| {
+            let uri = self.uri.clone();
+            if crate::error::is_denied(&source) {
+                DeltaError::Access { uri, source }
+            } else if crate::error::is_transient(&source) {
+                DeltaError::Read { uri, version: after.map_or(0, |v| v + 1), source }
+            } else {
+                DeltaError::NotATable { uri, source }
+            }
+        };
         let log = self.url.join("_delta_log/").map_err(|e| not_a_table(KernelError::generic(e.to_string())))?;
         let start = match after {
             // The listing returns names strictly after the offset: `{v:020}` sorts just before

@@ -19,9 +19,16 @@
 //! poll_interval = "250ms"      # continuous only
 //! # schedule = "15m" or "*/5 * * * *" (snapshot and triggered)
 //! indexes = [["email"]]
+//!
+//! [[tables]]
+//! source = "s3://lake/orders"   # credentials from AWS_* / ~/.aws, like the aws CLI
+//! target = "crm.orders"
+//! primary_key = ["order_id"]
+//! mode = "triggered"
+//! storage_options = { aws_region = "eu-west-1", aws_secret_access_key_env = "LAKE_SECRET" }
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -29,6 +36,7 @@ use lakesync_core::SyncMode;
 use lakesync_core::{
     parse_duration, Classify, DataPolicy, ErrorClass, NulBytePolicy, PrimaryKey, Schedule, TableName, Version,
 };
+use lakesync_delta::StorageOptions;
 use lakesync_postgres::{PgConfig, RunRetention};
 use serde::{Deserialize, Serialize};
 
@@ -175,6 +183,34 @@ pub struct TableConfig {
     /// Days of run history kept (default 30; 0 keeps runs of any age).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_runs_days: Option<u64>,
+    /// Object-store settings (`aws_region`, `aws_endpoint`, `azure_storage_account_name`,
+    /// ...); a key ending in `_env` names the environment variable holding the value, the
+    /// only way secrets are accepted.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub storage_options: BTreeMap<String, OptionValue>,
+}
+
+/// A storage option's value as written: TOML and JSON users write `true` and `8` as often as
+/// `"true"` and `"8"`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum OptionValue {
+    /// A string.
+    Text(String),
+    /// A boolean, passed on as `true` / `false`.
+    Flag(bool),
+    /// A number, passed on in decimal.
+    Number(i64),
+}
+
+impl std::fmt::Display for OptionValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OptionValue::Text(s) => f.write_str(s),
+            OptionValue::Flag(b) => write!(f, "{b}"),
+            OptionValue::Number(n) => write!(f, "{n}"),
+        }
+    }
 }
 
 /// How the daemon keeps a table in sync.
@@ -228,6 +264,9 @@ pub struct TableSpec {
     pub allow_drop_columns: bool,
     /// Run history kept.
     pub history: RunRetention,
+    /// Object-store options, resolved (may hold secrets read from the environment; never
+    /// printed).
+    pub storage: StorageOptions,
     /// The entry as written, echoed by the API.
     pub config: TableConfig,
 }
@@ -244,6 +283,7 @@ impl TableSpec {
     ) -> SyncRequest {
         SyncRequest {
             source: self.source.clone(),
+            storage: self.storage.clone(),
             postgres: postgres.clone(),
             table: self.target.clone(),
             primary_key: self.primary_key.clone(),
@@ -284,11 +324,18 @@ impl TableConfig {
             allow_drop_columns: false,
             keep_runs: None,
             keep_runs_days: None,
+            storage_options: BTreeMap::new(),
         }
     }
 
-    /// Validates one table entry.
+    /// Validates one table entry, reading `*_env` storage options from the process
+    /// environment.
     pub fn validate(&self) -> Result<TableSpec, ConfigError> {
+        self.validate_with(&|name| std::env::var(name).ok())
+    }
+
+    /// Validates one table entry; `env` looks up environment variables.
+    pub fn validate_with(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<TableSpec, ConfigError> {
         let target =
             TableName::parse(&self.target).map_err(|e| invalid(format!("table {}", self.target), e.to_string()))?;
         let name = self.name.clone().unwrap_or_else(|| target.to_string());
@@ -344,6 +391,10 @@ impl TableConfig {
         if let Some(i) = self.indexes.iter().find(|i| i.is_empty() || i.iter().any(|c| c.trim().is_empty())) {
             return Err(invalid(&scope, format!("indexes: an index needs at least one column, none empty ({i:?})")));
         }
+        let written: BTreeMap<String, String> =
+            self.storage_options.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+        let storage = StorageOptions::resolve(&self.source, &written, env)
+            .map_err(|e| invalid(&scope, format!("source: {e}")))?;
         if self.allow_drop_columns && !self.adopt {
             return Err(invalid(&scope, "allow_drop_columns applies only with adopt = true"));
         }
@@ -373,6 +424,7 @@ impl TableConfig {
             adopt: self.adopt,
             allow_drop_columns: self.allow_drop_columns,
             history,
+            storage,
             config: self.clone(),
         })
     }
@@ -544,7 +596,7 @@ impl ConfigFile {
             (None, None) => None,
             _ => return Err(invalid("[api]", "tls_cert and tls_key go together")),
         };
-        let tables = self.tables.iter().map(TableConfig::validate).collect::<Result<Vec<_>, _>>()?;
+        let tables = self.tables.iter().map(|t| t.validate_with(env)).collect::<Result<Vec<_>, _>>()?;
         check_unique(&tables)?;
         Ok(Config {
             postgres,

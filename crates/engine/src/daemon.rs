@@ -339,7 +339,7 @@ async fn run_worker(worker: Arc<Worker>, postgres: PgConfig, mut shutdown: watch
         let now = Instant::now();
         let retry_due = status.retry_at.is_some_and(|r| now >= r);
         if source.is_none() && status.parked.is_none() && (manual || retry_due || status.retry_at.is_none()) {
-            match DeltaTable::open(&spec.source) {
+            match DeltaTable::open_with(&spec.source, &spec.storage) {
                 Ok(s) => source = Some(s),
                 Err(e) => {
                     record_failure(&worker, &EngineError::from(e));

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 use lakesync_core::{Classify, DataPolicy, PrimaryKey, SchemaChange, SyncMode, TableName, TableSchema, Version};
-use lakesync_delta::{DeltaError, DeltaTable, SchemaId, TableSnapshot};
+use lakesync_delta::{DeltaError, DeltaTable, SchemaId, StorageOptions, TableSnapshot};
 use lakesync_postgres::state::{self, Checkpoint, Ownership, RowCounts, RunMode, RunRetention};
 use lakesync_postgres::{ChangeApply, PgConfig, Sink, Stager};
 
@@ -18,6 +18,8 @@ use crate::{EngineError, Progress};
 pub struct SyncRequest {
     /// Delta table path or URI.
     pub source: String,
+    /// Object-store options for `source` (besides the environment).
+    pub storage: StorageOptions,
     /// Postgres connection.
     pub postgres: PgConfig,
     /// Target table.
@@ -77,8 +79,8 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
     // source is reported at once even while another run holds the table's lock.
     let (source, mut sink) = tokio::try_join!(
         async {
-            let uri = req.source.clone();
-            Ok::<_, EngineError>(blocking(move || DeltaTable::open(&uri)).await?)
+            let (uri, storage) = (req.source.clone(), req.storage.clone());
+            Ok::<_, EngineError>(blocking(move || DeltaTable::open_with(&uri, &storage)).await?)
         },
         async {
             Ok::<_, EngineError>(

@@ -129,6 +129,7 @@ impl TestDb {
     pub fn request(&self, source: &Path, table: &str, key: &str) -> SyncRequest {
         SyncRequest {
             source: source.display().to_string(),
+            storage: Default::default(),
             postgres: self.config(),
             table: TableName::parse(table).unwrap(),
             primary_key: PrimaryKey::parse(key).unwrap(),

@@ -1,0 +1,429 @@
+//! Object stores: the store behind a table URI, configured the way each cloud's own tools are.
+//!
+//! Where a setting comes from, lowest precedence first:
+//! 1. the cloud's standard environment variables (`AWS_*`, `AZURE_*`, `GOOGLE_*`), read through
+//!    the `object_store` builders' `from_env` (the kernel's `store_from_url_opts` ignores the
+//!    environment);
+//! 2. for S3 without keys in the environment or the options: the shared AWS files
+//!    (`~/.aws/credentials`, `~/.aws/config`, profile `AWS_PROFILE` or `default`), static keys,
+//!    region and endpoint only; web identity, container and instance credentials come after,
+//!    from `object_store` itself;
+//! 3. the table's `storage_options` (TOML, `--storage-option`, `POST`), whose `*_env` keys name
+//!    an environment variable holding the value.
+//!
+//! Invariants: a secret is never taken from a config file or a command line (the options
+//! refuse secret keys given inline), never printed (`Debug` shows keys only) and never part of
+//! an error; unknown option keys are refused, not dropped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use delta_kernel::object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use delta_kernel::object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
+use delta_kernel::object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
+use delta_kernel::object_store::DynObjectStore;
+use url::Url;
+
+use crate::DeltaError;
+
+/// The kinds of store a table URI can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A local path or `file://` URI.
+    Local,
+    /// `s3://` or `s3a://` (AWS S3 and S3-compatible stores).
+    S3,
+    /// `abfss://`, `abfs://`, `az://`, `azure://`, `adl://` (Azure Blob Storage / ADLS Gen2).
+    Azure,
+    /// `gs://` (Google Cloud Storage).
+    Gcs,
+}
+
+impl StoreKind {
+    /// The store a table URL names, or an error naming the scheme.
+    pub fn of(url: &Url) -> Result<Self, String> {
+        match url.scheme() {
+            "file" => Ok(StoreKind::Local),
+            "s3" | "s3a" => Ok(StoreKind::S3),
+            "abfss" | "abfs" | "az" | "azure" | "adl" => Ok(StoreKind::Azure),
+            "gs" => Ok(StoreKind::Gcs),
+            other => Err(format!(
+                "unsupported URI scheme {other:?}: expected a local path, file://, s3://, s3a://, abfss://, az:// or gs://"
+            )),
+        }
+    }
+
+    /// The environment-variable prefix its credentials are read from.
+    fn env_prefix(self) -> &'static str {
+        match self {
+            StoreKind::Local => "",
+            StoreKind::S3 => "AWS_",
+            StoreKind::Azure => "AZURE_",
+            StoreKind::Gcs => "GOOGLE_",
+        }
+    }
+}
+
+/// Resolved per-table store options (`*_env` indirections already read). Values may be
+/// secrets: `Debug` prints the keys only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct StorageOptions(BTreeMap<String, String>);
+
+impl std::fmt::Debug for StorageOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl StorageOptions {
+    /// Checks and resolves the options of the table at `uri` as written in a config file, on
+    /// a command line or in an API call: each key must be one the table's store knows; a key
+    /// ending in `_env` names the environment variable that holds the value of the key
+    /// without the suffix; secret keys are accepted only that way.
+    pub fn resolve(
+        uri: &str,
+        written: &BTreeMap<String, String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, String> {
+        if written.is_empty() {
+            return Ok(Self::default());
+        }
+        let kind = match Url::parse(uri) {
+            // One letter is a Windows drive, not a scheme.
+            Ok(url) if url.scheme().len() > 1 => StoreKind::of(&url)?,
+            _ => StoreKind::Local,
+        };
+        if kind == StoreKind::Local {
+            return Err(
+                "storage_options apply to object-store sources (s3://, abfss://, gs://), not local paths".into()
+            );
+        }
+        let mut resolved = BTreeMap::new();
+        for (key, value) in written {
+            let (name, value) = match key.strip_suffix("_env") {
+                Some(name) => {
+                    let value = env(value).ok_or_else(|| {
+                        format!("storage option {key} names {value}, which is not set in the environment")
+                    })?;
+                    (name.to_string(), value)
+                }
+                None => {
+                    if is_secret(kind, key)? {
+                        return Err(format!(
+                            "storage option {key} is a secret and cannot be written in the configuration: \
+                             set {key}_env = \"VARIABLE\" (the variable holding it), or the store's standard \
+                             environment variable ({}...)",
+                            kind.env_prefix()
+                        ));
+                    }
+                    (key.clone(), value.clone())
+                }
+            };
+            // Validates the key for this store.
+            is_secret(kind, &name)?;
+            resolved.insert(name, value);
+        }
+        Ok(Self(resolved))
+    }
+
+    /// Options from already-resolved pairs (tests, benchmarks).
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+        Self(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
+
+    /// Whether no option is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Whether `key` names a secret for this store; an error names a key the store does not know.
+fn is_secret(kind: StoreKind, key: &str) -> Result<bool, String> {
+    let unknown = |_| format!("unknown storage option {key:?} for {kind:?} sources");
+    let canonical = match kind {
+        StoreKind::Local => return Err(format!("unknown storage option {key:?} for local paths")),
+        StoreKind::S3 => key.parse::<AmazonS3ConfigKey>().map_err(unknown)?.as_ref().to_string(),
+        StoreKind::Azure => key.parse::<AzureConfigKey>().map_err(unknown)?.as_ref().to_string(),
+        StoreKind::Gcs => key.parse::<GoogleConfigKey>().map_err(unknown)?.as_ref().to_string(),
+    };
+    Ok(matches!(
+        canonical.as_str(),
+        "aws_secret_access_key"
+            | "aws_session_token"
+            | "aws_sse_customer_key_base64"
+            | "azure_storage_account_key"
+            | "azure_storage_sas_key"
+            | "azure_storage_client_secret"
+            | "azure_storage_token"
+            | "azure_storage_encryption_key"
+            | "azure_fabric_session_token"
+            | "google_service_account_key"
+            | "google_bearer_token"
+    ))
+}
+
+/// The table URL of a path or URI, as a directory (ending in `/`, so log paths join under
+/// it). `s3a://` is kept: the store builders read it.
+pub fn table_url(uri: &str) -> Result<Url, DeltaError> {
+    let mut url =
+        delta_kernel::try_parse_uri(uri).map_err(|source| DeltaError::Open { uri: uri.to_string(), source })?;
+    if !url.path().ends_with('/') {
+        let path = format!("{}/", url.path());
+        url.set_path(&path);
+    }
+    Ok(url)
+}
+
+/// Builds the object store for the table at `url`.
+pub fn build_store(uri: &str, url: &Url, options: &StorageOptions) -> Result<Arc<DynObjectStore>, DeltaError> {
+    let env: Vec<(String, String)> =
+        std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect();
+    build_store_with(uri, url, options, &env, &shared_aws_files)
+}
+
+/// [`build_store`] with the environment and the shared AWS files given (tests).
+fn build_store_with(
+    uri: &str,
+    url: &Url,
+    options: &StorageOptions,
+    env: &[(String, String)],
+    aws_files: &dyn Fn(&dyn Fn(&str) -> Option<String>) -> AwsProfile,
+) -> Result<Arc<DynObjectStore>, DeltaError> {
+    let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let bad = |message: String| DeltaError::Store { uri: uri.to_string(), message };
+    let kind = StoreKind::of(url).map_err(bad)?;
+    let store: Arc<DynObjectStore> = match kind {
+        StoreKind::Local => {
+            if !options.is_empty() {
+                return Err(bad("storage_options apply to object-store sources, not local paths".into()));
+            }
+            delta_kernel_default_engine::storage::store_from_url(url)
+                .map_err(|source| DeltaError::Open { uri: uri.to_string(), source })?
+        }
+        StoreKind::S3 => {
+            let mut builder = AmazonS3Builder::new();
+            for (key, value) in env_pairs(env, "AWS_") {
+                if let Ok(key) = key.parse() {
+                    builder = builder.with_config(key, value);
+                }
+            }
+            let has = |key: &str| var(&key.to_ascii_uppercase()).is_some() || options.0.contains_key(key);
+            let profile = aws_files(&var);
+            if !has("aws_access_key_id") {
+                for (key, value) in profile.credentials {
+                    builder =
+                        builder.with_config(key.parse().map_err(|_| bad(format!("AWS profile key {key}")))?, value);
+                }
+            }
+            if !has("aws_region") && !has("aws_default_region") {
+                if let Some(region) = profile.region {
+                    builder = builder.with_config(AmazonS3ConfigKey::Region, region);
+                }
+            }
+            if !has("aws_endpoint_url") && !has("aws_endpoint") {
+                if let Some(endpoint) = profile.endpoint {
+                    builder = builder.with_config(AmazonS3ConfigKey::Endpoint, endpoint);
+                }
+            }
+            for (key, value) in &options.0 {
+                builder =
+                    builder.with_config(key.parse().map_err(|_| bad(format!("unknown storage option {key}")))?, value);
+            }
+            Arc::new(builder.with_url(url.as_str()).build().map_err(|e| bad(e.to_string()))?)
+        }
+        StoreKind::Azure => {
+            let mut builder = MicrosoftAzureBuilder::new();
+            for (key, value) in env_pairs(env, "AZURE_") {
+                if let Ok(key) = key.parse() {
+                    builder = builder.with_config(key, value);
+                }
+            }
+            for (key, value) in &options.0 {
+                builder =
+                    builder.with_config(key.parse().map_err(|_| bad(format!("unknown storage option {key}")))?, value);
+            }
+            Arc::new(builder.with_url(url.as_str()).build().map_err(|e| bad(e.to_string()))?)
+        }
+        StoreKind::Gcs => {
+            let mut builder = GoogleCloudStorageBuilder::new();
+            for (key, value) in env_pairs(env, "GOOGLE_") {
+                if let Ok(key) = key.parse() {
+                    builder = builder.with_config(key, value);
+                }
+            }
+            for (key, value) in &options.0 {
+                builder =
+                    builder.with_config(key.parse().map_err(|_| bad(format!("unknown storage option {key}")))?, value);
+            }
+            Arc::new(builder.with_url(url.as_str()).build().map_err(|e| bad(e.to_string()))?)
+        }
+    };
+    Ok(store)
+}
+
+/// The environment variables with `prefix`, as lower-case option keys (what the builders'
+/// `from_env` does).
+fn env_pairs(env: &[(String, String)], prefix: &str) -> Vec<(String, String)> {
+    env.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect()
+}
+
+/// What the shared AWS files say for the active profile.
+#[derive(Debug, Default, PartialEq)]
+struct AwsProfile {
+    /// `aws_access_key_id`, `aws_secret_access_key`, `aws_session_token`.
+    credentials: Vec<(String, String)>,
+    region: Option<String>,
+    endpoint: Option<String>,
+}
+
+/// Reads `~/.aws/credentials` and `~/.aws/config` (or `AWS_SHARED_CREDENTIALS_FILE` and
+/// `AWS_CONFIG_FILE`) for the profile `AWS_PROFILE` (default `default`).
+fn shared_aws_files(env: &dyn Fn(&str) -> Option<String>) -> AwsProfile {
+    let home = env("HOME").unwrap_or_default();
+    let read = |var: &str, default: &str| {
+        let path = env(var).unwrap_or_else(|| format!("{home}/.aws/{default}"));
+        std::fs::read_to_string(path).unwrap_or_default()
+    };
+    let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".into());
+    parse_aws_files(&read("AWS_SHARED_CREDENTIALS_FILE", "credentials"), &read("AWS_CONFIG_FILE", "config"), &profile)
+}
+
+/// The profile's settings from the two files' text. In `credentials` sections are named
+/// `[name]`; in `config`, `[profile name]` (and `[default]`).
+fn parse_aws_files(credentials: &str, config: &str, profile: &str) -> AwsProfile {
+    let section = |text: &str, names: &[String]| -> BTreeMap<String, String> {
+        let mut inside = false;
+        let mut found = BTreeMap::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with('#') || line.starts_with(';') || line.is_empty() {
+                continue;
+            }
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                inside = names.iter().any(|n| n == name.trim());
+                continue;
+            }
+            if let (true, Some((k, v))) = (inside, line.split_once('=')) {
+                found.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        found
+    };
+    let creds = section(credentials, &[profile.to_string()]);
+    let mut conf = section(config, &[format!("profile {profile}")]);
+    if profile == "default" {
+        conf.extend(section(config, &["default".to_string()]));
+    }
+    // Keys may also be in the config file; the credentials file wins.
+    let mut keys = conf.clone();
+    keys.extend(creds);
+    let mut result = AwsProfile::default();
+    if keys.contains_key("aws_access_key_id") && keys.contains_key("aws_secret_access_key") {
+        for k in ["aws_access_key_id", "aws_secret_access_key", "aws_session_token"] {
+            if let Some(v) = keys.get(k) {
+                result.credentials.push((k.to_string(), v.clone()));
+            }
+        }
+    }
+    result.region = conf.get("region").cloned();
+    result.endpoint = conf.get("endpoint_url").cloned();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    fn written(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn secrets_written_inline_are_refused_and_env_indirection_reads_them() {
+        let env = env_of(&[("LAKE_SECRET", "s3cr3t")]);
+        let inline = StorageOptions::resolve("s3://lake/t", &written(&[("aws_secret_access_key", "x")]), &env);
+        let message = inline.unwrap_err();
+        assert!(message.contains("aws_secret_access_key_env"), "{message}");
+        assert!(!message.contains('x') || !message.contains("\"x\""), "{message}");
+        let resolved =
+            StorageOptions::resolve("s3://lake/t", &written(&[("aws_secret_access_key_env", "LAKE_SECRET")]), &env)
+                .unwrap();
+        assert_eq!(resolved, StorageOptions::from_pairs([("aws_secret_access_key", "s3cr3t")]));
+        assert_eq!(format!("{resolved:?}"), "{\"aws_secret_access_key\"}");
+        let missing = StorageOptions::resolve("s3://lake/t", &written(&[("aws_session_token_env", "NOPE")]), &env);
+        assert!(missing.unwrap_err().contains("NOPE, which is not set"));
+    }
+
+    #[test]
+    fn unknown_keys_and_options_on_local_paths_are_refused() {
+        let env = env_of(&[]);
+        let typo = StorageOptions::resolve("s3://lake/t", &written(&[("aws_endpont", "http://x")]), &env);
+        assert!(typo.unwrap_err().contains("unknown storage option \"aws_endpont\""));
+        let azure_key_on_s3 =
+            StorageOptions::resolve("s3://lake/t", &written(&[("azure_storage_account_name", "a")]), &env);
+        assert!(azure_key_on_s3.is_err());
+        let local = StorageOptions::resolve("/lake/t", &written(&[("aws_region", "eu-west-1")]), &env);
+        assert!(local.unwrap_err().contains("not local paths"));
+        let scheme = StorageOptions::resolve("hdfs://nn/t", &written(&[("region", "x")]), &env);
+        assert!(scheme.unwrap_err().contains("unsupported URI scheme \"hdfs\""));
+        for (uri, key) in [
+            ("gs://bucket/t", "google_service_account"),
+            ("abfss://c@acct.dfs.core.windows.net/t", "azure_storage_account_name"),
+            ("az://c/t", "use_emulator"),
+            ("s3a://bucket/t", "aws_allow_http"),
+        ] {
+            StorageOptions::resolve(uri, &written(&[(key, "true")]), &env).unwrap();
+        }
+        let gcs_secret = StorageOptions::resolve("gs://b/t", &written(&[("google_service_account_key", "{}")]), &env);
+        assert!(gcs_secret.unwrap_err().contains("is a secret"));
+    }
+
+    #[test]
+    fn every_supported_scheme_builds_its_store_without_network() {
+        let env = [("AWS_REGION", "eu-west-1"), ("AZURE_STORAGE_ACCOUNT_NAME", "acct")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let no_files = |_: &dyn Fn(&str) -> Option<String>| AwsProfile::default();
+        for uri in [
+            "s3://bucket/path/t",
+            "s3a://bucket/path/t",
+            "abfss://container@acct.dfs.core.windows.net/path/t",
+            "az://container/path/t",
+            "gs://bucket/path/t",
+        ] {
+            let url = table_url(uri).unwrap();
+            assert!(url.join("_delta_log/").unwrap().path().ends_with("/path/t/_delta_log/"), "{url}");
+            let store = build_store_with(uri, &url, &StorageOptions::default(), &env, &no_files)
+                .unwrap_or_else(|e| panic!("{uri}: {e}"));
+            assert!(!store.to_string().is_empty());
+        }
+        let gcs_with_bad_credentials = StorageOptions::from_pairs([("google_service_account", "/nonexistent.json")]);
+        let url = table_url("gs://bucket/t").unwrap();
+        let err = build_store_with("gs://bucket/t", &url, &gcs_with_bad_credentials, &env, &no_files).unwrap_err();
+        assert!(matches!(err, DeltaError::Store { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_shared_aws_files_give_the_profile_keys_region_and_endpoint() {
+        let credentials = "[default]\naws_access_key_id = AKDEFAULT\naws_secret_access_key = sd\n\n[lake]\naws_access_key_id=AKLAKE\naws_secret_access_key=sl\naws_session_token=tok\n";
+        let config = "[default]\nregion = us-east-1\n[profile lake]\nregion = eu-central-1\nendpoint_url = http://127.0.0.1:9000\n";
+        let lake = parse_aws_files(credentials, config, "lake");
+        assert_eq!(
+            lake.credentials,
+            vec![
+                ("aws_access_key_id".into(), "AKLAKE".into()),
+                ("aws_secret_access_key".into(), "sl".into()),
+                ("aws_session_token".into(), "tok".into())
+            ]
+        );
+        assert_eq!(lake.region.as_deref(), Some("eu-central-1"));
+        assert_eq!(lake.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        let default = parse_aws_files(credentials, config, "default");
+        assert_eq!(default.credentials[0].1, "AKDEFAULT");
+        assert_eq!(default.region.as_deref(), Some("us-east-1"));
+        assert_eq!(parse_aws_files("", "", "missing"), AwsProfile::default());
+    }
+}
