@@ -187,7 +187,7 @@ fn build_store_with(
     url: &Url,
     options: &StorageOptions,
     env: &[(String, String)],
-    aws_files: &dyn Fn(&dyn Fn(&str) -> Option<String>) -> AwsProfile,
+    aws_files: &dyn Fn(Env<'_>) -> AwsProfile,
 ) -> Result<Arc<DynObjectStore>, DeltaError> {
     let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     let bad = |message: String| DeltaError::Store { uri: uri.to_string(), message };
@@ -267,6 +267,9 @@ fn env_pairs(env: &[(String, String)], prefix: &str) -> Vec<(String, String)> {
     env.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect()
 }
 
+/// Reads one environment variable (the process's, or a test's).
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 /// What the shared AWS files say for the active profile.
 #[derive(Debug, Default, PartialEq)]
 struct AwsProfile {
@@ -278,7 +281,7 @@ struct AwsProfile {
 
 /// Reads `~/.aws/credentials` and `~/.aws/config` (or `AWS_SHARED_CREDENTIALS_FILE` and
 /// `AWS_CONFIG_FILE`) for the profile `AWS_PROFILE` (default `default`).
-fn shared_aws_files(env: &dyn Fn(&str) -> Option<String>) -> AwsProfile {
+fn shared_aws_files(env: Env<'_>) -> AwsProfile {
     let home = env("HOME").unwrap_or_default();
     let read = |var: &str, default: &str| {
         let path = env(var).unwrap_or_else(|| format!("{home}/.aws/{default}"));
@@ -386,7 +389,7 @@ mod tests {
     fn every_supported_scheme_builds_its_store_without_network() {
         let env = [("AWS_REGION", "eu-west-1"), ("AZURE_STORAGE_ACCOUNT_NAME", "acct")]
             .map(|(k, v)| (k.to_string(), v.to_string()));
-        let no_files = |_: &dyn Fn(&str) -> Option<String>| AwsProfile::default();
+        let no_files = |_: Env<'_>| AwsProfile::default();
         for uri in [
             "s3://bucket/path/t",
             "s3a://bucket/path/t",

@@ -77,7 +77,7 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
     // Opening the source (object store, engine) and connecting to Postgres (and taking the
     // table's lock) are independent: do both at once. The first failure ends both, so a bad
     // source is reported at once even while another run holds the table's lock.
-    let (source, mut sink) = tokio::try_join!(
+    let opened = tokio::try_join!(
         async {
             let (uri, storage) = (req.source.clone(), req.storage.clone());
             Ok::<_, EngineError>(blocking(move || DeltaTable::open_with(&uri, &storage)).await?)
@@ -87,7 +87,17 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
                 Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait, req.history).await?,
             )
         }
-    )?;
+    );
+    let (source, mut sink) = match opened {
+        Ok(both) => both,
+        Err(e @ EngineError::Delta(_)) => {
+            // The source could not be opened (credentials revoked, bucket gone): a registered
+            // table shows it in its state row like any failed run. Best effort, no lock taken.
+            record_open_failure(req, &e).await;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let mut run_id = None;
     let result = run(req, &source, &mut sink, &mut run_id).await;
     let result = match result {
@@ -106,6 +116,17 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
     };
     sink.close().await;
     result
+}
+
+/// Records on the table's state row (if it has one) that its source could not be opened.
+async fn record_open_failure(req: &SyncRequest, e: &EngineError) {
+    let recorded = match req.postgres.connect().await {
+        Ok(client) => state::fail_run(&client, &req.table, None, &e.to_string()).await,
+        Err(connect) => Err(connect),
+    };
+    if let Err(record) = recorded {
+        tracing::debug!(table = %req.table, error = %record, "could not record the failure to open the source");
+    }
 }
 
 async fn run(

@@ -1,6 +1,7 @@
 //! Integration tests: real Postgres, real Delta tables (written by the kernel and by the Python
 //! `deltalake` writer), and the Spark-written conformance fixtures.
 
+mod object_stores;
 mod support;
 
 use lakesync_core::{Classify, ErrorClass, NulBytePolicy, SyncMode};

@@ -1,7 +1,8 @@
 """Test-only Delta writer for lakesync's integration tests, built on the Python `deltalake`
 package (delta-rs): it writes real UPDATE/DELETE/MERGE commits with `_change_data` files.
 
-Usage: python delta_writer.py <table path> '<json list of operations>' (or - to read them from stdin)
+Usage: python delta_writer.py <table path or URI> '<json list of operations>' (or - to read them from stdin)
+For s3:// and abfss:// URIs the store's settings come from the AWS_* / AZURE_* environment.
 Each operation is an object with "op" and its arguments; see apply() below. Prints the table
 version after each operation, one per line.
 """
@@ -14,7 +15,8 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from deltalake import DeltaTable, Schema, write_deltalake
+from deltalake import DeltaTable as _DeltaTable, Schema
+from deltalake import write_deltalake as _write_deltalake
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
 
@@ -44,6 +46,22 @@ def table(schema, rows):
     fields = [(name, arrow_type(expr)) for name, expr in schema]
     arrays = [pa.array([convert(r[i], t) for r in rows], type=t) for i, (_, t) in enumerate(fields)]
     return pa.Table.from_arrays(arrays, schema=pa.schema([pa.field(n, t) for n, t in fields]))
+
+
+def store_options(path):
+    """The object-store settings for a URI, from the environment (delta-rs takes them as options)."""
+    if "://" not in path:
+        return None
+    prefix = "AZURE_" if path.startswith(("abfs", "az://")) else "AWS_"
+    return {k: v for k, v in os.environ.items() if k.startswith(prefix)}
+
+
+def DeltaTable(path):  # noqa: N802 - shadows the class with one that knows the store
+    return _DeltaTable(path, storage_options=store_options(path))
+
+
+def write_deltalake(path, data, **kwargs):
+    _write_deltalake(path, data, storage_options=store_options(path), **kwargs)
 
 
 def apply(path, op):

@@ -12,6 +12,8 @@ use lakesync_engine::{sync, EngineError, SyncOutcome, SyncRequest};
 use lakesync_postgres::cluster::LocalCluster;
 use lakesync_postgres::PgConfig;
 
+pub mod stores;
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
@@ -202,15 +204,35 @@ pub fn python() -> PathBuf {
 /// A Delta table written through the Python `deltalake` package.
 pub struct PyDelta {
     pub dir: tempfile::TempDir,
+    /// An object-store URI instead of a local directory (the store's settings come from the
+    /// process environment, which the writer inherits).
+    uri: Option<String>,
+    /// Extra environment for the writer (store settings not in this process's environment).
+    env: Vec<(String, String)>,
 }
 
 impl PyDelta {
     pub fn new() -> Self {
-        Self { dir: tempfile::tempdir().unwrap() }
+        Self { dir: tempfile::tempdir().unwrap(), uri: None, env: Vec::new() }
     }
 
+    /// A table at an object-store URI (`s3://bucket/path`, `abfss://...`).
+    pub fn at(uri: &str) -> Self {
+        Self { dir: tempfile::tempdir().unwrap(), uri: Some(uri.to_string()), env: Vec::new() }
+    }
+
+    /// Gives the writer these environment variables.
+    pub fn with_env(mut self, env: &[(&str, String)]) -> Self {
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+        self
+    }
+
+    /// The table's location: a local path, or the URI (as a path, for `request`).
     pub fn path(&self) -> PathBuf {
-        self.dir.path().join("table")
+        match &self.uri {
+            Some(uri) => PathBuf::from(uri),
+            None => self.dir.path().join("table"),
+        }
     }
 
     /// Applies operations (see `delta_writer.py`); returns the version after the last one.
@@ -221,6 +243,7 @@ impl PyDelta {
             .arg(&script)
             .arg(self.path())
             .arg("-")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
