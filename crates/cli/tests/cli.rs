@@ -96,13 +96,14 @@ fn the_demo_snapshots_changes_and_syncs_incrementally() {
 #[test]
 fn the_bench_generates_changes_and_verifies_every_result_on_a_small_table() {
     // Both shapes of the change: one MERGE commit with cdc files (Python deltalake), and a
-    // deletion-vector commit plus an append (kernel writer); the first measured twice.
-    for (change, final_version, rounds) in [("merge", 2, 2), ("deletion-vectors", 3, 1)] {
+    // deletion-vector commit plus an append (kernel writer); the first measured twice, and
+    // also from a local S3-protocol server (moto).
+    for (change, final_version, rounds, store) in [("merge", 2, 2, "s3"), ("deletion-vectors", 3, 1, "local")] {
         let dir = tempfile::tempdir().unwrap();
         let port = support::test_port(1).to_string();
         let out = Command::new(env!("CARGO_BIN_EXE_lakesync"))
             .args(["bench", "--rows", "20000", "--file-rows", "5000", "--port", &port, "--change", change])
-            .args(["--rounds", &rounds.to_string()])
+            .args(["--rounds", &rounds.to_string(), "--source-store", store])
             .arg("--python")
             .arg(support::python())
             .arg("--dir")
@@ -137,6 +138,17 @@ fn the_bench_generates_changes_and_verifies_every_result_on_a_small_table() {
         }
         for phase in ["a. reference", "b. lakesync snapshot", "c. lakesync incremental", "d. blog pattern"] {
             assert!(stdout.contains(phase), "{stdout}");
+        }
+        if store == "s3" {
+            for round in 1..=rounds {
+                for (version, rows) in [(1, 20000), (final_version, 20020)] {
+                    let line =
+                        format!("verified bench.customer_profiles_s3_r{round} = Delta version {version} ({rows} rows)");
+                    assert_eq!(stderr.matches(&line).count(), 1, "{line:?} in\n{stderr}");
+                }
+            }
+            assert!(stdout.contains("b3. lakesync snapshot, table in S3") && stdout.contains("x b |"), "{stdout}");
+            assert!(stdout.contains("c3. lakesync incremental, table in S3") && stdout.contains("x c |"), "{stdout}");
         }
         assert!(!dir.path().join("postgres/data/postmaster.pid").exists(), "the bench must stop its Postgres");
     }

@@ -134,7 +134,14 @@ pub(crate) fn is_transient(err: &KernelError) -> bool {
     }
     for e in chain(err) {
         if let Some(store) = e.downcast_ref::<S>() {
-            return matches!(store, S::Generic { .. } | S::JoinError { .. });
+            // A remote store's generic error without a status is a failed request (reset,
+            // timeout) that outlived its retries; the local file system's are not hiccups
+            // (an invalid range is a corrupt or truncated file).
+            return match store {
+                S::Generic { store, .. } => *store != "LocalFileSystem",
+                S::JoinError { .. } => true,
+                _ => false,
+            };
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             return !matches!(

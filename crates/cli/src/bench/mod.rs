@@ -20,8 +20,12 @@
 //! to d N times, each round on fresh tables, and reports medians and every round's ratios
 //! (each taken against the reference measured in the same round). Before each phase the OS
 //! writes out its dirty pages, so no phase is charged for the previous one's writeback.
+//!
+//! `--source-store s3` adds (b3) and (c3): the same snapshot and incremental sync with the
+//! table read from a local S3-protocol server (see [`s3`]), each against its local-path run.
 
 mod lag;
+mod s3;
 mod serving;
 
 use std::path::{Path, PathBuf};
@@ -88,6 +92,17 @@ pub struct BenchArgs {
     /// `.venv/bin/python` if it exists, else `python3`).
     #[arg(long)]
     python: Option<PathBuf>,
+    /// sync: `s3` also measures the snapshot and the incremental sync with the table in a
+    /// local S3-protocol server (moto, from --python's environment), against the local path.
+    #[arg(long, value_enum, default_value = "local")]
+    source_store: SourceStore,
+}
+
+/// Where the sync scenario reads the table from, besides the local path.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceStore {
+    Local,
+    S3,
 }
 
 /// How the bench's change reaches Delta.
@@ -245,6 +260,22 @@ async fn measure(
         })
         .await??
     };
+    // The same table in a local S3-protocol server, uploaded as `aws s3 cp --recursive` would.
+    let store = match args.source_store {
+        SourceStore::Local => None,
+        SourceStore::S3 => {
+            let python = python(args);
+            let server = s3::LocalS3::start(&python)?;
+            let t = Instant::now();
+            let uri = server.upload(&python, &delta, "customer_profiles")?;
+            eprintln!(
+                "bench: uploaded the table to {uri} ({}) in {:.1}s",
+                server.endpoint(),
+                t.elapsed().as_secs_f64()
+            );
+            Some((server.env(), uri, server))
+        }
+    };
     // The reference's rows, encoded once, before any clock runs.
     let schema = DeltaTable::open(&delta.display().to_string())?.snapshot(Some(base_version))?.schema()?;
     let types: Vec<_> = schema.columns.iter().map(|c| c.ty).collect();
@@ -269,6 +300,7 @@ async fn measure(
             if round == 1 { "customer_profiles".into() } else { format!("customer_profiles_r{round}") },
         )
     };
+    let s3_target_of = |round: u32| TableName::new("bench", format!("customer_profiles_s3_r{round}"));
     let mut rounds = Vec::new();
     for round in 1..=args.rounds.max(1) {
         if args.rounds > 1 {
@@ -278,6 +310,7 @@ async fn measure(
         let target = target_of(round);
         if round > 1 {
             client.batch_execute(&format!("DROP TABLE {}", qualified(&target_of(round - 1)))).await?;
+            client.batch_execute(&format!("DROP TABLE IF EXISTS {}", qualified(&s3_target_of(round - 1)))).await?;
         }
         let mut results = Vec::new();
 
@@ -330,7 +363,7 @@ async fn measure(
             parallelism.as_str(),
         ];
         let snapshot_args: Vec<&str> = sync_args.iter().copied().chain(["--to-version", base.as_str()]).collect();
-        let (seconds, rss, cpu) = run_child(&exe, &snapshot_args, &conn, postmaster)?;
+        let (seconds, rss, cpu) = run_child(&exe, &snapshot_args, &[], &conn, postmaster)?;
         results.push(Measurement {
             name: "b. lakesync snapshot (Delta -> indexed table)",
             seconds,
@@ -340,6 +373,41 @@ async fn measure(
         });
         verify(&config, &target, base_version, expected_base).await.context("verifying the snapshot")?;
 
+        // (b3) The same snapshot, the table read from the S3 server.
+        let s3_target = s3_target_of(round);
+        let s3_table = s3_target.to_string();
+        let s3_args = |local: &[&str]| -> Option<Vec<String>> {
+            let (_, uri, _) = store.as_ref()?;
+            Some(
+                local
+                    .iter()
+                    .map(|a| {
+                        if *a == source.as_str() {
+                            uri.clone()
+                        } else if *a == table.as_str() {
+                            s3_table.clone()
+                        } else {
+                            a.to_string()
+                        }
+                    })
+                    .collect(),
+            )
+        };
+        let store_env = store.as_ref().map(|(env, _, _)| env.clone()).unwrap_or_default();
+        if let Some(remote) = s3_args(&snapshot_args) {
+            settle();
+            let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
+            let (seconds, rss, cpu) = run_child(&exe, &remote, &store_env, &conn, postmaster)?;
+            results.push(Measurement {
+                name: "b3. lakesync snapshot, table in S3 (moto)",
+                seconds,
+                rows,
+                peak_rss_mb: Some(rss),
+                pg_cpu_seconds: cpu,
+            });
+            verify(&config, &s3_target, base_version, expected_base).await.context("verifying the snapshot from S3")?;
+        }
+
         // Steady state for (c) and (d). Both freshly loaded tables start with every page dirty
         // and unhinted and (bulk loads go through a small ring of buffers) outside
         // shared_buffers, so the first statements to touch them would pay for the load:
@@ -347,7 +415,11 @@ async fn measure(
         // day has been vacuumed and checkpointed and has its pages cached; we do that here for
         // both tables alike. (Separate statements: a multi-statement string runs as one
         // transaction, which VACUUM refuses.)
-        for t in [qualified(&reference), qualified(&target)] {
+        let mut loaded = vec![qualified(&reference), qualified(&target)];
+        if store.is_some() {
+            loaded.push(qualified(&s3_target));
+        }
+        for t in &loaded {
             client.batch_execute(&format!("VACUUM (ANALYZE) {t}")).await?;
         }
         client.batch_execute("CHECKPOINT").await?;
@@ -356,10 +428,9 @@ async fn measure(
                 client
                     .batch_execute(&format!(
                         "SELECT pg_prewarm(c.oid) FROM pg_class c \
-                         WHERE c.oid IN ('{0}'::regclass, '{1}'::regclass) \
-                         OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid IN ('{0}'::regclass, '{1}'::regclass))",
-                        qualified(&reference),
-                        qualified(&target),
+                         WHERE c.oid = ANY(ARRAY[{0}]::regclass[]) \
+                         OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = ANY(ARRAY[{0}]::regclass[]))",
+                        loaded.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", "),
                     ))
                     .await?
             }
@@ -368,7 +439,7 @@ async fn measure(
 
         // (c) lakesync incremental.
         settle();
-        let (seconds, rss, cpu) = run_child(&exe, &sync_args, &conn, postmaster)?;
+        let (seconds, rss, cpu) = run_child(&exe, &sync_args, &[], &conn, postmaster)?;
         results.push(Measurement {
             name: "c. lakesync incremental (CDF -> one transaction)",
             seconds,
@@ -377,6 +448,23 @@ async fn measure(
             pg_cpu_seconds: cpu,
         });
         verify(&config, &target, final_version, expected_final).await.context("verifying the incremental sync")?;
+
+        // (c3) The same incremental sync, the change feed read from the S3 server.
+        if let Some(remote) = s3_args(&sync_args) {
+            settle();
+            let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
+            let (seconds, rss, cpu) = run_child(&exe, &remote, &store_env, &conn, postmaster)?;
+            results.push(Measurement {
+                name: "c3. lakesync incremental, table in S3 (moto)",
+                seconds,
+                rows: spec.len() as u64,
+                peak_rss_mb: Some(rss),
+                pg_cpu_seconds: cpu,
+            });
+            verify(&config, &s3_target, final_version, expected_final)
+                .await
+                .context("verifying the incremental sync from S3")?;
+        }
 
         // (d) The blog pattern on the reference table.
         settle();
@@ -419,6 +507,18 @@ print(DeltaTable(target).version(), m["num_target_rows_updated"], m["num_target_
       m["num_target_rows_deleted"])
 "#;
 
+/// The Python with `deltalake` (and, for --source-store s3, `moto[server]`).
+fn python(args: &BenchArgs) -> PathBuf {
+    args.python.clone().unwrap_or_else(|| {
+        let venv = PathBuf::from(".venv/bin/python");
+        if venv.exists() {
+            venv
+        } else {
+            "python3".into()
+        }
+    })
+}
+
 /// Commits the change as one MERGE through Python `deltalake` and returns its version. The
 /// source rows come from the same generator as every other phase, staged as small Delta tables.
 async fn merge_change(args: &BenchArgs, dir: &Path, delta: &Path, spec: &ChangeSpec) -> anyhow::Result<u64> {
@@ -438,14 +538,7 @@ async fn merge_change(args: &BenchArgs, dir: &Path, delta: &Path, spec: &ChangeS
         })
         .await??;
     }
-    let python = args.python.clone().unwrap_or_else(|| {
-        let venv = PathBuf::from(".venv/bin/python");
-        if venv.exists() {
-            venv
-        } else {
-            "python3".into()
-        }
-    });
+    let python = python(args);
     let t = Instant::now();
     let out = Command::new(&python)
         .arg("-c")
@@ -486,7 +579,13 @@ fn print_table(rounds: &[Vec<Measurement>], rows: u64, memory: &str) {
     println!("| phase | seconds | rows/s | ratio | peak RSS (MB) | Postgres CPU s |");
     println!("|---|---:|---:|---:|---:|---:|");
     // Ratios are taken within each round (its reference measured next to it), then the median.
-    let reference_of = |name: &str| if name.starts_with("c.") || name.starts_with("d.") { "d." } else { "a." };
+    // (b3) and (c3), the table in S3, are each against the same run from the local path.
+    let reference_of = |name: &str| match name {
+        n if n.starts_with("b3.") => "b.",
+        n if n.starts_with("c3.") => "c.",
+        n if n.starts_with("c.") || n.starts_with("d.") => "d.",
+        _ => "a.",
+    };
     let ratio_in = |round: &[Measurement], i: usize| {
         let m = &round[i];
         round.iter().find(|r| r.name.starts_with(reference_of(m.name))).map(|r| m.seconds / r.seconds)
@@ -514,8 +613,19 @@ fn print_table(rounds: &[Vec<Measurement>], rows: u64, memory: &str) {
         println!("\nEach round (peak RSS is the largest of the rounds):\n");
         for (k, round) in rounds.iter().enumerate() {
             let s = |p: &str| round.iter().find(|m| m.name.starts_with(p)).map_or(f64::NAN, |m| m.seconds);
+            let store = if round.iter().any(|m| m.name.starts_with("b3.")) {
+                format!(
+                    "; S3: b3 {:.2} s (b3/b {:.2}x), c3 {:.2} s (c3/c {:.2}x)",
+                    s("b3."),
+                    s("b3.") / s("b."),
+                    s("c3."),
+                    s("c3.") / s("c.")
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "- round {}: a {:.2} s, b {:.2} s (b/a {:.2}x); c {:.2} s, d {:.2} s (d/c {:.1}x)",
+                "- round {}: a {:.2} s, b {:.2} s (b/a {:.2}x); c {:.2} s, d {:.2} s (d/c {:.1}x){store}",
                 k + 1,
                 s("a."),
                 s("b."),
@@ -560,11 +670,18 @@ fn shared_memory(data: &Path) -> String {
 }
 
 /// Runs `lakesync <args>` and returns (seconds, peak RSS MB, Postgres CPU seconds).
-fn run_child(exe: &Path, args: &[&str], conn: &str, postmaster: u32) -> anyhow::Result<(f64, f64, f64)> {
+fn run_child(
+    exe: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+    conn: &str,
+    postmaster: u32,
+) -> anyhow::Result<(f64, f64, f64)> {
     let cpu0 = pg_cpu_seconds(postmaster)?;
     let t = Instant::now();
     let mut child = Command::new(exe)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("LAKESYNC_POSTGRES", conn)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -241,3 +241,47 @@ fn a_table_in_azure_blob_storage_syncs_by_abfss_and_az_uris() {
     db.sync(&short).unwrap();
     assert_same_rows(&db, "public.people", "public.people_az");
 }
+
+#[test]
+fn an_idle_continuous_table_costs_one_listing_from_its_synced_version_per_poll() {
+    let s3 = S3Server::start();
+    s3.export_env();
+    s3.create_bucket("lake");
+    let db = TestDb::new("s3_poll_cost");
+    let t = PyDelta::at("s3://lake/idle");
+    // A log of 13 commits and a checkpoint.
+    let mut ops = vec![people(json!([[1, "a", 1.0]]))];
+    ops.extend((2..=12).map(|i| json!({"op": "append", "schema": people_schema(), "rows": [[i, "x", 1.0]]})));
+    ops.push(json!({"op": "checkpoint"}));
+    ops.push(json!({"op": "append", "schema": people_schema(), "rows": [[13, "y", 1.0]]}));
+    let v = t.run(json!(ops));
+    // lakesync reaches the store through a proxy that logs the requests.
+    let proxy = TcpProxy::start(s3.port, Duration::from_secs(1));
+    let mut entry = TableConfig::new("s3://lake/idle", "public.idle", &["id"], "continuous");
+    entry.poll_interval = Some("200ms".into());
+    entry.storage_options.insert("aws_endpoint".into(), OptionValue::Text(proxy.endpoint()));
+    let spec = entry.validate().unwrap();
+    let requests = block_on(async {
+        let daemon = lakesync_engine::Daemon::new(db.config());
+        let worker = daemon.add(spec).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while worker.status().synced_version != Some(v) {
+            assert!(Instant::now() < deadline, "{:?}", worker.status());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.take_requests();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let requests = proxy.take_requests();
+        daemon.shutdown(Duration::from_secs(5)).await;
+        requests
+    });
+    // About one poll per 200 ms, each a single LIST that starts after the synced version's
+    // commit: no log replay, no object read, whatever the log's length.
+    assert!((5..=20).contains(&requests.len()), "{} requests in 3 s: {requests:#?}", requests.len());
+    let next = format!("{:020}", v + 1);
+    for r in &requests {
+        assert!(r.starts_with("GET /lake?list-type=2") || r.starts_with("GET /lake/?list-type=2"), "{r}");
+        assert!(r.contains(&format!("start-after=idle%2F_delta_log%2F{next}")), "{r} does not start at {next}");
+    }
+}

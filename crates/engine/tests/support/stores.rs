@@ -256,6 +256,8 @@ struct ProxyState {
     down_for: Duration,
     down_until: Mutex<Option<Instant>>,
     open: Mutex<Vec<TcpStream>>,
+    /// The request lines (`GET /path?query HTTP/1.1`) clients sent, in order.
+    requests: Mutex<Vec<String>>,
 }
 
 impl TcpProxy {
@@ -270,6 +272,7 @@ impl TcpProxy {
             down_for,
             down_until: Mutex::new(None),
             open: Mutex::new(Vec::new()),
+            requests: Mutex::new(Vec::new()),
         });
         let accept = state.clone();
         std::thread::spawn(move || {
@@ -287,9 +290,10 @@ impl TcpProxy {
                     open.push(server.try_clone().unwrap());
                 }
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pump(client, server, None));
+                let logged = accept.clone();
+                std::thread::spawn(move || pump(client, server, Way::Requests(logged)));
                 let counted = accept.clone();
-                std::thread::spawn(move || pump(s2, c2, Some(counted)));
+                std::thread::spawn(move || pump(s2, c2, Way::Responses(counted)));
             }
         });
         Self { port, state }
@@ -309,25 +313,54 @@ impl TcpProxy {
     pub fn cuts(&self) -> u64 {
         self.state.cuts.load(Ordering::SeqCst)
     }
+
+    /// The request lines sent since the last call (reads send no bodies, so every line that
+    /// ends in an HTTP version is a request).
+    pub fn take_requests(&self) -> Vec<String> {
+        std::mem::take(&mut *self.state.requests.lock().unwrap())
+    }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, counted: Option<Arc<ProxyState>>) {
+enum Way {
+    /// Client to server: request lines are logged.
+    Requests(Arc<ProxyState>),
+    /// Server to client: bytes are counted for `cut_after`.
+    Responses(Arc<ProxyState>),
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, way: Way) {
     let mut buf = [0u8; 16 * 1024];
+    let mut line = Vec::new();
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(state) = &counted {
-            let total = state.forwarded.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
-            if total >= state.cut_after.load(Ordering::SeqCst) {
-                state.cut_after.store(u64::MAX, Ordering::SeqCst);
-                state.cuts.fetch_add(1, Ordering::SeqCst);
-                *state.down_until.lock().unwrap() = Some(Instant::now() + state.down_for);
-                for s in state.open.lock().unwrap().drain(..) {
-                    let _ = s.shutdown(std::net::Shutdown::Both);
+        match &way {
+            Way::Requests(state) => {
+                for &b in &buf[..n] {
+                    if b != b'\n' {
+                        line.push(b);
+                        continue;
+                    }
+                    let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                    if text.ends_with(" HTTP/1.1") || text.ends_with(" HTTP/1.0") {
+                        state.requests.lock().unwrap().push(text);
+                    }
+                    line.clear();
                 }
-                break;
+            }
+            Way::Responses(state) => {
+                let total = state.forwarded.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                if total >= state.cut_after.load(Ordering::SeqCst) {
+                    state.cut_after.store(u64::MAX, Ordering::SeqCst);
+                    state.cuts.fetch_add(1, Ordering::SeqCst);
+                    *state.down_until.lock().unwrap() = Some(Instant::now() + state.down_for);
+                    for s in state.open.lock().unwrap().drain(..) {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                    break;
+                }
             }
         }
         if to.write_all(&buf[..n]).is_err() {
