@@ -50,6 +50,9 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         grace: u64,
     },
+    /// Rewrite a Delta table's small files into large ones (one OPTIMIZE commit that changes no
+    /// data: change-feed readers see nothing), then checkpoint when due.
+    Compact(CompactArgs),
     /// Validate a config file without running anything.
     CheckConfig {
         /// The TOML config file.
@@ -135,6 +138,45 @@ struct SyncArgs {
     /// Days of run history kept (0: any age).
     #[arg(long, default_value_t = 30)]
     keep_runs_days: u64,
+}
+
+#[derive(clap::Args)]
+struct CompactArgs {
+    /// Delta table: a local path, file://, s3:// (or s3a://), abfss:// (or az://) or gs:// URI.
+    #[arg(long)]
+    table: String,
+    /// An object-store setting, KEY=VALUE, as for `sync`; repeatable.
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = parse_storage_option)]
+    storage_options: Vec<(String, String)>,
+    /// Files smaller than this are rewritten into files of about this size (e.g. 128MB, 64MiB,
+    /// or bytes). Memory use is about one output file's decoded rows.
+    #[arg(long, default_value = "128MB", value_parser = parse_size)]
+    target_file_size: u64,
+    /// Compact a partition only when it has at least this many small files.
+    #[arg(long, default_value_t = 2)]
+    min_files: usize,
+    /// Write a checkpoint when this many commits or more follow the last one (0: never).
+    #[arg(long, default_value_t = 10)]
+    checkpoint_every: u64,
+}
+
+/// A size: bytes, or a number with kB, MB, GB (powers of 1000) or KiB, MiB, GiB.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size (e.g. 128MB)"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} in {s:?} (use kB, MB, GB, KiB, MiB or GiB)")),
+    };
+    n.checked_mul(factor).filter(|n| *n > 0).ok_or_else(|| format!("{s:?} is not a usable size"))
 }
 
 /// `KEY=VALUE` of `--storage-option`.
@@ -244,6 +286,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Serve { config, grace } => serve::run(&config, std::time::Duration::from_secs(grace)).await,
         Command::CheckConfig { config } => serve::check(&config),
+        Command::Compact(args) => {
+            let written = args.storage_options.into_iter().collect();
+            let storage = lakesync_delta::StorageOptions::resolve(&args.table, &written, &|k| std::env::var(k).ok())
+                .map_err(|e| anyhow::anyhow!("--storage-option: {e}"))?;
+            let options = lakesync_delta::compact::CompactOptions {
+                target_file_size: args.target_file_size,
+                min_files: args.min_files,
+                checkpoint_every: args.checkpoint_every,
+            };
+            let table = args.table.clone();
+            let r = tokio::task::spawn_blocking(move || lakesync_delta::compact::compact(&table, &storage, &options))
+                .await??;
+            match r.version {
+                Some(v) => println!(
+                    "compacted {} at version {} into version {v}: {} files ({} bytes) rewritten as {} ({} bytes), {} rows",
+                    args.table, r.read_version, r.files_removed, r.bytes_removed, r.files_added, r.bytes_added, r.rows
+                ),
+                None => println!("{} at version {}: nothing to compact", args.table, r.read_version),
+            }
+            if let Some(v) = r.checkpoint {
+                println!("checkpointed version {v}");
+            }
+            Ok(())
+        }
         Command::Bench(args) => bench::run(args).await,
     }
 }

@@ -94,6 +94,45 @@ fn the_demo_snapshots_changes_and_syncs_incrementally() {
 }
 
 #[test]
+fn compact_rewrites_small_files_and_the_next_sync_changes_nothing() {
+    let db = TestDb::new("cli_compact");
+    // Six commits of one small file each, by the kernel's writer (as an ingest writes).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("customers");
+    let schema = lakesync_delta::sample::customer_schema();
+    let w =
+        lakesync_delta::write::DeltaWriter::create(&path, &schema, &[("delta.enableChangeDataFeed", "true")]).unwrap();
+    for i in 0..6u64 {
+        w.append(&[lakesync_delta::sample::customers(i * 10..(i + 1) * 10, 0)]).unwrap();
+    }
+    drop(w);
+    let source = path.display().to_string();
+    let sync = ["sync", "--source", &source, "--table", "public.customers", "--primary-key", "customer_id"];
+    assert!(lakesync(&db, &sync).status.success());
+
+    let out = lakesync(&db, &["compact", "--table", &source, "--target-file-size", "64MiB"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains(&format!("compacted {source} at version 6 into version 7: 6 files")), "{stdout}");
+    assert!(stdout.contains("rewritten as 1 (") && stdout.contains(", 60 rows"), "{stdout}");
+    let out = lakesync(&db, &sync);
+    assert!(
+        text(&out.stdout)
+            .contains("to Delta version 7 (triggered, change data feed): 0 inserted, 0 updated, 0 deleted"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = lakesync(&db, &["compact", "--table", &source]);
+    assert!(text(&out.stdout).contains("nothing to compact"), "{}", text(&out.stdout));
+
+    let out = lakesync(&db, &["compact", "--table", &source, "--target-file-size", "12XB"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("unknown size unit \"xb\""), "{}", text(&out.stderr));
+    let out = lakesync(&db, &["compact", "--table", "/nonexistent/table"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("/nonexistent/table"), "{}", text(&out.stderr));
+}
+
+#[test]
 fn the_bench_generates_changes_and_verifies_every_result_on_a_small_table() {
     // Both shapes of the change: one MERGE commit with cdc files (Python deltalake), and a
     // deletion-vector commit plus an append (kernel writer); the first measured twice, and

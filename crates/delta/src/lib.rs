@@ -2,8 +2,9 @@
 //!
 //! This crate owns reading a Delta table (snapshot scans with deletion vectors and column
 //! mapping applied, the change data feed), mapping Delta types to lakesync's
-//! [`lakesync_core::ColumnType`], and a small writer for sample tables (demo, benchmarks,
-//! tests).
+//! [`lakesync_core::ColumnType`], compaction (small files rewritten in a commit that changes
+//! no data, see [`compact`]), and a writer on the kernel's write path (compaction's commits;
+//! sample tables for the demo, benchmarks and tests).
 //!
 //! Invariants:
 //! - Never depends on Postgres; hands out Arrow `RecordBatch`es and core model values only.
@@ -21,6 +22,7 @@
 //! - Kernel errors are mapped to [`DeltaError`] variants that say whether the change data feed
 //!   cannot serve a range (the engine then snapshots) or something else went wrong.
 
+pub mod compact;
 pub mod error;
 mod int96;
 pub mod read_ahead;

@@ -91,6 +91,11 @@ impl DeltaTable {
         })
     }
 
+    /// The engine snapshot scans read with (INT96-aware, reading ahead).
+    pub(crate) fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
     /// The location as the user gave it.
     pub fn uri(&self) -> &str {
         &self.uri

@@ -1,7 +1,7 @@
-//! A small Delta writer for sample tables: the demo, benchmarks and tests.
-//!
-//! Built on the kernel's own write path, so the tables are real Delta tables any reader
-//! accepts. It covers what the kernel can commit with the change data feed on: appends,
+//! A Delta writer on the kernel's own write path, so the tables are real Delta tables any
+//! reader accepts: compaction's commits (see [`crate::compact`]) and sample tables for the
+//! demo, benchmarks and tests. It covers what the kernel can commit with the change data feed
+//! on: appends,
 //! deletes that remove whole data files, and deletes of single rows with deletion vectors.
 //! (With CDF on, the kernel refuses to add and remove data in one commit because it cannot
 //! write `cdc` files yet, so an update is two commits: delete the old rows, append the new.)
@@ -15,12 +15,15 @@ use delta_kernel::committer::FileSystemCommitter;
 use delta_kernel::engine::arrow_conversion::TryFromArrow;
 use delta_kernel::engine::arrow_data::ArrowEngineData;
 use delta_kernel::engine_data::FilteredEngineData;
+use delta_kernel::expressions::Scalar;
+use delta_kernel::object_store::{DynObjectStore, ObjectStoreExt};
 use delta_kernel::schema::StructType;
 use delta_kernel::transaction::create_table::create_table;
+use delta_kernel::transaction::data_layout::DataLayout;
+use delta_kernel::transaction::BoundWriteContext;
 use delta_kernel::transaction::{CommitResult, Transaction, UpdateTableOperation};
 use delta_kernel::{KernelError, Snapshot, SnapshotRef};
 use delta_kernel_default_engine::executor::tokio::TokioMultiThreadExecutor;
-use delta_kernel_default_engine::storage::store_from_url;
 use delta_kernel_default_engine::{DefaultEngine, DefaultEngineBuilder};
 use lakesync_core::Version;
 use url::Url;
@@ -33,6 +36,7 @@ const ENGINE_INFO: &str = concat!("lakesync/", env!("CARGO_PKG_VERSION"));
 pub struct DeltaWriter {
     uri: String,
     url: Url,
+    store: Arc<DynObjectStore>,
     /// The kernel engine (with its own runtime) and a runtime for our async calls; `None` only
     /// while being dropped.
     kernel: Option<(Arc<DefaultEngine<TokioMultiThreadExecutor>>, tokio::runtime::Runtime)>,
@@ -52,7 +56,7 @@ impl Drop for DeltaWriter {
 }
 
 impl DeltaWriter {
-    fn engine(&self) -> &DefaultEngine<TokioMultiThreadExecutor> {
+    pub(crate) fn engine(&self) -> &DefaultEngine<TokioMultiThreadExecutor> {
         &self.kernel.as_ref().expect("present until drop").0
     }
 
@@ -68,14 +72,28 @@ impl DeltaWriter {
         schema: &arrow_schema::Schema,
         properties: &[(&str, &str)],
     ) -> Result<Self, DeltaError> {
+        Self::create_partitioned(path, schema, &[], properties)
+    }
+
+    /// [`Self::create`] for a table partitioned by the columns `partition_by` of `schema`.
+    pub fn create_partitioned(
+        path: &std::path::Path,
+        schema: &arrow_schema::Schema,
+        partition_by: &[&str],
+        properties: &[(&str, &str)],
+    ) -> Result<Self, DeltaError> {
         std::fs::create_dir_all(path).map_err(|e| DeltaError::Shape {
             uri: path.display().to_string(),
             message: format!("cannot create directory: {e}"),
         })?;
         let writer = Self::open(path)?;
         let kernel_schema = Arc::new(StructType::try_from_arrow(schema).map_err(|e| writer.err(e.into()))?);
-        let result = create_table(writer.url.as_str(), kernel_schema, ENGINE_INFO, true)
-            .with_table_properties(properties.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        let mut builder = create_table(writer.url.as_str(), kernel_schema, ENGINE_INFO, true)
+            .with_table_properties(properties.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        if !partition_by.is_empty() {
+            builder = builder.with_data_layout(DataLayout::partitioned(partition_by));
+        }
+        let result = builder
             .build(writer.engine(), Box::new(FileSystemCommitter::new()))
             .and_then(|txn| txn.commit(writer.engine()))
             .map_err(|e| writer.err(e))?;
@@ -86,22 +104,84 @@ impl DeltaWriter {
     /// Opens an existing table at the local directory `path` for writing.
     pub fn open(path: &std::path::Path) -> Result<Self, DeltaError> {
         let uri = path.display().to_string();
+        let abs =
+            std::path::absolute(path).map_err(|e| DeltaError::Shape { uri: uri.clone(), message: e.to_string() })?;
+        let mut writer = Self::open_with(&abs.display().to_string(), &crate::store::StorageOptions::default())?;
+        writer.uri = uri;
+        Ok(writer)
+    }
+
+    /// Opens the table at `uri` (a local path or any URI [`crate::DeltaTable::open_with`]
+    /// takes) for writing, with the store configured the same way.
+    pub fn open_with(uri: &str, options: &crate::store::StorageOptions) -> Result<Self, DeltaError> {
+        let uri = uri.to_string();
         let shape = |message: String| DeltaError::Shape { uri: uri.clone(), message };
-        let abs = std::path::absolute(path).map_err(|e| shape(e.to_string()))?;
-        let url = Url::from_directory_path(&abs).map_err(|_| shape("not an absolute path".into()))?;
-        let store = store_from_url(&url).map_err(|source| DeltaError::Open { uri: uri.clone(), source })?;
+        let url = crate::store::table_url(&uri)?;
+        let store = crate::store::build_store(&uri, &url, options)?;
         // The kernel's checkpoint writer needs the multi-threaded executor (it blocks on the
         // background one).
         let executor = TokioMultiThreadExecutor::new_owned_runtime(Some(1), None)
             .map_err(|source| DeltaError::Open { uri: uri.clone(), source })?;
-        let engine = Arc::new(DefaultEngineBuilder::new(store).with_task_executor(Arc::new(executor)).build());
+        let engine = Arc::new(DefaultEngineBuilder::new(store.clone()).with_task_executor(Arc::new(executor)).build());
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| shape(e.to_string()))?;
-        Ok(Self { uri, url, kernel: Some((engine, runtime)) })
+        Ok(Self { uri, url, store, kernel: Some((engine, runtime)) })
     }
 
-    fn err(&self, source: KernelError) -> DeltaError {
+    pub(crate) fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    pub(crate) fn err(&self, source: KernelError) -> DeltaError {
         DeltaError::Write { uri: self.uri.clone(), source }
+    }
+
+    pub(crate) fn shape(&self, message: String) -> DeltaError {
+        DeltaError::Shape { uri: self.uri.clone(), message }
+    }
+
+    /// Writes `rows` (logical, without partition columns) as one Parquet file under `ctx`;
+    /// returns its add metadata (for `Transaction::add_files`) and its size in bytes.
+    pub(crate) fn write_parquet(
+        &self,
+        rows: RecordBatch,
+        ctx: &BoundWriteContext,
+    ) -> Result<(RecordBatch, u64), DeltaError> {
+        let data = ArrowEngineData::new(rows);
+        let added = self.runtime().block_on(self.engine().write_parquet(&data, ctx)).map_err(|e| self.err(e))?;
+        let meta: RecordBatch = (*ArrowEngineData::try_from_engine_data(added).map_err(|e| self.err(e))?).into();
+        let size = meta
+            .column_by_name("size")
+            .and_then(|c| c.as_any().downcast_ref::<arrow_array::Int64Array>())
+            .map_or(0, |s| (0..s.len()).map(|i| s.value(i).max(0) as u64).sum());
+        Ok((meta, size))
+    }
+
+    /// Writes a checkpoint of the latest version when `every` commits or more follow the last
+    /// checkpoint (as named by `_delta_log/_last_checkpoint`); `every = 0` never does.
+    pub fn checkpoint_if_due(&self, every: u64) -> Result<Option<Version>, DeltaError> {
+        if every == 0 {
+            return Ok(None);
+        }
+        let latest = self.latest()?.version();
+        let path = delta_kernel::object_store::path::Path::from_url_path(format!(
+            "{}_delta_log/_last_checkpoint",
+            self.url.path()
+        ))
+        .map_err(|e| self.shape(e.to_string()))?;
+        let last = match self.runtime().block_on(async { self.store.get(&path).await?.bytes().await }) {
+            Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v["version"].as_u64()),
+            Err(delta_kernel::object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(self.err(KernelError::ObjectStore(e))),
+        };
+        let since = match last {
+            Some(v) => latest.saturating_sub(v),
+            None => latest + 1,
+        };
+        if since < every {
+            return Ok(None);
+        }
+        self.checkpoint().map(Some)
     }
 
     fn latest(&self) -> Result<SnapshotRef, DeltaError> {
@@ -110,10 +190,19 @@ impl DeltaWriter {
 
     /// A transaction on the latest version, with that version's snapshot.
     fn begin(&self, operation: UpdateTableOperation) -> Result<(SnapshotRef, Transaction), DeltaError> {
+        self.begin_with(operation, true)
+    }
+
+    /// A transaction on the latest version whose actions carry `data_change`.
+    pub(crate) fn begin_with(
+        &self,
+        operation: UpdateTableOperation,
+        data_change: bool,
+    ) -> Result<(SnapshotRef, Transaction), DeltaError> {
         let snapshot = self.latest()?;
         let txn = snapshot
             .clone()
-            .update_table(operation, ENGINE_INFO, true)
+            .update_table(operation, ENGINE_INFO, data_change)
             .build(self.engine(), Box::new(FileSystemCommitter::new()))
             .map_err(|e| self.err(e))?;
         Ok((snapshot, txn))
@@ -121,7 +210,7 @@ impl DeltaWriter {
 
     /// The data files of `snapshot`: batches of the kernel's scan-file rows, each with the
     /// selection of live files (one entry per row).
-    fn scan_files(&self, snapshot: &SnapshotRef) -> Result<Vec<(RecordBatch, Vec<bool>)>, DeltaError> {
+    pub(crate) fn scan_files(&self, snapshot: &SnapshotRef) -> Result<Vec<(RecordBatch, Vec<bool>)>, DeltaError> {
         let scan = snapshot.clone().scan_builder().build().map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for meta in scan.scan_metadata(self.engine()).map_err(|e| self.err(e))? {
@@ -162,6 +251,20 @@ impl DeltaWriter {
         }
         let version = self.commit(txn.commit(self.engine()).map_err(|e| self.err(e))?)?;
         Ok((version, paths))
+    }
+
+    /// Appends `batch` (the columns other than the partition columns) as one file of the
+    /// partition whose string partition columns have `values`, in one commit.
+    pub fn append_partition(&self, values: &[(&str, &str)], batch: RecordBatch) -> Result<Version, DeltaError> {
+        let (_, mut txn) = self.begin(UpdateTableOperation::Write)?;
+        let partition = values.iter().map(|(k, v)| (k.to_string(), Scalar::String(v.to_string()))).collect();
+        let ctx = txn
+            .write_state()
+            .and_then(|s| s.write_context_builder().with_partition_values(partition).build())
+            .map_err(|e| self.err(e))?;
+        let (add, _) = self.write_parquet(batch, &ctx)?;
+        txn.add_files(Box::new(ArrowEngineData::new(add)));
+        self.commit(txn.commit(self.engine()).map_err(|e| self.err(e))?)
     }
 
     /// Writes a checkpoint of the latest version (as Spark does every few commits), so
@@ -249,7 +352,7 @@ impl DeltaWriter {
     }
 }
 
-fn path_column(batch: &RecordBatch) -> &StringArray {
+pub(crate) fn path_column(batch: &RecordBatch) -> &StringArray {
     batch
         .column_by_name("path")
         .and_then(|c| c.as_any().downcast_ref::<StringArray>())

@@ -1,6 +1,7 @@
 //! Integration tests: real Postgres, real Delta tables (written by the kernel and by the Python
 //! `deltalake` writer), and the Spark-written conformance fixtures.
 
+mod compaction;
 mod object_stores;
 mod support;
 
@@ -901,52 +902,11 @@ fn tls_connections_follow_sslmode_and_verify_the_server_certificate() {
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl").args(args).current_dir(d).output().expect("openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    for ca in ["ca", "other-ca"] {
-        let (key, pem, subject) = (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN=lakesync test {ca}"));
-        openssl(&[
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &pem, "-days", "2", "-subj",
-            &subject,
-        ]);
-    }
-    std::fs::write(d.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
+    let certs = support::test_certificates(d);
     let cluster = support::StopOnDrop(LocalCluster::start(&d.join("pg"), support::test_port(4)).unwrap());
     let cluster = &cluster.0;
-    for f in ["server.pem", "server.key"] {
-        std::fs::copy(d.join(f), d.join("pg/data").join(f)).unwrap();
-    }
+    std::fs::copy(&certs.cert, d.join("pg/data/server.pem")).unwrap();
+    std::fs::copy(&certs.key, d.join("pg/data/server.key")).unwrap();
     let _ = std::process::Command::new("chown").args(["-R", "postgres:postgres"]).arg(d.join("pg/data")).status();
     let admin = cluster.connection_string("postgres");
     let plain = TestDb { conn: format!("{admin} sslmode=disable"), name: "postgres".into() };
@@ -961,8 +921,8 @@ fn tls_connections_follow_sslmode_and_verify_the_server_certificate() {
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
 
-    let ca = d.join("ca.pem").display().to_string();
-    let other = d.join("other-ca.pem").display().to_string();
+    let ca = certs.ca.display().to_string();
+    let other = certs.other_ca.display().to_string();
     let encrypted = |conn: &str| -> Result<bool, String> {
         support::block_on(async {
             let client =

@@ -468,61 +468,6 @@ fn continuous_mode_rides_out_a_postgres_restart_and_loses_nothing() {
     drop(server);
 }
 
-/// A CA and a certificate for 127.0.0.1 signed by it, made with openssl in `dir`: returns the
-/// CA's PEM file, the certificate and its key.
-fn test_certificates(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=lakesync api test ca",
-    ]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "api.key",
-        "-out",
-        "api.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "api.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "api.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
-    (dir.join("ca.pem"), dir.join("api.pem"), dir.join("api.key"))
-}
-
 #[test]
 fn serve_over_https_needs_a_token_to_read_and_reads_with_its_own_role() {
     let db = TestDb::new("cli_https");
@@ -537,7 +482,7 @@ fn serve_over_https_needs_a_token_to_read_and_reads_with_its_own_role() {
          ALTER DEFAULT PRIVILEGES IN SCHEMA lakesync GRANT SELECT ON TABLES TO lakesync_reader;",
     );
     let reader_conn = db.conn.replace("user=postgres", "user=lakesync_reader");
-    let (ca, cert, key) = test_certificates(dir.path());
+    let crate::support::TestCerts { ca, cert, key, .. } = crate::support::test_certificates(dir.path());
     let people = PyDelta::new();
     people.run(json!([{"op": "create", "schema": [["id", "pa.int64()"], ["name", "pa.string()"]], "rows": [[1, "ada"], [2, "grace"]]}]));
     let config = format!(
