@@ -689,6 +689,51 @@ mod tests {
     }
 
     #[test]
+    fn storage_options_come_from_toml_and_json_with_secrets_only_through_variables() {
+        let env = |name: &str| match name {
+            "LAKE_SECRET" => Some("s3cret-lake".to_string()),
+            _ => env(name),
+        };
+        // The README's S3-compatible example, as TOML.
+        let toml = GOOD.replace(
+            "nul_bytes = \"strip\"",
+            "nul_bytes = \"strip\"\nstorage_options = { aws_endpoint = \"http://minio.internal:9000\", \
+             aws_allow_http = true, aws_region = \"us-east-1\", aws_access_key_id = \"lakesync\", \
+             aws_secret_access_key_env = \"LAKE_SECRET\" }",
+        );
+        let config = Config::from_toml("lakesync.toml", &toml, &env).unwrap();
+        let shown = format!("{:?}", config.tables[1].storage);
+        assert!(shown.contains("aws_secret_access_key") && shown.contains("aws_allow_http"), "{shown}");
+        assert!(!format!("{config:?}").contains("s3cret-lake"));
+
+        // The same entry as a POST body (JSON) resolves the same way.
+        let body = serde_json::json!({
+            "source": "s3://lake/orders", "target": "crm.orders", "primary_key": ["order_id"], "mode": "triggered",
+            "storage_options": {"aws_region": "us-east-1", "aws_allow_http": true, "aws_secret_access_key_env": "LAKE_SECRET"}
+        });
+        let entry: TableConfig = serde_json::from_value(body).unwrap();
+        assert!(entry.validate_with(&env).is_ok());
+
+        // A secret written inline, an unknown key, a missing variable and options on a local
+        // path are refused, naming the table and the key, never showing the value.
+        let refused = |options: &str, source: &str| {
+            let toml = GOOD
+                .replace("source = \"s3://lake/orders\"", &format!("source = \"{source}\""))
+                .replace("nul_bytes = \"strip\"", &format!("nul_bytes = \"strip\"\nstorage_options = {{ {options} }}"));
+            Config::from_toml("lakesync.toml", &toml, &env).unwrap_err().to_string()
+        };
+        let inline = refused("aws_secret_access_key = \"plain-secret-value\"", "s3://lake/orders");
+        assert!(inline.contains("orders") && inline.contains("aws_secret_access_key_env"), "{inline}");
+        assert!(!inline.contains("plain-secret-value"), "{inline}");
+        let typo = refused("aws_regoin = \"eu\"", "s3://lake/orders");
+        assert!(typo.contains("unknown storage option \"aws_regoin\""), "{typo}");
+        let unset = refused("aws_secret_access_key_env = \"NOT_SET_ANYWHERE\"", "s3://lake/orders");
+        assert!(unset.contains("NOT_SET_ANYWHERE") && unset.contains("not set"), "{unset}");
+        let local = refused("aws_region = \"eu\"", "/lake/orders");
+        assert!(local.contains("not local paths"), "{local}");
+    }
+
+    #[test]
     fn unknown_fields_are_errors_that_name_the_field_and_line() {
         let err = error(&GOOD.replace("poll_interval", "poll_intervall"));
         assert!(err.contains("poll_intervall") && err.contains("line"), "{err}");
