@@ -42,7 +42,11 @@ fn spec(tables: &[String]) -> Value {
                     "indexes": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
                     "parallelism": {"type": "integer"}, "nul_bytes": {"enum": ["error", "strip"]},
                     "dedup_by": {"type": "string"}, "exclude": {"type": "array", "items": {"type": "string"}},
-                    "versions_per_transaction": {"type": "integer"}}},
+                    "versions_per_transaction": {"type": "integer"},
+                    "adopt": {"type": "boolean"}, "allow_drop_columns": {"type": "boolean"},
+                    "keep_runs": {"type": "integer"}, "keep_runs_days": {"type": "integer"},
+                    "storage_options": {"type": "object", "description": "object-store settings (aws_region, aws_endpoint, azure_storage_account_name, ...); a secret only as KEY_env naming the variable that holds it",
+                        "additionalProperties": {"type": ["string", "boolean", "number"]}}}},
                 "SyncedTable": {"type": "object", "properties": {
                     "name": {"type": "string"}, "source": {"type": "string"}, "target": {"type": "string"},
                     "mode": {"type": "string"}, "state": {"type": "string"},
