@@ -4,7 +4,8 @@
 //! mapping applied, the change data feed), mapping Delta types to lakesync's
 //! [`lakesync_core::ColumnType`], compaction (small files rewritten in a commit that changes
 //! no data, see [`compact`]), and a writer on the kernel's write path (compaction's commits;
-//! sample tables for the demo, benchmarks and tests).
+//! exactly-once appends that record each source partition's position as a `txn` action, for
+//! streaming writers; sample tables for the demo, benchmarks and tests).
 //!
 //! Invariants:
 //! - Never depends on Postgres; hands out Arrow `RecordBatch`es and core model values only.

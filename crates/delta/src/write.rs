@@ -32,6 +32,16 @@ use crate::DeltaError;
 
 const ENGINE_INFO: &str = concat!("lakesync/", env!("CARGO_PKG_VERSION"));
 
+/// The outcome of [`DeltaWriter::append_once`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Committed as this version.
+    Committed(Version),
+    /// The table already records every application's version (or a later one): these rows
+    /// were committed before, by a writer that stopped after its commit. Nothing was written.
+    AlreadyCommitted,
+}
+
 /// Writes commits to one Delta table.
 pub struct DeltaWriter {
     uri: String,
@@ -226,6 +236,75 @@ impl DeltaWriter {
         FilteredEngineData::try_new(Box::new(ArrowEngineData::new(batch)), selected).map_err(|e| self.err(e))
     }
 
+    /// The versions the table records for `app_ids` (its `txn` actions), `None` where it has
+    /// none, in the order asked.
+    pub fn app_versions(&self, app_ids: &[&str]) -> Result<Vec<Option<i64>>, DeltaError> {
+        let snapshot = self.latest()?;
+        app_ids.iter().map(|id| snapshot.get_app_id_version(id, self.engine()).map_err(|e| self.err(e))).collect()
+    }
+
+    /// Appends `batches` (one Parquet file each) and records every `(app_id, version)` as a
+    /// `txn` action, in one commit: the Delta protocol's exactly-once for streaming writers
+    /// (what Spark's `txnAppId`/`txnVersion` do). A writer records, per source partition, the
+    /// position to resume from; after a crash it reads them back with [`Self::app_versions`].
+    ///
+    /// The recorded versions are checked before writing and again after each lost commit
+    /// race: when the table already records every app's version or a later one, the rows
+    /// were committed before and nothing is written ([`Appended::AlreadyCommitted`]); when
+    /// only some do, the writers disagree and it is an error. A race lost to other writers'
+    /// commits is retried on top of them with the same files.
+    pub fn append_once(&self, batches: &[RecordBatch], txns: &[(String, i64)]) -> Result<Appended, DeltaError> {
+        let ids: Vec<&str> = txns.iter().map(|(id, _)| id.as_str()).collect();
+        let mut adds: Option<Vec<RecordBatch>> = None;
+        for _ in 0..100 {
+            let (snapshot, txn) = self.begin(UpdateTableOperation::Write)?;
+            let mut done = 0;
+            for (id, version) in txns {
+                if snapshot
+                    .get_app_id_version(id, self.engine())
+                    .map_err(|e| self.err(e))?
+                    .is_some_and(|v| v >= *version)
+                {
+                    done += 1;
+                }
+            }
+            if done == txns.len() && !txns.is_empty() {
+                return Ok(Appended::AlreadyCommitted);
+            }
+            if done > 0 {
+                return Err(self.shape(format!(
+                    "{done} of the applications {ids:?} already record these versions and the others do not: \
+                     another writer is committing with the same application ids"
+                )));
+            }
+            let mut txn = txns.iter().fold(txn, |t, (id, v)| t.with_transaction_id(id.clone(), *v));
+            if adds.is_none() {
+                let ctx = txn.write_state().and_then(|s| s.write_context_builder().build()).map_err(|e| self.err(e))?;
+                let mut written = Vec::new();
+                for batch in batches {
+                    written.push(self.write_parquet(batch.clone(), &ctx)?.0);
+                }
+                adds = Some(written);
+            }
+            for add in adds.iter().flatten() {
+                txn.add_files(Box::new(ArrowEngineData::new(add.clone())));
+            }
+            match txn.commit(self.engine()).map_err(|e| self.err(e))? {
+                CommitResult::Committed(c) => return Ok(Appended::Committed(c.commit_version())),
+                CommitResult::Conflicted(c) => {
+                    tracing::debug!(
+                        table = self.uri,
+                        version = c.conflict_version(),
+                        "append lost a race; retrying on top"
+                    );
+                }
+                // The commit may have landed: the check at the top of the next round says.
+                CommitResult::Retryable(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+        Err(self.shape(format!("the append with {ids:?} lost the commit race 100 times in a row")))
+    }
+
     /// Appends `batches` (one Parquet file each) in one commit; returns the new version.
     pub fn append(&self, batches: &[RecordBatch]) -> Result<Version, DeltaError> {
         Ok(self.append_files(batches.iter().cloned())?.0)
@@ -357,4 +436,62 @@ pub(crate) fn path_column(batch: &RecordBatch) -> &StringArray {
         .column_by_name("path")
         .and_then(|c| c.as_any().downcast_ref::<StringArray>())
         .expect("kernel scan files carry a string `path` column")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::{customer_schema, customers};
+
+    fn txns(pairs: &[(&str, i64)]) -> Vec<(String, i64)> {
+        pairs.iter().map(|(id, v)| (id.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn an_append_with_offsets_commits_once_and_a_replay_commits_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = DeltaWriter::create(&dir.path().join("t"), &customer_schema(), &[]).unwrap();
+        assert_eq!(w.app_versions(&["ingest-0", "ingest-1"]).unwrap(), [None, None]);
+        let first = txns(&[("ingest-0", 10), ("ingest-1", 5)]);
+        assert_eq!(w.append_once(&[customers(0..10, 0)], &first).unwrap(), Appended::Committed(1));
+        assert_eq!(w.app_versions(&["ingest-0", "ingest-1"]).unwrap(), [Some(10), Some(5)]);
+        // A writer that crashed after that commit replays the same rows: nothing is written.
+        assert_eq!(w.append_once(&[customers(0..10, 0)], &first).unwrap(), Appended::AlreadyCommitted);
+        assert_eq!(w.latest().unwrap().version(), 1);
+        assert_eq!(w.files().unwrap().len(), 1);
+        let next = txns(&[("ingest-0", 12), ("ingest-1", 9)]);
+        assert_eq!(w.append_once(&[customers(10..16, 0)], &next).unwrap(), Appended::Committed(2));
+        // Applications that disagree are refused, and nothing is written.
+        let err = w.append_once(&[customers(16..17, 0)], &txns(&[("ingest-0", 12), ("ingest-2", 1)])).unwrap_err();
+        assert!(err.to_string().contains("another writer is committing with the same application ids"), "{err}");
+        assert_eq!(w.latest().unwrap().version(), 2);
+    }
+
+    #[test]
+    fn writers_racing_on_one_table_each_commit_every_append_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        DeltaWriter::create(&path, &customer_schema(), &[]).unwrap();
+        let writers: Vec<_> = (0..2u64)
+            .map(|n| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let w = DeltaWriter::open(&path).unwrap();
+                    let app = format!("ingest-{n}");
+                    for i in 1..=15u64 {
+                        let rows = customers(n * 1000 + i..n * 1000 + i + 1, 0);
+                        let out = w.append_once(&[rows], &[(app.clone(), i as i64)]).unwrap();
+                        assert!(matches!(out, Appended::Committed(_)), "{out:?}");
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let w = DeltaWriter::open(&path).unwrap();
+        assert_eq!(w.files().unwrap().len(), 30);
+        assert_eq!(w.app_versions(&["ingest-0", "ingest-1"]).unwrap(), [Some(15), Some(15)]);
+        assert_eq!(w.latest().unwrap().version(), 30);
+    }
 }
