@@ -96,7 +96,29 @@ impl DeltaWriter {
             uri: path.display().to_string(),
             message: format!("cannot create directory: {e}"),
         })?;
-        let writer = Self::open(path)?;
+        Self::open(path)?.init(schema, partition_by, properties)
+    }
+
+    /// Creates a new, empty table at `uri` (an object-store URI or an existing local
+    /// directory), partitioned by `partition_by`, with the store configured by `options`.
+    pub fn create_at(
+        uri: &str,
+        options: &crate::store::StorageOptions,
+        schema: &arrow_schema::Schema,
+        partition_by: &[&str],
+        properties: &[(&str, &str)],
+    ) -> Result<Self, DeltaError> {
+        Self::open_with(uri, options)?.init(schema, partition_by, properties)
+    }
+
+    /// Commits version 0 of a new table.
+    fn init(
+        self,
+        schema: &arrow_schema::Schema,
+        partition_by: &[&str],
+        properties: &[(&str, &str)],
+    ) -> Result<Self, DeltaError> {
+        let writer = self;
         let kernel_schema = Arc::new(StructType::try_from_arrow(schema).map_err(|e| writer.err(e.into()))?);
         let mut builder = create_table(writer.url.as_str(), kernel_schema, ENGINE_INFO, true)
             .with_table_properties(properties.iter().map(|(k, v)| (k.to_string(), v.to_string())));

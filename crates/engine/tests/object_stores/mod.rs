@@ -285,3 +285,34 @@ fn an_idle_continuous_table_costs_one_listing_from_its_synced_version_per_poll()
         assert!(r.contains(&format!("start-after=idle%2F_delta_log%2F{next}")), "{r} does not start at {next}");
     }
 }
+
+#[test]
+fn a_table_in_s3_is_compacted_in_place_and_the_sync_sees_no_change() {
+    use lakesync_delta::compact::{compact, CompactOptions};
+    use lakesync_delta::write::DeltaWriter;
+    use lakesync_delta::StorageOptions;
+
+    let s3 = S3Server::start();
+    s3.export_env();
+    s3.create_bucket("lake");
+    let db = TestDb::new("s3_compact");
+    let uri = "s3://lake/stream/events";
+    // Twelve small commits by the kernel's writer, as an ingest leaves them.
+    let schema = lakesync_delta::sample::customer_schema();
+    let options = StorageOptions::default();
+    let w = DeltaWriter::create_at(uri, &options, &schema, &[], &[("delta.enableChangeDataFeed", "true")]).unwrap();
+    for i in 0..12u64 {
+        w.append(&[lakesync_delta::sample::customers(i * 50..(i + 1) * 50, 0)]).unwrap();
+    }
+    let req = db.request(std::path::Path::new(uri), "public.events", "customer_id");
+    assert_eq!(db.sync(&req).unwrap().to_version, 12);
+
+    let report = compact(uri, &options, &CompactOptions::default()).unwrap();
+    assert_eq!((report.files_removed, report.files_added, report.rows), (12, 1, 600), "{report:?}");
+    assert_eq!((report.version, report.checkpoint), (Some(13), Some(13)), "{report:?}");
+    assert_eq!(w.files().unwrap().len(), 1);
+    let out = db.sync(&req).unwrap();
+    assert_eq!((out.mode.as_str(), out.to_version), ("triggered", 13), "{}", out.reason);
+    assert_eq!((out.counts.inserted, out.counts.updated, out.counts.deleted), (0, 0, 0));
+    db.assert_matches_snapshot(std::path::Path::new(uri), "public.events", "customer_id", 13);
+}
