@@ -131,6 +131,10 @@ impl StorageOptions {
         Self(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
     }
 
+    fn pairs(&self) -> Vec<(String, String)> {
+        self.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     /// Whether no option is set.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -201,12 +205,8 @@ fn build_store_with(
                 .map_err(|source| DeltaError::Open { uri: uri.to_string(), source })?
         }
         StoreKind::S3 => {
-            let mut builder = AmazonS3Builder::new();
-            for (key, value) in env_pairs(env, "AWS_") {
-                if let Ok(key) = key.parse() {
-                    builder = builder.with_config(key, value);
-                }
-            }
+            let with = |b: AmazonS3Builder, k: AmazonS3ConfigKey, v: String| b.with_config(k, v);
+            let mut builder = configure(AmazonS3Builder::new(), with, env_pairs(env, "AWS_"), false).map_err(bad)?;
             let has = |key: &str| var(&key.to_ascii_uppercase()).is_some() || options.0.contains_key(key);
             let profile = aws_files(&var);
             if !has("aws_access_key_id") {
@@ -225,36 +225,21 @@ fn build_store_with(
                     builder = builder.with_config(AmazonS3ConfigKey::Endpoint, endpoint);
                 }
             }
-            for (key, value) in &options.0 {
-                builder =
-                    builder.with_config(key.parse().map_err(|_| bad(format!("unknown storage option {key}")))?, value);
-            }
+            let builder = configure(builder, with, options.pairs(), true).map_err(bad)?;
             Arc::new(builder.with_url(url.as_str()).build().map_err(|e| bad(e.to_string()))?)
         }
         StoreKind::Azure => {
-            let mut builder = MicrosoftAzureBuilder::new();
-            for (key, value) in env_pairs(env, "AZURE_") {
-                if let Ok(key) = key.parse() {
-                    builder = builder.with_config(key, value);
-                }
-            }
-            for (key, value) in &options.0 {
-                builder =
-                    builder.with_config(key.parse().map_err(|_| bad(format!("unknown storage option {key}")))?, value);
-            }
+            let with = |b: MicrosoftAzureBuilder, k: AzureConfigKey, v: String| b.with_config(k, v);
+            let builder =
+                configure(MicrosoftAzureBuilder::new(), with, env_pairs(env, "AZURE_"), false).map_err(bad)?;
+            let builder = configure(builder, with, options.pairs(), true).map_err(bad)?;
             Arc::new(builder.with_url(url.as_str()).build().map_err(|e| bad(e.to_string()))?)
         }
         StoreKind::Gcs => {
-            let mut builder = GoogleCloudStorageBuilder::new();
-            for (key, value) in env_pairs(env, "GOOGLE_") {
-                if let Ok(key) = key.parse() {
-                    builder = builder.with_config(key, value);
-                }
-            }
-            for (key, value) in &options.0 {
-                builder =
-                    builder.with_config(key.parse().map_err(|_| bad(format!("unknown storage option {key}")))?, value);
-            }
+            let with = |b: GoogleCloudStorageBuilder, k: GoogleConfigKey, v: String| b.with_config(k, v);
+            let builder =
+                configure(GoogleCloudStorageBuilder::new(), with, env_pairs(env, "GOOGLE_"), false).map_err(bad)?;
+            let builder = configure(builder, with, options.pairs(), true).map_err(bad)?;
             Arc::new(builder.with_url(url.as_str()).build().map_err(|e| bad(e.to_string()))?)
         }
     };
@@ -263,6 +248,26 @@ fn build_store_with(
 
 /// The environment variables with `prefix`, as lower-case option keys (what the builders'
 /// `from_env` does).
+/// Gives `pairs` to a store builder through its `with_config`: keys it does not know are
+/// skipped (`strict = false`: the environment holds other tools' variables too) or refused
+/// (the table's options).
+fn configure<B, K: std::str::FromStr>(
+    builder: B,
+    with_config: impl Fn(B, K, String) -> B,
+    pairs: Vec<(String, String)>,
+    strict: bool,
+) -> Result<B, String> {
+    let mut builder = builder;
+    for (key, value) in pairs {
+        match key.parse() {
+            Ok(k) => builder = with_config(builder, k, value),
+            Err(_) if strict => return Err(format!("unknown storage option {key}")),
+            Err(_) => {}
+        }
+    }
+    Ok(builder)
+}
+
 fn env_pairs(env: &[(String, String)], prefix: &str) -> Vec<(String, String)> {
     env.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect()
 }

@@ -41,13 +41,6 @@ fn compact_path(path: &Path, options: &CompactOptions) -> CompactReport {
     compact(&path.display().to_string(), &StorageOptions::default(), options).unwrap()
 }
 
-/// The same rows, compared both ways with EXCEPT ALL.
-fn assert_same_rows(db: &TestDb, a: &str, b: &str) {
-    let diff =
-        format!("SELECT count(*) FROM ((TABLE {a} EXCEPT ALL TABLE {b}) UNION ALL (TABLE {b} EXCEPT ALL TABLE {a})) d");
-    assert_eq!(db.value(&diff), "0", "{a} and {b} differ");
-}
-
 /// A copy of a directory tree (a Spark fixture is read in place; compaction writes).
 fn copy_tree(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -128,12 +121,12 @@ fn spark_tables_with_deletion_vectors_and_cdc_files_compact_to_the_same_rows() {
         // A fresh snapshot of the compacted version holds exactly the rows of the one before.
         let fresh = db.request(&path, &format!("fresh.{table}"), key);
         assert_eq!(db.sync(&fresh).unwrap().to_version, version, "{name}");
-        assert_same_rows(&db, &format!("synced.{table}"), &format!("fresh.{table}"));
+        db.assert_same_rows(&format!("synced.{table}"), &format!("fresh.{table}"));
         // And the table synced before follows the feed through the commit, changing nothing.
         let out = db.sync(&synced).unwrap();
         assert_eq!((out.mode.as_str(), out.to_version), ("triggered", version), "{name}: {}", out.reason);
         assert_eq!((out.counts.inserted, out.counts.updated, out.counts.deleted), (0, 0, 0), "{name}");
-        assert_same_rows(&db, &format!("synced.{table}"), &format!("fresh.{table}"));
+        db.assert_same_rows(&format!("synced.{table}"), &format!("fresh.{table}"));
     }
 }
 

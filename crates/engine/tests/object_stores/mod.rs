@@ -12,14 +12,6 @@ use crate::support::stores::{AzureServer, S3Server, TcpProxy};
 use crate::support::{block_on, spark_fixture, PyDelta, TestDb};
 use crate::{people, people_schema};
 
-/// The same rows, compared both ways with EXCEPT ALL.
-fn assert_same_rows(db: &TestDb, a: &str, b: &str) {
-    let diff =
-        format!("SELECT count(*) FROM ((TABLE {a} EXCEPT ALL TABLE {b}) UNION ALL (TABLE {b} EXCEPT ALL TABLE {a})) d");
-    assert_eq!(db.value(&diff), "0", "{a} and {b} differ");
-    assert_eq!(db.value(&format!("SELECT count(*) FROM {a}")), db.value(&format!("SELECT count(*) FROM {b}")));
-}
-
 #[test]
 fn a_table_in_s3_syncs_with_the_standard_aws_variables_by_snapshot_and_change_feed() {
     let s3 = S3Server::start();
@@ -45,7 +37,7 @@ fn a_table_in_s3_syncs_with_the_standard_aws_variables_by_snapshot_and_change_fe
     // Spark's spelling of the same table gives the same rows.
     let spark = db.request(std::path::Path::new("s3a://lake/crm/people/"), "public.people_s3a", "id");
     assert_eq!(db.sync(&spark).unwrap().to_version, v);
-    assert_same_rows(&db, "public.people", "public.people_s3a");
+    db.assert_same_rows("public.people", "public.people_s3a");
 }
 
 #[test]
@@ -73,7 +65,7 @@ fn spark_fixtures_uploaded_to_s3_sync_exactly_as_from_a_local_path() {
             let remote = db.sync(&from_s3).unwrap_or_else(|e| panic!("{name} v{v} from S3: {e}"));
             let disk = db.sync(&from_disk).unwrap();
             assert_eq!((remote.mode, remote.to_version), (disk.mode, disk.to_version), "{name} v{v}");
-            assert_same_rows(&db, &format!("s3.{table}"), &format!("disk.{table}"));
+            db.assert_same_rows(&format!("s3.{table}"), &format!("disk.{table}"));
         }
     }
 }
@@ -239,7 +231,7 @@ fn a_table_in_azure_blob_storage_syncs_by_abfss_and_az_uris() {
     db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
     let short = db.request(std::path::Path::new("az://lake/crm/people"), "public.people_az", "id");
     db.sync(&short).unwrap();
-    assert_same_rows(&db, "public.people", "public.people_az");
+    db.assert_same_rows("public.people", "public.people_az");
 }
 
 #[test]

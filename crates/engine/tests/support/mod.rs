@@ -189,6 +189,17 @@ fn quote(s: &str) -> String {
 
 /// The Python interpreter with `deltalake` installed: `LAKESYNC_TEST_PYTHON`, else the
 /// workspace's `.venv`, else `python3`.
+impl TestDb {
+    /// Asserts the two tables hold the same rows, compared both ways with EXCEPT ALL.
+    pub fn assert_same_rows(&self, a: &str, b: &str) {
+        let diff = format!(
+            "SELECT count(*) FROM ((TABLE {a} EXCEPT ALL TABLE {b}) UNION ALL (TABLE {b} EXCEPT ALL TABLE {a})) d"
+        );
+        assert_eq!(self.value(&diff), "0", "{a} and {b} differ");
+        assert_eq!(self.value(&format!("SELECT count(*) FROM {a}")), self.value(&format!("SELECT count(*) FROM {b}")));
+    }
+}
+
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("LAKESYNC_TEST_PYTHON") {
         return p.into();
