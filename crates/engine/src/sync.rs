@@ -91,8 +91,9 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
     let (source, mut sink) = match opened {
         Ok(both) => both,
         Err(e @ EngineError::Delta(_)) => {
-            // The source could not be opened (credentials revoked, bucket gone): a registered
-            // table shows it in its state row like any failed run. Best effort, no lock taken.
+            // The source could not be opened (its local directory is gone, its store cannot be
+            // configured): a registered table shows it in its state row like any failed run
+            // (failures reading the store come later, inside the run). Best effort, no lock.
             record_open_failure(req, &e).await;
             return Err(e);
         }

@@ -1545,3 +1545,18 @@ fn edge_values_of_every_numeric_and_calendar_type_sync_exactly_from_real_files()
     db.assert_matches_snapshot(&t.path(), "public.edges", "id", v);
     assert_eq!(db.value("SELECT count(*) FROM public.edges"), "3");
 }
+
+#[test]
+fn a_synced_table_whose_source_directory_is_gone_records_the_failure_and_keeps_its_rows() {
+    let db = TestDb::new("source_gone");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let req = db.request(&t.path(), "public.people", "id");
+    db.sync(&req).unwrap();
+    std::fs::remove_dir_all(t.path()).unwrap();
+    let err = db.sync(&req).unwrap_err().to_string();
+    assert!(err.contains(&t.path().display().to_string()), "{err}");
+    let row = db.rows("SELECT state, runs_failed, last_error IS NOT NULL FROM lakesync.synced_tables");
+    assert_eq!(row, ["(ONLINE_PIPELINE_FAILED,1,t)"]);
+    assert_eq!(db.value("SELECT count(*) FROM public.people"), "2");
+}
