@@ -7,7 +7,7 @@ use lakesync_core::{Classify, ErrorClass, Version};
 #[derive(Debug, thiserror::Error)]
 pub enum DeltaError {
     /// The table location could not be parsed or opened.
-    #[error("cannot open Delta table {uri}: {source}")]
+    #[error("cannot open Delta table {uri}: {source}{}", root_cause(.source))]
     Open {
         uri: String,
         #[source]
@@ -18,21 +18,21 @@ pub enum DeltaError {
     #[error("cannot open Delta table {uri}: {message}")]
     Store { uri: String, message: String },
     /// The store refused the credentials or denied access.
-    #[error("access to Delta table {uri} was denied: {source}. Check the credentials lakesync runs with (the store's environment variables, storage_options, or the instance's role)")]
+    #[error("access to Delta table {uri} was denied: {source}{}. Check the credentials lakesync runs with (the store's environment variables, storage_options, or the instance's role)", root_cause(.source))]
     Access {
         uri: String,
         #[source]
         source: KernelError,
     },
     /// No Delta log at the location.
-    #[error("no Delta table at {uri}: there is no readable _delta_log ({source})")]
+    #[error("no Delta table at {uri}: there is no readable _delta_log ({source}{})", root_cause(.source))]
     NotATable {
         uri: String,
         #[source]
         source: KernelError,
     },
     /// The requested version is not in the log (never written, or the log was truncated).
-    #[error("Delta table {uri} has no readable version {version}: {source}")]
+    #[error("Delta table {uri} has no readable version {version}: {source}{}", root_cause(.source))]
     VersionUnavailable {
         uri: String,
         version: Version,
@@ -50,7 +50,7 @@ pub enum DeltaError {
     #[error("Delta table {uri}: the change data feed cannot serve versions {start}..={end}: {reason}")]
     CdfUnavailable { uri: String, start: Version, end: Version, reason: String },
     /// Reading data files failed.
-    #[error("Delta table {uri}: reading version {version} failed: {source}")]
+    #[error("Delta table {uri}: reading version {version} failed: {source}{}", root_cause(.source))]
     Read {
         uri: String,
         version: Version,
@@ -58,7 +58,7 @@ pub enum DeltaError {
         source: KernelError,
     },
     /// Writing a sample table failed.
-    #[error("writing Delta table {uri} failed: {source}")]
+    #[error("writing Delta table {uri} failed: {source}{}", root_cause(.source))]
     Write {
         uri: String,
         #[source]
@@ -102,6 +102,17 @@ fn chain(err: &KernelError) -> impl Iterator<Item = &(dyn std::error::Error + 's
         other => other,
     };
     std::iter::successors(Some(first), |e| e.source())
+}
+
+/// The innermost cause of `err`, as `": cause"`, when the message does not already show it:
+/// an object store's "error sending request" hides why (a certificate the machine does not
+/// trust, a refused connection) one level down, where a user never sees it.
+fn root_cause(err: &KernelError) -> String {
+    let shown = err.to_string();
+    match chain(err).last().map(|e| e.to_string()) {
+        Some(cause) if !cause.is_empty() && !shown.contains(&cause) => format!(": {cause}"),
+        _ => String::new(),
+    }
 }
 
 /// The HTTP status an object store answered with, when a cause says. `object_store` turns

@@ -218,8 +218,14 @@ mode = "triggered"
     );
     let server = Server::start(&db, &config, dir.path());
 
+    // Done means committed and the run over: a poll can land between the two.
     server.wait_for("the first syncs", Duration::from_secs(60), || {
-        server.table("customers")["synced_version"] == 1 && server.table("crm.orders")["synced_version"] == 0
+        let (customers, orders) = (server.table("customers"), server.table("crm.orders"));
+        customers["synced_version"] == 1
+            && customers["last_run"]["rows_inserted"] == 100
+            && orders["synced_version"] == 0
+            && orders["state"] != "ONLINE_TRIGGERED_UPDATE"
+            && orders["last_run"].is_object()
     });
     let customers_status = server.table("customers");
     assert_eq!(customers_status["state"], "ONLINE_CONTINUOUS_UPDATE", "{customers_status}");

@@ -308,3 +308,24 @@ fn a_table_in_s3_is_compacted_in_place_and_the_sync_sees_no_change() {
     assert_eq!((out.counts.inserted, out.counts.updated, out.counts.deleted), (0, 0, 0));
     db.assert_matches_snapshot(std::path::Path::new(uri), "public.events", "customer_id", 13);
 }
+
+#[test]
+fn an_https_store_signed_by_a_private_ca_is_trusted_through_ssl_cert_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = crate::support::test_certificates(dir.path());
+    let s3 = S3Server::start_tls(&certs);
+    s3.export_env();
+    s3.create_bucket("lake");
+    let db = TestDb::new("s3_tls");
+    let ca = certs.ca.display().to_string();
+    let t = PyDelta::at("s3://lake/people").with_env(&[("SSL_CERT_FILE", ca.clone())]);
+    t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
+    let req = db.request(std::path::Path::new("s3://lake/people"), "public.people", "id");
+    // The machine does not trust the store's CA: the error says so, not just "error sending request".
+    let err = db.sync(&req).unwrap_err().to_string();
+    assert!(err.contains("https://localhost") && err.contains("invalid peer certificate: UnknownIssuer"), "{err}");
+    // The CA given as for the rest of the machine's TLS (curl, Python): SSL_CERT_FILE.
+    std::env::set_var("SSL_CERT_FILE", &ca);
+    assert_eq!(db.sync(&req).unwrap().mode.as_str(), "snapshot");
+    db.assert_matches_snapshot(std::path::Path::new("s3://lake/people"), "public.people", "id", 0);
+}

@@ -43,12 +43,23 @@ pub struct S3Server {
     pub port: u16,
     pub key_id: String,
     pub secret: String,
+    /// With TLS: the CA that signed the server's certificate.
+    ca: Option<PathBuf>,
 }
 
 pub const S3_REGION: &str = "eu-west-1";
 
 impl S3Server {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// The server over HTTPS (`https://localhost:PORT`) with `certs`' server certificate.
+    pub fn start_tls(certs: &super::TestCerts) -> Self {
+        Self::start_with(Some(certs))
+    }
+
+    fn start_with(tls: Option<&super::TestCerts>) -> Self {
         let bin = std::env::var_os("LAKESYNC_TEST_MOTO").map(PathBuf::from).unwrap_or_else(|| {
             let venv = python().with_file_name("moto_server");
             if venv.exists() {
@@ -58,17 +69,22 @@ impl S3Server {
             }
         });
         let port = free_port();
-        let mut child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let mut command = Command::new(&bin);
+        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(certs) = tls {
+            command.arg("-c").arg(&certs.cert).arg("-k").arg(&certs.key);
+        }
+        let mut child = command
             .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}; run `bash scripts/test` to install moto", bin.display()));
         wait_for_port(port, &mut child, "moto_server");
-        let mut server = Self { child, port, key_id: "bootstrap".into(), secret: "bootstrap".into() };
+        let ca = tls.map(|c| c.ca.clone());
+        let mut server = Self { child, port, key_id: "bootstrap".into(), secret: "bootstrap".into(), ca };
         let keys = server.boto(
-            "iam = boto3.client('iam', endpoint_url=s3.meta.endpoint_url, aws_access_key_id='x', aws_secret_access_key='y', region_name='us-east-1')\n\
+            "iam = boto3.client('iam', endpoint_url=s3.meta.endpoint_url, aws_access_key_id='x', aws_secret_access_key='y', region_name='us-east-1', verify=verify)\n\
              iam.create_user(UserName='lakesync')\n\
              iam.put_user_policy(UserName='lakesync', PolicyName='lake', PolicyDocument='{\"Version\":\"2012-10-17\",\"Statement\":[{\"Effect\":\"Allow\",\"Action\":\"*\",\"Resource\":\"*\"}]}')\n\
              k = iam.create_access_key(UserName='lakesync')['AccessKey']\n\
@@ -80,7 +96,10 @@ impl S3Server {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        match self.ca {
+            None => format!("http://127.0.0.1:{}", self.port),
+            Some(_) => format!("https://localhost:{}", self.port),
+        }
     }
 
     /// The standard variables a user of an S3-compatible store sets (what the issue tried).
@@ -126,10 +145,11 @@ impl S3Server {
     /// Runs Python with `s3`, a boto3 client signed with the server's key; returns stdout.
     fn boto(&self, code: &str) -> String {
         let script = format!(
-            "import boto3\ns3 = boto3.client('s3', endpoint_url={:?}, aws_access_key_id={:?}, aws_secret_access_key={:?}, region_name={S3_REGION:?})\n{code}\n",
+            "import boto3\nverify = {3}\ns3 = boto3.client('s3', endpoint_url={0:?}, aws_access_key_id={1:?}, aws_secret_access_key={2:?}, region_name={S3_REGION:?}, verify=verify)\n{code}\n",
             self.endpoint(),
             self.key_id,
-            self.secret
+            self.secret,
+            self.ca.as_ref().map_or("None".to_string(), |ca| format!("{:?}", ca.display().to_string())),
         );
         let out = Command::new(python()).arg("-c").arg(&script).output().unwrap();
         assert!(out.status.success(), "boto3 failed: {}", String::from_utf8_lossy(&out.stderr));
