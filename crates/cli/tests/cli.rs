@@ -94,6 +94,58 @@ fn the_demo_snapshots_changes_and_syncs_incrementally() {
 }
 
 #[test]
+fn a_table_in_s3_syncs_with_one_command_given_storage_options_and_a_secret_variable() {
+    let s3 = support::stores::S3Server::start();
+    s3.create_bucket("lake");
+    let db = TestDb::new("cli_s3");
+    let t = PyDelta::at("s3://lake/crm/people").with_env(&s3.env());
+    let schema = json!([["id", "pa.int64()"], ["name", "pa.string()"]]);
+    t.run(json!([{"op": "create", "schema": schema, "rows": [[1, "a"], [2, "b"]]}]));
+    let endpoint = format!("aws_endpoint={}", s3.endpoint());
+    let key = format!("aws_access_key_id={}", s3.key_id);
+    let args = [
+        "sync",
+        "--source",
+        "s3://lake/crm/people",
+        "--table",
+        "public.people",
+        "--primary-key",
+        "id",
+        "--storage-option",
+        &endpoint,
+        "--storage-option",
+        "aws_region=eu-west-1",
+        "--storage-option",
+        "aws_allow_http=true",
+        "--storage-option",
+        &key,
+        "--storage-option",
+        "aws_secret_access_key_env=LAKE_SECRET",
+    ];
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_lakesync"))
+            .args(args)
+            .env("LAKESYNC_POSTGRES", &db.conn)
+            .env("LAKE_SECRET", &s3.secret)
+            .output()
+            .unwrap()
+    };
+    let out = run(&args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("synced public.people to Delta version 0 (snapshot"), "{}", text(&out.stdout));
+    assert_eq!(db.value("SELECT count(*) FROM public.people"), "2");
+
+    // The secret written on the command line is refused, and not echoed back.
+    let inline = format!("aws_secret_access_key={}", s3.secret);
+    let mut refused: Vec<&str> = args.to_vec();
+    refused.extend(["--storage-option", inline.as_str()]);
+    let out = run(&refused);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("aws_secret_access_key_env"), "{stderr}");
+    assert!(!stderr.contains(&s3.secret), "{stderr}");
+}
+
+#[test]
 fn compact_rewrites_small_files_and_the_next_sync_changes_nothing() {
     let db = TestDb::new("cli_compact");
     // Six commits of one small file each, by the kernel's writer (as an ingest writes).
