@@ -100,28 +100,25 @@ impl StorageOptions {
         }
         let mut resolved = BTreeMap::new();
         for (key, value) in written {
-            let (name, value) = match key.strip_suffix("_env") {
+            let (name, value, from_env) = match key.strip_suffix("_env") {
                 Some(name) => {
                     let value = env(value).ok_or_else(|| {
                         format!("storage option {key} names {value}, which is not set in the environment")
                     })?;
-                    (name.to_string(), value)
+                    (name, value, true)
                 }
-                None => {
-                    if is_secret(kind, key)? {
-                        return Err(format!(
-                            "storage option {key} is a secret and cannot be written in the configuration: \
-                             set {key}_env = \"VARIABLE\" (the variable holding it), or the store's standard \
-                             environment variable ({}...)",
-                            kind.env_prefix()
-                        ));
-                    }
-                    (key.clone(), value.clone())
-                }
+                None => (key.as_str(), value.clone(), false),
             };
-            // Validates the key for this store.
-            is_secret(kind, &name)?;
-            resolved.insert(name, value);
+            // Also validates the key for this store.
+            if is_secret(kind, name)? && !from_env {
+                return Err(format!(
+                    "storage option {key} is a secret and cannot be written in the configuration: \
+                     set {key}_env = \"VARIABLE\" (the variable holding it), or the store's standard \
+                     environment variable ({}...)",
+                    kind.env_prefix()
+                ));
+            }
+            resolved.insert(name.to_string(), value);
         }
         Ok(Self(resolved))
     }

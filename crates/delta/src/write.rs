@@ -343,9 +343,7 @@ impl DeltaWriter {
         let ctx = txn.write_state().and_then(|s| s.write_context_builder().build()).map_err(|e| self.err(e))?;
         let mut paths = Vec::new();
         for batch in batches {
-            let data = ArrowEngineData::new(batch);
-            let added = self.runtime().block_on(self.engine().write_parquet(&data, &ctx)).map_err(|e| self.err(e))?;
-            let meta: RecordBatch = (*ArrowEngineData::try_from_engine_data(added).map_err(|e| self.err(e))?).into();
+            let (meta, _) = self.write_parquet(batch, &ctx)?;
             let path = path_column(&meta);
             paths.extend((0..meta.num_rows()).map(|i| path.value(i).to_string()));
             txn.add_files(Box::new(ArrowEngineData::new(meta)));

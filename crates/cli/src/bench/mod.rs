@@ -349,7 +349,6 @@ async fn measure(
         verify(&config, &reference, base_version, expected_base).await.context("verifying the reference load")?;
 
         // (b) lakesync snapshot.
-        settle();
         let table = target.to_string();
         let sync_args = [
             "sync",
@@ -363,14 +362,10 @@ async fn measure(
             parallelism.as_str(),
         ];
         let snapshot_args: Vec<&str> = sync_args.iter().copied().chain(["--to-version", base.as_str()]).collect();
-        let (seconds, rss, cpu) = run_child(&exe, &snapshot_args, &[], &conn, postmaster)?;
-        results.push(Measurement {
-            name: "b. lakesync snapshot (Delta -> indexed table)",
-            seconds,
-            rows,
-            peak_rss_mb: Some(rss),
-            pg_cpu_seconds: cpu,
-        });
+        let phase = |name, rows, args: &[&str], env: &[(&str, String)]| {
+            child_phase(name, rows, &exe, args, env, &conn, postmaster)
+        };
+        results.push(phase("b. lakesync snapshot (Delta -> indexed table)", rows, &snapshot_args, &[])?);
         verify(&config, &target, base_version, expected_base).await.context("verifying the snapshot")?;
 
         // (b3) The same snapshot, the table read from the S3 server.
@@ -395,16 +390,8 @@ async fn measure(
         };
         let store_env = store.as_ref().map(|(env, _, _)| env.clone()).unwrap_or_default();
         if let Some(remote) = s3_args(&snapshot_args) {
-            settle();
             let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
-            let (seconds, rss, cpu) = run_child(&exe, &remote, &store_env, &conn, postmaster)?;
-            results.push(Measurement {
-                name: "b3. lakesync snapshot, table in S3 (moto)",
-                seconds,
-                rows,
-                peak_rss_mb: Some(rss),
-                pg_cpu_seconds: cpu,
-            });
+            results.push(phase("b3. lakesync snapshot, table in S3 (moto)", rows, &remote, &store_env)?);
             verify(&config, &s3_target, base_version, expected_base).await.context("verifying the snapshot from S3")?;
         }
 
@@ -438,29 +425,14 @@ async fn measure(
         }
 
         // (c) lakesync incremental.
-        settle();
-        let (seconds, rss, cpu) = run_child(&exe, &sync_args, &[], &conn, postmaster)?;
-        results.push(Measurement {
-            name: "c. lakesync incremental (CDF -> one transaction)",
-            seconds,
-            rows: spec.len() as u64,
-            peak_rss_mb: Some(rss),
-            pg_cpu_seconds: cpu,
-        });
+        let changes = spec.len() as u64;
+        results.push(phase("c. lakesync incremental (CDF -> one transaction)", changes, &sync_args, &[])?);
         verify(&config, &target, final_version, expected_final).await.context("verifying the incremental sync")?;
 
         // (c3) The same incremental sync, the change feed read from the S3 server.
         if let Some(remote) = s3_args(&sync_args) {
-            settle();
             let remote: Vec<&str> = remote.iter().map(String::as_str).collect();
-            let (seconds, rss, cpu) = run_child(&exe, &remote, &store_env, &conn, postmaster)?;
-            results.push(Measurement {
-                name: "c3. lakesync incremental, table in S3 (moto)",
-                seconds,
-                rows: spec.len() as u64,
-                peak_rss_mb: Some(rss),
-                pg_cpu_seconds: cpu,
-            });
+            results.push(phase("c3. lakesync incremental, table in S3 (moto)", changes, &remote, &store_env)?);
             verify(&config, &s3_target, final_version, expected_final)
                 .await
                 .context("verifying the incremental sync from S3")?;
@@ -667,6 +639,21 @@ fn shared_memory(data: &Path) -> String {
         Some(kb) if kb > 0 => "on huge pages".into(),
         _ => "on 4 kB pages (no huge pages available to it: see vm.nr_hugepages)".into(),
     }
+}
+
+/// One measured phase: once the OS has settled, `lakesync <args>` as a child process.
+fn child_phase(
+    name: &'static str,
+    rows: u64,
+    exe: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+    conn: &str,
+    postmaster: u32,
+) -> anyhow::Result<Measurement> {
+    settle();
+    let (seconds, rss, cpu) = run_child(exe, args, env, conn, postmaster)?;
+    Ok(Measurement { name, seconds, rows, peak_rss_mb: Some(rss), pg_cpu_seconds: cpu })
 }
 
 /// Runs `lakesync <args>` and returns (seconds, peak RSS MB, Postgres CPU seconds).
