@@ -38,3 +38,4 @@ pub use source::{
     ChangeBatch, DeltaTable, NewCommits, SchemaId, TableSnapshot, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN,
 };
 pub use store::{StorageOptions, StoreKind};
+pub use write::{AppPosition, Appended, DeltaWriter, TableLayout};

@@ -23,6 +23,16 @@ pub fn table_schema(uri: &str, schema: &StructType, excluded: &[String]) -> Resu
     Ok(TableSchema { columns })
 }
 
+/// Parses a Delta schema as JSON (the `schemaString` of a table's metadata:
+/// `{"type":"struct","fields":[{"name":..,"type":"long","nullable":true,"metadata":{}}]}`)
+/// into the Arrow schema writers and readers use. `what` names the source in errors.
+pub fn arrow_schema_from_json(what: &str, json: &str) -> Result<arrow_schema::Schema, String> {
+    use delta_kernel::engine::arrow_conversion::TryFromKernel;
+    let schema: StructType =
+        serde_json::from_str(json).map_err(|e| format!("{what} is not a Delta schema (a JSON struct type): {e}"))?;
+    arrow_schema::Schema::try_from_kernel(&schema).map_err(|e| format!("{what}: {e}"))
+}
+
 /// The lakesync type for a Delta type, or `None` when Postgres has no faithful home for it.
 pub fn column_type(data_type: &DataType) -> Option<ColumnType> {
     Some(match data_type {

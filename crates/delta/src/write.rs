@@ -32,14 +32,41 @@ use crate::DeltaError;
 
 const ENGINE_INFO: &str = concat!("lakesync/", env!("CARGO_PKG_VERSION"));
 
+/// One source partition's position in an exactly-once append ([`DeltaWriter::append_once`]):
+/// the rows appended are the application's from `from` (the version the table records for
+/// it; `None`: none yet) up to `to`, which the commit records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppPosition {
+    pub app_id: String,
+    pub from: Option<i64>,
+    pub to: i64,
+}
+
 /// The outcome of [`DeltaWriter::append_once`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
-    /// Committed as this version.
-    Committed(Version),
-    /// The table already records every application's version (or a later one): these rows
-    /// were committed before, by a writer that stopped after its commit. Nothing was written.
+    /// Committed as `version`, with `files` data files.
+    Committed { version: Version, files: usize },
+    /// The table already records every application at its `to`: these rows were committed
+    /// before (by this writer, whose commit landed although it reported an I/O error, or by
+    /// one that stopped right after its commit). Nothing was written.
     AlreadyCommitted,
+    /// The table records other versions than the appended rows start from (these, in the
+    /// order asked): another writer is appending for the same applications. Nothing was
+    /// written; the caller must start again from these versions.
+    Moved(Vec<Option<i64>>),
+}
+
+/// What a writer needs to know of a table's layout.
+#[derive(Debug, Clone)]
+pub struct TableLayout {
+    pub version: Version,
+    /// The logical schema.
+    pub schema: arrow_schema::SchemaRef,
+    pub partition_columns: Vec<String>,
+    pub change_data_feed: bool,
+    /// `delta.setTransactionRetentionDuration`: `txn` versions older than this expire.
+    pub txn_retention: Option<std::time::Duration>,
 }
 
 /// Writes commits to one Delta table.
@@ -265,46 +292,55 @@ impl DeltaWriter {
         app_ids.iter().map(|id| snapshot.get_app_id_version(id, self.engine()).map_err(|e| self.err(e))).collect()
     }
 
-    /// Appends `batches` (one Parquet file each) and records every `(app_id, version)` as a
-    /// `txn` action, in one commit: the Delta protocol's exactly-once for streaming writers
-    /// (what Spark's `txnAppId`/`txnVersion` do). A writer records, per source partition, the
-    /// position to resume from; after a crash it reads them back with [`Self::app_versions`].
+    /// The latest version's schema, partition columns and the properties writers care about.
+    pub fn layout(&self) -> Result<TableLayout, DeltaError> {
+        use delta_kernel::engine::arrow_conversion::TryFromKernel;
+        let (snapshot, txn) = self.begin(UpdateTableOperation::Write)?;
+        let schema = arrow_schema::Schema::try_from_kernel(snapshot.schema().as_ref()).map_err(|e| self.err(e.into()))?;
+        let properties = snapshot.table_properties();
+        Ok(TableLayout {
+            version: snapshot.version(),
+            schema: Arc::new(schema),
+            partition_columns: txn.logical_partition_columns().to_vec(),
+            change_data_feed: properties.enable_change_data_feed == Some(true),
+            txn_retention: properties.set_transaction_retention_duration,
+        })
+    }
+
+    /// Appends the rows of `batches` (all columns, partition columns included; a partitioned
+    /// table gets one Parquet file per partition value per batch) and records every
+    /// application's new position as a `txn` action, in ONE commit: the Delta protocol's
+    /// exactly-once for streaming writers (what Spark's `txnAppId`/`txnVersion` do). A writer
+    /// records, per source partition, the position to resume from; after a crash it reads
+    /// them back with [`Self::app_versions`].
     ///
-    /// The recorded versions are checked before writing and again after each lost commit
-    /// race: when the table already records every app's version or a later one, the rows
-    /// were committed before and nothing is written ([`Appended::AlreadyCommitted`]); when
-    /// only some do, the writers disagree and it is an error. A race lost to other writers'
-    /// commits is retried on top of them with the same files.
-    pub fn append_once(&self, batches: &[RecordBatch], txns: &[(String, i64)]) -> Result<Appended, DeltaError> {
-        let ids: Vec<&str> = txns.iter().map(|(id, _)| id.as_str()).collect();
+    /// The commit is a compare-and-set on the recorded versions: it happens only when the
+    /// table records exactly each position's `from`, checked again after every lost commit
+    /// race (a race lost to other writers' commits is retried on top of them with the same
+    /// files). Otherwise nothing is written: [`Appended::AlreadyCommitted`] when it records
+    /// every `to`, [`Appended::Moved`] when anything else.
+    pub fn append_once(&self, batches: &[RecordBatch], positions: &[AppPosition]) -> Result<Appended, DeltaError> {
+        if let Some(p) = positions.iter().find(|p| p.from.is_some_and(|from| from >= p.to)) {
+            return Err(self.shape(format!("append for {} does not advance ({:?} to {})", p.app_id, p.from, p.to)));
+        }
         let mut adds: Option<Vec<RecordBatch>> = None;
         for _ in 0..100 {
             let (snapshot, txn) = self.begin(UpdateTableOperation::Write)?;
-            let mut done = 0;
-            for (id, version) in txns {
-                if snapshot
-                    .get_app_id_version(id, self.engine())
-                    .map_err(|e| self.err(e))?
-                    .is_some_and(|v| v >= *version)
-                {
-                    done += 1;
-                }
-            }
-            if done == txns.len() && !txns.is_empty() {
+            let recorded = positions
+                .iter()
+                .map(|p| snapshot.get_app_id_version(&p.app_id, self.engine()).map_err(|e| self.err(e)))
+                .collect::<Result<Vec<_>, _>>()?;
+            if !positions.is_empty() && positions.iter().zip(&recorded).all(|(p, r)| *r == Some(p.to)) {
                 return Ok(Appended::AlreadyCommitted);
             }
-            if done > 0 {
-                return Err(self.shape(format!(
-                    "{done} of the applications {ids:?} already record these versions and the others do not: \
-                     another writer is committing with the same application ids"
-                )));
+            if positions.iter().zip(&recorded).any(|(p, r)| *r != p.from) {
+                return Ok(Appended::Moved(recorded));
             }
-            let mut txn = txns.iter().fold(txn, |t, (id, v)| t.with_transaction_id(id.clone(), *v));
+            let mut txn = positions.iter().fold(txn, |t, p| t.with_transaction_id(p.app_id.clone(), p.to));
             if adds.is_none() {
-                let ctx = txn.write_state().and_then(|s| s.write_context_builder().build()).map_err(|e| self.err(e))?;
                 let mut written = Vec::new();
-                for batch in batches {
-                    written.push(self.write_parquet(batch.clone(), &ctx)?.0);
+                for batch in batches.iter().filter(|b| b.num_rows() > 0) {
+                    written.extend(self.write_rows(&txn, batch)?);
                 }
                 adds = Some(written);
             }
@@ -312,7 +348,10 @@ impl DeltaWriter {
                 txn.add_files(Box::new(ArrowEngineData::new(add.clone())));
             }
             match txn.commit(self.engine()).map_err(|e| self.err(e))? {
-                CommitResult::Committed(c) => return Ok(Appended::Committed(c.commit_version())),
+                CommitResult::Committed(c) => {
+                    let files = adds.as_ref().map_or(0, |a| a.iter().map(RecordBatch::num_rows).sum());
+                    return Ok(Appended::Committed { version: c.commit_version(), files });
+                }
                 CommitResult::Conflicted(c) => {
                     tracing::debug!(
                         table = self.uri,
@@ -324,7 +363,63 @@ impl DeltaWriter {
                 CommitResult::Retryable(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
             }
         }
+        let ids: Vec<&str> = positions.iter().map(|p| p.app_id.as_str()).collect();
         Err(self.shape(format!("the append with {ids:?} lost the commit race 100 times in a row")))
+    }
+
+    /// Writes `batch` (all columns) as Parquet files for `txn`: one file, or one per
+    /// partition value for a partitioned table. Returns the files' add metadata.
+    fn write_rows(&self, txn: &Transaction, batch: &RecordBatch) -> Result<Vec<RecordBatch>, DeltaError> {
+        let partition_columns = txn.logical_partition_columns();
+        let write_context = |values: Option<HashMap<String, Scalar>>| {
+            txn.write_state()
+                .and_then(|s| {
+                    let builder = s.write_context_builder();
+                    match values {
+                        Some(values) => builder.with_partition_values(values).build(),
+                        None => builder.build(),
+                    }
+                })
+                .map_err(|e| self.err(e))
+        };
+        if partition_columns.is_empty() {
+            return Ok(vec![self.write_parquet(batch.clone(), &write_context(None)?)?.0]);
+        }
+        let columns = partition_columns
+            .iter()
+            .map(|name| {
+                batch.column_by_name(name).cloned().ok_or_else(|| self.shape(format!("rows lack partition column {name}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Group row indexes by partition value (rendered as text, which is how Delta logs it).
+        let options = arrow_cast::display::FormatOptions::default().with_null("\u{0}");
+        let formatters = columns
+            .iter()
+            .map(|c| arrow_cast::display::ArrayFormatter::try_new(c.as_ref(), &options))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.shape(e.to_string()))?;
+        let mut groups: std::collections::BTreeMap<Vec<String>, Vec<u32>> = Default::default();
+        for row in 0..batch.num_rows() {
+            let key = formatters.iter().map(|f| f.value(row).to_string()).collect();
+            groups.entry(key).or_default().push(row as u32);
+        }
+        let keep: Vec<usize> = (0..batch.num_columns())
+            .filter(|&i| !partition_columns.contains(batch.schema().field(i).name()))
+            .collect();
+        let data = batch.project(&keep).map_err(|e| self.shape(e.to_string()))?;
+        let mut adds = Vec::new();
+        for rows in groups.into_values() {
+            let first = rows[0] as usize;
+            let values = partition_columns
+                .iter()
+                .zip(&columns)
+                .map(|(name, column)| Ok((name.clone(), scalar_at(column.as_ref(), first).map_err(|m| self.shape(format!("partition column {name}: {m}")))?)))
+                .collect::<Result<HashMap<_, _>, DeltaError>>()?;
+            let indexes = arrow_array::UInt32Array::from(rows);
+            let part = arrow_select::take::take_record_batch(&data, &indexes).map_err(|e| self.shape(e.to_string()))?;
+            adds.push(self.write_parquet(part, &write_context(Some(values))?)?.0);
+        }
+        Ok(adds)
     }
 
     /// Appends `batches` (one Parquet file each) in one commit; returns the new version.
@@ -451,6 +546,37 @@ impl DeltaWriter {
     }
 }
 
+/// The value of `column` at `row` as a kernel scalar, for a partition value.
+fn scalar_at(column: &dyn Array, row: usize) -> Result<Scalar, String> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Date32Type, Int16Type, Int32Type, Int64Type, Int8Type, TimestampMicrosecondType};
+    use arrow_schema::DataType as A;
+    use delta_kernel::schema::DataType as K;
+    let null = |t: K| Ok(Scalar::Null(t));
+    let valid = column.is_valid(row);
+    match column.data_type() {
+        A::Utf8 if valid => Ok(Scalar::String(column.as_string::<i32>().value(row).to_string())),
+        A::Utf8 => null(K::STRING),
+        A::Int64 if valid => Ok(Scalar::Long(column.as_primitive::<Int64Type>().value(row))),
+        A::Int64 => null(K::LONG),
+        A::Int32 if valid => Ok(Scalar::Integer(column.as_primitive::<Int32Type>().value(row))),
+        A::Int32 => null(K::INTEGER),
+        A::Int16 if valid => Ok(Scalar::Short(column.as_primitive::<Int16Type>().value(row))),
+        A::Int16 => null(K::SHORT),
+        A::Int8 if valid => Ok(Scalar::Byte(column.as_primitive::<Int8Type>().value(row))),
+        A::Int8 => null(K::BYTE),
+        A::Boolean if valid => Ok(Scalar::Boolean(column.as_boolean().value(row))),
+        A::Boolean => null(K::BOOLEAN),
+        A::Date32 if valid => Ok(Scalar::Date(column.as_primitive::<Date32Type>().value(row))),
+        A::Date32 => null(K::DATE),
+        A::Timestamp(arrow_schema::TimeUnit::Microsecond, tz) if valid => {
+            let v = column.as_primitive::<TimestampMicrosecondType>().value(row);
+            Ok(if tz.is_some() { Scalar::Timestamp(v) } else { Scalar::TimestampNtz(v) })
+        }
+        other => Err(format!("type {other} is not supported as a partition column by lakesync's writer")),
+    }
+}
+
 pub(crate) fn path_column(batch: &RecordBatch) -> &StringArray {
     batch
         .column_by_name("path")
@@ -463,8 +589,8 @@ mod tests {
     use super::*;
     use crate::sample::{customer_schema, customers};
 
-    fn txns(pairs: &[(&str, i64)]) -> Vec<(String, i64)> {
-        pairs.iter().map(|(id, v)| (id.to_string(), *v)).collect()
+    fn at(pairs: &[(&str, Option<i64>, i64)]) -> Vec<AppPosition> {
+        pairs.iter().map(|(id, from, to)| AppPosition { app_id: id.to_string(), from: *from, to: *to }).collect()
     }
 
     #[test]
@@ -472,19 +598,46 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let w = DeltaWriter::create(&dir.path().join("t"), &customer_schema(), &[]).unwrap();
         assert_eq!(w.app_versions(&["ingest-0", "ingest-1"]).unwrap(), [None, None]);
-        let first = txns(&[("ingest-0", 10), ("ingest-1", 5)]);
-        assert_eq!(w.append_once(&[customers(0..10, 0)], &first).unwrap(), Appended::Committed(1));
+        let first = at(&[("ingest-0", None, 10), ("ingest-1", None, 5)]);
+        assert_eq!(w.append_once(&[customers(0..10, 0)], &first).unwrap(), Appended::Committed { version: 1, files: 1 });
         assert_eq!(w.app_versions(&["ingest-0", "ingest-1"]).unwrap(), [Some(10), Some(5)]);
         // A writer that crashed after that commit replays the same rows: nothing is written.
         assert_eq!(w.append_once(&[customers(0..10, 0)], &first).unwrap(), Appended::AlreadyCommitted);
         assert_eq!(w.latest().unwrap().version(), 1);
         assert_eq!(w.files().unwrap().len(), 1);
-        let next = txns(&[("ingest-0", 12), ("ingest-1", 9)]);
-        assert_eq!(w.append_once(&[customers(10..16, 0)], &next).unwrap(), Appended::Committed(2));
-        // Applications that disagree are refused, and nothing is written.
-        let err = w.append_once(&[customers(16..17, 0)], &txns(&[("ingest-0", 12), ("ingest-2", 1)])).unwrap_err();
-        assert!(err.to_string().contains("another writer is committing with the same application ids"), "{err}");
+        let next = at(&[("ingest-0", Some(10), 12), ("ingest-1", Some(5), 9)]);
+        assert_eq!(w.append_once(&[customers(10..16, 0)], &next).unwrap(), Appended::Committed { version: 2, files: 1 });
+        // A writer that starts from other positions (a second writer with the same ids, or
+        // one replaying a range the table has moved past) writes nothing and learns where
+        // the table is.
+        let stale = at(&[("ingest-0", Some(10), 14), ("ingest-1", Some(9), 11)]);
+        assert_eq!(w.append_once(&[customers(16..17, 0)], &stale).unwrap(), Appended::Moved(vec![Some(12), Some(9)]));
         assert_eq!(w.latest().unwrap().version(), 2);
+        let err = w.append_once(&[customers(16..17, 0)], &at(&[("ingest-0", Some(12), 12)])).unwrap_err();
+        assert!(err.to_string().contains("does not advance"), "{err}");
+    }
+
+    #[test]
+    fn a_partitioned_append_writes_one_file_per_partition_value_and_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        let schema = customer_schema();
+        let partition = schema.field(3).name().clone(); // segment: four values
+        let w = DeltaWriter::create_partitioned(&path, &schema, &[&partition], &[]).unwrap();
+        assert_eq!(w.layout().unwrap().partition_columns, [partition.clone()]);
+        let rows = customers(0..40, 0);
+        let values: std::collections::BTreeSet<String> = {
+            let options = arrow_cast::display::FormatOptions::default();
+            let f = arrow_cast::display::ArrayFormatter::try_new(rows.column(3).as_ref(), &options).unwrap();
+            (0..rows.num_rows()).map(|i| f.value(i).to_string()).collect()
+        };
+        let out = w.append_once(&[rows.clone()], &at(&[("p0", None, 40)])).unwrap();
+        assert_eq!(out, Appended::Committed { version: 1, files: values.len() });
+        assert_eq!(w.files().unwrap().len(), values.len());
+        let table = crate::DeltaTable::open(&path.display().to_string()).unwrap();
+        let snapshot = table.snapshot(None).unwrap();
+        let read: usize = snapshot.batches().unwrap().map(|b| b.unwrap().num_rows()).sum();
+        assert_eq!(read, 40);
     }
 
     #[test]
@@ -500,8 +653,9 @@ mod tests {
                     let app = format!("ingest-{n}");
                     for i in 1..=15u64 {
                         let rows = customers(n * 1000 + i..n * 1000 + i + 1, 0);
-                        let out = w.append_once(&[rows], &[(app.clone(), i as i64)]).unwrap();
-                        assert!(matches!(out, Appended::Committed(_)), "{out:?}");
+                        let from = (i > 1).then_some(i as i64 - 1);
+                        let out = w.append_once(&[rows], &[AppPosition { app_id: app.clone(), from, to: i as i64 }]);
+                        assert!(matches!(out, Ok(Appended::Committed { .. })), "{out:?}");
                     }
                 })
             })

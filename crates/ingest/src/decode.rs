@@ -1,0 +1,347 @@
+//! Kafka messages (JSON values) into Arrow rows of the table's schema, with the opt-in Kafka
+//! metadata columns. A message that does not parse or does not fit is reported, never dropped
+//! and never half-written: the caller applies the bad-record policy.
+
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, BinaryArray, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow_json::ReaderBuilder;
+use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
+
+/// A Kafka message as fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub partition: i32,
+    pub offset: i64,
+    /// Milliseconds since the epoch (the record's timestamp).
+    pub timestamp_ms: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+impl Message {
+    /// Bytes of key and value.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.value.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// A Kafka metadata column a table can carry beside the message's fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaColumn {
+    Topic,
+    Partition,
+    Offset,
+    Timestamp,
+    Key,
+}
+
+impl KafkaColumn {
+    pub const ALL: [KafkaColumn; 5] =
+        [KafkaColumn::Topic, KafkaColumn::Partition, KafkaColumn::Offset, KafkaColumn::Timestamp, KafkaColumn::Key];
+
+    /// `topic`, `partition`, `offset`, `timestamp` or `key`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|c| c.short() == text).ok_or_else(|| {
+            format!("unknown Kafka column {text:?}: expected topic, partition, offset, timestamp or key")
+        })
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            KafkaColumn::Topic => "topic",
+            KafkaColumn::Partition => "partition",
+            KafkaColumn::Offset => "offset",
+            KafkaColumn::Timestamp => "timestamp",
+            KafkaColumn::Key => "key",
+        }
+    }
+
+    /// The column's name in the table: `_kafka_` and the short name.
+    pub fn name(self) -> String {
+        format!("_kafka_{}", self.short())
+    }
+
+    pub fn field(self) -> Field {
+        let data_type = match self {
+            KafkaColumn::Topic => DataType::Utf8,
+            KafkaColumn::Partition => DataType::Int32,
+            KafkaColumn::Offset => DataType::Int64,
+            KafkaColumn::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            KafkaColumn::Key => DataType::Binary,
+        };
+        Field::new(self.name(), data_type, self == KafkaColumn::Key)
+    }
+}
+
+/// A message that cannot be stored under the table's schema.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRecord {
+    /// Index into the decoded messages.
+    pub index: usize,
+    /// What is wrong, naming the field but never its value: safe for logs and errors.
+    pub reason: String,
+    /// The decoder's own message, which may quote the value: only for the dead-letter table,
+    /// which holds the raw message anyway.
+    pub detail: String,
+}
+
+/// Rows decoded from a run of messages.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The good messages' rows, in message order, in the table's schema.
+    pub rows: RecordBatch,
+    pub bad: Vec<BadRecord>,
+}
+
+/// Decodes messages of one topic into rows of one table.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    topic: String,
+    table: SchemaRef,
+    /// The table's columns the message value fills (all but the Kafka columns).
+    values: SchemaRef,
+}
+
+impl Decoder {
+    /// A decoder for rows of `table`, whose columns named like [`KafkaColumn::name`] take the
+    /// message's metadata and all others the message value's fields.
+    pub fn new(topic: &str, table: SchemaRef) -> Self {
+        let kafka: Vec<String> = KafkaColumn::ALL.iter().map(|c| c.name()).collect();
+        let values: Vec<Field> =
+            table.fields().iter().filter(|f| !kafka.contains(f.name())).map(|f| f.as_ref().clone()).collect();
+        Self { topic: topic.to_string(), table, values: Arc::new(Schema::new(values)) }
+    }
+
+    fn json_decoder(&self, rows: usize) -> Result<arrow_json::reader::Decoder, ArrowError> {
+        ReaderBuilder::new(self.values.clone()).with_strict_mode(true).with_batch_size(rows.max(1)).build_decoder()
+    }
+
+    /// Decodes `messages`: every message becomes one row or one [`BadRecord`].
+    pub fn decode(&self, messages: &[Message]) -> Result<Decoded, ArrowError> {
+        // Fast path: the whole run in one decoder; any failure sends it message by message.
+        if let Some(rows) = self.decode_all(messages) {
+            return Ok(Decoded { rows: self.with_metadata(rows, messages.iter())?, bad: Vec::new() });
+        }
+        let mut good = Vec::new();
+        let mut batches = Vec::new();
+        let mut bad = Vec::new();
+        for (index, message) in messages.iter().enumerate() {
+            match self.decode_one(message) {
+                Ok(batch) => {
+                    good.push(message);
+                    batches.push(batch);
+                }
+                Err((reason, detail)) => bad.push(BadRecord { index, reason, detail }),
+            }
+        }
+        let rows = arrow_select::concat::concat_batches(&self.values, &batches)?;
+        Ok(Decoded { rows: self.with_metadata(rows, good.into_iter())?, bad })
+    }
+
+    fn decode_all(&self, messages: &[Message]) -> Option<RecordBatch> {
+        let mut decoder = self.json_decoder(messages.len()).ok()?;
+        for (i, message) in messages.iter().enumerate() {
+            let value = message.value.as_deref()?;
+            match decoder.decode(value) {
+                Ok(n) if n == value.len() && decoder.len() == i + 1 => {}
+                _ => return None,
+            }
+        }
+        let rows = decoder.flush().ok()?;
+        Some(rows.unwrap_or_else(|| RecordBatch::new_empty(self.values.clone())))
+    }
+
+    fn decode_one(&self, message: &Message) -> Result<RecordBatch, (String, String)> {
+        let Some(value) = message.value.as_deref() else {
+            let reason = "the message has no value (a tombstone)".to_string();
+            return Err((reason.clone(), reason));
+        };
+        let failed = |e: ArrowError| (describe(&e, &self.values), e.to_string());
+        let mut decoder = self.json_decoder(1).map_err(failed)?;
+        let consumed = decoder.decode(value).map_err(failed)?;
+        if consumed != value.len() || decoder.len() != 1 {
+            let reason = "the value is not exactly one JSON object".to_string();
+            return Err((reason.clone(), reason));
+        }
+        match decoder.flush().map_err(failed)? {
+            Some(batch) if batch.num_rows() == 1 => Ok(batch),
+            _ => {
+                let reason = "the value is not exactly one JSON object".to_string();
+                Err((reason.clone(), reason))
+            }
+        }
+    }
+
+    /// `rows` (the value columns) with the Kafka columns of `messages`, in the table's order.
+    fn with_metadata<'a>(
+        &self,
+        rows: RecordBatch,
+        messages: impl Iterator<Item = &'a Message> + Clone,
+    ) -> Result<RecordBatch, ArrowError> {
+        let columns = self
+            .table
+            .fields()
+            .iter()
+            .map(|field| {
+                if let Some(column) = rows.column_by_name(field.name()) {
+                    return Ok(column.clone());
+                }
+                let m = messages.clone();
+                let kafka = KafkaColumn::ALL.into_iter().find(|c| &c.name() == field.name());
+                Ok(match kafka {
+                    Some(KafkaColumn::Topic) => {
+                        Arc::new(StringArray::from_iter_values(m.map(|_| self.topic.as_str()))) as ArrayRef
+                    }
+                    Some(KafkaColumn::Partition) => Arc::new(Int32Array::from_iter_values(m.map(|m| m.partition))),
+                    Some(KafkaColumn::Offset) => Arc::new(Int64Array::from_iter_values(m.map(|m| m.offset))),
+                    Some(KafkaColumn::Timestamp) => Arc::new(
+                        TimestampMicrosecondArray::from_iter_values(m.map(|m| m.timestamp_ms.saturating_mul(1000)))
+                            .with_timezone("UTC"),
+                    ),
+                    Some(KafkaColumn::Key) => Arc::new(BinaryArray::from_iter(m.map(|m| m.key.as_deref()))),
+                    None => return Err(ArrowError::SchemaError(format!("no values for column {}", field.name()))),
+                })
+            })
+            .collect::<Result<Vec<_>, ArrowError>>()?;
+        RecordBatch::try_new(self.table.clone(), columns)
+    }
+}
+
+/// What is wrong with a message, from the JSON decoder's error, naming the field path but
+/// never the value (the decoder's own messages quote it).
+fn describe(err: &ArrowError, schema: &Schema) -> String {
+    let text = err.to_string();
+    let mut rest = text.strip_prefix("Json error: ").unwrap_or(&text);
+    let mut path: Vec<&str> = Vec::new();
+    while let Some(r) = rest.strip_prefix("whilst decoding field '") {
+        let Some(end) = r.find("': ") else { break };
+        path.push(&r[..end]);
+        rest = &r[end + 3..];
+    }
+    let type_at = |path: &[&str]| -> Option<String> {
+        let mut fields = schema.fields().clone();
+        let mut found = None;
+        for name in path {
+            let field = fields.iter().find(|f| f.name() == name)?.clone();
+            if let DataType::Struct(children) = field.data_type() {
+                fields = children.clone();
+            }
+            found = Some(field);
+        }
+        found.map(|f| f.data_type().to_string())
+    };
+    let what = if rest.starts_with("failed to parse") || rest.starts_with("Parser error") {
+        match type_at(&path) {
+            Some(t) => format!("the value is not a valid {t}"),
+            None => "the value does not fit the column's type".to_string(),
+        }
+    } else if let Some(r) = rest.strip_prefix("expected ") {
+        let expected = r.split(" got ").next().unwrap_or(r);
+        format!("the value has the wrong JSON type (expected {expected})")
+    } else if let Some(r) = rest.strip_prefix("column '") {
+        let name = r.split("' missing from schema").next().unwrap_or(r);
+        path.push(name);
+        "is not a column of the table".to_string()
+    } else if let Some(r) = rest.strip_prefix("Encountered unmasked nulls in non-nullable StructArray child: Field { \"") {
+        if let Some(name) = r.split("\":").next() {
+            path.push(name);
+        }
+        "is missing or null, and the column is not nullable".to_string()
+    } else if rest.contains("UTF-8") {
+        "the value is not valid UTF-8".to_string()
+    } else {
+        "the value is not valid JSON".to_string()
+    };
+    if path.is_empty() {
+        what
+    } else {
+        format!("field '{}': {what}", path.join("."))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Decimal128Type, Int64Type};
+
+    fn schema() -> SchemaRef {
+        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        Arc::new(Schema::new(vec![
+            Field::new("transaction_id", DataType::Utf8, false),
+            Field::new("amount", DataType::Decimal128(12, 2), true),
+            Field::new("n", DataType::Int64, true),
+            Field::new("at", ts, true),
+            Field::new(
+                "device",
+                DataType::Struct(vec![Field::new("os", DataType::Utf8, true), Field::new("v", DataType::Int32, true)].into()),
+                true,
+            ),
+            KafkaColumn::Partition.field(),
+            KafkaColumn::Offset.field(),
+            KafkaColumn::Key.field(),
+        ]))
+    }
+
+    fn message(offset: i64, value: &str) -> Message {
+        Message { partition: 3, offset, timestamp_ms: 1_700_000_000_000, key: Some(b"k".to_vec()), value: Some(value.into()) }
+    }
+
+    #[test]
+    fn json_values_become_typed_rows_with_the_kafka_columns() {
+        let decoder = Decoder::new("events", schema());
+        let out = decoder
+            .decode(&[
+                message(7, r#"{"transaction_id":"t1","amount":"12.50","n":5,"at":"2026-12-03T10:00:00Z","device":{"os":"ios","v":17}}"#),
+                message(8, r#"{"transaction_id":"t2","amount":3.1}"#),
+            ])
+            .unwrap();
+        assert!(out.bad.is_empty());
+        let rows = out.rows;
+        assert_eq!(rows.schema(), schema());
+        assert_eq!(rows.num_rows(), 2);
+        assert_eq!(rows.column(1).as_primitive::<Decimal128Type>().value(0), 1250);
+        assert_eq!(rows.column(1).as_primitive::<Decimal128Type>().value(1), 310);
+        assert_eq!(rows.column(2).as_primitive::<Int64Type>().value(0), 5);
+        assert!(rows.column(2).is_null(1));
+        assert_eq!(rows.column(6).as_primitive::<Int64Type>().values(), &[7, 8]);
+        assert_eq!(rows.column(7).as_binary::<i32>().value(0), b"k");
+    }
+
+    #[test]
+    fn bad_messages_are_reported_by_field_without_their_values_and_good_ones_kept() {
+        let decoder = Decoder::new("events", schema());
+        let mut tombstone = message(5, "");
+        tombstone.value = None;
+        let messages = [
+            message(1, r#"{"transaction_id":"t1","n":"secret-value"}"#),
+            message(2, r#"{"transaction_id":"t2"}"#),
+            message(3, r#"{"amount":1}"#),
+            message(4, r#"{"transaction_id":"t4","extra":1}"#),
+            tombstone,
+            message(6, r#"{"transaction_id":"t6","device":{"v":"secret-value"}}"#),
+            message(7, r#"{"transaction_id":"t7"#),
+            message(8, r#"{"transaction_id":"t8"}{"transaction_id":"t9"}"#),
+            message(9, r#"[1,2]"#),
+        ];
+        let out = decoder.decode(&messages).unwrap();
+        assert_eq!(out.rows.num_rows(), 1);
+        assert_eq!(out.rows.column(6).as_primitive::<Int64Type>().values(), &[2]);
+        let reasons: Vec<(usize, &str)> = out.bad.iter().map(|b| (b.index, b.reason.as_str())).collect();
+        assert_eq!(
+            reasons,
+            [
+                (0, "field 'n': the value is not a valid Int64"),
+                (2, "field 'transaction_id': is missing or null, and the column is not nullable"),
+                (3, "field 'extra': is not a column of the table"),
+                (4, "the message has no value (a tombstone)"),
+                (5, "field 'device.v': the value is not a valid Int32"),
+                (6, "the value is not valid JSON"),
+                (7, "the value is not exactly one JSON object"),
+                (8, "the value has the wrong JSON type (expected {)"),
+            ]
+        );
+        assert!(out.bad.iter().all(|b| !b.reason.contains("secret")));
+    }
+}

@@ -1,0 +1,162 @@
+//! The Kafka side: a topic's partitions read from given offsets with `rskafka` (pure Rust,
+//! partition-level fetches; the offsets live in the Delta table, so no consumer group).
+//!
+//! Every fetch is checked: records below the requested offset are dropped (a broker returns
+//! whole record batches) and offsets must strictly increase, so a broker that repeats
+//! records can never make a message appear twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rskafka::client::error::{Error as KafkaError, ProtocolError};
+use rskafka::client::partition::{OffsetAt, PartitionClient, UnknownTopicHandling};
+use rskafka::client::{Client, ClientBuilder};
+use rskafka::BackoffConfig;
+use tokio::sync::mpsc;
+
+use crate::decode::Message;
+
+/// Where to start a partition the table has no position for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    Earliest,
+    Latest,
+}
+
+/// A failure talking to the brokers.
+#[derive(Debug, Clone)]
+pub(crate) enum FetchError {
+    /// The requested offset is below the partition's earliest kept offset.
+    OffsetGone { partition: i32, wanted: i64, earliest: i64 },
+    /// Anything else; `transient` when retrying later can work.
+    Kafka { message: String, transient: bool },
+}
+
+pub(crate) fn kafka_error(context: &str, e: KafkaError) -> FetchError {
+    let transient = match &e {
+        KafkaError::ServerError { protocol_error, .. } => !matches!(
+            protocol_error,
+            ProtocolError::TopicAuthorizationFailed
+                | ProtocolError::ClusterAuthorizationFailed
+                | ProtocolError::SaslAuthenticationFailed
+                | ProtocolError::InvalidTopicException
+        ),
+        KafkaError::InvalidResponse(_) => false,
+        _ => true,
+    };
+    FetchError::Kafka { message: format!("{context}: {e}"), transient }
+}
+
+/// A connection to the brokers and one topic's partitions.
+pub(crate) struct Topic {
+    pub client: Arc<Client>,
+    pub name: String,
+    pub partitions: Vec<i32>,
+}
+
+/// How long a request may be retried before it fails (so a wrong address or a broker that is
+/// down is reported, and the caller retries as a whole).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(20);
+
+impl Topic {
+    pub async fn connect(brokers: &[String], topic: &str) -> Result<Self, FetchError> {
+        let backoff = BackoffConfig {
+            init_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+            deadline: Some(REQUEST_DEADLINE),
+        };
+        let build = ClientBuilder::new(brokers.to_vec())
+            .client_id(concat!("lakesync/", env!("CARGO_PKG_VERSION")))
+            .backoff_config(backoff)
+            .build();
+        let client = tokio::time::timeout(REQUEST_DEADLINE, build)
+            .await
+            .map_err(|_| FetchError::Kafka {
+                message: format!("no broker answered within {} s", REQUEST_DEADLINE.as_secs()),
+                transient: true,
+            })?
+            .map_err(|e| kafka_error("connecting", e))?;
+        let topics = client.list_topics().await.map_err(|e| kafka_error("listing topics", e))?;
+        let Some(found) = topics.into_iter().find(|t| t.name == topic) else {
+            return Err(FetchError::Kafka {
+                message: format!("topic {topic} does not exist (create it first; lakesync never creates topics)"),
+                transient: false,
+            });
+        };
+        Ok(Self { client: Arc::new(client), name: topic.to_string(), partitions: found.partitions.into_iter().collect() })
+    }
+
+    pub async fn partition(&self, partition: i32) -> Result<PartitionClient, FetchError> {
+        self.client
+            .partition_client(self.name.clone(), partition, UnknownTopicHandling::Retry)
+            .await
+            .map_err(|e| kafka_error(&format!("partition {partition}"), e))
+    }
+}
+
+/// A batch of a partition's messages, in offset order, and its high watermark.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    pub partition: i32,
+    pub messages: Vec<Message>,
+    pub high_watermark: i64,
+}
+
+/// Resolves where a partition with no recorded position starts.
+pub(crate) async fn start_offset(client: &PartitionClient, start: StartFrom) -> Result<i64, FetchError> {
+    let at = match start {
+        StartFrom::Earliest => OffsetAt::Earliest,
+        StartFrom::Latest => OffsetAt::Latest,
+    };
+    client.get_offset(at).await.map_err(|e| kafka_error(&format!("partition {} offsets", client.partition()), e))
+}
+
+/// Fetches `client`'s partition from `next` onwards into `out` until `out` closes or a fetch
+/// fails (the error is sent, then the task ends).
+pub(crate) async fn fetch_loop(
+    client: PartitionClient,
+    mut next: i64,
+    max_bytes: i32,
+    out: mpsc::Sender<Result<Fetched, FetchError>>,
+) {
+    let partition = client.partition();
+    loop {
+        let fetched = client.fetch_records(next, 1..max_bytes, 500).await;
+        let item = match fetched {
+            Ok((records, high_watermark)) => {
+                let mut messages = Vec::with_capacity(records.len());
+                for r in records {
+                    // Only strictly increasing offsets from the requested one: whole record
+                    // batches come back, and a broker may repeat records.
+                    if r.offset < next {
+                        continue;
+                    }
+                    next = r.offset + 1;
+                    messages.push(Message {
+                        partition,
+                        offset: r.offset,
+                        timestamp_ms: r.record.timestamp.timestamp_millis(),
+                        key: r.record.key,
+                        value: r.record.value,
+                    });
+                }
+                Ok(Fetched { partition, messages, high_watermark })
+            }
+            Err(KafkaError::ServerError { protocol_error: ProtocolError::OffsetOutOfRange, .. }) => {
+                let earliest = client.get_offset(OffsetAt::Earliest).await.unwrap_or(-1);
+                if earliest >= 0 && earliest <= next {
+                    // Above the end (a broker that has not caught up): wait and ask again.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(FetchError::OffsetGone { partition, wanted: next, earliest })
+            }
+            Err(e) => Err(kafka_error(&format!("fetching partition {partition} at offset {next}"), e)),
+        };
+        let failed = item.is_err();
+        if out.send(item).await.is_err() || failed {
+            return;
+        }
+    }
+}
