@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use lakesync_core::SyncMode;
-use lakesync_engine::config::{OptionValue, TableConfig};
+use lakesync_engine::config::{IngestConfig, OptionValue, TableConfig};
 use lakesync_engine::{sync, SyncRequest};
 use lakesync_postgres::PgConfig;
 
@@ -53,6 +53,9 @@ enum Command {
     /// Rewrite a Delta table's small files into large ones (one OPTIMIZE commit that changes no
     /// data: change-feed readers see nothing), then checkpoint when due.
     Compact(CompactArgs),
+    /// Ingest a Kafka topic into a Delta table, exactly once (each flush is one commit that
+    /// records every partition's next offset; restarts resume from the table), until stopped.
+    Ingest(IngestArgs),
     /// Validate a config file without running anything.
     CheckConfig {
         /// The TOML config file.
@@ -160,23 +163,118 @@ struct CompactArgs {
     checkpoint_every: u64,
 }
 
-/// A size: bytes, or a number with kB, MB, GB (powers of 1000) or KiB, MiB, GiB.
 fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a size (e.g. 128MB)"))?;
-    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} in {s:?} (use kB, MB, GB, KiB, MiB or GiB)")),
-    };
-    n.checked_mul(factor).filter(|n| *n > 0).ok_or_else(|| format!("{s:?} is not a usable size"))
+    lakesync_core::parse_size(s)
+}
+
+#[derive(clap::Args)]
+struct IngestArgs {
+    /// Kafka bootstrap brokers, host:port, comma-separated.
+    #[arg(long)]
+    brokers: String,
+    /// The topic (it must exist).
+    #[arg(long)]
+    topic: String,
+    /// Delta table: a local path or an object-store URI, as for `sync --source`; created with
+    /// the change data feed on when missing.
+    #[arg(long)]
+    table: String,
+    /// Names the ingest; the table records its positions under this name (default: the topic).
+    #[arg(long)]
+    name: Option<String>,
+    /// A file with the message fields' schema as Delta schema JSON; needed to create the table.
+    #[arg(long)]
+    schema: Option<String>,
+    /// Partition columns for a table the ingest creates, comma-separated.
+    #[arg(long)]
+    partition_by: Option<String>,
+    /// Kafka metadata columns to store, comma-separated: topic, partition, offset, timestamp, key
+    /// (as _kafka_<name>).
+    #[arg(long)]
+    kafka_columns: Option<String>,
+    /// Commit after this many messages...
+    #[arg(long, default_value_t = 100_000)]
+    flush_rows: usize,
+    /// ...or when the oldest held message has waited this long.
+    #[arg(long, default_value = "1s")]
+    flush_interval: String,
+    /// fail (stop, naming topic/partition/offset/field) or dead_letter (set the message aside
+    /// in --dead-letter-table and go on).
+    #[arg(long, default_value = "fail")]
+    on_bad_record: String,
+    /// The Delta table for messages that do not fit (with --on-bad-record dead_letter).
+    #[arg(long)]
+    dead_letter_table: Option<String>,
+    /// Where partitions the table has no position for start: earliest or latest.
+    #[arg(long, default_value = "earliest")]
+    start_from: String,
+    /// Write a checkpoint when this many commits follow the last one (0: never).
+    #[arg(long, default_value_t = 10)]
+    checkpoint_every: u64,
+    /// Compact small files every this many ingest commits (0: never).
+    #[arg(long, default_value_t = 100)]
+    compact_every: u64,
+    /// Compaction's target file size.
+    #[arg(long, default_value = "128MB")]
+    target_file_size: String,
+    /// An object-store setting, KEY=VALUE, as for `sync`; repeatable.
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = parse_storage_option)]
+    storage_options: Vec<(String, String)>,
+}
+
+impl IngestArgs {
+    /// The ingest, through the same validated spec as a config file's `[[ingest]]` entry.
+    fn spec(&self) -> anyhow::Result<lakesync_ingest::IngestSpec> {
+        let list = |s: &Option<String>| -> Vec<String> {
+            s.iter().flat_map(|s| s.split(',')).map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect()
+        };
+        let mut entry = IngestConfig::new(
+            self.brokers.split(',').map(|b| b.trim().to_string()).collect(),
+            self.topic.clone(),
+            self.table.clone(),
+        );
+        entry.name = self.name.clone();
+        entry.schema = self.schema.clone();
+        entry.partition_by = list(&self.partition_by);
+        entry.kafka_columns = list(&self.kafka_columns);
+        entry.flush_rows = Some(self.flush_rows);
+        entry.flush_interval = Some(self.flush_interval.clone());
+        entry.on_bad_record = Some(self.on_bad_record.clone());
+        entry.dead_letter_table = self.dead_letter_table.clone();
+        entry.start_from = Some(self.start_from.clone());
+        entry.checkpoint_every = Some(self.checkpoint_every);
+        entry.compact_every = Some(self.compact_every);
+        entry.target_file_size = Some(self.target_file_size.clone());
+        entry.storage_options =
+            self.storage_options.iter().map(|(k, v)| (k.clone(), OptionValue::Text(v.clone()))).collect();
+        Ok(entry.validate_with(&|name| std::env::var(name).ok())?)
+    }
+}
+
+/// Runs one ingest until SIGINT/SIGTERM (then flushes what it holds) or a failure retrying
+/// cannot fix.
+async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    let spec = args.spec()?;
+    let status = std::sync::Arc::new(lakesync_ingest::IngestStatus::new());
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    eprintln!("ingesting topic {} into {} as {} (SIGINT or SIGTERM to stop)", spec.topic, spec.table, spec.name);
+    let result = lakesync_ingest::run(spec.clone(), status.clone(), stop).await;
+    let s = status.get();
+    let lag: i64 = s.partitions.values().map(|p| p.lag()).sum();
+    println!(
+        "ingest {}: {} rows ({} bytes) in {} commits, {} files, {} dead letters, {} compactions; lag {} messages",
+        spec.name, s.rows, s.bytes, s.commits, s.files, s.dead_letters, s.compactions, lag
+    );
+    Ok(result?)
 }
 
 /// `KEY=VALUE` of `--storage-option`.
@@ -225,8 +323,9 @@ impl SyncArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAKESYNC_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,lakesync_engine=info")),
+            tracing_subscriber::EnvFilter::try_from_env("LAKESYNC_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,lakesync_engine=info,lakesync_ingest=info")
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
@@ -311,5 +410,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
+        Command::Ingest(args) => ingest(args).await,
     }
 }

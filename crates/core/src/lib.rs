@@ -21,4 +21,4 @@ pub use model::{
     TableSchema, Version,
 };
 pub use plan::{ChangeKind, ChangePlan, ChangePlanner, KeyMap, PlanConflict, PlannedRow};
-pub use schedule::{parse_duration, Cron, Schedule, ScheduleError};
+pub use schedule::{parse_duration, parse_size, Cron, Schedule, ScheduleError};

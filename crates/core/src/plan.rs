@@ -69,6 +69,8 @@ struct Entry<R> {
     first_kind: ChangeKind,
     last: (Version, bool),
     last_kind: ChangeKind,
+    /// The winning image's tie-break (see [`ChangePlanner::observe_ordered`]).
+    last_order: Box<[u8]>,
     row: R,
 }
 
@@ -98,6 +100,8 @@ pub struct PlannedRow<K, R> {
     pub expect_absent: bool,
     /// Version of the change that produced this image.
     pub version: Version,
+    /// Its tie-break among images of the key in that version (empty without one).
+    pub order: Box<[u8]>,
 }
 
 /// The net effect of a range of changes: at most one action per key.
@@ -127,22 +131,40 @@ impl<K: Eq + Hash + Clone, R> ChangePlanner<K, R> {
 
     /// Records one change row.
     pub fn observe(&mut self, key: K, version: Version, kind: ChangeKind, row: R) -> Result<(), PlanConflict<K>> {
+        self.observe_ordered(key, version, kind, &[], row)
+    }
+
+    /// Records one change row with a tie-break for row images of one key in one version: the
+    /// image with the greatest `order` (compared as bytes, e.g. an Arrow row encoding of a
+    /// `dedup_by` column) wins. Two images with equal tie-breaks are still a conflict: which
+    /// one is the key's state is unknowable.
+    pub fn observe_ordered(
+        &mut self,
+        key: K,
+        version: Version,
+        kind: ChangeKind,
+        order: &[u8],
+        row: R,
+    ) -> Result<(), PlanConflict<K>> {
         let at = (version, kind.leaves_row());
         match self.entries.get_mut(&key) {
             None => {
-                self.entries.insert(key, Entry { first: at, first_kind: kind, last: at, last_kind: kind, row });
+                let last_order = order.into();
+                self.entries
+                    .insert(key, Entry { first: at, first_kind: kind, last: at, last_kind: kind, last_order, row });
             }
             Some(e) => {
-                if at == e.last && kind.leaves_row() {
+                if at == e.last && kind.leaves_row() && *order == *e.last_order {
                     return Err(PlanConflict { key, version });
                 }
                 if at < e.first {
                     e.first = at;
                     e.first_kind = kind;
                 }
-                if at > e.last {
+                if (at, order) > (e.last, &*e.last_order) {
                     e.last = at;
                     e.last_kind = kind;
+                    e.last_order = order.into();
                     e.row = row;
                 }
             }
@@ -160,6 +182,7 @@ impl<K: Eq + Hash + Clone, R> ChangePlanner<K, R> {
                     row: e.row,
                     expect_absent: e.first_kind == ChangeKind::Insert,
                     version: e.last.0,
+                    order: e.last_order,
                 });
             } else {
                 plan.deletes.push((key, e.last.0));
@@ -215,6 +238,23 @@ mod tests {
         let (ups, dels) = plan(&[(1, 4, Delete, "x"), (1, 2, Insert, "a"), (1, 3, UpdatePostimage, "b")]);
         assert!(ups.is_empty());
         assert_eq!(dels, vec![1]);
+    }
+
+    #[test]
+    fn images_of_one_key_in_one_version_are_ordered_by_their_tie_break() {
+        let mut p: ChangePlanner<u32, &str> = ChangePlanner::new();
+        p.observe_ordered(1, 3, Insert, b"b", "second").unwrap();
+        p.observe_ordered(1, 3, Insert, b"c", "third").unwrap();
+        p.observe_ordered(1, 3, Insert, b"a", "first").unwrap();
+        p.observe_ordered(2, 3, Insert, b"x", "x").unwrap();
+        assert_eq!(p.observe_ordered(2, 3, Insert, b"x", "again"), Err(PlanConflict { key: 2, version: 3 }));
+        // A later version wins whatever its tie-break.
+        p.observe_ordered(1, 4, UpdatePostimage, b"", "later").unwrap();
+        let plan = p.finish();
+        let rows: BTreeMap<u32, (&str, bool)> =
+            plan.upserts.iter().map(|r| (r.key, (r.row, r.expect_absent))).collect();
+        assert_eq!(rows[&1], ("later", true));
+        assert_eq!(rows[&2], ("x", true));
     }
 
     #[test]

@@ -16,6 +16,25 @@ pub enum ScheduleError {
     Cron { expr: String, reason: String },
 }
 
+/// A size: bytes, or a number with kB, MB, GB (powers of 1000) or KiB, MiB, GiB (`128MB`).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{text:?} is not a size (e.g. 128MB)"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?} in {text:?} (use kB, MB, GB, KiB, MiB or GiB)")),
+    };
+    n.checked_mul(factor).filter(|n| *n > 0).ok_or_else(|| format!("{text:?} is not a usable size"))
+}
+
 /// Parses `250ms`, `30s`, `5m`, `1h`, `1d` (a zero duration is an error).
 pub fn parse_duration(text: &str) -> Result<Duration, ScheduleError> {
     let err = || ScheduleError::Duration(text.to_string());

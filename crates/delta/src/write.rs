@@ -296,7 +296,8 @@ impl DeltaWriter {
     pub fn layout(&self) -> Result<TableLayout, DeltaError> {
         use delta_kernel::engine::arrow_conversion::TryFromKernel;
         let (snapshot, txn) = self.begin(UpdateTableOperation::Write)?;
-        let schema = arrow_schema::Schema::try_from_kernel(snapshot.schema().as_ref()).map_err(|e| self.err(e.into()))?;
+        let schema =
+            arrow_schema::Schema::try_from_kernel(snapshot.schema().as_ref()).map_err(|e| self.err(e.into()))?;
         let properties = snapshot.table_properties();
         Ok(TableLayout {
             version: snapshot.version(),
@@ -388,7 +389,10 @@ impl DeltaWriter {
         let columns = partition_columns
             .iter()
             .map(|name| {
-                batch.column_by_name(name).cloned().ok_or_else(|| self.shape(format!("rows lack partition column {name}")))
+                batch
+                    .column_by_name(name)
+                    .cloned()
+                    .ok_or_else(|| self.shape(format!("rows lack partition column {name}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         // Group row indexes by partition value (rendered as text, which is how Delta logs it).
@@ -403,9 +407,8 @@ impl DeltaWriter {
             let key = formatters.iter().map(|f| f.value(row).to_string()).collect();
             groups.entry(key).or_default().push(row as u32);
         }
-        let keep: Vec<usize> = (0..batch.num_columns())
-            .filter(|&i| !partition_columns.contains(batch.schema().field(i).name()))
-            .collect();
+        let keep: Vec<usize> =
+            (0..batch.num_columns()).filter(|&i| !partition_columns.contains(batch.schema().field(i).name())).collect();
         let data = batch.project(&keep).map_err(|e| self.shape(e.to_string()))?;
         let mut adds = Vec::new();
         for rows in groups.into_values() {
@@ -413,7 +416,13 @@ impl DeltaWriter {
             let values = partition_columns
                 .iter()
                 .zip(&columns)
-                .map(|(name, column)| Ok((name.clone(), scalar_at(column.as_ref(), first).map_err(|m| self.shape(format!("partition column {name}: {m}")))?)))
+                .map(|(name, column)| {
+                    Ok((
+                        name.clone(),
+                        scalar_at(column.as_ref(), first)
+                            .map_err(|m| self.shape(format!("partition column {name}: {m}")))?,
+                    ))
+                })
                 .collect::<Result<HashMap<_, _>, DeltaError>>()?;
             let indexes = arrow_array::UInt32Array::from(rows);
             let part = arrow_select::take::take_record_batch(&data, &indexes).map_err(|e| self.shape(e.to_string()))?;
@@ -599,14 +608,20 @@ mod tests {
         let w = DeltaWriter::create(&dir.path().join("t"), &customer_schema(), &[]).unwrap();
         assert_eq!(w.app_versions(&["ingest-0", "ingest-1"]).unwrap(), [None, None]);
         let first = at(&[("ingest-0", None, 10), ("ingest-1", None, 5)]);
-        assert_eq!(w.append_once(&[customers(0..10, 0)], &first).unwrap(), Appended::Committed { version: 1, files: 1 });
+        assert_eq!(
+            w.append_once(&[customers(0..10, 0)], &first).unwrap(),
+            Appended::Committed { version: 1, files: 1 }
+        );
         assert_eq!(w.app_versions(&["ingest-0", "ingest-1"]).unwrap(), [Some(10), Some(5)]);
         // A writer that crashed after that commit replays the same rows: nothing is written.
         assert_eq!(w.append_once(&[customers(0..10, 0)], &first).unwrap(), Appended::AlreadyCommitted);
         assert_eq!(w.latest().unwrap().version(), 1);
         assert_eq!(w.files().unwrap().len(), 1);
         let next = at(&[("ingest-0", Some(10), 12), ("ingest-1", Some(5), 9)]);
-        assert_eq!(w.append_once(&[customers(10..16, 0)], &next).unwrap(), Appended::Committed { version: 2, files: 1 });
+        assert_eq!(
+            w.append_once(&[customers(10..16, 0)], &next).unwrap(),
+            Appended::Committed { version: 2, files: 1 }
+        );
         // A writer that starts from other positions (a second writer with the same ids, or
         // one replaying a range the table has moved past) writes nothing and learns where
         // the table is.

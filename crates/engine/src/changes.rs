@@ -55,8 +55,11 @@ struct Pick {
 /// The net plan of a chunk, computed from key-only change rows.
 pub struct KeyPlan {
     converter: Option<RowConverter>,
-    /// Winning upsert per key: (version, expect_absent).
-    upserts: KeyMap<Box<[u8]>, (Version, bool)>,
+    /// The `dedup_by` column and its row encoder: the tie-break between row images of one
+    /// key in one version.
+    order_by: Option<(String, Option<RowConverter>)>,
+    /// Winning upsert per key: (version, expect_absent, tie-break).
+    upserts: KeyMap<Box<[u8]>, (Version, bool, Box<[u8]>)>,
     deletes: Vec<(Box<[u8]>, Version)>,
 }
 
@@ -116,13 +119,29 @@ fn key_rows(converter: &mut Option<RowConverter>, keys: &[ArrayRef], table: &Tab
     conv.convert_columns(keys).map_err(|e| internal(e.to_string()))
 }
 
+/// The tie-break column of `batch` encoded as comparable bytes, when there is one.
+fn order_rows(
+    order_by: &mut Option<(String, Option<RowConverter>)>,
+    batch: &RecordBatch,
+    table: &TableName,
+) -> Result<Option<Rows>, EngineError> {
+    let Some((column, converter)) = order_by else { return Ok(None) };
+    let values = batch.column_by_name(column).cloned().ok_or_else(|| {
+        EngineError::Internal(format!("table {table}: change batch without the dedup_by column {column:?}"))
+    })?;
+    key_rows(converter, &[values], table).map(Some)
+}
+
 /// Pass one: reduces the change rows in `batches` (which need only the key columns, the
-/// change type and the version) to one action per key.
+/// `order_by` column if any, the change type and the version) to one action per key. Row
+/// images of one key in one version are a conflict, unless `order_by` (the `dedup_by`
+/// policy) names a column: then the image with its greatest value wins, as in a snapshot.
 ///
 /// Takes the batches as they are read, so planning overlaps the reader's decoding.
 pub fn plan_keys<E>(
     table: &TableName,
     key: &[String],
+    order_by: Option<&str>,
     batches: impl IntoIterator<Item = Result<RecordBatch, E>>,
 ) -> Result<KeyPlan, EngineError>
 where
@@ -130,6 +149,7 @@ where
 {
     let mut planner: ChangePlanner<Box<[u8]>, ()> = ChangePlanner::new();
     let mut converter = None;
+    let mut order_by = order_by.map(|c| (c.to_string(), None));
     for batch in batches {
         let batch = batch?;
         if batch.num_rows() == 0 {
@@ -137,10 +157,13 @@ where
         }
         let cols = change_columns(table, key, &batch)?;
         let rows = key_rows(&mut converter, &cols.keys, table)?;
+        let order = order_rows(&mut order_by, &batch, table)?;
         for i in 0..batch.num_rows() {
             let version = cols.versions.value(i) as Version;
             let kind = kind_of(table, &cols.kinds, version, i)?;
-            planner.observe(rows.row(i).as_ref().into(), version, kind, ()).map_err(|c| {
+            let tie = order.as_ref().map(|o| o.row(i));
+            let tie: &[u8] = tie.as_ref().map_or(&[], |r| r.as_ref());
+            planner.observe_ordered(rows.row(i).as_ref().into(), version, kind, tie, ()).map_err(|c| {
                 EngineError::Postgres(PgError::DuplicateKey {
                     table: table.to_string(),
                     key: key_text(&batch, key, i),
@@ -152,7 +175,8 @@ where
     let plan = planner.finish();
     Ok(KeyPlan {
         converter,
-        upserts: plan.upserts.into_iter().map(|r| (r.key, (r.version, r.expect_absent))).collect(),
+        order_by,
+        upserts: plan.upserts.into_iter().map(|r| (r.key, (r.version, r.expect_absent, r.order))).collect(),
         deletes: plan.deletes,
     })
 }
@@ -160,7 +184,7 @@ where
 impl KeyPlan {
     /// The versions whose full rows pass two must read.
     pub fn upsert_versions(&self) -> BTreeSet<Version> {
-        self.upserts.values().map(|(v, _)| *v).collect()
+        self.upserts.values().map(|(v, _, _)| *v).collect()
     }
 
     /// Pass two: picks the winning row images out of full change rows (which must cover every
@@ -187,16 +211,21 @@ impl KeyPlan {
             let bi = keys.len();
             let cols = change_columns(table, key, batch)?;
             let rows = key_rows(&mut self.converter, &cols.keys, table)?;
+            let order = order_rows(&mut self.order_by, batch, table)?;
             for i in 0..batch.num_rows() {
                 let version = cols.versions.value(i) as Version;
                 if !kind_of(table, &cols.kinds, version, i)?.leaves_row() {
                     continue;
                 }
-                // Pass one rejected two row images of one key in one version, so a winning
-                // (key, version) matches exactly one row here.
-                if let Some(&(v, expect_absent)) = self.upserts.get(rows.row(i).as_ref()) {
-                    if v == version {
-                        picks.push(Pick { batch: bi, row: i, expect_absent, version });
+                // Pass one rejected two row images of one key in one version with equal
+                // tie-breaks, so a winning (key, version, tie-break) matches exactly one row.
+                if let Some((v, expect_absent, tie)) = self.upserts.get(rows.row(i).as_ref()) {
+                    let matches = match &order {
+                        Some(o) => o.row(i).as_ref() == &**tie,
+                        None => true,
+                    };
+                    if *v == version && matches {
+                        picks.push(Pick { batch: bi, row: i, expect_absent: *expect_absent, version });
                     }
                 }
             }

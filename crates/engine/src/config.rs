@@ -34,9 +34,11 @@ use std::time::Duration;
 
 use lakesync_core::SyncMode;
 use lakesync_core::{
-    parse_duration, Classify, DataPolicy, ErrorClass, NulBytePolicy, PrimaryKey, Schedule, TableName, Version,
+    parse_duration, parse_size, Classify, DataPolicy, ErrorClass, NulBytePolicy, PrimaryKey, Schedule, TableName,
+    Version,
 };
 use lakesync_delta::StorageOptions;
+use lakesync_ingest::{BadRecords, IngestSpec, KafkaColumn, StartFrom};
 use lakesync_postgres::{PgConfig, RunRetention};
 use serde::{Deserialize, Serialize};
 
@@ -86,6 +88,9 @@ pub struct ConfigFile {
     /// The synced tables.
     #[serde(default)]
     pub tables: Vec<TableConfig>,
+    /// Kafka topics ingested into Delta tables.
+    #[serde(default)]
+    pub ingest: Vec<IngestConfig>,
 }
 
 /// `[postgres]`.
@@ -430,6 +435,186 @@ impl TableConfig {
     }
 }
 
+/// One `[[ingest]]` entry: a Kafka topic into a Delta table, exactly once.
+///
+/// ```toml
+/// [[ingest]]
+/// name = "events-ingest"
+/// brokers = ["kafka-1:9092", "kafka-2:9092"]
+/// topic = "events"
+/// table = "s3://lake/events"            # created (change data feed on) when missing
+/// schema = "/etc/lakesync/events.json"  # a Delta schema (JSON); needed to create the table
+/// kafka_columns = ["partition", "offset", "timestamp"]
+/// flush_interval = "1s"
+/// on_bad_record = "dead_letter"
+/// dead_letter_table = "s3://lake/events_dead_letters"
+/// ```
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Name in the API, metrics and the table's `txn` application ids (default: the topic).
+    /// Renaming an ingest makes it start over: its positions are recorded under its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    pub topic: String,
+    /// The Delta table: a local path or an object-store URI.
+    pub table: String,
+    /// A file holding the message fields' schema as Delta schema JSON; required to create the
+    /// table, checked against an existing one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    /// Partition columns of a table the ingest creates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partition_by: Vec<String>,
+    /// Kafka metadata columns (`topic`, `partition`, `offset`, `timestamp`, `key`), stored as
+    /// `_kafka_<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kafka_columns: Vec<String>,
+    /// Commit after this many messages (default 100000)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_rows: Option<usize>,
+    /// ...or when the oldest held message has waited this long (default `1s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flush_interval: Option<String>,
+    /// `fail` (default) or `dead_letter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_bad_record: Option<String>,
+    /// The Delta table bad messages go to with `on_bad_record = "dead_letter"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_table: Option<String>,
+    /// `earliest` (default) or `latest`: where partitions the table has no position for start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_from: Option<String>,
+    /// Write a checkpoint when this many commits follow the last one (default 10; 0: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
+    /// Compact small files every this many ingest commits (default 100; 0: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compact_every: Option<u64>,
+    /// Compaction's target file size (default `128MB`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_file_size: Option<String>,
+    /// Object-store settings, as for `[[tables]]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub storage_options: BTreeMap<String, OptionValue>,
+}
+
+impl IngestConfig {
+    /// An entry with the required fields and every optional one at its default.
+    pub fn new(brokers: Vec<String>, topic: impl Into<String>, table: impl Into<String>) -> Self {
+        Self {
+            name: None,
+            brokers,
+            topic: topic.into(),
+            table: table.into(),
+            schema: None,
+            partition_by: Vec::new(),
+            kafka_columns: Vec::new(),
+            flush_rows: None,
+            flush_interval: None,
+            on_bad_record: None,
+            dead_letter_table: None,
+            start_from: None,
+            checkpoint_every: None,
+            compact_every: None,
+            target_file_size: None,
+            storage_options: BTreeMap::new(),
+        }
+    }
+
+    /// Validates the entry, reading the schema file and `*_env` options; `env` looks up
+    /// environment variables.
+    pub fn validate_with(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<IngestSpec, ConfigError> {
+        let name = self.name.clone().unwrap_or_else(|| self.topic.clone());
+        let scope = format!("ingest {name}");
+        if name.is_empty() || name.contains(['/', '?', '#', ' ']) || name.chars().any(char::is_control) {
+            return Err(invalid(scope, "name must be non-empty without '/', '?', '#', spaces or control characters"));
+        }
+        if self.topic.is_empty() || !self.topic.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+            return Err(invalid(
+                &scope,
+                format!("topic {:?}: a Kafka topic name is letters, digits, '.', '_' and '-'", self.topic),
+            ));
+        }
+        let brokers: Vec<String> = self.brokers.iter().map(|b| b.trim().to_string()).collect();
+        if brokers.is_empty()
+            || brokers.iter().any(|b| b.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()))
+        {
+            return Err(invalid(&scope, format!("brokers {brokers:?}: expected host:port entries")));
+        }
+        if self.table.trim().is_empty() {
+            return Err(invalid(&scope, "table is empty"));
+        }
+        let written: BTreeMap<String, String> =
+            self.storage_options.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+        let storage =
+            StorageOptions::resolve(&self.table, &written, env).map_err(|e| invalid(&scope, format!("table: {e}")))?;
+        let mut spec = IngestSpec::new(&name, brokers, &self.topic, &self.table);
+        spec.storage = storage;
+        if let Some(path) = &self.schema {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| invalid(&scope, format!("schema file {path}: {e}")))?;
+            let schema = lakesync_delta::schema::arrow_schema_from_json(&format!("schema file {path}"), &text)
+                .map_err(|e| invalid(&scope, e))?;
+            spec.schema = Some(std::sync::Arc::new(schema));
+        }
+        spec.partition_by = self.partition_by.clone();
+        if let Some(schema) = &spec.schema {
+            if let Some(c) = spec.partition_by.iter().find(|c| schema.field_with_name(c).is_err()) {
+                return Err(invalid(&scope, format!("partition_by: {c} is not a column of the schema")));
+            }
+        }
+        for column in &self.kafka_columns {
+            let c = KafkaColumn::parse(column).map_err(|e| invalid(&scope, format!("kafka_columns: {e}")))?;
+            if !spec.kafka_columns.contains(&c) {
+                spec.kafka_columns.push(c);
+            }
+        }
+        if let Some(n) = self.flush_rows {
+            if n == 0 {
+                return Err(invalid(&scope, "flush_rows must be at least 1"));
+            }
+            spec.flush_rows = n;
+        }
+        if let Some(t) = &self.flush_interval {
+            spec.flush_interval = parse_duration(t).map_err(|e| invalid(&scope, format!("flush_interval: {e}")))?;
+        }
+        spec.bad_records = match (self.on_bad_record.as_deref(), &self.dead_letter_table) {
+            (None | Some("fail"), None) => BadRecords::Fail,
+            (Some("dead_letter"), Some(table)) if table != &self.table => BadRecords::DeadLetter(table.clone()),
+            (Some("dead_letter"), Some(_)) => return Err(invalid(&scope, "dead_letter_table must differ from table")),
+            (Some("dead_letter"), None) => {
+                return Err(invalid(&scope, "on_bad_record = \"dead_letter\" needs dead_letter_table"))
+            }
+            (None | Some("fail"), Some(_)) => {
+                return Err(invalid(&scope, "dead_letter_table applies only with on_bad_record = \"dead_letter\""))
+            }
+            (Some(other), _) => {
+                return Err(invalid(&scope, format!("on_bad_record {other:?}: expected \"fail\" or \"dead_letter\"")))
+            }
+        };
+        spec.start = match self.start_from.as_deref() {
+            None | Some("earliest") => StartFrom::Earliest,
+            Some("latest") => StartFrom::Latest,
+            Some(other) => {
+                return Err(invalid(&scope, format!("start_from {other:?}: expected \"earliest\" or \"latest\"")))
+            }
+        };
+        if let Some(n) = self.checkpoint_every {
+            spec.checkpoint_every = n;
+        }
+        if let Some(n) = self.compact_every {
+            spec.compact_every = n;
+        }
+        if let Some(size) = &self.target_file_size {
+            spec.target_file_size = parse_size(size).map_err(|e| invalid(&scope, format!("target_file_size: {e}")))?;
+        }
+        Ok(spec)
+    }
+}
+
 /// API settings.
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
@@ -491,6 +676,8 @@ pub struct Config {
     pub api: ApiSettings,
     /// Synced tables.
     pub tables: Vec<TableSpec>,
+    /// Kafka topics ingested into Delta tables.
+    pub ingests: Vec<IngestSpec>,
 }
 
 impl Config {
@@ -598,6 +785,13 @@ impl ConfigFile {
         };
         let tables = self.tables.iter().map(|t| t.validate_with(env)).collect::<Result<Vec<_>, _>>()?;
         check_unique(&tables)?;
+        let ingests = self.ingest.iter().map(|i| i.validate_with(env)).collect::<Result<Vec<_>, _>>()?;
+        let mut names = BTreeSet::new();
+        for i in &ingests {
+            if !names.insert(&i.name) {
+                return Err(invalid(format!("ingest {}", i.name), "the name is used by two ingests"));
+            }
+        }
         Ok(Config {
             postgres,
             api: ApiSettings {
@@ -611,6 +805,7 @@ impl ConfigFile {
                 tls,
             },
             tables,
+            ingests,
         })
     }
 }

@@ -472,8 +472,16 @@ async fn triggered(
             let t = std::time::Instant::now();
             let mut plan = {
                 let (source, table, key) = (source.clone(), table.clone(), key.to_vec());
+                let dedup_by = req.policy.dedup_by.clone();
                 tokio::task::spawn_blocking(move || {
-                    plan_keys(&table, &key, source.changes(chunk_start, chunk_end, Some(&key))?)
+                    let mut columns = key.clone();
+                    columns.extend(dedup_by.iter().filter(|c| !key.contains(c)).cloned());
+                    plan_keys(
+                        &table,
+                        &key,
+                        dedup_by.as_deref(),
+                        source.changes(chunk_start, chunk_end, Some(&columns))?,
+                    )
                 })
                 .await
                 .map_err(|e| EngineError::Internal(format!("change planner panicked: {e}")))??

@@ -157,7 +157,7 @@ impl Decoder {
             let reason = "the message has no value (a tombstone)".to_string();
             return Err((reason.clone(), reason));
         };
-        let failed = |e: ArrowError| (describe(&e, &self.values), e.to_string());
+        let failed = |e: ArrowError| (describe(&e, &self.values, || self.locate(value)), e.to_string());
         let mut decoder = self.json_decoder(1).map_err(failed)?;
         let consumed = decoder.decode(value).map_err(failed)?;
         if consumed != value.len() || decoder.len() != 1 {
@@ -171,6 +171,22 @@ impl Decoder {
                 Err((reason.clone(), reason))
             }
         }
+    }
+
+    /// The top-level field of a JSON object `value` that fails to decode alone, for errors
+    /// the decoder reports without a field (a decimal that does not parse, say).
+    fn locate(&self, value: &[u8]) -> Option<String> {
+        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(value).ok()?;
+        for (name, v) in object {
+            let Ok(field) = self.values.field_with_name(&name) else { continue };
+            let schema = Arc::new(Schema::new(vec![field.clone()]));
+            let one = serde_json::to_vec(&serde_json::json!({ name.clone(): v })).ok()?;
+            let mut decoder = ReaderBuilder::new(schema).build_decoder().ok()?;
+            if decoder.decode(&one).is_err() || decoder.flush().is_err() {
+                return Some(name);
+            }
+        }
+        None
     }
 
     /// `rows` (the value columns) with the Kafka columns of `messages`, in the table's order.
@@ -210,16 +226,22 @@ impl Decoder {
 
 /// What is wrong with a message, from the JSON decoder's error, naming the field path but
 /// never the value (the decoder's own messages quote it).
-fn describe(err: &ArrowError, schema: &Schema) -> String {
+/// `locate` finds the field when the decoder does not say.
+fn describe(err: &ArrowError, schema: &Schema, locate: impl FnOnce() -> Option<String>) -> String {
     let text = err.to_string();
     let mut rest = text.strip_prefix("Json error: ").unwrap_or(&text);
-    let mut path: Vec<&str> = Vec::new();
+    let mut path: Vec<String> = Vec::new();
     while let Some(r) = rest.strip_prefix("whilst decoding field '") {
         let Some(end) = r.find("': ") else { break };
-        path.push(&r[..end]);
+        path.push(r[..end].to_string());
         rest = &r[end + 3..];
     }
-    let type_at = |path: &[&str]| -> Option<String> {
+    let value_error =
+        rest.starts_with("failed to parse") || text.starts_with("Parser error") || rest.starts_with("expected ");
+    if path.is_empty() && value_error {
+        path.extend(locate());
+    }
+    let type_at = |path: &[String]| -> Option<String> {
         let mut fields = schema.fields().clone();
         let mut found = None;
         for name in path {
@@ -231,7 +253,7 @@ fn describe(err: &ArrowError, schema: &Schema) -> String {
         }
         found.map(|f| f.data_type().to_string())
     };
-    let what = if rest.starts_with("failed to parse") || rest.starts_with("Parser error") {
+    let what = if rest.starts_with("failed to parse") || text.starts_with("Parser error") {
         match type_at(&path) {
             Some(t) => format!("the value is not a valid {t}"),
             None => "the value does not fit the column's type".to_string(),
@@ -241,11 +263,13 @@ fn describe(err: &ArrowError, schema: &Schema) -> String {
         format!("the value has the wrong JSON type (expected {expected})")
     } else if let Some(r) = rest.strip_prefix("column '") {
         let name = r.split("' missing from schema").next().unwrap_or(r);
-        path.push(name);
+        path.push(name.to_string());
         "is not a column of the table".to_string()
-    } else if let Some(r) = rest.strip_prefix("Encountered unmasked nulls in non-nullable StructArray child: Field { \"") {
+    } else if let Some(r) =
+        rest.strip_prefix("Encountered unmasked nulls in non-nullable StructArray child: Field { \"")
+    {
         if let Some(name) = r.split("\":").next() {
-            path.push(name);
+            path.push(name.to_string());
         }
         "is missing or null, and the column is not nullable".to_string()
     } else if rest.contains("UTF-8") {
@@ -275,7 +299,9 @@ mod tests {
             Field::new("at", ts, true),
             Field::new(
                 "device",
-                DataType::Struct(vec![Field::new("os", DataType::Utf8, true), Field::new("v", DataType::Int32, true)].into()),
+                DataType::Struct(
+                    vec![Field::new("os", DataType::Utf8, true), Field::new("v", DataType::Int32, true)].into(),
+                ),
                 true,
             ),
             KafkaColumn::Partition.field(),
@@ -285,7 +311,13 @@ mod tests {
     }
 
     fn message(offset: i64, value: &str) -> Message {
-        Message { partition: 3, offset, timestamp_ms: 1_700_000_000_000, key: Some(b"k".to_vec()), value: Some(value.into()) }
+        Message {
+            partition: 3,
+            offset,
+            timestamp_ms: 1_700_000_000_000,
+            key: Some(b"k".to_vec()),
+            value: Some(value.into()),
+        }
     }
 
     #[test]

@@ -84,7 +84,11 @@ impl Topic {
                 transient: false,
             });
         };
-        Ok(Self { client: Arc::new(client), name: topic.to_string(), partitions: found.partitions.into_iter().collect() })
+        Ok(Self {
+            client: Arc::new(client),
+            name: topic.to_string(),
+            partitions: found.partitions.into_iter().collect(),
+        })
     }
 
     pub async fn partition(&self, partition: i32) -> Result<PartitionClient, FetchError> {
@@ -158,5 +162,50 @@ pub(crate) async fn fetch_loop(
         if out.send(item).await.is_err() || failed {
             return;
         }
+    }
+}
+
+/// Creates `topic` with `partitions` partitions (replication 1), for the demo, benchmarks and
+/// tests: the ingest itself never creates topics.
+pub async fn create_topic(brokers: &[String], topic: &str, partitions: i32) -> Result<(), String> {
+    let client = ClientBuilder::new(brokers.to_vec()).build().await.map_err(|e| format!("connecting: {e}"))?;
+    let controller = client.controller_client().map_err(|e| e.to_string())?;
+    controller.create_topic(topic, partitions, 1, 5_000).await.map_err(|e| format!("creating topic {topic}: {e}"))
+}
+
+/// Writes messages to a topic's partitions, one record per request (the local test broker
+/// mishandles multi-record batches), for the demo, benchmarks and tests.
+pub struct Producer {
+    partitions: Vec<PartitionClient>,
+}
+
+impl Producer {
+    pub async fn connect(brokers: &[String], topic: &str) -> Result<Self, String> {
+        let topic = Topic::connect(brokers, topic).await.map_err(|e| format!("{e:?}"))?;
+        let mut partitions = Vec::new();
+        for p in &topic.partitions {
+            partitions.push(topic.partition(*p).await.map_err(|e| format!("{e:?}"))?);
+        }
+        Ok(Self { partitions })
+    }
+
+    /// The number of partitions.
+    pub fn partitions(&self) -> i32 {
+        self.partitions.len() as i32
+    }
+
+    /// Appends one message to `partition`; returns its offset.
+    pub async fn send(&self, partition: i32, key: Option<Vec<u8>>, value: Option<Vec<u8>>) -> Result<i64, String> {
+        let client = self
+            .partitions
+            .iter()
+            .find(|c| c.partition() == partition)
+            .ok_or_else(|| format!("no partition {partition}"))?;
+        let record = rskafka::record::Record { key, value, headers: Default::default(), timestamp: chrono::Utc::now() };
+        let offsets = client
+            .produce(vec![record], rskafka::client::partition::Compression::NoCompression)
+            .await
+            .map_err(|e| format!("producing to partition {partition}: {e}"))?;
+        offsets.first().copied().ok_or_else(|| "the broker returned no offset".into())
     }
 }

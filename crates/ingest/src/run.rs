@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use arrow_array::{
-    ArrayRef, BinaryArray, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
-};
+use arrow_array::{ArrayRef, BinaryArray, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use lakesync_core::{Classify, Version};
 use lakesync_delta::compact::{compact, CompactOptions};
@@ -30,7 +28,11 @@ const FETCH_BYTES: i32 = 4 * 1024 * 1024;
 /// Runs the ingest until `stop` turns true (then flushes what it holds and returns `Ok`) or a
 /// failure retrying cannot fix. Transient failures (brokers down, store hiccups, another
 /// writer moved the positions) restart it from the table's positions, with backoff.
-pub async fn run(spec: IngestSpec, status: Arc<IngestStatus>, mut stop: watch::Receiver<bool>) -> Result<(), IngestError> {
+pub async fn run(
+    spec: IngestSpec,
+    status: Arc<IngestStatus>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
     let mut backoff = Duration::from_millis(500);
     loop {
         let started = Instant::now();
@@ -116,13 +118,9 @@ fn delta(spec: &IngestSpec) -> impl Fn(DeltaError) -> IngestError + '_ {
 
 fn fetch_error(spec: &IngestSpec, e: FetchError) -> IngestError {
     match e {
-        FetchError::OffsetGone { partition, wanted, earliest } => IngestError::OffsetGone {
-            name: spec.name.clone(),
-            topic: spec.topic.clone(),
-            partition,
-            wanted,
-            earliest,
-        },
+        FetchError::OffsetGone { partition, wanted, earliest } => {
+            IngestError::OffsetGone { name: spec.name.clone(), topic: spec.topic.clone(), partition, wanted, earliest }
+        }
         FetchError::Kafka { message, transient } => {
             IngestError::Kafka { name: spec.name.clone(), brokers: spec.brokers.join(","), message, transient }
         }
@@ -140,12 +138,18 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(|e| internal(spec, e))?
 }
 
-async fn run_once(spec: &IngestSpec, status: &IngestStatus, stop: &mut watch::Receiver<bool>) -> Result<(), IngestError> {
-    let target = Arc::new(blocking(spec, {
-        let spec = spec.clone();
-        move || open_target(&spec)
-    })
-    .await?);
+async fn run_once(
+    spec: &IngestSpec,
+    status: &IngestStatus,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let target = Arc::new(
+        blocking(spec, {
+            let spec = spec.clone();
+            move || open_target(&spec)
+        })
+        .await?,
+    );
     let dead = match &spec.bad_records {
         BadRecords::Fail => None,
         BadRecords::DeadLetter(uri) => Some(Arc::new(
@@ -172,8 +176,7 @@ async fn run_once(spec: &IngestSpec, status: &IngestStatus, stop: &mut watch::Re
     })
     .await?;
     let mut positions: BTreeMap<i32, Option<i64>> = topic.partitions.iter().copied().zip(recorded).collect();
-    let mut dead_positions: BTreeMap<i32, Option<i64>> =
-        topic.partitions.iter().copied().zip(dead_recorded).collect();
+    let mut dead_positions: BTreeMap<i32, Option<i64>> = topic.partitions.iter().copied().zip(dead_recorded).collect();
 
     let (tx, mut rx) = mpsc::channel(4 * topic.partitions.len().max(1));
     let mut fetchers = JoinSet::new();
@@ -196,7 +199,13 @@ async fn run_once(spec: &IngestSpec, status: &IngestStatus, stop: &mut watch::Re
             s.partitions.entry(*p).or_default().committed = *at;
         }
     });
-    tracing::info!(ingest = spec.name, topic = spec.topic, table = spec.table, partitions = positions.len(), "ingest running");
+    tracing::info!(
+        ingest = spec.name,
+        topic = spec.topic,
+        table = spec.table,
+        partitions = positions.len(),
+        "ingest running"
+    );
 
     let mut buffer = Buffer::default();
     let mut commits_since_compaction = 0u64;
@@ -334,7 +343,9 @@ fn write_flush(
             let rows = dead_letter_rows(spec, &held.messages, &fresh).map_err(|e| internal(spec, e))?;
             match dead.writer.append_once(&[rows], &at).map_err(delta(spec))? {
                 Appended::Committed { .. } | Appended::AlreadyCommitted => {}
-                Appended::Moved(_) => return Err(IngestError::Moved { name: spec.name.clone(), table: dead.uri.clone() }),
+                Appended::Moved(_) => {
+                    return Err(IngestError::Moved { name: spec.name.clone(), table: dead.uri.clone() })
+                }
             }
             dead_committed = partitions.iter().map(|p| (*p, held.next[p])).collect();
             dead_letters = fresh.len() as u64;
@@ -363,7 +374,12 @@ fn write_flush(
         match compact(&spec.table, &spec.storage, &options) {
             Ok(report) => {
                 compacted = report.version.is_some();
-                tracing::info!(ingest = spec.name, files_removed = report.files_removed, files_added = report.files_added, "compacted");
+                tracing::info!(
+                    ingest = spec.name,
+                    files_removed = report.files_removed,
+                    files_added = report.files_added,
+                    "compacted"
+                );
             }
             Err(e) => tracing::warn!(ingest = spec.name, error = %e, "compaction failed; the table is unchanged"),
         }
@@ -394,7 +410,8 @@ fn local_dir(uri: &str) -> Option<std::path::PathBuf> {
 /// Opens the table, creating it (change data feed on) when missing, and checks it can take
 /// this ingest's rows.
 fn open_target(spec: &IngestSpec) -> Result<Target, IngestError> {
-    let table_err = |message: String| IngestError::Table { name: spec.name.clone(), table: spec.table.clone(), message };
+    let table_err =
+        |message: String| IngestError::Table { name: spec.name.clone(), table: spec.table.clone(), message };
     let declared = spec.schema.as_ref().map(|s| {
         let mut fields: Vec<Field> = s.fields().iter().map(|f| f.as_ref().clone()).collect();
         fields.extend(spec.kafka_columns.iter().map(|c| c.field()));
@@ -404,10 +421,13 @@ fn open_target(spec: &IngestSpec) -> Result<Target, IngestError> {
         Some(layout) => layout,
         None => {
             let Some(schema) = &declared else {
-                return Err(table_err("the table does not exist; give a schema (--schema or `schema`) to create it".into()));
+                return Err(table_err(
+                    "the table does not exist; give a schema (--schema or `schema`) to create it".into(),
+                ));
             };
             create_table(spec, &spec.table, schema, &spec.partition_by, &[("delta.enableChangeDataFeed", "true")])?;
-            existing_layout(spec, &spec.table)?.ok_or_else(|| table_err("the table was created but cannot be read".into()))?
+            existing_layout(spec, &spec.table)?
+                .ok_or_else(|| table_err("the table was created but cannot be read".into()))?
         }
     };
     check_layout(spec, &spec.table, &layout)?;
@@ -555,7 +575,11 @@ fn check_same_columns(expected: &Schema, actual: &Schema) -> Result<(), String> 
     Ok(())
 }
 
-fn dead_letter_rows(spec: &IngestSpec, messages: &[Message], bad: &[&BadRecord]) -> Result<RecordBatch, arrow_schema::ArrowError> {
+fn dead_letter_rows(
+    spec: &IngestSpec,
+    messages: &[Message],
+    bad: &[&BadRecord],
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
     let m = |b: &&BadRecord| &messages[b.index];
     let now = chrono::Utc::now().timestamp_micros();
     let columns: Vec<ArrayRef> = vec![

@@ -12,6 +12,7 @@ use lakesync_engine::{sync, EngineError, SyncOutcome, SyncRequest};
 use lakesync_postgres::cluster::LocalCluster;
 use lakesync_postgres::PgConfig;
 
+pub mod kafka;
 pub mod stores;
 
 pub fn workspace_root() -> PathBuf {

@@ -24,7 +24,7 @@ pub fn free_port() -> u16 {
     panic!("no free port between 10000 and 20000");
 }
 
-fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+pub fn wait_for_port(port: u16, child: &mut Child, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
         if let Ok(Some(status)) = child.try_wait() {

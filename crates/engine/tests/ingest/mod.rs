@@ -1,0 +1,398 @@
+//! Ingest (`lakesync_ingest`): a real Kafka-protocol broker (tansu), the real `rskafka`
+//! client, Delta tables written through the kernel and read back by lakesync's own reader
+//! and sync.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int32Type, Int64Type};
+use lakesync_delta::{DeltaTable, DeltaWriter};
+use lakesync_engine::config::IngestConfig;
+use lakesync_ingest::{IngestError, IngestSpec, IngestStatus};
+use tokio::sync::watch;
+
+use crate::support::kafka::KafkaServer;
+use crate::support::{block_on, TestDb};
+
+/// The seed use case's transaction events, as Delta schema JSON.
+pub const EVENTS_SCHEMA: &str = r#"{"type":"struct","fields":[
+    {"name":"transaction_id","type":"string","nullable":false,"metadata":{}},
+    {"name":"user_id","type":"string","nullable":true,"metadata":{}},
+    {"name":"amount","type":"decimal(12,2)","nullable":true,"metadata":{}},
+    {"name":"status","type":"string","nullable":true,"metadata":{}},
+    {"name":"event_time","type":"timestamp","nullable":true,"metadata":{}},
+    {"name":"seq","type":"long","nullable":false,"metadata":{}}]}"#;
+
+/// Event number `seq` as JSON: transaction `seq / 2`, created then (odd seq) settled.
+pub fn event(seq: i64) -> Vec<u8> {
+    let status = if seq % 2 == 0 { "pending" } else { "settled" };
+    format!(
+        r#"{{"transaction_id":"t{}","user_id":"u{}","amount":"{}.{:02}","status":"{status}","event_time":"2026-12-03T10:{:02}:{:02}.{:06}Z","seq":{seq}}}"#,
+        seq / 2,
+        (seq / 2) % 7,
+        seq % 1000,
+        seq % 100,
+        (seq / 60) % 60,
+        seq % 60,
+        seq % 1_000_000
+    )
+    .into_bytes()
+}
+
+/// An ingest spec for `topic` into `table`, through the same config entry the CLI and the
+/// daemon build, with the events schema written to `dir`.
+pub fn events_spec(kafka: &KafkaServer, dir: &Path, topic: &str, table: &Path) -> IngestSpec {
+    let schema = dir.join(format!("{topic}.schema.json"));
+    std::fs::write(&schema, EVENTS_SCHEMA).unwrap();
+    let mut entry = IngestConfig::new(kafka.brokers(), topic, table.display().to_string());
+    entry.schema = Some(schema.display().to_string());
+    entry.kafka_columns = vec!["partition".into(), "offset".into()];
+    entry.flush_interval = Some("200ms".into());
+    entry.validate_with(&|_| None).unwrap()
+}
+
+/// Produces events `seqs` round-robin over the topic's partitions.
+pub async fn produce(kafka: &KafkaServer, topic: &str, seqs: std::ops::Range<i64>) {
+    let producer = kafka.producer(topic).await;
+    for seq in seqs {
+        producer.send((seq % producer.partitions() as i64) as i32, None, Some(event(seq))).await.unwrap();
+    }
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), IngestError>>,
+    status: Arc<IngestStatus>,
+}
+
+fn start(spec: &IngestSpec) -> Running {
+    let status = Arc::new(IngestStatus::new());
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(lakesync_ingest::run(spec.clone(), status.clone(), rx));
+    Running { stop, task, status }
+}
+
+impl Running {
+    /// Waits until the ingest has written `rows` rows (or fails the test after `secs`).
+    async fn wait_rows(&self, rows: u64, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let s = self.status.get();
+            if s.rows >= rows {
+                return;
+            }
+            assert!(s.state != "failed", "ingest failed: {:?}", s.last_error);
+            assert!(Instant::now() < deadline, "ingest wrote {} of {rows} rows in {secs} s: {s:?}", s.rows);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(self) -> Result<(), IngestError> {
+        self.stop.send(true).unwrap();
+        self.task.await.unwrap()
+    }
+}
+
+/// `seq` of every row of the table's latest version, sorted, with the Kafka offsets per
+/// partition.
+pub fn table_seqs(table: &Path) -> (Vec<i64>, BTreeMap<i32, Vec<i64>>) {
+    let t = DeltaTable::open(&table.display().to_string()).unwrap();
+    let (mut seqs, mut offsets) = (Vec::new(), BTreeMap::<i32, Vec<i64>>::new());
+    for batch in t.snapshot(None).unwrap().batches().unwrap() {
+        let batch = batch.unwrap();
+        let seq = batch.column_by_name("seq").unwrap().as_primitive::<Int64Type>();
+        seqs.extend(seq.values().iter().copied());
+        if let (Some(p), Some(o)) = (batch.column_by_name("_kafka_partition"), batch.column_by_name("_kafka_offset")) {
+            for (p, o) in p.as_primitive::<Int32Type>().values().iter().zip(o.as_primitive::<Int64Type>().values()) {
+                offsets.entry(*p).or_default().push(*o);
+            }
+        }
+    }
+    seqs.sort_unstable();
+    offsets.values_mut().for_each(|o| o.sort_unstable());
+    (seqs, offsets)
+}
+
+fn app_versions(spec: &IngestSpec, table: &Path, partitions: i32) -> Vec<Option<i64>> {
+    let ids: Vec<String> = (0..partitions).map(|p| spec.app_id(p)).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    DeltaWriter::open(table).unwrap().app_versions(&ids).unwrap()
+}
+
+#[test]
+fn an_ingest_writes_every_message_once_across_partitions_and_resumes_from_the_table() {
+    let kafka = KafkaServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("events");
+    let spec = events_spec(&kafka, dir.path(), "events", &table);
+    block_on(async {
+        kafka.create_topic("events", 3).await;
+        produce(&kafka, "events", 0..300).await;
+        let running = start(&spec);
+        running.wait_rows(300, 60).await;
+        let first = running.status.get();
+        running.stop().await.unwrap();
+        assert!(first.commits >= 1 && first.commits <= 20, "{first:?}");
+        assert_eq!(first.partitions.values().map(|p| p.lag()).sum::<i64>(), 0, "{first:?}");
+
+        let (seqs, offsets) = table_seqs(&table);
+        assert_eq!(seqs, (0..300).collect::<Vec<_>>());
+        for p in 0..3 {
+            assert_eq!(offsets[&p], (0..100).collect::<Vec<_>>(), "partition {p}");
+        }
+        // The positions live in the table: each partition's next offset.
+        assert_eq!(app_versions(&spec, &table, 3), [Some(100), Some(100), Some(100)]);
+        let layout = DeltaWriter::open(&table).unwrap().layout().unwrap();
+        assert!(layout.change_data_feed, "a table the ingest creates has the change data feed on");
+
+        // A restart resumes from the table, not from a consumer group: only new messages.
+        produce(&kafka, "events", 300..450).await;
+        let running = start(&spec);
+        running.wait_rows(150, 60).await;
+        running.stop().await.unwrap();
+        assert_eq!(table_seqs(&table).0, (0..450).collect::<Vec<_>>());
+        assert_eq!(app_versions(&spec, &table, 3), [Some(150), Some(150), Some(150)]);
+    });
+}
+
+#[test]
+fn a_bad_message_fails_the_ingest_naming_partition_offset_and_field_and_its_flush_is_not_written() {
+    let kafka = KafkaServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("events");
+    let mut spec = events_spec(&kafka, dir.path(), "strict", &table);
+    spec.flush_interval = Duration::from_secs(3);
+    block_on(async {
+        kafka.create_topic("strict", 1).await;
+        produce(&kafka, "strict", 0..5).await;
+        let producer = kafka.producer("strict").await;
+        let bad = br#"{"transaction_id":"t9","amount":"card-4242-secret","seq":5}"#.to_vec();
+        assert_eq!(producer.send(0, None, Some(bad)).await.unwrap(), 5);
+        produce(&kafka, "strict", 6..7).await;
+        let status = Arc::new(IngestStatus::new());
+        let (_stop, rx) = watch::channel(false);
+        let err = lakesync_ingest::run(spec.clone(), status.clone(), rx).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "topic strict partition 0 offset 5: field 'amount': the value is not a valid Decimal128(12, 2)"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("secret"), "no message values in errors: {text}");
+        assert_eq!(status.get().state, "failed");
+        assert_eq!(status.get().error_class, Some("data"));
+        // Nothing of the flush holding the bad message was committed.
+        assert!(table_seqs(&table).0.iter().all(|s| *s < 5));
+        assert!(app_versions(&spec, &table, 1)[0].unwrap_or(0) <= 5);
+    });
+}
+
+#[test]
+fn messages_that_do_not_fit_go_to_the_dead_letter_table_exactly_once_and_the_rest_flows() {
+    let kafka = KafkaServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("events");
+    let dead = dir.path().join("events_dead_letters");
+    let schema = dir.path().join("schema.json");
+    std::fs::write(&schema, EVENTS_SCHEMA).unwrap();
+    let mut entry = IngestConfig::new(kafka.brokers(), "mixed", table.display().to_string());
+    entry.schema = Some(schema.display().to_string());
+    entry.on_bad_record = Some("dead_letter".into());
+    entry.dead_letter_table = Some(dead.display().to_string());
+    entry.flush_interval = Some("100ms".into());
+    let spec = entry.validate_with(&|_| None).unwrap();
+    block_on(async {
+        kafka.create_topic("mixed", 2).await;
+        let producer = kafka.producer("mixed").await;
+        let mut bad = 0;
+        for seq in 0..40i64 {
+            let value = match seq % 10 {
+                3 => b"not json".to_vec(),
+                7 => br#"{"transaction_id":"x","seq":"seven"}"#.to_vec(),
+                _ => event(seq),
+            };
+            bad += i64::from(seq % 10 == 3 || seq % 10 == 7);
+            producer.send((seq % 2) as i32, Some(format!("k{seq}").into_bytes()), Some(value)).await.unwrap();
+        }
+        let running = start(&spec);
+        running.wait_rows(32, 60).await;
+        // Run the same ingest again over the same messages' positions: nothing new anywhere.
+        running.stop().await.unwrap();
+        let running = start(&spec);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let again = running.status.get();
+        running.stop().await.unwrap();
+        assert_eq!((again.rows, again.dead_letters), (0, 0), "{again:?}");
+
+        let good: Vec<i64> = (0..40).filter(|s| s % 10 != 3 && s % 10 != 7).collect();
+        assert_eq!(table_seqs(&table).0, good);
+        let t = DeltaTable::open(&dead.display().to_string()).unwrap();
+        let mut letters = Vec::new();
+        for batch in t.snapshot(None).unwrap().batches().unwrap() {
+            let b = batch.unwrap();
+            let key = b.column_by_name("key").unwrap().as_binary::<i32>();
+            let reason = b.column_by_name("reason").unwrap().as_string::<i32>();
+            let value = b.column_by_name("value").unwrap().as_binary::<i32>();
+            for i in 0..b.num_rows() {
+                letters.push((
+                    String::from_utf8(key.value(i).to_vec()).unwrap(),
+                    reason.value(i).to_string(),
+                    value.value(i).len(),
+                ));
+            }
+        }
+        letters.sort();
+        assert_eq!(letters.len() as i64, bad, "{letters:?}");
+        assert_eq!(letters[0], ("k13".into(), "the value is not valid JSON".into(), 8));
+        assert!(
+            letters.contains(&("k17".into(), "field 'seq': the value is not a valid Int64".into(), 36)),
+            "{letters:?}"
+        );
+    });
+}
+
+#[test]
+fn two_ingests_under_one_name_and_a_compaction_racing_them_still_write_each_message_once() {
+    let kafka = KafkaServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("events");
+    let mut spec = events_spec(&kafka, dir.path(), "raced", &table);
+    spec.flush_interval = Duration::from_millis(50);
+    spec.flush_rows = 40;
+    spec.compact_every = 5;
+    block_on(async {
+        kafka.create_topic("raced", 2).await;
+        let a = start(&spec);
+        let b = start(&spec);
+        let uri = table.display().to_string();
+        let compactor = std::thread::spawn(move || {
+            let options = lakesync_delta::compact::CompactOptions { min_files: 2, ..Default::default() };
+            let mut compacted = 0;
+            for _ in 0..40 {
+                std::thread::sleep(Duration::from_millis(100));
+                if let Ok(r) = lakesync_delta::compact::compact(&uri, &Default::default(), &options) {
+                    compacted += usize::from(r.version.is_some());
+                }
+            }
+            compacted
+        });
+        produce(&kafka, "raced", 0..600).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while table_seqs_or_empty(&table).len() < 600 {
+            assert!(Instant::now() < deadline, "not all messages arrived");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (sa, sb) = (a.status.get(), b.status.get());
+        a.stop().await.unwrap();
+        b.stop().await.unwrap();
+        let compacted = compactor.join().unwrap();
+        assert_eq!(table_seqs(&table).0, (0..600).collect::<Vec<_>>(), "each message exactly once");
+        assert_eq!(app_versions(&spec, &table, 2), [Some(300), Some(300)]);
+        assert!(sa.commits + sb.commits >= 2, "{sa:?} {sb:?}");
+        assert!(compacted + (sa.compactions + sb.compactions) as usize > 0, "no compaction ran during the ingest");
+    });
+}
+
+fn table_seqs_or_empty(table: &Path) -> Vec<i64> {
+    if table.join("_delta_log").exists() {
+        table_seqs(table).0
+    } else {
+        Vec::new()
+    }
+}
+
+#[test]
+fn an_ingest_refuses_tables_it_cannot_write_exactly_once_and_names_the_problem() {
+    let kafka = KafkaServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    block_on(async {
+        kafka.create_topic("events", 1).await;
+        // A missing topic.
+        let spec = events_spec(&kafka, dir.path(), "nope", &dir.path().join("a"));
+        let (_stop, rx) = watch::channel(false);
+        let err = lakesync_ingest::run(spec, Arc::new(IngestStatus::new()), rx).await.unwrap_err().to_string();
+        assert!(err.contains("topic nope does not exist"), "{err}");
+
+        // A table whose txn versions expire.
+        let expiring = dir.path().join("expiring");
+        let schema = lakesync_delta::schema::arrow_schema_from_json("s", EVENTS_SCHEMA).unwrap();
+        DeltaWriter::create(&expiring, &schema, &[("delta.setTransactionRetentionDuration", "interval 7 days")])
+            .unwrap();
+        let mut spec = events_spec(&kafka, dir.path(), "events", &expiring);
+        spec.kafka_columns.clear();
+        let (_stop, rx) = watch::channel(false);
+        let err = lakesync_ingest::run(spec, Arc::new(IngestStatus::new()), rx).await.unwrap_err().to_string();
+        assert!(err.contains("delta.setTransactionRetentionDuration"), "{err}");
+
+        // An existing table whose columns differ from the declared schema.
+        let other = dir.path().join("other");
+        let narrow =
+            arrow_schema::Schema::new(vec![arrow_schema::Field::new("seq", arrow_schema::DataType::Int32, false)]);
+        DeltaWriter::create(&other, &narrow, &[]).unwrap();
+        let spec = events_spec(&kafka, dir.path(), "events", &other);
+        let (_stop, rx) = watch::channel(false);
+        let err = lakesync_ingest::run(spec, Arc::new(IngestStatus::new()), rx).await.unwrap_err().to_string();
+        assert!(err.contains(&format!("table {}", other.display())) && err.contains("column"), "{err}");
+
+        // No schema and no table.
+        let mut spec = events_spec(&kafka, dir.path(), "events", &dir.path().join("missing"));
+        spec.schema = None;
+        let (_stop, rx) = watch::channel(false);
+        let err = lakesync_ingest::run(spec, Arc::new(IngestStatus::new()), rx).await.unwrap_err().to_string();
+        assert!(err.contains("the table does not exist; give a schema"), "{err}");
+    });
+}
+
+#[test]
+fn events_flow_from_kafka_through_delta_into_postgres_within_seconds() {
+    let db = TestDb::new("ingest_pipeline");
+    let kafka = KafkaServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("transactions");
+    let spec = events_spec(&kafka, dir.path(), "transactions", &table);
+    block_on(async {
+        kafka.create_topic("transactions", 4).await;
+        produce(&kafka, "transactions", 0..2).await;
+        let running = start(&spec);
+        running.wait_rows(2, 60).await;
+        // Continuous sync of the ingested table: last event per transaction wins (the greater
+        // seq), so status updates replace the pending rows.
+        let mut req = db.request(&table, "app.transactions", "transaction_id");
+        req.policy.dedup_by = Some("seq".into());
+        lakesync_engine::sync(&req).await.unwrap();
+        produce(&kafka, "transactions", 2..400).await;
+        let produced = Instant::now();
+        running.wait_rows(400, 60).await;
+        let mut synced_at = None;
+        for _ in 0..100 {
+            lakesync_engine::sync(&req).await.unwrap();
+            if db_count(&db).await == 200 && settled(&db).await == 200 {
+                synced_at = Some(produced.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        running.stop().await.unwrap();
+        let elapsed = synced_at.expect("every transaction settled in Postgres");
+        assert!(elapsed < Duration::from_secs(30), "{elapsed:?}");
+    });
+    let rows = db.rows(
+        "SELECT transaction_id || ':' || status || ':' || amount FROM app.transactions \
+         WHERE transaction_id IN ('t0', 't199') ORDER BY 1",
+    );
+    assert_eq!(rows, ["(t0:settled:1.01)", "(t199:settled:399.99)"]);
+}
+
+async fn db_count(db: &TestDb) -> i64 {
+    let client = db.config().connect().await.unwrap();
+    client.query_one("SELECT count(*) FROM app.transactions", &[]).await.unwrap().get(0)
+}
+
+async fn settled(db: &TestDb) -> i64 {
+    let client = db.config().connect().await.unwrap();
+    client.query_one("SELECT count(*) FROM app.transactions WHERE status = 'settled'", &[]).await.unwrap().get(0)
+}
