@@ -2,45 +2,18 @@
 //! client, Delta tables written through the kernel and read back by lakesync's own reader
 //! and sync.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Int32Type, Int64Type};
 use lakesync_delta::{DeltaTable, DeltaWriter};
 use lakesync_engine::config::IngestConfig;
 use lakesync_ingest::{IngestError, IngestSpec, IngestStatus};
 use tokio::sync::watch;
 
-use crate::support::kafka::KafkaServer;
+use crate::support::kafka::{event, table_seqs, KafkaServer, EVENTS_SCHEMA};
 use crate::support::{block_on, TestDb};
-
-/// The seed use case's transaction events, as Delta schema JSON.
-pub const EVENTS_SCHEMA: &str = r#"{"type":"struct","fields":[
-    {"name":"transaction_id","type":"string","nullable":false,"metadata":{}},
-    {"name":"user_id","type":"string","nullable":true,"metadata":{}},
-    {"name":"amount","type":"decimal(12,2)","nullable":true,"metadata":{}},
-    {"name":"status","type":"string","nullable":true,"metadata":{}},
-    {"name":"event_time","type":"timestamp","nullable":true,"metadata":{}},
-    {"name":"seq","type":"long","nullable":false,"metadata":{}}]}"#;
-
-/// Event number `seq` as JSON: transaction `seq / 2`, created then (odd seq) settled.
-pub fn event(seq: i64) -> Vec<u8> {
-    let status = if seq % 2 == 0 { "pending" } else { "settled" };
-    format!(
-        r#"{{"transaction_id":"t{}","user_id":"u{}","amount":"{}.{:02}","status":"{status}","event_time":"2026-12-03T10:{:02}:{:02}.{:06}Z","seq":{seq}}}"#,
-        seq / 2,
-        (seq / 2) % 7,
-        seq % 1000,
-        seq % 100,
-        (seq / 60) % 60,
-        seq % 60,
-        seq % 1_000_000
-    )
-    .into_bytes()
-}
 
 /// An ingest spec for `topic` into `table`, through the same config entry the CLI and the
 /// daemon build, with the events schema written to `dir`.
@@ -94,26 +67,6 @@ impl Running {
         self.stop.send(true).unwrap();
         self.task.await.unwrap()
     }
-}
-
-/// `seq` of every row of the table's latest version, sorted, with the Kafka offsets per
-/// partition.
-pub fn table_seqs(table: &Path) -> (Vec<i64>, BTreeMap<i32, Vec<i64>>) {
-    let t = DeltaTable::open(&table.display().to_string()).unwrap();
-    let (mut seqs, mut offsets) = (Vec::new(), BTreeMap::<i32, Vec<i64>>::new());
-    for batch in t.snapshot(None).unwrap().batches().unwrap() {
-        let batch = batch.unwrap();
-        let seq = batch.column_by_name("seq").unwrap().as_primitive::<Int64Type>();
-        seqs.extend(seq.values().iter().copied());
-        if let (Some(p), Some(o)) = (batch.column_by_name("_kafka_partition"), batch.column_by_name("_kafka_offset")) {
-            for (p, o) in p.as_primitive::<Int32Type>().values().iter().zip(o.as_primitive::<Int64Type>().values()) {
-                offsets.entry(*p).or_default().push(*o);
-            }
-        }
-    }
-    seqs.sort_unstable();
-    offsets.values_mut().for_each(|o| o.sort_unstable());
-    (seqs, offsets)
 }
 
 fn app_versions(spec: &IngestSpec, table: &Path, partitions: i32) -> Vec<Option<i64>> {
