@@ -86,6 +86,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/synced-tables/{name}", get(manage::get_one).delete(manage::remove))
         .route("/api/v1/synced-tables/{name}/runs", get(manage::runs))
         .route("/api/v1/synced-tables/{name}/sync", post(manage::sync_now))
+        .route("/api/v1/ingests", get(manage::list_ingests))
+        .route("/api/v1/ingests/{name}", get(manage::get_ingest))
         .route("/api/v1/tables/{table}/rows", get(data::list))
         .route("/api/v1/tables/{table}/rows/{*key}", get(data::lookup))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })

@@ -190,3 +190,58 @@ pub async fn remove(
     state.shapes.lock().expect("shape cache").remove(&name);
     Ok(json_response(StatusCode::OK, json!({ "name": name, "stopped": true, "purged": purge })))
 }
+
+fn ingest_json(worker: &lakesync_engine::IngestWorker) -> Value {
+    let s = worker.status.get();
+    let spec = &worker.spec;
+    let partitions: Vec<Value> = s
+        .partitions
+        .iter()
+        .map(|(p, progress)| {
+            json!({
+                "partition": p,
+                "committed_offset": progress.committed,
+                "high_watermark": progress.high_watermark,
+                "lag": progress.lag(),
+            })
+        })
+        .collect();
+    let seconds_since_commit =
+        s.last_commit_at.and_then(|t| t.elapsed().ok()).map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0);
+    json!({
+        "name": spec.name,
+        "brokers": spec.brokers,
+        "topic": spec.topic,
+        "table": spec.table,
+        "state": s.state,
+        "last_error": s.last_error,
+        "error_class": s.error_class,
+        "lag_messages": s.partitions.values().map(|p| p.lag()).sum::<i64>(),
+        "partitions": partitions,
+        "rows": s.rows,
+        "bytes": s.bytes,
+        "dead_letters": s.dead_letters,
+        "commits": s.commits,
+        "files": s.files,
+        "compactions": s.compactions,
+        "table_version": s.table_version,
+        "seconds_since_commit": seconds_since_commit,
+    })
+}
+
+/// `GET /api/v1/ingests`
+pub async fn list_ingests(State(state): State<Arc<AppState>>) -> Response {
+    let ingests: Vec<Value> = state.daemon.ingests().iter().map(|w| ingest_json(w)).collect();
+    json_response(StatusCode::OK, json!({ "ingests": ingests }))
+}
+
+/// `GET /api/v1/ingests/{name}`
+pub async fn get_ingest(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let w = state
+        .daemon
+        .ingests()
+        .into_iter()
+        .find(|w| w.spec.name == name)
+        .ok_or_else(|| ApiError::NotFound(format!("no ingest named {name:?}")))?;
+    Ok(json_response(StatusCode::OK, ingest_json(&w)))
+}

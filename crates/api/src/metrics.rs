@@ -8,13 +8,16 @@ use axum::extract::State;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use lakesync_engine::daemon::DURATION_BUCKETS;
-use lakesync_engine::Worker;
+use lakesync_engine::{IngestWorker, Worker};
+use lakesync_ingest::IngestState;
 
 use crate::AppState;
 
 /// `GET /metrics`
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let mut r = render(&state.daemon.tables()).into_response();
+    let mut text = render(&state.daemon.tables());
+    text.push_str(&render_ingests(&state.daemon.ingests()));
+    let mut r = text.into_response();
     r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4"));
     r
 }
@@ -99,6 +102,58 @@ pub fn render(tables: &[Arc<Worker>]) -> String {
         let _ = writeln!(o, "lakesync_run_duration_seconds_sum{{table=\"{t}\"}} {sum}");
         let _ = writeln!(o, "lakesync_run_duration_seconds_count{{table=\"{t}\"}} {count}");
     });
+    out
+}
+
+/// Renders every ingest's lag per partition and its counters.
+pub fn render_ingests(ingests: &[Arc<IngestWorker>]) -> String {
+    let mut out = String::new();
+    let states: Vec<(String, IngestState)> = ingests.iter().map(|w| (label(&w.spec.name), w.status.get())).collect();
+    let _ = writeln!(
+        out,
+        "# HELP lakesync_ingest_lag_messages Messages in the Kafka partition not yet committed to the Delta table.\n\
+         # TYPE lakesync_ingest_lag_messages gauge"
+    );
+    for (name, s) in &states {
+        for (p, progress) in &s.partitions {
+            let _ =
+                writeln!(out, "lakesync_ingest_lag_messages{{ingest=\"{name}\",partition=\"{p}\"}} {}", progress.lag());
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP lakesync_ingest_committed_offset Next offset the Delta table records per partition.\n\
+         # TYPE lakesync_ingest_committed_offset gauge"
+    );
+    for (name, s) in &states {
+        for (p, progress) in &s.partitions {
+            let v = progress.committed.map_or("NaN".to_string(), |c| c.to_string());
+            let _ = writeln!(out, "lakesync_ingest_committed_offset{{ingest=\"{name}\",partition=\"{p}\"}} {v}");
+        }
+    }
+    type Field = fn(&IngestState) -> u64;
+    let counters: [(&str, &str, Field); 6] = [
+        ("lakesync_ingest_rows_total", "Messages written to the Delta table as rows.", |s| s.rows),
+        ("lakesync_ingest_bytes_total", "Bytes of message keys and values written.", |s| s.bytes),
+        ("lakesync_ingest_commits_total", "Delta commits written by the ingest.", |s| s.commits),
+        ("lakesync_ingest_files_total", "Data files written by the ingest.", |s| s.files),
+        ("lakesync_ingest_dead_letters_total", "Messages set aside in the dead-letter table.", |s| s.dead_letters),
+        ("lakesync_ingest_compactions_total", "Compactions of the ingest's table.", |s| s.compactions),
+    ];
+    for (metric, help, value) in counters {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
+        for (name, s) in &states {
+            let _ = writeln!(out, "{metric}{{ingest=\"{name}\"}} {}", value(s));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP lakesync_ingest_failing 1 when the ingest is retrying or stopped on an error.\n\
+         # TYPE lakesync_ingest_failing gauge"
+    );
+    for (name, s) in &states {
+        let _ = writeln!(out, "lakesync_ingest_failing{{ingest=\"{name}\"}} {}", u8::from(s.last_error.is_some()));
+    }
     out
 }
 

@@ -36,6 +36,9 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
         };
         println!("table {}: {} -> {} ({}, {when})", t.name, t.source, t.target, t.mode.as_str());
     }
+    for i in &config.ingests {
+        println!("ingest {}: kafka topic {} ({}) -> {}", i.name, i.topic, i.brokers.join(","), i.table);
+    }
     Ok(())
 }
 
@@ -51,13 +54,24 @@ pub async fn run(path: &Path, grace: Duration) -> anyhow::Result<()> {
         Some((cert, key)) => Some(lakesync_api::https::server_config(cert, key).map_err(anyhow::Error::msg)?),
         None => None,
     };
+    // An ingest's table exists before the tables synced from it start.
+    for ingest in &config.ingests {
+        lakesync_ingest::prepare(ingest).await?;
+    }
     for table in config.tables {
         daemon.add(table)?;
+    }
+    for ingest in config.ingests {
+        daemon.add_ingest(ingest)?;
     }
     let state = AppState::new(daemon.clone(), &config.api);
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    println!("lakesync serving {scheme}://{addr} ({} synced tables)", daemon.tables().len());
+    println!(
+        "lakesync serving {scheme}://{addr} ({} synced tables, {} ingests)",
+        daemon.tables().len(),
+        daemon.ingests().len()
+    );
     tracing::info!(%addr, scheme, "serving");
     let server = match tls {
         Some(tls) => tokio::spawn(lakesync_api::serve_tls(

@@ -639,14 +639,14 @@ mod tests {
         let schema = customer_schema();
         let partition = schema.field(3).name().clone(); // segment: four values
         let w = DeltaWriter::create_partitioned(&path, &schema, &[&partition], &[]).unwrap();
-        assert_eq!(w.layout().unwrap().partition_columns, [partition.clone()]);
+        assert_eq!(w.layout().unwrap().partition_columns, std::slice::from_ref(&partition));
         let rows = customers(0..40, 0);
         let values: std::collections::BTreeSet<String> = {
             let options = arrow_cast::display::FormatOptions::default();
             let f = arrow_cast::display::ArrayFormatter::try_new(rows.column(3).as_ref(), &options).unwrap();
             (0..rows.num_rows()).map(|i| f.value(i).to_string()).collect()
         };
-        let out = w.append_once(&[rows.clone()], &at(&[("p0", None, 40)])).unwrap();
+        let out = w.append_once(std::slice::from_ref(&rows), &at(&[("p0", None, 40)])).unwrap();
         assert_eq!(out, Appended::Committed { version: 1, files: values.len() });
         assert_eq!(w.files().unwrap().len(), values.len());
         let table = crate::DeltaTable::open(&path.display().to_string()).unwrap();

@@ -52,14 +52,17 @@ struct Pick {
     version: Version,
 }
 
+/// A key's winning upsert: (version, expect_absent, tie-break).
+type Winner = (Version, bool, Box<[u8]>);
+
 /// The net plan of a chunk, computed from key-only change rows.
 pub struct KeyPlan {
     converter: Option<RowConverter>,
     /// The `dedup_by` column and its row encoder: the tie-break between row images of one
     /// key in one version.
     order_by: Option<(String, Option<RowConverter>)>,
-    /// Winning upsert per key: (version, expect_absent, tie-break).
-    upserts: KeyMap<Box<[u8]>, (Version, bool, Box<[u8]>)>,
+    /// Winning upsert per key.
+    upserts: KeyMap<Box<[u8]>, Winner>,
     deletes: Vec<(Box<[u8]>, Version)>,
 }
 
@@ -175,8 +178,14 @@ where
     let plan = planner.finish();
     Ok(KeyPlan {
         converter,
+        // With dedup_by the source is a log that repeats keys (an append-only event table):
+        // an insert does not mean the key is new, so every upsert merges.
+        upserts: plan
+            .upserts
+            .into_iter()
+            .map(|r| (r.key, (r.version, r.expect_absent && order_by.is_none(), r.order)))
+            .collect(),
         order_by,
-        upserts: plan.upserts.into_iter().map(|r| (r.key, (r.version, r.expect_absent, r.order))).collect(),
         deletes: plan.deletes,
     })
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lakesync_core::{Classify, ErrorClass, SyncMode, Version};
 use lakesync_delta::{DeltaError, DeltaTable};
+use lakesync_ingest::{IngestSpec, IngestStatus};
 use lakesync_postgres::state::{self, RunMode};
 use lakesync_postgres::PgConfig;
 use tokio::sync::{watch, Notify};
@@ -167,10 +168,20 @@ impl Worker {
 /// A worker and its task.
 type Running = (Arc<Worker>, JoinHandle<()>);
 
-/// All synced tables of one process.
+/// An ingest and its task.
+type RunningIngest = (Arc<IngestWorker>, JoinHandle<()>);
+
+/// A Kafka ingest the daemon runs beside its tables.
+pub struct IngestWorker {
+    pub spec: IngestSpec,
+    pub status: Arc<IngestStatus>,
+}
+
+/// All synced tables and ingests of one process.
 pub struct Daemon {
     postgres: PgConfig,
     workers: RwLock<BTreeMap<String, Running>>,
+    ingests: RwLock<BTreeMap<String, RunningIngest>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -194,7 +205,12 @@ pub enum DaemonError {
 impl Daemon {
     /// A daemon writing to `postgres`, with no tables yet.
     pub fn new(postgres: PgConfig) -> Arc<Self> {
-        Arc::new(Self { postgres, workers: RwLock::new(BTreeMap::new()), shutdown: watch::channel(false).0 })
+        Arc::new(Self {
+            postgres,
+            workers: RwLock::new(BTreeMap::new()),
+            ingests: RwLock::new(BTreeMap::new()),
+            shutdown: watch::channel(false).0,
+        })
     }
 
     /// The Postgres connection settings.
@@ -224,6 +240,39 @@ impl Daemon {
         tracing::info!(table = %worker.spec.name, target = %worker.spec.target, mode = worker.spec.mode.as_str(), "syncing");
         workers.insert(worker.spec.name.clone(), (worker.clone(), task));
         Ok(worker)
+    }
+
+    /// Starts ingesting `spec`'s topic; it runs until shutdown, retrying transient failures
+    /// itself (see [`lakesync_ingest::run`]) and stopping on the others (its status says why).
+    pub fn add_ingest(&self, spec: IngestSpec) -> Result<Arc<IngestWorker>, DaemonError> {
+        if *self.shutdown.borrow() {
+            return Err(DaemonError::ShuttingDown);
+        }
+        let mut ingests = self.ingests.write().expect("ingests lock");
+        if ingests.contains_key(&spec.name) {
+            return Err(ConfigError::Invalid {
+                scope: format!("ingest {}", spec.name),
+                message: "the name is used by two ingests".into(),
+            }
+            .into());
+        }
+        let worker = Arc::new(IngestWorker { spec, status: Arc::new(IngestStatus::new()) });
+        let run = lakesync_ingest::run(worker.spec.clone(), worker.status.clone(), self.shutdown.subscribe());
+        let name = worker.spec.name.clone();
+        let task = tokio::spawn(async move {
+            // The error is on the worker's status (and logged by the ingest).
+            if run.await.is_err() {
+                tracing::warn!(ingest = name, "ingest stopped on an error that needs a human");
+            }
+        });
+        tracing::info!(ingest = %worker.spec.name, topic = %worker.spec.topic, table = %worker.spec.table, "ingesting");
+        ingests.insert(worker.spec.name.clone(), (worker.clone(), task));
+        Ok(worker)
+    }
+
+    /// The ingests, by name.
+    pub fn ingests(&self) -> Vec<Arc<IngestWorker>> {
+        self.ingests.read().expect("ingests lock").values().map(|(w, _)| w.clone()).collect()
     }
 
     /// The tables, by name.
@@ -299,7 +348,18 @@ impl Daemon {
                 })
                 .collect()
         };
+        let ingests: Vec<(String, JoinHandle<()>)> = {
+            let mut ingests = self.ingests.write().expect("ingests lock");
+            std::mem::take(&mut *ingests).into_iter().map(|(n, (_, t))| (n, t)).collect()
+        };
         let deadline = tokio::time::Instant::now() + grace;
+        // Ingests flush what they hold as one last commit.
+        for (name, mut task) in ingests {
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!(ingest = %name, "ingest still flushing after the grace period; its messages will be read again");
+                task.abort();
+            }
+        }
         for (name, mut task) in tasks {
             if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
                 tracing::warn!(table = %name, "run still in progress after the grace period; rolling it back");

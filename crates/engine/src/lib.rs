@@ -20,7 +20,7 @@ pub mod error;
 pub mod progress;
 pub mod sync;
 
-pub use daemon::{Daemon, LiveStatus, Worker};
+pub use daemon::{Daemon, IngestWorker, LiveStatus, Worker};
 pub use error::EngineError;
 pub use progress::{Phase, Progress};
 pub use sync::{sync, SyncOutcome, SyncRequest};

@@ -38,7 +38,7 @@ pub enum IngestError {
     Delta {
         name: String,
         #[source]
-        source: DeltaError,
+        source: Box<DeltaError>,
     },
     /// A bug: a decoder or task failure that should not happen.
     #[error("ingest {name}: internal error: {message}")]

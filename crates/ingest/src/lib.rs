@@ -30,6 +30,6 @@ pub mod status;
 pub use decode::{Decoder, KafkaColumn, Message};
 pub use error::IngestError;
 pub use kafka::StartFrom;
-pub use run::run;
+pub use run::{prepare, run};
 pub use spec::{BadRecords, IngestSpec};
 pub use status::{IngestState, IngestStatus, PartitionProgress};

@@ -69,6 +69,21 @@ pub async fn run(
     }
 }
 
+/// Opens the ingest's tables, creating them when missing, and checks they can take its rows,
+/// without touching Kafka: the daemon does this before it starts the tables synced from them,
+/// so a fresh pipeline's sync finds its source.
+pub async fn prepare(spec: &IngestSpec) -> Result<(), IngestError> {
+    let spec = spec.clone();
+    blocking(&spec.clone(), move || {
+        open_target(&spec)?;
+        if let BadRecords::DeadLetter(uri) = &spec.bad_records {
+            open_dead_letters(&spec, uri)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
 /// The table being written and how to decode into it.
 struct Target {
     writer: DeltaWriter,
@@ -113,7 +128,7 @@ impl Buffer {
 }
 
 fn delta(spec: &IngestSpec) -> impl Fn(DeltaError) -> IngestError + '_ {
-    |source| IngestError::Delta { name: spec.name.clone(), source }
+    |source| IngestError::Delta { name: spec.name.clone(), source: Box::new(source) }
 }
 
 fn fetch_error(spec: &IngestSpec, e: FetchError) -> IngestError {

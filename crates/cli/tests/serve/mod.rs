@@ -552,3 +552,92 @@ poll_interval = "100ms"
     let _ = plain.read_to_string(&mut answer);
     assert!(!answer.contains("200 OK"), "{answer}");
 }
+
+/// The seed pipeline in one daemon: app events → Kafka → `[[ingest]]` → Delta → a continuous
+/// `[[tables]]` entry → Postgres → the data API, read by user, newest first, with the ingest's
+/// lag and counters in the management API and `/metrics`.
+#[test]
+fn serve_runs_the_kafka_to_api_pipeline_from_one_config_file() {
+    use crate::support::kafka::{event, KafkaServer, EVENTS_SCHEMA};
+
+    let db = TestDb::new("cli_serve_pipeline");
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = KafkaServer::start();
+    block_on(kafka.create_topic("transactions", 4));
+    let schema = dir.path().join("transactions.schema.json");
+    std::fs::write(&schema, EVENTS_SCHEMA).unwrap();
+    let table = dir.path().join("lake/transactions");
+    let config = format!(
+        r#"
+[api]
+listen = "127.0.0.1:0"
+
+[[ingest]]
+name = "transactions-ingest"
+brokers = ["{brokers}"]
+topic = "transactions"
+table = "{table}"
+schema = "{schema}"
+kafka_columns = ["partition", "offset", "timestamp"]
+flush_interval = "200ms"
+
+[[tables]]
+name = "transactions"
+source = "{table}"
+target = "app.transactions"
+primary_key = ["transaction_id"]
+mode = "continuous"
+poll_interval = "100ms"
+dedup_by = "seq"
+indexes = [["user_id", "event_time"]]
+"#,
+        brokers = kafka.address(),
+        table = table.display(),
+        schema = schema.display(),
+    );
+    let server = Server::start(&db, &config, dir.path());
+    // Transactions 0..100 are created (even seq) and settled (odd seq).
+    block_on(async {
+        let producer = kafka.producer("transactions").await;
+        for seq in 0..200i64 {
+            let t = seq / 2;
+            producer.send((t % 4) as i32, Some(format!("t{t}").into_bytes()), Some(event(seq))).await.unwrap();
+        }
+    });
+    let by_user = "/api/v1/tables/app.transactions/rows?user_id=u3&order_by=event_time.desc&limit=50";
+    server.wait_for("every transaction settled in the data API", Duration::from_secs(60), || {
+        let rows = server.get(by_user).json();
+        rows["rows"].as_array().is_some_and(|r| r.len() == 14 && r.iter().all(|r| r["status"] == "settled"))
+    });
+    let rows = server.get(by_user).json();
+    let ids: Vec<&str> =
+        rows["rows"].as_array().unwrap().iter().map(|r| r["transaction_id"].as_str().unwrap()).collect();
+    // u3 owns t3, t10, t17, ... t94; newest event first.
+    assert_eq!(ids.first(), Some(&"t94"), "{rows}");
+    assert_eq!(ids.last(), Some(&"t3"), "{rows}");
+
+    let ingest = server.get("/api/v1/ingests/transactions-ingest").json();
+    assert_eq!((ingest["state"].as_str(), ingest["rows"].as_u64()), (Some("running"), Some(200)), "{ingest}");
+    assert_eq!(ingest["lag_messages"], 0, "{ingest}");
+    assert_eq!(ingest["partitions"].as_array().unwrap().len(), 4, "{ingest}");
+    let metrics = server.get("/metrics").body;
+    assert!(metrics.contains("lakesync_ingest_rows_total{ingest=\"transactions-ingest\"} 200"), "{metrics}");
+    assert!(
+        metrics.contains("lakesync_ingest_lag_messages{ingest=\"transactions-ingest\",partition=\"3\"} 0"),
+        "{metrics}"
+    );
+    assert_eq!(server.get("/api/v1/ingests").json()["ingests"].as_array().unwrap().len(), 1);
+
+    // One more event is readable through the API within seconds.
+    let produced = Instant::now();
+    block_on(async {
+        let producer = kafka.producer("transactions").await;
+        producer.send(0, None, Some(event(200))).await.unwrap();
+    });
+    server.wait_for("a new event in the data API", Duration::from_secs(30), || {
+        server.get("/api/v1/tables/app.transactions/rows/t100").status == 200
+    });
+    let fresh = produced.elapsed();
+    assert!(fresh < Duration::from_secs(10), "event to API took {fresh:?}");
+    eprintln!("event produced → readable through the API in {fresh:?}");
+}
