@@ -220,6 +220,10 @@ struct IngestArgs {
     /// An object-store setting, KEY=VALUE, as for `sync`; repeatable.
     #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = parse_storage_option)]
     storage_options: Vec<(String, String)>,
+    /// Stop (after a last commit) once every partition's messages up to its end when the
+    /// ingest started are in the table: for backfills, batch jobs and benchmarks.
+    #[arg(long)]
+    exit_when_caught_up: bool,
 }
 
 impl IngestArgs {
@@ -257,6 +261,8 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let spec = args.spec()?;
     let status = std::sync::Arc::new(lakesync_ingest::IngestStatus::new());
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let stop_tx = std::sync::Arc::new(stop_tx);
+    let stop_tx_for_catch_up = stop_tx.clone();
     tokio::spawn(async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -266,6 +272,24 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         }
         let _ = stop_tx.send(true);
     });
+    if args.exit_when_caught_up {
+        let (brokers, topic) = (spec.brokers.clone(), spec.topic.clone());
+        let ends = lakesync_ingest::kafka::end_offsets(&brokers, &topic).await.map_err(anyhow::Error::msg)?;
+        let (status, stop) = (status.clone(), stop_tx_for_catch_up.clone());
+        tokio::spawn(async move {
+            loop {
+                let s = status.get();
+                let done = ends.iter().all(|(p, end)| {
+                    *end == 0 || s.partitions.get(p).and_then(|p| p.committed).is_some_and(|c| c >= *end)
+                });
+                if done || s.state == "failed" {
+                    let _ = stop.send(true);
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        });
+    }
     eprintln!("ingesting topic {} into {} as {} (SIGINT or SIGTERM to stop)", spec.topic, spec.table, spec.name);
     let result = lakesync_ingest::run(spec.clone(), status.clone(), stop).await;
     let s = status.get();

@@ -32,6 +32,17 @@ pub(crate) enum FetchError {
     Kafka { message: String, transient: bool },
 }
 
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::OffsetGone { partition, wanted, earliest } => {
+                write!(f, "partition {partition}: offset {wanted} is gone (earliest kept: {earliest})")
+            }
+            FetchError::Kafka { message, .. } => f.write_str(message),
+        }
+    }
+}
+
 pub(crate) fn kafka_error(context: &str, e: KafkaError) -> FetchError {
     let transient = match &e {
         KafkaError::ServerError { protocol_error, .. } => !matches!(
@@ -181,10 +192,10 @@ pub struct Producer {
 
 impl Producer {
     pub async fn connect(brokers: &[String], topic: &str) -> Result<Self, String> {
-        let topic = Topic::connect(brokers, topic).await.map_err(|e| format!("{e:?}"))?;
+        let topic = Topic::connect(brokers, topic).await.map_err(|e| e.to_string())?;
         let mut partitions = Vec::new();
         for p in &topic.partitions {
-            partitions.push(topic.partition(*p).await.map_err(|e| format!("{e:?}"))?);
+            partitions.push(topic.partition(*p).await.map_err(|e| e.to_string())?);
         }
         Ok(Self { partitions })
     }
@@ -208,4 +219,15 @@ impl Producer {
             .map_err(|e| format!("producing to partition {partition}: {e}"))?;
         offsets.first().copied().ok_or_else(|| "the broker returned no offset".into())
     }
+}
+
+/// Each partition's end offset (the offset the next message will get) right now.
+pub async fn end_offsets(brokers: &[String], topic: &str) -> Result<Vec<(i32, i64)>, String> {
+    let topic = Topic::connect(brokers, topic).await.map_err(|e| e.to_string())?;
+    let mut ends = Vec::new();
+    for p in &topic.partitions {
+        let client = topic.partition(*p).await.map_err(|e| e.to_string())?;
+        ends.push((*p, start_offset(&client, StartFrom::Latest).await.map_err(|e| e.to_string())?));
+    }
+    Ok(ends)
 }

@@ -227,7 +227,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
 }
 
 /// The `lakesync serve` child; killed if the bench fails before stopping it.
-struct Serve(Child);
+pub(super) struct Serve(pub(super) Child);
 
 impl Serve {
     /// SIGTERM, then wait for the clean exit.

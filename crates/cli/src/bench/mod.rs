@@ -24,6 +24,7 @@
 //! `--source-store s3` adds (b3) and (c3): the same snapshot and incremental sync with the
 //! table read from a local S3-protocol server (see [`s3`]), each against its local-path run.
 
+mod ingest;
 mod lag;
 mod s3;
 mod serving;
@@ -96,6 +97,9 @@ pub struct BenchArgs {
     /// local S3-protocol server (moto, from --python's environment), against the local path.
     #[arg(long, value_enum, default_value = "local")]
     source_store: SourceStore,
+    /// ingest: a Kafka broker (host:port) to use instead of starting a local tansu.
+    #[arg(long)]
+    brokers: Option<String>,
 }
 
 /// Where the sync scenario reads the table from, besides the local path.
@@ -121,6 +125,9 @@ pub enum Scenario {
     Sync,
     Continuous,
     Api,
+    /// Kafka → Delta throughput against the broker's read ceiling, then event → Postgres
+    /// freshness (`--rows` events; a local tansu broker unless `--brokers`).
+    Ingest,
 }
 
 /// Ids changed by the benchmark's MERGE at `rows` rows.
@@ -186,6 +193,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         Scenario::Continuous => lag::measure(&args, &dir, &cluster).await,
         Scenario::Api => serving::measure(&args, &dir, &cluster).await,
+        Scenario::Ingest => ingest::measure(&args, &dir, &cluster).await,
     };
     if !args.keep_postgres {
         let c = cluster.clone();
