@@ -54,6 +54,15 @@ fn spec(tables: &[String]) -> Value {
                     "synced_commit_timestamp": {"type": ["string", "null"]}, "lag_seconds": {"type": "number"},
                     "lag_versions": {"type": ["integer", "null"]}, "last_error": {"type": ["string", "null"]},
                     "last_run": {"$ref": "#/components/schemas/Run"}, "config": {"$ref": "#/components/schemas/TableConfig"}}},
+                "Ingest": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "brokers": {"type": "array", "items": {"type": "string"}}, "topic": {"type": "string"}, "table": {"type": "string"},
+                    "state": {"type": "string", "enum": ["starting", "running", "retrying", "failed", "stopped"]},
+                    "last_error": {"type": ["string", "null"]}, "error_class": {"type": ["string", "null"]}, "lag_messages": {"type": "integer"},
+                    "partitions": {"type": "array", "items": {"type": "object", "properties": {"partition": {"type": "integer"},
+                        "committed_offset": {"type": ["integer", "null"]}, "high_watermark": {"type": "integer"}, "lag": {"type": "integer"}}}},
+                    "rows": {"type": "integer"}, "bytes": {"type": "integer"}, "dead_letters": {"type": "integer"}, "commits": {"type": "integer"},
+                    "files": {"type": "integer"}, "compactions": {"type": "integer"}, "table_version": {"type": ["integer", "null"]},
+                    "seconds_since_commit": {"type": ["number", "null"]}}},
                 "Run": {"type": ["object", "null"], "properties": {
                     "run_id": {"type": "integer"}, "mode": {"type": "string"}, "outcome": {"type": "string"},
                     "from_version": {"type": ["integer", "null"]}, "to_version": {"type": ["integer", "null"]},
@@ -82,6 +91,10 @@ fn spec(tables: &[String]) -> Value {
                 "responses": {"200": {"description": "runs", "content": {"application/json": {"schema": {"type": "object", "properties": {"runs": {"type": "array", "items": {"$ref": "#/components/schemas/Run"}}}}}}}, "404": error}}},
             "/api/v1/synced-tables/{name}/sync": {"parameters": [name], "post": {"summary": "sync now (also resumes a failed table)", "security": auth,
                 "responses": {"202": {"description": "requested"}, "401": error, "403": error, "404": error}}},
+            "/api/v1/ingests": {"get": {"summary": "Kafka ingests: state, lag per partition, counters", "responses": {"200": {"description": "ingests",
+                "content": {"application/json": {"schema": {"type": "object", "properties": {"ingests": {"type": "array", "items": {"$ref": "#/components/schemas/Ingest"}}}}}}}}}},
+            "/api/v1/ingests/{name}": {"parameters": [name], "get": {"summary": "one ingest", "responses": {"200": {"description": "ingest",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Ingest"}}}}, "404": error}}},
             "/api/v1/tables/{table}/rows": {"parameters": [table], "get": {
                 "summary": "rows of a synced table, keyset-paginated; any other query parameter filters a column by equality",
                 "parameters": [

@@ -25,6 +25,13 @@ pub struct DemoArgs {
     /// Customers in the initial table.
     #[arg(long, default_value_t = 10_000)]
     rows: u64,
+    /// The seed pipeline instead: transaction events → Kafka → `lakesync serve` ingesting them
+    /// into Delta and syncing that table to Postgres continuously → the data API.
+    #[arg(long)]
+    pipeline: bool,
+    /// --pipeline: a Kafka broker (host:port) to use instead of a local tansu.
+    #[arg(long)]
+    brokers: Option<String>,
 }
 
 const FILE_ROWS: u64 = 1000;
@@ -32,7 +39,19 @@ const FILE_ROWS: u64 = 1000;
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)?;
     let dir = std::path::absolute(&args.dir)?;
-    let (conn, cluster) = match &args.postgres {
+    let (conn, cluster) = postgres(&args, &dir).await?;
+    if args.pipeline {
+        pipeline(&args, &dir, &conn).await?;
+        if let Some(cluster) = cluster {
+            println!("stop the private Postgres with:\n  {}", cluster.stop_command());
+        }
+        return Ok(());
+    }
+    demo(&args, &dir, conn, cluster).await
+}
+
+async fn postgres(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<(String, Option<LocalCluster>)> {
+    Ok(match &args.postgres {
         Some(c) => (c.clone(), None),
         None => {
             let pg_dir = dir.join("postgres");
@@ -41,7 +60,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             let cluster = tokio::task::spawn_blocking(move || LocalCluster::start(&pg_dir, port)).await??;
             (cluster.connection_string("postgres"), Some(cluster))
         }
-    };
+    })
+}
+
+async fn demo(
+    args: &DemoArgs,
+    dir: &std::path::Path,
+    conn: String,
+    cluster: Option<LocalCluster>,
+) -> anyhow::Result<()> {
     let config = PgConfig::parse(&conn)?;
     let table = TableName::new("public", "customer_profiles");
     // A fresh demo each run: the Delta table is rewritten, so forget the old sync.
@@ -126,4 +153,134 @@ fn report(out: &SyncOutcome) {
         out.counts.deleted,
         out.duration.as_secs_f64()
     );
+}
+
+/// A GET against the local API; returns the body.
+fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// The seed pipeline: app events → Kafka → Delta → Postgres → the data API.
+async fn pipeline(args: &DemoArgs, dir: &std::path::Path, conn: &str) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+
+    let broker = crate::bench::ingest::start_broker(args.brokers.as_deref(), args.port + 1)?;
+    let brokers = vec![broker.address.clone()];
+    let topic = "transactions";
+    println!("\n1. Kafka broker at {} (local tansu unless --brokers); topic {topic}, 4 partitions", broker.address);
+    if let Err(e) = lakesync_ingest::kafka::create_topic(&brokers, topic, 4).await {
+        anyhow::ensure!(e.contains("TopicAlreadyExists"), "{e}");
+    }
+    let client = PgConfig::parse(conn)?.connect().await?;
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS app.transactions; \
+             DO $$ BEGIN IF to_regclass('lakesync.synced_tables') IS NOT NULL THEN \
+               DELETE FROM lakesync.synced_tables WHERE target_schema = 'app' AND target_table = 'transactions'; \
+               DELETE FROM lakesync.runs WHERE target_schema = 'app' AND target_table = 'transactions'; END IF; END $$",
+        )
+        .await
+        .context("resetting the demo table")?;
+    let table = dir.join("lake/transactions");
+    let _ = std::fs::remove_dir_all(dir.join("lake"));
+    let schema = dir.join("transactions.schema.json");
+    std::fs::write(&schema, crate::events::SCHEMA)?;
+    let config = dir.join("pipeline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\n\n[[ingest]]\nname = \"transactions-ingest\"\nbrokers = [{b:?}]\ntopic = {topic:?}\n\
+             table = {t:?}\nschema = {s:?}\nkafka_columns = [\"partition\", \"offset\", \"timestamp\"]\nflush_interval = \"500ms\"\n\n\
+             [[tables]]\nname = \"transactions\"\nsource = {t:?}\ntarget = \"app.transactions\"\nprimary_key = [\"transaction_id\"]\n\
+             mode = \"continuous\"\npoll_interval = \"100ms\"\ndedup_by = \"seq\"\nindexes = [[\"user_id\", \"event_time\"]]\n",
+            b = broker.address,
+            t = table.display().to_string(),
+            s = schema.display().to_string(),
+        ),
+    )?;
+    println!("\n2. lakesync serve --config {}:", config.display());
+    println!("{}", std::fs::read_to_string(&config)?.lines().map(|l| format!("   {l}")).collect::<Vec<_>>().join("\n"));
+    let log = dir.join("pipeline-serve.log");
+    let mut serve = std::process::Command::new(std::env::current_exe()?)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("LAKESYNC_POSTGRES", conn)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let mut first = String::new();
+    std::io::BufReader::new(serve.stdout.take().context("serve stdout")?).read_line(&mut first)?;
+    let addr = first.split("://").nth(1).and_then(|s| s.split_whitespace().next()).map(str::to_string);
+    let Some(addr) = addr else {
+        let _ = serve.kill();
+        anyhow::bail!("lakesync serve did not start; see {}", log.display());
+    };
+    println!("   serving http://{addr}");
+
+    let events = 2 * args.rows.clamp(100, 100_000);
+    println!("\n3. producing {} transactions: each created (pending), then settled: {events} events ...", events / 2);
+    let producer = lakesync_ingest::kafka::Producer::connect(&brokers, topic).await.map_err(anyhow::Error::msg)?;
+    let produced = Instant::now();
+    for seq in 0..events {
+        let t = seq / 2;
+        // A transaction's events share a partition (keyed by transaction), so they stay in order.
+        producer
+            .send((t % 4) as i32, Some(format!("txn-{t:012}").into_bytes()), Some(crate::events::event(seq)))
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
+    println!("   produced in {:.1}s", produced.elapsed().as_secs_f64());
+    let path = "/api/v1/tables/app.transactions/rows?user_id=user-00000003&order_by=event_time.desc&limit=3";
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let settled: i64 = client
+            .query_opt("SELECT count(*) FROM app.transactions WHERE status = 'settled'", &[])
+            .await
+            .ok()
+            .flatten()
+            .map_or(0, |r| r.get(0));
+        if settled as u64 == events / 2 {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = serve.kill();
+            anyhow::bail!("the pipeline did not catch up in 120 s; see {}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("   every transaction settled in Postgres {:.1}s after the first event", produced.elapsed().as_secs_f64());
+    let ingest = http_get(&addr, "/api/v1/ingests/transactions-ingest")?;
+    let ingest: serde_json::Value = serde_json::from_str(&ingest)?;
+    println!(
+        "\n4. the ingest: {} rows in {} commits, {} files, lag {} messages (GET /api/v1/ingests/transactions-ingest)",
+        ingest["rows"], ingest["commits"], ingest["files"], ingest["lag_messages"]
+    );
+    println!("\n5. a support agent reads a user's transactions, newest first:\n   curl 'http://{addr}{path}'");
+    let rows: serde_json::Value = serde_json::from_str(&http_get(&addr, path)?)?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&rows["rows"])?.lines().map(|l| format!("   {l}")).collect::<Vec<_>>().join("\n")
+    );
+    let fresh = Instant::now();
+    producer.send(0, None, Some(crate::events::event(events))).await.map_err(anyhow::Error::msg)?;
+    let key = format!("txn-{:012}", events / 2);
+    while !http_get(&addr, &format!("/api/v1/tables/app.transactions/rows/{key}"))?.contains(&key) {
+        anyhow::ensure!(fresh.elapsed() < Duration::from_secs(30), "a new event did not show up in 30 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "\n6. one more event: readable through the API {:.2}s after it was produced",
+        fresh.elapsed().as_secs_f64()
+    );
+    // SIGTERM: the daemon flushes and stops cleanly.
+    let _ = std::process::Command::new("kill").args(["-TERM", &serve.id().to_string()]).status();
+    let _ = serve.wait();
+    println!("\nstopped lakesync serve (its log: {}); the broker stops with the demo.", log.display());
+    Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod events;
 mod progress;
 mod serve;
 mod status;

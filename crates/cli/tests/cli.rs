@@ -94,6 +94,23 @@ fn the_demo_snapshots_changes_and_syncs_incrementally() {
 }
 
 #[test]
+fn the_pipeline_demo_carries_events_from_kafka_to_the_data_api() {
+    let db = TestDb::new("cli_demo_pipeline");
+    let kafka = support::kafka::KafkaServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let args =
+        ["demo", "--pipeline", "--rows", "200", "--brokers", &kafka.address(), "--dir", dir.path().to_str().unwrap()];
+    let out = lakesync(&db, &args);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("every transaction settled in Postgres"), "{stdout}");
+    assert!(stdout.contains("the ingest: 400 rows in"), "{stdout}");
+    assert!(stdout.contains("\"user_id\": \"user-00000003\""), "{stdout}");
+    assert!(stdout.contains("one more event: readable through the API"), "{stdout}");
+    assert_eq!(db.value("SELECT count(*) FROM app.transactions WHERE status = 'settled'"), "200");
+}
+
+#[test]
 fn a_table_in_s3_syncs_with_one_command_given_storage_options_and_a_secret_variable() {
     let s3 = support::stores::S3Server::start();
     s3.create_bucket("lake");

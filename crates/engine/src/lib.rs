@@ -5,7 +5,8 @@
 //! cannot serve the range, otherwise read the feed in chunks of versions, reduce each chunk to
 //! net changes with [`lakesync_core::ChangePlanner`], and apply it in one Postgres transaction
 //! that records the new synced version. It also owns the single place where errors are
-//! classified for retries ([`lakesync_core::Classify`] for [`EngineError`]).
+//! classified for retries ([`lakesync_core::Classify`] for [`EngineError`]). The daemon also
+//! runs the config's Kafka ingests (`lakesync_ingest`) beside the synced tables.
 //!
 //! Invariants:
 //! - The synced version only moves inside the transaction that writes its data.

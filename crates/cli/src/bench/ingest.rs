@@ -23,39 +23,14 @@ use lakesync_postgres::cluster::LocalCluster;
 use lakesync_postgres::PgConfig;
 
 use super::{proc_status_kb, run_child, settle, BenchArgs};
+use crate::events::{event, SCHEMA};
 
 const PARTITIONS: i32 = 4;
 
-const SCHEMA: &str = r#"{"type":"struct","fields":[
-    {"name":"transaction_id","type":"string","nullable":false,"metadata":{}},
-    {"name":"user_id","type":"string","nullable":true,"metadata":{}},
-    {"name":"amount","type":"decimal(12,2)","nullable":true,"metadata":{}},
-    {"name":"currency","type":"string","nullable":true,"metadata":{}},
-    {"name":"status","type":"string","nullable":true,"metadata":{}},
-    {"name":"merchant","type":"string","nullable":true,"metadata":{}},
-    {"name":"event_time","type":"timestamp","nullable":true,"metadata":{}},
-    {"name":"seq","type":"long","nullable":false,"metadata":{}}]}"#;
-
-/// Event `seq` (about 200 bytes): transaction `seq / 2`, created then settled.
-fn event(seq: u64) -> Vec<u8> {
-    let status = if seq % 2 == 0 { "pending" } else { "settled" };
-    let t = chrono::DateTime::from_timestamp_micros(1_780_000_000_000_000 + seq as i64 * 1000).unwrap_or_default();
-    format!(
-        r#"{{"transaction_id":"txn-{:012}","user_id":"user-{:08}","amount":"{}.{:02}","currency":"EUR","status":"{status}","merchant":"merchant-{:05}","event_time":"{}","seq":{seq}}}"#,
-        seq / 2,
-        (seq / 2) % 100_003,
-        seq % 5000,
-        seq % 100,
-        seq % 9973,
-        t.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
-    )
-    .into_bytes()
-}
-
-/// A broker: the one given, or a local tansu started for the run.
-struct Broker {
+/// A broker: the one given, or a local tansu started for the run (stopped when dropped).
+pub(crate) struct Broker {
     child: Option<std::process::Child>,
-    address: String,
+    pub(crate) address: String,
 }
 
 impl Drop for Broker {
@@ -67,9 +42,10 @@ impl Drop for Broker {
     }
 }
 
-fn start_broker(args: &BenchArgs) -> anyhow::Result<Broker> {
-    if let Some(address) = &args.brokers {
-        return Ok(Broker { child: None, address: address.clone() });
+/// `brokers`, or a local tansu (installed by `scripts/test`) listening on `port`.
+pub(crate) fn start_broker(brokers: Option<&str>, port: u16) -> anyhow::Result<Broker> {
+    if let Some(address) = brokers {
+        return Ok(Broker { child: None, address: address.to_string() });
     }
     let bin: PathBuf = match std::env::var("LAKESYNC_TEST_TANSU") {
         Ok(p) => p.into(),
@@ -82,7 +58,6 @@ fn start_broker(args: &BenchArgs) -> anyhow::Result<Broker> {
         .find(|p| p.exists())
         .context("no tansu broker: run `bash scripts/test` once (it installs it) or pass --brokers")?,
     };
-    let port = args.port + 1;
     let url = format!("tcp://127.0.0.1:{port}");
     let child = Command::new(bin)
         .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
@@ -187,7 +162,7 @@ fn verify(table: &Path, rows: u64) -> anyhow::Result<(usize, usize)> {
 }
 
 pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> anyhow::Result<()> {
-    let broker = start_broker(args)?;
+    let broker = start_broker(args.brokers.as_deref(), args.port + 1)?;
     let brokers = vec![broker.address.clone()];
     let topic = format!("bench-events-{}", std::process::id());
     create_topic(&brokers, &topic, PARTITIONS).await.map_err(anyhow::Error::msg)?;

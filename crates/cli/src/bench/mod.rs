@@ -24,7 +24,7 @@
 //! `--source-store s3` adds (b3) and (c3): the same snapshot and incremental sync with the
 //! table read from a local S3-protocol server (see [`s3`]), each against its local-path run.
 
-mod ingest;
+pub(crate) mod ingest;
 mod lag;
 mod s3;
 mod serving;
