@@ -14,7 +14,7 @@ pub const SCHEMA: &str = r#"{"type":"struct","fields":[
 
 /// Event `seq`: transaction `seq / 2`, created (even `seq`) then settled (odd `seq`).
 pub fn event(seq: u64) -> Vec<u8> {
-    let status = if seq % 2 == 0 { "pending" } else { "settled" };
+    let status = if seq.is_multiple_of(2) { "pending" } else { "settled" };
     let t = chrono::DateTime::from_timestamp_micros(1_780_000_000_000_000 + seq as i64 * 1000).unwrap_or_default();
     format!(
         r#"{{"transaction_id":"txn-{:012}","user_id":"user-{:08}","amount":"{}.{:02}","currency":"EUR","status":"{status}","merchant":"merchant-{:05}","event_time":"{}","seq":{seq}}}"#,
