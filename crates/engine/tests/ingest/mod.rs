@@ -156,6 +156,7 @@ fn messages_that_do_not_fit_go_to_the_dead_letter_table_exactly_once_and_the_res
     entry.schema = Some(schema.display().to_string());
     entry.on_bad_record = Some("dead_letter".into());
     entry.dead_letter_table = Some(dead.display().to_string());
+    entry.partition_by = vec!["status".into()];
     entry.flush_interval = Some("100ms".into());
     let spec = entry.validate_with(&|_| None).unwrap();
     block_on(async {
@@ -183,6 +184,10 @@ fn messages_that_do_not_fit_go_to_the_dead_letter_table_exactly_once_and_the_res
 
         let good: Vec<i64> = (0..40).filter(|s| s % 10 != 3 && s % 10 != 7).collect();
         assert_eq!(table_seqs(&table).0, good);
+        // Partitioned by status, as asked: one directory per value.
+        let layout = DeltaWriter::open(&table).unwrap().layout().unwrap();
+        assert_eq!(layout.partition_columns, ["status"]);
+        assert!(table.join("status=pending").is_dir() && table.join("status=settled").is_dir());
         let t = DeltaTable::open(&dead.display().to_string()).unwrap();
         let mut letters = Vec::new();
         for batch in t.snapshot(None).unwrap().batches().unwrap() {
