@@ -71,17 +71,7 @@ async fn demo(
 ) -> anyhow::Result<()> {
     let config = PgConfig::parse(&conn)?;
     let table = TableName::new("public", "customer_profiles");
-    // A fresh demo each run: the Delta table is rewritten, so forget the old sync.
-    let client = config.connect().await?;
-    client
-        .batch_execute(
-            "DROP TABLE IF EXISTS public.customer_profiles; \
-             DO $$ BEGIN IF to_regclass('lakesync.synced_tables') IS NOT NULL THEN \
-               DELETE FROM lakesync.synced_tables WHERE target_schema = 'public' AND target_table = 'customer_profiles'; \
-               DELETE FROM lakesync.runs WHERE target_schema = 'public' AND target_table = 'customer_profiles'; END IF; END $$",
-        )
-        .await
-        .context("resetting the demo table")?;
+    reset(&config.connect().await?, "public", "customer_profiles").await?;
 
     let delta_path = dir.join("customer_profiles");
     let rows = args.rows.max(FILE_ROWS);
@@ -142,6 +132,20 @@ async fn demo(
     Ok(())
 }
 
+/// A fresh demo each run: its Delta table is rewritten, so drop the synced table and forget
+/// its sync (the demo's own names, fixed strings).
+async fn reset(client: &tokio_postgres::Client, schema: &str, table: &str) -> anyhow::Result<()> {
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {schema}.{table}; \
+             DO $$ BEGIN IF to_regclass('lakesync.synced_tables') IS NOT NULL THEN \
+               DELETE FROM lakesync.synced_tables WHERE target_schema = '{schema}' AND target_table = '{table}'; \
+               DELETE FROM lakesync.runs WHERE target_schema = '{schema}' AND target_table = '{table}'; END IF; END $$"
+        ))
+        .await
+        .context("resetting the demo table")
+}
+
 fn report(out: &SyncOutcome) {
     println!(
         "   -> {} to version {} ({}): {} inserted, {} updated, {} deleted in {:.2}s",
@@ -178,15 +182,7 @@ async fn pipeline(args: &DemoArgs, dir: &std::path::Path, conn: &str) -> anyhow:
         anyhow::ensure!(e.contains("TopicAlreadyExists"), "{e}");
     }
     let client = PgConfig::parse(conn)?.connect().await?;
-    client
-        .batch_execute(
-            "DROP TABLE IF EXISTS app.transactions; \
-             DO $$ BEGIN IF to_regclass('lakesync.synced_tables') IS NOT NULL THEN \
-               DELETE FROM lakesync.synced_tables WHERE target_schema = 'app' AND target_table = 'transactions'; \
-               DELETE FROM lakesync.runs WHERE target_schema = 'app' AND target_table = 'transactions'; END IF; END $$",
-        )
-        .await
-        .context("resetting the demo table")?;
+    reset(&client, "app", "transactions").await?;
     let table = dir.join("lake/transactions");
     let _ = std::fs::remove_dir_all(dir.join("lake"));
     let schema = dir.join("transactions.schema.json");

@@ -283,15 +283,7 @@ fn killing_lakesync_at_random_points_never_loses_or_duplicates_rows() {
     let last = w.append(&[customers(20_000..25_000, 2)]).unwrap(); // v6: half come back
     let source = path.display().to_string();
 
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    eprintln!("crash test seed {seed}");
-    let mut rng = seed | 1;
-    let mut next = |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let (seed, mut next) = support::seeded_rng("crash test");
     let sync_cmd = |to: u64, snapshot: bool| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_lakesync"));
         let to = to.to_string();
@@ -483,15 +475,7 @@ fn killing_an_ingest_at_random_points_never_loses_or_duplicates_a_message() {
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         w.app_versions(&ids).unwrap().into_iter().map(|v| v.unwrap_or(0)).collect()
     };
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-    eprintln!("ingest crash test seed {seed}");
-    let mut rng = seed | 1;
-    let mut next = |n: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % n
-    };
+    let (seed, mut next) = support::seeded_rng("ingest crash test");
     let mut kills = 0;
     while kills < 35 {
         let mut child = ingest().spawn().unwrap();

@@ -255,16 +255,7 @@ async fn freshness(
             poll = args.poll,
         ),
     )?;
-    let log = std::fs::File::create(dir.join("ingest-serve.log"))?;
-    let mut daemon = super::lag::Serve(
-        Command::new(std::env::current_exe()?)
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting lakesync serve")?,
-    );
+    let mut daemon = super::lag::Serve::start(&config_path, &dir.join("ingest-serve.log"))?;
     let daemon_pid = daemon.0.id();
     let client = config.connect().await?;
     let max_seq = "SELECT coalesce(max(seq), -1) FROM app.events";

@@ -58,16 +58,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
             poll = args.poll,
         ),
     )?;
-    let log = std::fs::File::create(dir.join("lag-serve.log"))?;
-    let mut daemon = Serve(
-        Command::new(std::env::current_exe()?)
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting lakesync serve")?,
-    );
+    let mut daemon = Serve::start(&config_path, &dir.join("lag-serve.log"))?;
     let daemon_pid = daemon.0.id();
     let watch = config.connect().await?;
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -230,6 +221,20 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
 pub(super) struct Serve(pub(super) Child);
 
 impl Serve {
+    /// `lakesync serve --config <config>`, its output in `log`.
+    pub(super) fn start(config: &Path, log: &Path) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(log)?;
+        Ok(Self(
+            Command::new(std::env::current_exe()?)
+                .args(["serve", "--config"])
+                .arg(config)
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("starting lakesync serve")?,
+        ))
+    }
+
     /// SIGTERM, then wait for the clean exit.
     fn stop(&mut self) -> anyhow::Result<()> {
         Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status()?;

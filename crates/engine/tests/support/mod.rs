@@ -363,3 +363,18 @@ pub fn test_certificates(dir: &Path) -> TestCerts {
         key: dir.join("server.key"),
     }
 }
+
+/// A seeded xorshift generator for randomized tests (the seed is printed so a failure can be
+/// replayed): `next(n)` is in `0..n`.
+pub fn seeded_rng(what: &str) -> (u64, impl FnMut(u64) -> u64) {
+    let seed = SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("{what} seed {seed}");
+    let mut rng = seed | 1;
+    let next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    (seed, next)
+}
