@@ -506,7 +506,12 @@ fn killing_an_ingest_at_random_points_never_loses_or_duplicates_a_message() {
     assert!(before > 0 && commits > 15, "{before} messages in {commits} commits (seed {seed})");
     assert!(log.iter().any(|n| n.ends_with(".checkpoint.parquet")), "no checkpoint was written (seed {seed})");
     // One last ingest, stopped with SIGTERM once every message is in: each exactly once.
-    let mut child = ingest().spawn().unwrap();
+    let mut child = ingest().stderr(Stdio::piped()).spawn().unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut started = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut started).unwrap();
+    assert!(started.starts_with("ingesting topic orders"), "{started}");
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while recorded(3).iter().sum::<i64>() < MESSAGES {
         assert!(std::time::Instant::now() < deadline, "the ingest did not catch up (seed {seed})");
