@@ -281,7 +281,16 @@ async fn flush(
         let (positions, dead_positions) = (positions.clone(), dead_positions.clone());
         move || write_flush(&spec, &target, dead.as_deref(), &held, &positions, &dead_positions, compact_now)
     };
+    let t = Instant::now();
     let out = blocking(spec, work).await?;
+    tracing::debug!(
+        ingest = spec.name,
+        version = out.version,
+        rows = out.rows,
+        dead_letters = out.dead_letters,
+        ms = t.elapsed().as_millis() as u64,
+        "committed"
+    );
     for (p, next) in &out.committed {
         positions.insert(*p, Some(*next));
     }

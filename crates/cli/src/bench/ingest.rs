@@ -7,8 +7,10 @@
 //! the same client and fetch size the ingest uses, decoding nothing: what the broker can hand
 //! out. (i) `lakesync ingest --exit-when-caught-up` as a child process (its peak RSS read from
 //! /proc), into a fresh Delta table; the table is then verified: exactly `--rows` rows, each
-//! `seq` once. (f) Freshness: `lakesync serve` with the ingest (flushing every second) and a
-//! continuous table on it; for `--seconds` an event is produced every 20 ms and a watcher
+//! `seq` once. (w) The same events decoded and committed from memory in flushes of 100k, no
+//! broker: lakesync's own ceiling. (f) Freshness: `lakesync serve` with an ingest of a fresh
+//! topic (flushing every second) into that table and a continuous table on it (snapshot of
+//! the `--rows` first); for `--seconds` an event is produced every 20 ms and a watcher
 //! polls `max(seq)` in Postgres every 5 ms: latency = first time the watcher sees the event's
 //! seq − the moment its produce returned.
 
@@ -204,6 +206,14 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         tokio::task::block_in_place(|| run_child(&exe, &ingest_args, &[], &conn, postmaster))?;
     let (files, commits) = tokio::task::block_in_place(|| verify(&table, rows))?;
 
+    // (w): the same events decoded and committed without a broker: lakesync's own ceiling.
+    settle();
+    let write_s = {
+        let (table, schema) = (dir.join("ingest_events_w"), schema.clone());
+        let _ = std::fs::remove_dir_all(&table);
+        tokio::task::spawn_blocking(move || write_ceiling(&table, &schema, rows)).await??
+    };
+
     let mb = read_bytes as f64 / 1e6;
     println!(
         "\n## Ingest: {rows} JSON events (~{:.0} bytes), {PARTITIONS} partitions, local tansu broker\n",
@@ -222,9 +232,45 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         mb / ingest_s,
         read_s / ingest_s
     );
+    println!(
+        "| (w) decode + commit the same events from memory, no broker (lakesync's own ceiling) | {write_s:.2} | {:.0} | {:.1} | — | {:.2}x |",
+        rows as f64 / write_s,
+        mb / write_s,
+        read_s / write_s
+    );
     println!("\n(i) wrote {files} files in {commits} commits (incl. the create); producing took {produce_s:.1}s (one record per request).");
 
     freshness(args, dir, &broker.address, &topic, cluster, rows).await
+}
+
+/// (w): `rows` events decoded and appended in flushes of 100k (as the ingest does), with
+/// positions, from memory.
+fn write_ceiling(table: &Path, schema: &Path, rows: u64) -> anyhow::Result<f64> {
+    let arrow = lakesync_delta::schema::arrow_schema_from_json("schema", &std::fs::read_to_string(schema)?)
+        .map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(table)?;
+    let writer = lakesync_delta::DeltaWriter::create(table, &arrow, &[("delta.enableChangeDataFeed", "true")])?;
+    let decoder = lakesync_ingest::Decoder::new("bench", Arc::new(arrow));
+    let messages: Vec<lakesync_ingest::Message> = (0..rows)
+        .map(|seq| lakesync_ingest::Message {
+            partition: (seq % PARTITIONS as u64) as i32,
+            offset: (seq / PARTITIONS as u64) as i64,
+            timestamp_ms: 0,
+            key: None,
+            value: Some(event(seq)),
+        })
+        .collect();
+    let t = Instant::now();
+    let mut from = None;
+    for (i, chunk) in messages.chunks(100_000).enumerate() {
+        let decoded = decoder.decode(chunk)?;
+        anyhow::ensure!(decoded.bad.is_empty(), "bench events do not decode");
+        let to = ((i + 1) * 100_000) as i64;
+        let at = [lakesync_delta::AppPosition { app_id: "bench".into(), from, to }];
+        writer.append_once(&[decoded.rows], &at)?;
+        from = Some(to);
+    }
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// (f): event produced → row in Postgres, with the ingest flushing every second and the
@@ -242,6 +288,10 @@ async fn freshness(
     admin.batch_execute("CREATE DATABASE bench_ingest").await?;
     let config = PgConfig::parse(&cluster.connection_string("bench_ingest"))?;
     let table = dir.join("ingest_events");
+    // A fresh topic into the same (1M-row) table: the local broker serves a topic holding
+    // a million single-record batches slowly, which a real broker does not.
+    let topic = &format!("{topic}-live");
+    create_topic(&[brokers.to_string()], topic, PARTITIONS).await.map_err(anyhow::Error::msg)?;
     let config_path = dir.join("ingest.toml");
     std::fs::write(
         &config_path,
