@@ -367,12 +367,20 @@ fn duplicate_keys_fail_clearly_unless_a_dedup_column_is_given() {
     req.policy.dedup_by = Some("score".into());
     db.sync(&req).unwrap();
     assert_eq!(db.rows("SELECT id, name FROM public.people ORDER BY id"), ["(1,new)", "(2,b)"]);
-    // In the change feed: a second row with an existing key is a duplicate too.
-    t.run(json!([{"op": "append", "schema": people_schema(), "rows": [[2, "again", 5.0]]}]));
+    // In the change feed the last change per key wins, as always: a later commit's row
+    // replaces the key's row; dedup_by orders only rows of one key in one commit, which have
+    // no order of their own.
+    t.run(json!([{"op": "append", "schema": people_schema(), "rows": [[2, "again", 5.0], [3, "c", 1.0], [3, "c2", 2.0]]}]));
+    t.run(json!([{"op": "append", "schema": people_schema(), "rows": [[2, "later", 4.0], [1, "newest", 9.0]]}]));
+    let out = db.sync(&req).unwrap();
+    assert_eq!(out.to_version, 2);
+    assert_eq!(db.rows("SELECT id, name FROM public.people ORDER BY id"), ["(1,newest)", "(2,later)", "(3,c2)"]);
+    // Without a dedup column, a second row with an existing key is a duplicate.
+    t.run(json!([{"op": "append", "schema": people_schema(), "rows": [[3, "again", 5.0]]}]));
+    req.policy.dedup_by = None;
     let msg = db.sync(&req).unwrap_err().to_string();
-    assert!(msg.contains("more than one row with primary key (id)=(2)") && msg.contains("version 1"), "{msg}");
-    assert_eq!(db.rows("SELECT id, name FROM public.people ORDER BY id"), ["(1,new)", "(2,b)"]);
-    assert_eq!(db.value("SELECT synced_version FROM lakesync.synced_tables"), "0");
+    assert!(msg.contains("more than one row with primary key (id)=(3)") && msg.contains("version 3"), "{msg}");
+    assert_eq!(db.value("SELECT synced_version FROM lakesync.synced_tables WHERE target_table = 'people'"), "2");
 }
 
 /// Records the tables created in `db` (a superuser's event trigger), to see which staging
