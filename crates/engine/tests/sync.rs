@@ -375,11 +375,12 @@ fn duplicate_keys_fail_clearly_unless_a_dedup_column_is_given() {
     let out = db.sync(&req).unwrap();
     assert_eq!(out.to_version, 2);
     assert_eq!(db.rows("SELECT id, name FROM public.people ORDER BY id"), ["(1,newest)", "(2,later)", "(3,c2)"]);
-    // Without a dedup column, a second row with an existing key is a duplicate.
+    // Without a dedup column (a changed option: the table reloads by snapshot) every repeated
+    // key is a duplicate again; which one is named first depends on the parallel load.
     t.run(json!([{"op": "append", "schema": people_schema(), "rows": [[3, "again", 5.0]]}]));
     req.policy.dedup_by = None;
     let msg = db.sync(&req).unwrap_err().to_string();
-    assert!(msg.contains("more than one row with primary key (id)=(3)") && msg.contains("version 3"), "{msg}");
+    assert!(msg.contains("more than one row with primary key (id)=(") && msg.contains("version 3"), "{msg}");
     assert_eq!(db.value("SELECT synced_version FROM lakesync.synced_tables WHERE target_table = 'people'"), "2");
 }
 
