@@ -370,15 +370,15 @@ mod tests {
         let out = decoder.decode(&[message(0, json)]).unwrap();
         assert!(out.bad.is_empty(), "{:?}", out.bad);
         let row = out.rows;
-        let shown = arrow_cast_free_display(&row);
+        let shown = debug_columns(&row);
         assert!(shown.contains("12345678901234567890123456789"), "{shown}"); // unscaled, scale 9
         assert!(shown.contains("2026-12-03T10:00:00.000001"), "{shown}");
         assert_eq!(row.column_by_name("attrs").unwrap().as_map().value(0).len(), 2);
         assert_eq!(row.column_by_name("tags").unwrap().as_list::<i32>().value(0).len(), 2);
     }
 
-    /// The row as text, through arrow's JSON writer's sibling: Debug of each column.
-    fn arrow_cast_free_display(batch: &RecordBatch) -> String {
+    /// The columns as text (their Debug form).
+    fn debug_columns(batch: &RecordBatch) -> String {
         batch.columns().iter().map(|c| format!("{c:?}")).collect::<Vec<_>>().join("\n")
     }
 

@@ -136,7 +136,8 @@ async fn rskafka_client(brokers: &[String]) -> anyhow::Result<rskafka::client::C
     Ok(rskafka::client::ClientBuilder::new(brokers.to_vec()).build().await?)
 }
 
-/// `seq` count, distinct count and sum of the table's rows.
+/// Checks the table holds each `seq` of `0..rows` exactly once; returns its data files and
+/// commit files.
 fn verify(table: &Path, rows: u64) -> anyhow::Result<(usize, usize)> {
     use arrow_array::cast::AsArray;
     use arrow_array::types::Int64Type;
