@@ -2,7 +2,8 @@
 //!
 //! This crate owns the routes: the management API over synced tables (`/api/v1/synced-tables`),
 //! the data API over their rows (`/api/v1/tables/{schema}.{table}/rows`), Prometheus metrics
-//! (`/metrics`), the OpenAPI document and `/healthz`.
+//! (`/metrics`), the OpenAPI document, `/healthz` (the process is up) and `/readyz` (it serves:
+//! in a fleet, once it took part in it).
 //!
 //! Invariants:
 //! - The data API serves only tables the daemon syncs; anything else is a 404, so the API
@@ -11,7 +12,9 @@
 //!   statement as the rows.
 //! - Request values reach Postgres only as parameters; identifiers come from the catalog.
 //! - Mutating calls need the bearer token; without a configured token they are refused.
-//! - With `read_auth` set, every other route but `/healthz` and `/metrics` needs a bearer
+//! - Every replica of a fleet serves every table (reads need no ownership); a sync request is
+//!   routed to the owner through Postgres.
+//! - With `read_auth` set, every other route but `/healthz`, `/readyz` and `/metrics` needs a bearer
 //!   token too (the read token or the management token).
 //! - No secret (token, Postgres password) and no row value is logged.
 
@@ -76,10 +79,22 @@ impl AppState {
     }
 }
 
+/// `GET /readyz`: 200 once this process serves (in a fleet: it took part in the fleet at
+/// least once), 503 before that and while shutting down.
+async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if state.daemon.ready() {
+        (axum::http::StatusCode::OK, "ready\n").into_response()
+    } else {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
 /// The router with every route.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::metrics))
         .route("/openapi.json", get(openapi::document))
         .route("/api/v1/synced-tables", get(manage::list).post(manage::add))
@@ -114,7 +129,7 @@ pub(crate) fn bearer_matches(headers: &HeaderMap, tokens: &[&Secret]) -> bool {
 /// and Prometheus), and mutating routes check the management token themselves.
 async fn require_read_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let ReadAuth::Tokens(tokens) = &state.read_auth {
-        let open = matches!(request.uri().path(), "/healthz" | "/metrics");
+        let open = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
         let reading = matches!(*request.method(), Method::GET | Method::HEAD);
         if reading && !open && !bearer_matches(request.headers(), &tokens.iter().collect::<Vec<_>>()) {
             return ApiError::Unauthorized.into_response();

@@ -49,6 +49,7 @@ fn run_json(run: &RunRecord) -> Value {
         "started_at": run.started_at,
         "duration_seconds": run.duration_seconds,
         "error": run.error,
+        "replica": run.replica,
     })
 }
 
@@ -68,6 +69,7 @@ fn table_json(worker: &Worker, recorded: Option<&TableStatus>) -> Value {
         "lag_versions": live.lag_versions(),
         "lag_seconds": live.lag_seconds(),
         "running": live.running,
+        "owner": live.owner,
         "last_error": live.last_error.or(recorded.and_then(|r| r.table.last_error.clone())),
         "last_run": recorded.and_then(|r| r.last_run.as_ref()).map(run_json),
         "config": spec.config,
@@ -131,7 +133,9 @@ pub async fn sync_now(
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    if !state.daemon.sync_now(&name) {
+    // Routed to the replica that owns the table, wherever this request landed.
+    let found = state.daemon.request_sync(&name).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if !found {
         return Err(ApiError::NotFound(format!("no synced table named {name:?}")));
     }
     Ok(json_response(StatusCode::ACCEPTED, json!({ "name": name, "sync": "requested" })))
@@ -157,7 +161,7 @@ pub async fn add(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
             return Err(ApiError::Conflict(refused.to_string()));
         }
     }
-    let worker = state.daemon.add(spec).map_err(|e| match e {
+    let worker = lakesync_engine::fleet::register(&state.daemon, spec).await.map_err(|e| match e {
         DaemonError::Config(e) => ApiError::Conflict(e.to_string()),
         DaemonError::ShuttingDown => ApiError::Unavailable(e.to_string()),
         other => ApiError::BadRequest(other.to_string()),
@@ -213,6 +217,7 @@ fn ingest_json(worker: &lakesync_engine::IngestWorker) -> Value {
         "brokers": spec.brokers,
         "topic": spec.topic,
         "table": spec.table,
+        "owner": worker.owner.lock().expect("owner lock").clone(),
         "state": s.state,
         "last_error": s.last_error,
         "error_class": s.error_class,

@@ -39,6 +39,18 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
     for i in &config.ingests {
         println!("ingest {}: kafka topic {} ({}) -> {}", i.name, i.topic, i.brokers.join(","), i.table);
     }
+    let f = &config.fleet;
+    println!(
+        "fleet: replica {}, lease {:?}, heartbeat {:?}, {} wins on conflict, at most {} runs at once",
+        f.replica_id,
+        f.lease,
+        f.heartbeat,
+        match f.file_policy {
+            lakesync_postgres::fleet::FilePolicy::FileWins => "the file",
+            lakesync_postgres::fleet::FilePolicy::RegistryWins => "the registry",
+        },
+        f.max_concurrent_runs
+    );
     Ok(())
 }
 
@@ -48,7 +60,7 @@ pub async fn run(path: &Path, grace: Duration) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.api.listen))?;
-    let daemon = Daemon::new(config.postgres.clone());
+    let daemon = Daemon::with_max_runs(config.postgres.clone(), config.fleet.max_concurrent_runs);
     // Certificate problems are found before any table starts.
     let tls = match &config.api.tls {
         Some((cert, key)) => Some(lakesync_api::https::server_config(cert, key).map_err(anyhow::Error::msg)?),
@@ -58,19 +70,28 @@ pub async fn run(path: &Path, grace: Duration) -> anyhow::Result<()> {
     for ingest in &config.ingests {
         lakesync_ingest::prepare(ingest).await?;
     }
-    for table in config.tables {
-        daemon.add(table)?;
-    }
-    for ingest in config.ingests {
-        daemon.add_ingest(ingest)?;
-    }
-    let state = AppState::new(daemon.clone(), &config.api);
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // Every `serve` is a replica of a fleet (of one, unless others share its Postgres): the
+    // file's tables and ingests go to the registry, and the coordinator runs this replica's
+    // share of everything registered.
+    let ingests: Vec<_> =
+        config.ingest_configs.iter().cloned().zip(config.ingests.iter().map(|i| i.name.clone())).collect();
+    lakesync_engine::fleet::join(
+        &daemon,
+        &config.fleet,
+        &config.tables,
+        &ingests,
+        lakesync_engine::fleet::JoinOptions { address: Some(format!("{scheme}://{addr}")) },
+    )
+    .await
+    .context("cannot join the fleet in Postgres")?;
+    let state = AppState::new(daemon.clone(), &config.api);
     println!(
-        "lakesync serving {scheme}://{addr} ({} synced tables, {} ingests)",
-        daemon.tables().len(),
-        daemon.ingests().len()
+        "lakesync serving {scheme}://{addr} as replica {} ({} synced tables, {} ingests in the file)",
+        config.fleet.replica_id,
+        config.tables.len(),
+        config.ingests.len()
     );
     tracing::info!(%addr, scheme, "serving");
     let server = match tls {

@@ -11,6 +11,7 @@
 //!   the key after the last change in the planned range.
 
 pub mod class;
+pub mod fleet;
 pub mod model;
 pub mod plan;
 pub mod schedule;

@@ -91,6 +91,86 @@ pub struct ConfigFile {
     /// Kafka topics ingested into Delta tables.
     #[serde(default)]
     pub ingest: Vec<IngestConfig>,
+    /// Replicas of `lakesync serve` sharing one Postgres.
+    #[serde(default)]
+    pub fleet: FleetSection,
+}
+
+/// `[fleet]`: how this `lakesync serve` takes part in a fleet of replicas (one replica is a
+/// fleet of one). See README, "Several replicas".
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// This replica's id (default: `LAKESYNC_REPLICA_ID`, else `<hostname>-<pid>`).
+    pub replica_id: Option<String>,
+    /// A replica whose heartbeat is older than this is ended and its tables taken over
+    /// (default `10s`).
+    pub lease: Option<String>,
+    /// How often a replica renews its heartbeat and rebalances (default `1s`).
+    pub heartbeat: Option<String>,
+    /// Which wins when this file and the registry in Postgres disagree: `"file"` (default:
+    /// the file is declarative for its entries) or `"registry"` (the file only seeds).
+    pub on_conflict: Option<String>,
+    /// Sync runs in flight at once in this process (default 8).
+    pub max_concurrent_runs: Option<usize>,
+}
+
+/// The validated `[fleet]` section.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// This replica's id.
+    pub replica_id: String,
+    /// Heartbeat age after which a replica is ended and its tables taken over.
+    pub lease: Duration,
+    /// Heartbeat and rebalancing interval.
+    pub heartbeat: Duration,
+    /// Which wins when the file and the registry disagree.
+    pub file_policy: lakesync_postgres::fleet::FilePolicy,
+    /// Runs in flight at once.
+    pub max_concurrent_runs: usize,
+}
+
+/// The environment variable naming this replica (wins over `[fleet] replica_id`).
+pub const REPLICA_ENV: &str = "LAKESYNC_REPLICA_ID";
+
+impl FleetSection {
+    /// Validates the section; `env` looks up environment variables.
+    pub fn validate(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<FleetConfig, ConfigError> {
+        let scope = "[fleet]";
+        let replica_id = match env(REPLICA_ENV).filter(|s| !s.is_empty()).or_else(|| self.replica_id.clone()) {
+            Some(id) => id,
+            None => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .or_else(|| env("HOSTNAME"))
+                    .map(|h| h.trim().chars().filter(|c| c.is_ascii_alphanumeric() || "._-".contains(*c)).collect())
+                    .filter(|h: &String| !h.is_empty())
+                    .unwrap_or_else(|| "lakesync".into());
+                let pid = std::process::id().to_string();
+                format!("{}-{pid}", &host[..host.len().min(62 - pid.len())])
+            }
+        };
+        lakesync_postgres::fleet::valid_replica_id(&replica_id).map_err(|e| invalid(scope, e))?;
+        let duration = |what: &str, v: &Option<String>, default: Duration| match v {
+            Some(t) => parse_duration(t).map_err(|e| invalid(scope, format!("{what}: {e}"))),
+            None => Ok(default),
+        };
+        let lease = duration("lease", &self.lease, Duration::from_secs(10))?;
+        let heartbeat = duration("heartbeat", &self.heartbeat, Duration::from_secs(1))?;
+        if heartbeat.is_zero() || heartbeat * 3 > lease {
+            return Err(invalid(scope, "heartbeat must be above zero and at most a third of lease"));
+        }
+        let file_policy = match self.on_conflict.as_deref() {
+            None | Some("file") => lakesync_postgres::fleet::FilePolicy::FileWins,
+            Some("registry") => lakesync_postgres::fleet::FilePolicy::RegistryWins,
+            Some(other) => return Err(invalid(scope, format!("on_conflict {other:?}: expected \"file\" or \"registry\""))),
+        };
+        let max_concurrent_runs = self.max_concurrent_runs.unwrap_or(crate::daemon::DEFAULT_MAX_CONCURRENT_RUNS);
+        if !(1..=1024).contains(&max_concurrent_runs) {
+            return Err(invalid(scope, "max_concurrent_runs must be 1 to 1024"));
+        }
+        Ok(FleetConfig { replica_id, lease, heartbeat, file_policy, max_concurrent_runs })
+    }
 }
 
 /// `[postgres]`.
@@ -678,6 +758,10 @@ pub struct Config {
     pub tables: Vec<TableSpec>,
     /// Kafka topics ingested into Delta tables.
     pub ingests: Vec<IngestSpec>,
+    /// The `[[ingest]]` entries as written, in the order of `ingests` (the registry keeps them).
+    pub ingest_configs: Vec<IngestConfig>,
+    /// `[fleet]`.
+    pub fleet: FleetConfig,
 }
 
 impl Config {
@@ -806,6 +890,8 @@ impl ConfigFile {
             },
             tables,
             ingests,
+            ingest_configs: self.ingest.clone(),
+            fleet: self.fleet.validate(env)?,
         })
     }
 }

@@ -2,16 +2,23 @@
 //! (schedule, new commits, a request), retrying transient failures with backoff and parking
 //! the table on the others. Tables are independent: one failing never stops another.
 //!
+//! In a fleet (`lakesync serve`, see [`crate::fleet`]) every replica has a worker for every
+//! registered table, but a worker only runs while its replica owns the table; the others
+//! stand by, showing the synced version recorded in Postgres.
+//!
 //! Invariants:
 //! - A worker runs at most one sync at a time, and the per-table advisory lock in Postgres
-//!   keeps other processes out too.
+//!   keeps other processes out too. In a fleet, runs are fenced by the replica's ownership
+//!   lock as well ([`lakesync_postgres::fleet::check_owner`]).
+//! - At most `max_concurrent_runs` runs are in flight per process, so its Postgres sessions
+//!   are bounded however many tables it owns.
 //! - Shutdown never interrupts a run by choice: workers stop taking work and in-flight runs
 //!   finish (commit) within the grace period; past it they are dropped, which closes their
 //!   connections and rolls their transaction back. Either way the table stays consistent.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lakesync_core::{Classify, ErrorClass, SyncMode, Version};
@@ -19,7 +26,7 @@ use lakesync_delta::{DeltaError, DeltaTable};
 use lakesync_ingest::{IngestSpec, IngestStatus};
 use lakesync_postgres::state::{self, RunMode};
 use lakesync_postgres::PgConfig;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{check_unique, ConfigError, TableMode, TableSpec};
@@ -66,6 +73,8 @@ pub struct LiveStatus {
     pub last_error: Option<String>,
     /// When the next retry of a transiently failed run is due.
     pub retry_at: Option<Instant>,
+    /// In a fleet: the replica that owns the table (`None` while nobody does).
+    pub owner: Option<String>,
 }
 
 impl LiveStatus {
@@ -152,6 +161,14 @@ pub struct Worker {
     wake: Notify,
     manual: std::sync::atomic::AtomicBool,
     stop: watch::Sender<bool>,
+    /// Whether this process owns the table (always, outside a fleet).
+    owned: watch::Sender<bool>,
+    /// `true` while the worker stands by (no run in flight, none will start).
+    idle: watch::Sender<bool>,
+    /// Bumped to abandon the run in flight (the replica lost the table).
+    cancel: watch::Sender<u64>,
+    /// The table's ownership lock key in a fleet.
+    pub owner_key: String,
 }
 
 impl Worker {
@@ -163,18 +180,47 @@ impl Worker {
     fn update(&self, f: impl FnOnce(&mut LiveStatus)) {
         f(&mut self.status.lock().expect("status lock"))
     }
+
+    /// Whether this process owns (runs) the table.
+    pub fn owned(&self) -> bool {
+        *self.owned.borrow()
+    }
 }
 
 /// A worker and its task.
 type Running = (Arc<Worker>, JoinHandle<()>);
 
 /// An ingest and its task.
-type RunningIngest = (Arc<IngestWorker>, JoinHandle<()>);
+type RunningIngest = (Arc<IngestWorker>, Option<JoinHandle<()>>);
 
-/// A Kafka ingest the daemon runs beside its tables.
+/// A Kafka ingest the daemon runs beside its tables (in a fleet, only while it owns it).
 pub struct IngestWorker {
     pub spec: IngestSpec,
     pub status: Arc<IngestStatus>,
+    /// The ingest's ownership lock key in a fleet.
+    pub owner_key: String,
+    /// Its registry entry's spec, when it came from the fleet's registry.
+    pub config: Option<serde_json::Value>,
+    /// In a fleet: the replica that runs it.
+    pub owner: Mutex<Option<String>>,
+    /// Stops the running ingest (it flushes first).
+    stop: watch::Sender<bool>,
+}
+
+/// Runs per process at once, unless configured (`[fleet] max_concurrent_runs`).
+pub const DEFAULT_MAX_CONCURRENT_RUNS: usize = 8;
+
+/// What a daemon in a fleet knows about its place in it.
+pub struct FleetMember {
+    /// This replica's id.
+    pub replica: String,
+    /// The coordinating session's backend pid, runs are fenced by (0 while disconnected).
+    pub(crate) owner_pid: AtomicI32,
+    /// The replica took part in the fleet at least once (for `/readyz`).
+    pub(crate) ready: AtomicBool,
+    /// Tells the coordinator to leave the fleet (after the workers stopped).
+    pub(crate) leave: watch::Sender<bool>,
+    pub(crate) task: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// All synced tables and ingests of one process.
@@ -183,6 +229,10 @@ pub struct Daemon {
     workers: RwLock<BTreeMap<String, Running>>,
     ingests: RwLock<BTreeMap<String, RunningIngest>>,
     shutdown: watch::Sender<bool>,
+    /// Bounds the runs in flight (and so the Postgres sessions they open).
+    runs: Arc<Semaphore>,
+    /// Set when the daemon joined a fleet ([`crate::fleet::join`]).
+    pub(crate) fleet: OnceLock<Arc<FleetMember>>,
 }
 
 /// Why a table could not be added or removed.
@@ -205,12 +255,42 @@ pub enum DaemonError {
 impl Daemon {
     /// A daemon writing to `postgres`, with no tables yet.
     pub fn new(postgres: PgConfig) -> Arc<Self> {
+        Self::with_max_runs(postgres, DEFAULT_MAX_CONCURRENT_RUNS)
+    }
+
+    /// A daemon running at most `max_runs` syncs at once.
+    pub fn with_max_runs(postgres: PgConfig, max_runs: usize) -> Arc<Self> {
         Arc::new(Self {
             postgres,
             workers: RwLock::new(BTreeMap::new()),
             ingests: RwLock::new(BTreeMap::new()),
             shutdown: watch::channel(false).0,
+            runs: Arc::new(Semaphore::new(max_runs.max(1))),
+            fleet: OnceLock::new(),
         })
+    }
+
+    /// This replica's place in its fleet, if it joined one.
+    pub fn fleet(&self) -> Option<&Arc<FleetMember>> {
+        self.fleet.get()
+    }
+
+    /// Ready to serve: outside a fleet always, in one once it took part in it (and not
+    /// shutting down).
+    pub fn ready(&self) -> bool {
+        !*self.shutdown.borrow() && self.fleet().is_none_or(|f| f.ready.load(Ordering::SeqCst))
+    }
+
+    /// The settings this process's sessions connect with (named after the replica in a fleet).
+    pub fn session_config(&self) -> PgConfig {
+        match self.fleet() {
+            Some(f) => self.postgres.for_replica(&f.replica),
+            None => self.postgres.clone(),
+        }
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
     }
 
     /// The Postgres connection settings.
@@ -227,7 +307,9 @@ impl Daemon {
         let mut specs: Vec<TableSpec> = workers.values().map(|(w, _)| w.spec.clone()).collect();
         specs.push(spec.clone());
         check_unique(&specs)?;
+        let fleet = self.fleet().cloned();
         let worker = Arc::new(Worker {
+            owner_key: lakesync_postgres::fleet::table_owner_key(&spec.target),
             spec,
             metrics: TableMetrics::default(),
             progress: Arc::default(),
@@ -235,8 +317,13 @@ impl Daemon {
             wake: Notify::new(),
             manual: false.into(),
             stop: watch::channel(false).0,
+            // Outside a fleet the process owns every table; in one, the coordinator decides.
+            owned: watch::channel(fleet.is_none()).0,
+            idle: watch::channel(true).0,
+            cancel: watch::channel(0).0,
         });
-        let task = tokio::spawn(run_worker(worker.clone(), self.postgres.clone(), self.shutdown.subscribe()));
+        let env = WorkerEnv { postgres: self.session_config(), runs: self.runs.clone(), fleet };
+        let task = tokio::spawn(run_worker(worker.clone(), env, self.shutdown.subscribe()));
         tracing::info!(table = %worker.spec.name, target = %worker.spec.target, mode = worker.spec.mode.as_str(), "syncing");
         workers.insert(worker.spec.name.clone(), (worker.clone(), task));
         Ok(worker)
@@ -245,6 +332,15 @@ impl Daemon {
     /// Starts ingesting `spec`'s topic; it runs until shutdown, retrying transient failures
     /// itself (see [`lakesync_ingest::run`]) and stopping on the others (its status says why).
     pub fn add_ingest(&self, spec: IngestSpec) -> Result<Arc<IngestWorker>, DaemonError> {
+        self.add_ingest_with(spec, None)
+    }
+
+    /// [`Daemon::add_ingest`], remembering the registry spec it was built from.
+    pub(crate) fn add_ingest_with(
+        &self,
+        spec: IngestSpec,
+        config: Option<serde_json::Value>,
+    ) -> Result<Arc<IngestWorker>, DaemonError> {
         if *self.shutdown.borrow() {
             return Err(DaemonError::ShuttingDown);
         }
@@ -256,18 +352,55 @@ impl Daemon {
             }
             .into());
         }
-        let worker = Arc::new(IngestWorker { spec, status: Arc::new(IngestStatus::new()) });
-        let run = lakesync_ingest::run(worker.spec.clone(), worker.status.clone(), self.shutdown.subscribe());
-        let name = worker.spec.name.clone();
-        let task = tokio::spawn(async move {
-            // The error is on the worker's status (and logged by the ingest).
-            if run.await.is_err() {
-                tracing::warn!(ingest = name, "ingest stopped on an error that needs a human");
-            }
+        let worker = Arc::new(IngestWorker {
+            owner_key: lakesync_postgres::fleet::ingest_owner_key(&spec.name),
+            config,
+            spec,
+            status: Arc::new(IngestStatus::new()),
+            owner: Mutex::new(None),
+            stop: watch::channel(false).0,
         });
-        tracing::info!(ingest = %worker.spec.name, topic = %worker.spec.topic, table = %worker.spec.table, "ingesting");
+        // In a fleet the ingest waits until the coordinator hands it to this replica.
+        let task = self.fleet().is_none().then(|| start_ingest(&worker));
         ingests.insert(worker.spec.name.clone(), (worker.clone(), task));
         Ok(worker)
+    }
+
+    /// Starts the ingest of `key` on this replica (the coordinator claimed it).
+    pub(crate) fn own_ingest(&self, key: &str) {
+        let mut ingests = self.ingests.write().expect("ingests lock");
+        if let Some((worker, task)) = ingests.values_mut().find(|(w, _)| w.owner_key == key) {
+            if task.as_ref().is_none_or(|t| t.is_finished()) {
+                worker.stop.send_replace(false);
+                *task = Some(start_ingest(worker));
+            }
+        }
+    }
+
+    /// Stops the ingest of `key` (it flushes what it holds, up to `wait`).
+    pub(crate) async fn disown_ingest(&self, key: &str, wait: Duration) {
+        let running = {
+            let mut ingests = self.ingests.write().expect("ingests lock");
+            ingests.values_mut().find(|(w, _)| w.owner_key == key).and_then(|(w, t)| {
+                w.stop.send_replace(true);
+                t.take().map(|t| (w.clone(), t))
+            })
+        };
+        if let Some((worker, mut task)) = running {
+            if tokio::time::timeout(wait, &mut task).await.is_err() {
+                tracing::warn!(ingest = %worker.spec.name, "ingest still flushing when handed over; its messages will be read again");
+                task.abort();
+            }
+        }
+    }
+
+    /// Removes the ingest named `name` (stopping it).
+    pub(crate) async fn remove_ingest(&self, name: &str) {
+        let removed = self.ingests.write().expect("ingests lock").remove(name);
+        if let Some((worker, Some(task))) = removed {
+            worker.stop.send_replace(true);
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
     }
 
     /// The ingests, by name.
@@ -283,6 +416,17 @@ impl Daemon {
     /// The table named `name`.
     pub fn table(&self, name: &str) -> Option<Arc<Worker>> {
         self.workers.read().expect("workers lock").get(name).map(|(w, _)| w.clone())
+    }
+
+    /// Asks for a run of `name` wherever it runs: here, or (in a fleet) on the replica that
+    /// owns it, through Postgres. `false` if there is no such table.
+    pub async fn request_sync(&self, name: &str) -> Result<bool, DaemonError> {
+        let Some(worker) = self.table(name) else { return Ok(false) };
+        if self.fleet().is_none() || worker.owned() {
+            return Ok(self.sync_now(name));
+        }
+        crate::fleet::request_sync(self, name).await.map_err(EngineError::from)?;
+        Ok(true)
     }
 
     /// Asks the table to sync now (un-parking it). `false` if there is no such table.
@@ -315,15 +459,12 @@ impl Daemon {
                 .into());
             }
         }
-        let (worker, task) = self
-            .workers
-            .write()
-            .expect("workers lock")
-            .remove(name)
-            .ok_or_else(|| DaemonError::NotFound(name.into()))?;
-        worker.stop.send_replace(true);
-        worker.wake.notify_one();
-        let _ = task.await;
+        if self.table(name).is_none() {
+            return Err(DaemonError::NotFound(name.into()));
+        }
+        // In a fleet every replica stops it (the owner first finishes its run in flight).
+        crate::fleet::deregister(self, name).await?;
+        let worker = self.forget_local(name).await.ok_or_else(|| DaemonError::NotFound(name.into()))?;
         if purge {
             let client = self.postgres.connect().await.map_err(EngineError::from)?;
             state::forget(&client, &worker.spec.target, Duration::from_secs(30)).await.map_err(EngineError::from)?;
@@ -332,6 +473,15 @@ impl Daemon {
             tracing::info!(table = %worker.spec.name, "stopped");
         }
         Ok(())
+    }
+
+    /// Stops running `name` in this process (an in-flight run finishes first) and forgets it.
+    pub(crate) async fn forget_local(&self, name: &str) -> Option<Arc<Worker>> {
+        let (worker, task) = self.workers.write().expect("workers lock").remove(name)?;
+        worker.stop.send_replace(true);
+        worker.wake.notify_one();
+        let _ = task.await;
+        Some(worker)
     }
 
     /// Stops taking work and waits up to `grace` for in-flight runs; runs still going after
@@ -350,7 +500,13 @@ impl Daemon {
         };
         let ingests: Vec<(String, JoinHandle<()>)> = {
             let mut ingests = self.ingests.write().expect("ingests lock");
-            std::mem::take(&mut *ingests).into_iter().map(|(n, (_, t))| (n, t)).collect()
+            std::mem::take(&mut *ingests)
+                .into_iter()
+                .filter_map(|(n, (w, t))| {
+                    w.stop.send_replace(true);
+                    t.map(|t| (n, t))
+                })
+                .collect()
         };
         let deadline = tokio::time::Instant::now() + grace;
         // Ingests flush what they hold as one last commit.
@@ -366,7 +522,104 @@ impl Daemon {
                 task.abort();
             }
         }
+        // Nothing runs any more: hand every table over at once.
+        if let Some(fleet) = self.fleet() {
+            fleet.leave.send_replace(true);
+            let task = fleet.task.lock().expect("fleet task").take();
+            if let Some(mut task) = task {
+                if tokio::time::timeout(Duration::from_secs(5), &mut task).await.is_err() {
+                    task.abort();
+                }
+            }
+        }
     }
+
+    /// The table whose ownership key is `key`.
+    pub(crate) fn table_by_key(&self, key: &str) -> Option<Arc<Worker>> {
+        self.workers.read().expect("workers lock").values().find(|(w, _)| w.owner_key == key).map(|(w, _)| w.clone())
+    }
+
+    /// Hands `worker`'s table to this process (the coordinator claimed it).
+    pub(crate) fn own(&self, worker: &Worker) {
+        worker.owned.send_replace(true);
+        worker.wake.notify_one();
+    }
+
+    /// Stops running `worker`'s table, waiting up to `wait` for its run in flight to finish
+    /// and then abandoning it (its commit would fail the ownership fence anyway).
+    pub(crate) async fn disown(&self, worker: &Worker, wait: Duration) {
+        worker.owned.send_replace(false);
+        worker.wake.notify_one();
+        let mut idle = worker.idle.subscribe();
+        if tokio::time::timeout(wait, idle.wait_for(|i| *i)).await.is_err() {
+            tracing::warn!(table = %worker.spec.name, "run still in flight when handing the table over; abandoning it");
+            worker.cancel.send_modify(|n| *n += 1);
+            let _ = tokio::time::timeout(Duration::from_secs(5), idle.wait_for(|i| *i)).await;
+        }
+    }
+
+    /// The coordinating session is gone, and with it every ownership lock: stop everything
+    /// at once (runs in flight are abandoned; they could not commit anyway).
+    pub(crate) fn fence_all(&self) {
+        for w in self.tables() {
+            if w.owned() {
+                w.owned.send_replace(false);
+                w.cancel.send_modify(|n| *n += 1);
+                w.wake.notify_one();
+            }
+        }
+        let ingests = self.ingests.read().expect("ingests lock");
+        for (w, t) in ingests.values() {
+            w.stop.send_replace(true);
+            if let Some(t) = t {
+                t.abort();
+            }
+        }
+    }
+
+    /// Records the owner of every table and ingest, and the synced version of the tables this
+    /// process does not run (from the fleet's view).
+    pub(crate) fn observe(&self, owners: &BTreeMap<String, Option<String>>, synced: &BTreeMap<String, Option<Version>>) {
+        for w in self.tables() {
+            let owner = owners.get(&w.owner_key).cloned().flatten();
+            let version = synced.get(&w.spec.target.to_string()).copied().flatten();
+            let owned = w.owned();
+            w.update(|s| {
+                s.owner = owner;
+                if !owned {
+                    s.synced_version = version.or(s.synced_version);
+                    s.running = false;
+                }
+            });
+        }
+        for w in self.ingests() {
+            *w.owner.lock().expect("owner lock") = owners.get(&w.owner_key).cloned().flatten();
+        }
+    }
+}
+
+/// Starts an ingest's task; it runs until its stop signal, retrying transient failures
+/// itself (see [`lakesync_ingest::run`]) and stopping on the others (its status says why).
+fn start_ingest(worker: &IngestWorker) -> JoinHandle<()> {
+    let run = lakesync_ingest::run(worker.spec.clone(), worker.status.clone(), worker.stop.subscribe());
+    let name = worker.spec.name.clone();
+    tracing::info!(ingest = %worker.spec.name, topic = %worker.spec.topic, table = %worker.spec.table, "ingesting");
+    tokio::spawn(async move {
+        // The error is on the worker's status (and logged by the ingest).
+        if run.await.is_err() {
+            tracing::warn!(ingest = name, "ingest stopped on an error that needs a human");
+        }
+    })
+}
+
+/// What a worker needs besides its table.
+struct WorkerEnv {
+    /// The settings its sessions connect with.
+    postgres: PgConfig,
+    /// The process's run permits.
+    runs: Arc<Semaphore>,
+    /// Its replica's place in the fleet.
+    fleet: Option<Arc<FleetMember>>,
 }
 
 fn now_ms() -> i64 {
@@ -376,17 +629,37 @@ fn now_ms() -> i64 {
 /// How often idle snapshot/triggered tables look at their source for status and lag.
 const HEAD_REFRESH: Duration = Duration::from_secs(10);
 
-async fn run_worker(worker: Arc<Worker>, postgres: PgConfig, mut shutdown: watch::Receiver<bool>) {
+async fn run_worker(worker: Arc<Worker>, env: WorkerEnv, mut shutdown: watch::Receiver<bool>) {
     let spec = &worker.spec;
+    let postgres = &env.postgres;
     let mut stop = worker.stop.subscribe();
+    let mut owned = worker.owned.subscribe();
     let mut source: Option<DeltaTable> = None;
-    load_synced_version(&worker, &postgres).await;
-    // Snapshot and triggered tables run once at start; continuous ones whenever commits land.
-    let mut due = Some(Instant::now());
+    let mut due = None;
     let mut next_head_check = Instant::now();
     loop {
         if *shutdown.borrow() || *stop.borrow() {
+            worker.idle.send_replace(true);
             return;
+        }
+        if !*owned.borrow_and_update() {
+            // Standing by: another replica owns the table (or nobody yet).
+            worker.idle.send_replace(true);
+            tokio::select! {
+                _ = owned.changed() => {}
+                _ = shutdown.changed() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        if *worker.idle.borrow() {
+            // Just became the owner: start from what Postgres records. Snapshot and triggered
+            // tables run once at start; continuous ones whenever commits land.
+            worker.idle.send_replace(false);
+            load_synced_version(&worker, postgres).await;
+            source = None;
+            due = Some(Instant::now());
+            next_head_check = Instant::now();
         }
         let manual = worker.manual.swap(false, Ordering::SeqCst);
         if manual {
@@ -428,7 +701,7 @@ async fn run_worker(worker: Arc<Worker>, postgres: PgConfig, mut shutdown: watch
                 TableMode::Snapshot { .. } => SyncMode::Snapshot,
                 _ => SyncMode::Auto,
             };
-            execute(&worker, &postgres, mode).await;
+            execute(&worker, &env, mode).await;
             if manual || retry_due {
                 due = next_due(&spec.mode);
             }
@@ -451,6 +724,7 @@ async fn run_worker(worker: Arc<Worker>, postgres: PgConfig, mut shutdown: watch
             _ = worker.wake.notified() => {}
             _ = shutdown.changed() => {}
             _ = stop.changed() => {}
+            _ = owned.changed() => {}
         }
     }
 }
@@ -505,9 +779,20 @@ async fn refresh_head(worker: &Worker, source: &DeltaTable) -> bool {
     }
 }
 
-async fn execute(worker: &Worker, postgres: &PgConfig, mode: SyncMode) {
+async fn execute(worker: &Worker, env: &WorkerEnv, mode: SyncMode) {
     let spec = &worker.spec;
-    let mut req = spec.request(postgres, mode, None, Duration::from_secs(5));
+    let postgres = &env.postgres;
+    let Ok(_permit) = env.runs.clone().acquire_owned().await else { return };
+    // In a fleet the run is fenced by the coordinating session that holds the table.
+    let fenced = match &env.fleet {
+        Some(f) => match f.owner_pid.load(Ordering::SeqCst) {
+            0 => return, // no coordinating session right now: nothing is owned
+            pid => postgres.fenced(pid),
+        },
+        None => postgres.clone(),
+    };
+    let mut cancel = worker.cancel.subscribe();
+    let mut req = spec.request(&fenced, mode, None, Duration::from_secs(5));
     req.progress = worker.progress.clone();
     worker.update(|s| s.running = true);
     let started = Instant::now();
@@ -522,7 +807,16 @@ async fn execute(worker: &Worker, postgres: &PgConfig, mode: SyncMode) {
         sync(&req).await
     });
     let _stop_on_drop = AbortOnDrop(run.abort_handle());
-    let result = match run.await {
+    let joined = tokio::select! {
+        joined = run => joined,
+        _ = cancel.changed() => {
+            // Dropping the task rolls its transaction back; the new owner starts over.
+            tracing::warn!(table = %spec.name, "abandoned the run in flight: this replica no longer owns the table");
+            worker.update(|s| s.running = false);
+            return;
+        }
+    };
+    let result = match joined {
         Ok(result) => result,
         Err(e) => {
             let e = EngineError::Panicked(panic_message(e));

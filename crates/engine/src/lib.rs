@@ -18,6 +18,7 @@ pub mod changes;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod fleet;
 pub mod progress;
 pub mod sync;
 

@@ -81,6 +81,54 @@ impl PgConfig {
         )
     }
 
+    /// The settings a fleet replica connects with: `application_name` is `lakesync/<id>` (how
+    /// other replicas find and end the sessions of a replica whose lease expired) and the
+    /// session setting `lakesync.replica` names the replica in the run history. `replica`
+    /// must be a valid replica id (see [`crate::fleet::valid_replica_id`]).
+    pub fn for_replica(&self, replica: &str) -> Self {
+        let mut out = self.clone();
+        out.config.application_name(format!("lakesync/{replica}"));
+        out.add_option("lakesync.replica", replica);
+        out
+    }
+
+    /// These settings with runs fenced by the coordinating session `owner_pid`: a checkpoint
+    /// commits only while that session holds the table's ownership lock (checked in the
+    /// committing transaction, see [`crate::fleet::check_owner`]).
+    pub fn fenced(&self, owner_pid: i32) -> Self {
+        let mut out = self.clone();
+        out.add_option("lakesync.owner_pid", &owner_pid.to_string());
+        out
+    }
+
+    /// Adds `-c name=value` to the startup options (values here never hold spaces or quotes).
+    fn add_option(&mut self, name: &str, value: &str) {
+        let options = match self.config.get_options() {
+            Some(o) if !o.is_empty() => format!("{o} -c {name}={value}"),
+            _ => format!("-c {name}={value}"),
+        };
+        self.config.options(options);
+    }
+
+    /// The `application_name` sessions use.
+    pub fn application_name(&self) -> Option<&str> {
+        self.config.get_application_name()
+    }
+
+    /// Opens a connection whose `NOTIFY` messages arrive on the returned channel (which
+    /// closes when the connection ends).
+    pub async fn connect_listening(
+        &self,
+    ) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>), PgError> {
+        let err = |source| PgError::Connect { target: self.target(), source };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = match &self.connector {
+            None => drive_listening(self.config.connect(NoTls).await.map_err(err)?, tx),
+            Some(tls) => drive_listening(self.config.connect(tls.clone()).await.map_err(err)?, tx),
+        };
+        Ok((client, rx))
+    }
+
     /// Opens a connection; its I/O runs on a spawned task.
     pub async fn connect(&self) -> Result<Client, PgError> {
         let err = |source| PgError::Connect { target: self.target(), source };
@@ -101,6 +149,34 @@ where
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");
+        }
+    });
+    client
+}
+
+/// Like [`drive`], forwarding notifications to `notifications`.
+fn drive_listening<S, T>(
+    (client, mut connection): (Client, tokio_postgres::Connection<S, T>),
+    notifications: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>,
+) -> Client
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use futures_util::StreamExt;
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    let _ = notifications.send(n);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "postgres connection ended");
+                    break;
+                }
+            }
         }
     });
     client

@@ -45,6 +45,13 @@ pub enum PgError {
     /// past the advisory lock); this run's transaction was rolled back.
     #[error("table {table}: another lakesync run moved its synced version from {} to {} while this run was applying up to version {version}; this run's changes were rolled back", show_version(*expected), show_version(*found))]
     Conflict { table: String, expected: Option<Version>, found: Option<Version>, version: Version },
+    /// The replica running this sync no longer owns the table (its coordinating session
+    /// ended or handed the table over); nothing was committed.
+    #[error("table {table}: this replica no longer owns it (its coordinating Postgres session ended or handed it over); nothing was committed, the owner syncs it")]
+    NotOwner { table: String },
+    /// This replica's id is in use by another live session.
+    #[error("replica id {replica:?} is in use by another live lakesync session; give each replica its own id (LAKESYNC_REPLICA_ID or [fleet] replica_id)")]
+    ReplicaIdInUse { replica: String },
     /// Applying the change feed would leave a different row count than the source holds.
     #[error("table {table}: after applying the change data feed up to version {version} it would hold {postgres_rows} rows, but the Delta table holds {source_rows}; nothing was committed")]
     Drift { table: String, version: Version, postgres_rows: u64, source_rows: u64 },
@@ -132,7 +139,8 @@ impl Classify for PgError {
             PgError::Connect { .. } => ErrorClass::Transient,
             PgError::Query { error, .. } => classify_db(error),
             PgError::DuplicateKey { .. } | PgError::NullKey { .. } | PgError::Value { .. } => ErrorClass::Data,
-            PgError::Locked { .. } | PgError::Conflict { .. } => ErrorClass::Busy,
+            PgError::Locked { .. } | PgError::Conflict { .. } | PgError::NotOwner { .. } => ErrorClass::Busy,
+            PgError::ReplicaIdInUse { .. } => ErrorClass::Transient,
             PgError::NotOwned { .. } => ErrorClass::Config,
             PgError::Mismatch { .. } | PgError::Drift { .. } => ErrorClass::Schema,
             PgError::Cluster(_) => ErrorClass::Config,

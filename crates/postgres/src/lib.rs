@@ -19,6 +19,7 @@ pub mod connect;
 pub mod copy;
 pub mod ddl;
 pub mod error;
+pub mod fleet;
 pub mod json;
 pub mod pool;
 pub mod rows;

@@ -66,14 +66,36 @@ ALTER TABLE lakesync.runs
     ADD COLUMN IF NOT EXISTS rows_updated bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS rows_deleted bigint NOT NULL DEFAULT 0,
     ADD COLUMN IF NOT EXISTS outcome text NOT NULL,
-    ADD COLUMN IF NOT EXISTS error text;
+    ADD COLUMN IF NOT EXISTS error text,
+    ADD COLUMN IF NOT EXISTS replica text;
+CREATE TABLE IF NOT EXISTS lakesync.registry (
+    kind text NOT NULL,
+    name text NOT NULL,
+    PRIMARY KEY (kind, name)
+);
+ALTER TABLE lakesync.registry
+    ADD COLUMN IF NOT EXISTS spec jsonb NOT NULL,
+    ADD COLUMN IF NOT EXISTS origin text NOT NULL,
+    ADD COLUMN IF NOT EXISTS owner_key text NOT NULL,
+    ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN IF NOT EXISTS updated_at timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN IF NOT EXISTS removed_at timestamptz;
+CREATE TABLE IF NOT EXISTS lakesync.replicas (
+    replica_id text PRIMARY KEY
+);
+ALTER TABLE lakesync.replicas
+    ADD COLUMN IF NOT EXISTS pid integer NOT NULL,
+    ADD COLUMN IF NOT EXISTS address text,
+    ADD COLUMN IF NOT EXISTS build text,
+    ADD COLUMN IF NOT EXISTS started_at timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN IF NOT EXISTS heartbeat_at timestamptz NOT NULL DEFAULT now();
 CREATE INDEX IF NOT EXISTS runs_by_table ON lakesync.runs (target_schema, target_table, run_id DESC);
 "#;
 
 /// Marks state created (or brought up to date) by this build's [`STATE_DDL`] (a comment on
 /// `lakesync.synced_tables`); change it whenever the DDL changes, so existing state gets the
 /// new columns.
-const STATE_MARK: &str = "lakesync state v4";
+const STATE_MARK: &str = "lakesync state v5";
 
 /// Creates the state schema if needed. Serialized by a transaction-level advisory lock so
 /// concurrent first runs do not race on `CREATE ... IF NOT EXISTS`.
@@ -380,8 +402,8 @@ pub async fn start_run(
 ) -> Result<i64, PgError> {
     let row = client
         .query_one(
-            "INSERT INTO lakesync.runs (target_schema, target_table, mode, reason, from_version, to_version, outcome) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'running') RETURNING run_id",
+            "INSERT INTO lakesync.runs (target_schema, target_table, mode, reason, from_version, to_version, outcome, replica) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'running', nullif(current_setting('lakesync.replica', true), '')) RETURNING run_id",
             &[&table.schema, &table.name, &mode.as_str(), &reason, &from.map(|v| v as i64), &(to as i64)],
         )
         .await
@@ -410,6 +432,7 @@ pub async fn commit_checkpoint(
     total_rows: Option<u64>,
     final_chunk: bool,
 ) -> Result<Option<u64>, PgError> {
+    crate::fleet::check_owner(tx, table).await?;
     let err = PgError::query(table, "record the synced version");
     let (ins, upd, del) = (counts.inserted as i64, counts.updated as i64, counts.deleted as i64);
     let row = tx
@@ -584,6 +607,8 @@ pub struct RunRecord {
     pub duration_seconds: Option<f64>,
     /// Error text of a failed run.
     pub error: Option<String>,
+    /// The replica that ran it (`lakesync serve` in a fleet; `None` for other runs).
+    pub replica: Option<String>,
 }
 
 /// Whether the state tables exist (lakesync ran against this database before).
@@ -617,7 +642,7 @@ async fn status_where(client: &Client, only: Option<&TableName>) -> Result<Vec<T
              s.rows_inserted, s.rows_updated, s.rows_deleted, \
              r.run_id, r.mode, r.reason, r.outcome, r.from_version, r.to_version, r.rows_inserted, r.rows_updated, r.rows_deleted, \
              to_char(r.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
-             extract(epoch FROM r.ended_at - r.started_at)::float8, r.error, s.table_oid, s.options \
+             extract(epoch FROM r.ended_at - r.started_at)::float8, r.error, s.table_oid, s.options, to_jsonb(r)->>'replica' \
              FROM lakesync.synced_tables s LEFT JOIN LATERAL ( \
                SELECT * FROM lakesync.runs r WHERE r.target_schema = s.target_schema AND r.target_table = s.target_table \
                ORDER BY run_id DESC LIMIT 1) r ON true \
@@ -655,6 +680,7 @@ async fn status_where(client: &Client, only: Option<&TableName>) -> Result<Vec<T
                     started_at: r.get(20),
                     duration_seconds: r.get(21),
                     error: r.get(22),
+                    replica: r.get(25),
                 }),
             }
         })
@@ -670,7 +696,7 @@ pub async fn runs(client: &Client, table: &TableName, limit: i64) -> Result<Vec<
         .query(
             "SELECT run_id, mode, reason, outcome, from_version, to_version, rows_inserted, rows_updated, rows_deleted, \
              to_char(started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
-             extract(epoch FROM ended_at - started_at)::float8, error \
+             extract(epoch FROM ended_at - started_at)::float8, error, to_jsonb(runs)->>'replica' \
              FROM lakesync.runs WHERE target_schema = $1 AND target_table = $2 ORDER BY run_id DESC LIMIT $3",
             &[&table.schema, &table.name, &limit],
         )
@@ -693,6 +719,7 @@ pub async fn runs(client: &Client, table: &TableName, limit: i64) -> Result<Vec<
             started_at: r.get(9),
             duration_seconds: r.get(10),
             error: r.get(11),
+            replica: r.get(12),
         })
         .collect())
 }

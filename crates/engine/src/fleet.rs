@@ -1,0 +1,473 @@
+//! A fleet of `lakesync serve` replicas on one Postgres: the registry of synced tables and
+//! ingests lives in schema `lakesync`, and each replica's coordinator spreads its entries
+//! over the live replicas.
+//!
+//! Every heartbeat the coordinator, on its own session:
+//! 1. renews this replica's heartbeat (a replica that cannot within half a lease stops every
+//!    table at once: it must have stopped before the others may take over);
+//! 2. ends the sessions of replicas whose heartbeat is older than the lease (hung, or cut
+//!    off without their sessions ending), which frees their ownership locks;
+//! 3. reads the registry with who holds what, brings the daemon's tables and ingests in line
+//!    with it, and runs [`lakesync_core::fleet::plan`]: release what is beyond this replica's
+//!    quota (after its run in flight), claim free entries up to it.
+//!
+//! Ownership is the session advisory lock of [`lakesync_postgres::fleet`]; runs are fenced
+//! by it. `NOTIFY` wakes the coordinators early (a registry change, a replica leaving) and
+//! routes `POST .../sync` to the owner.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lakesync_core::Version;
+use lakesync_postgres::fleet::{self as registry, Coordinator, Entry, FilePolicy, Holder, Kind, Origin};
+use lakesync_postgres::{PgConfig, PgError};
+use tokio::sync::watch;
+
+use crate::config::{ConfigError, FleetConfig, IngestConfig, TableConfig, TableSpec};
+use crate::daemon::{Daemon, DaemonError, FleetMember};
+use crate::EngineError;
+
+/// Where this replica's API listens, recorded for operators (`lakesync.replicas.address`).
+#[derive(Debug, Clone, Default)]
+pub struct JoinOptions {
+    /// The API address.
+    pub address: Option<String>,
+}
+
+/// The registry entry of a synced table.
+pub fn table_entry(spec: &TableSpec) -> Entry {
+    Entry {
+        kind: Kind::Table,
+        name: spec.name.clone(),
+        spec: serde_json::to_value(&spec.config).expect("a table config serializes"),
+        owner_key: registry::table_owner_key(&spec.target),
+    }
+}
+
+/// The registry entry of an ingest.
+pub fn ingest_entry(config: &IngestConfig, name: &str) -> Entry {
+    Entry {
+        kind: Kind::Ingest,
+        name: name.to_string(),
+        spec: serde_json::to_value(config).expect("an ingest config serializes"),
+        owner_key: registry::ingest_owner_key(name),
+    }
+}
+
+/// Makes `daemon` a replica of the fleet on its Postgres: records the config file's tables and
+/// ingests in the registry (as `fleet.file_policy` says) and starts the coordinator, which
+/// adds every registered table and ingest to the daemon and claims this replica's share.
+pub async fn join(
+    daemon: &Arc<Daemon>,
+    fleet: &FleetConfig,
+    tables: &[TableSpec],
+    ingests: &[(IngestConfig, String)],
+    options: JoinOptions,
+) -> Result<(), EngineError> {
+    let member = Arc::new(FleetMember {
+        replica: fleet.replica_id.clone(),
+        owner_pid: AtomicI32::new(0),
+        ready: AtomicBool::new(false),
+        leave: watch::channel(false).0,
+        task: Mutex::new(None),
+    });
+    if daemon.fleet.set(member.clone()).is_err() {
+        return Err(EngineError::Internal("the daemon joined a fleet twice".into()));
+    }
+    let config = daemon.session_config();
+    let mut client = config.connect().await?;
+    let table_entries: Vec<Entry> = tables.iter().map(table_entry).collect();
+    let ingest_entries: Vec<Entry> = ingests.iter().map(|(c, name)| ingest_entry(c, name)).collect();
+    let mut changed = registry::reconcile(&mut client, Kind::Table, &table_entries, fleet.file_policy).await?;
+    changed |= registry::reconcile(&mut client, Kind::Ingest, &ingest_entries, fleet.file_policy).await?;
+    if changed {
+        registry::notify(&client, "registry").await?;
+    }
+    tracing::info!(
+        replica = %fleet.replica_id,
+        lease = ?fleet.lease,
+        on_conflict = match fleet.file_policy { FilePolicy::FileWins => "file", FilePolicy::RegistryWins => "registry" },
+        "joining the fleet"
+    );
+    let coordinator = Coordinate {
+        daemon: Arc::downgrade(daemon),
+        member: member.clone(),
+        config,
+        settings: fleet.clone(),
+        address: options.address,
+        session: None,
+        last_renewed: Instant::now(),
+        held: BTreeSet::new(),
+        refused: BTreeSet::new(),
+    };
+    let task = tokio::spawn(coordinator.run());
+    *member.task.lock().expect("fleet task") = Some(task);
+    Ok(())
+}
+
+/// Adds a synced table through the API: in a fleet it is recorded in the registry (so every
+/// replica runs it and it survives restarts) and this replica shows it at once.
+pub async fn register(daemon: &Arc<Daemon>, spec: TableSpec) -> Result<Arc<crate::Worker>, DaemonError> {
+    if daemon.fleet().is_some() {
+        let mut client = daemon.session_config().connect().await.map_err(EngineError::from)?;
+        let entry = table_entry(&spec);
+        // Check locally first (name and target unique), then claim the name in the registry.
+        let worker = daemon.add(spec)?;
+        match registry::put(&mut client, &entry, Origin::Api).await {
+            Ok(true) => {}
+            Ok(false) => {
+                daemon.forget_local(&entry.name).await;
+                return Err(ConfigError::Invalid {
+                    scope: format!("table {}", entry.name),
+                    message: "the name is used by another synced table in the fleet's registry".into(),
+                }
+                .into());
+            }
+            Err(e) => {
+                daemon.forget_local(&entry.name).await;
+                return Err(EngineError::from(e).into());
+            }
+        }
+        registry::notify(&client, "registry").await.map_err(EngineError::from)?;
+        return Ok(worker);
+    }
+    daemon.add(spec)
+}
+
+/// Removes a table from the registry (in a fleet) so that no replica syncs it any more.
+pub(crate) async fn deregister(daemon: &Daemon, name: &str) -> Result<(), DaemonError> {
+    if daemon.fleet().is_none() {
+        return Ok(());
+    }
+    let client = daemon.session_config().connect().await.map_err(EngineError::from)?;
+    registry::remove(&client, Kind::Table, name).await.map_err(EngineError::from)?;
+    registry::notify(&client, "registry").await.map_err(EngineError::from)?;
+    Ok(())
+}
+
+/// Asks whichever replica owns table `name` for a run.
+pub(crate) async fn request_sync(daemon: &Daemon, name: &str) -> Result<(), PgError> {
+    let client = daemon.session_config().connect().await?;
+    registry::notify(&client, &format!("sync:{name}")).await
+}
+
+/// The coordinator's state.
+struct Coordinate {
+    daemon: std::sync::Weak<Daemon>,
+    member: Arc<FleetMember>,
+    config: PgConfig,
+    settings: FleetConfig,
+    address: Option<String>,
+    session: Option<Coordinator>,
+    /// When the heartbeat was last renewed.
+    last_renewed: Instant,
+    /// Ownership keys this session holds.
+    held: BTreeSet<String>,
+    /// Registry entries this replica cannot run (invalid here), logged once.
+    refused: BTreeSet<(Kind, String)>,
+}
+
+/// What a tick read from Postgres.
+struct View {
+    live: Vec<String>,
+    items: Vec<registry::Item>,
+    synced: BTreeMap<String, Option<Version>>,
+}
+
+impl Coordinate {
+    async fn run(mut self) {
+        let mut leave = self.member.leave.subscribe();
+        loop {
+            if *leave.borrow() {
+                break;
+            }
+            self.tick().await;
+            let wait = self.settings.heartbeat;
+            let woke = async {
+                match self.session.as_mut() {
+                    Some(s) => s.notifications().recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = leave.changed() => {}
+                n = woke => match n {
+                    Some(n) => self.on_notification(n.payload()).await,
+                    // The session ended: the next tick notices and reconnects.
+                    None => {}
+                },
+            }
+        }
+        if let Some(session) = self.session.take() {
+            match tokio::time::timeout(Duration::from_secs(5), session.leave()).await {
+                Ok(Ok(())) => tracing::info!(replica = %self.member.replica, "left the fleet; the other replicas take over"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not leave the fleet cleanly; the others take over when the session ends"),
+                Err(_) => tracing::warn!("leaving the fleet timed out; the others take over when the session ends"),
+            }
+        }
+    }
+
+    async fn on_notification(&mut self, payload: &str) {
+        let Some(daemon) = self.daemon.upgrade() else { return };
+        if let Some(name) = payload.strip_prefix("sync:") {
+            if daemon.table(name).is_some_and(|w| w.owned()) {
+                daemon.sync_now(name);
+            }
+        } else {
+            // A registry change or a replica leaving: rebalance now, not at the next beat.
+            self.tick().await;
+        }
+    }
+
+    /// Fences this replica: its session (and with it every lock) is gone or unusable.
+    fn lose_everything(&mut self, daemon: &Daemon, why: &str) {
+        if self.session.take().is_some() || !self.held.is_empty() {
+            tracing::warn!(replica = %self.member.replica, why, "lost the coordinating session; stopped every table until it reconnects");
+        }
+        self.member.owner_pid.store(0, Ordering::SeqCst);
+        self.held.clear();
+        daemon.fence_all();
+    }
+
+    async fn tick(&mut self) {
+        let Some(daemon) = self.daemon.upgrade() else { return };
+        if daemon.is_shutting_down() {
+            return;
+        }
+        // Every statement of a tick must finish well within the lease: past half of it this
+        // replica stops, and the others take over only after all of it.
+        let budget = self.settings.lease / 4;
+        if self.session.as_ref().is_none_or(|s| s.is_closed()) {
+            if self.session.is_some() {
+                self.lose_everything(&daemon, "the session closed");
+            }
+            match tokio::time::timeout(budget, Coordinator::connect(&self.config, &self.member.replica)).await {
+                Ok(Ok(s)) => {
+                    self.member.owner_pid.store(s.pid(), Ordering::SeqCst);
+                    self.session = Some(s);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot reach Postgres to coordinate; retrying");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!("connecting to Postgres to coordinate timed out; retrying");
+                    return;
+                }
+            }
+        }
+        let view = tokio::time::timeout(budget, self.read_view()).await;
+        let view = match view {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                if matches!(e, PgError::ReplicaIdInUse { .. }) {
+                    tracing::error!(error = %e, "cannot join the fleet");
+                    self.lose_everything(&daemon, "the replica id is in use");
+                    return;
+                }
+                tracing::warn!(error = %e, "coordinating with the fleet failed");
+                if self.last_renewed.elapsed() > self.settings.lease / 2 {
+                    self.lose_everything(&daemon, "the heartbeat could not be renewed within half a lease");
+                } else if self.session.as_ref().is_some_and(|s| s.is_closed()) {
+                    self.lose_everything(&daemon, "the session closed");
+                }
+                return;
+            }
+            Err(_) => {
+                tracing::warn!("coordinating with the fleet timed out");
+                if self.last_renewed.elapsed() > self.settings.lease / 2 {
+                    self.lose_everything(&daemon, "the heartbeat could not be renewed within half a lease");
+                }
+                return;
+            }
+        };
+        if let Err(e) = tokio::time::timeout(budget, self.apply(&daemon, view)).await.unwrap_or(Ok(())) {
+            tracing::warn!(error = %e, "rebalancing failed; retrying at the next heartbeat");
+        }
+        self.member.ready.store(true, Ordering::SeqCst);
+    }
+
+    async fn read_view(&mut self) -> Result<View, PgError> {
+        let session = self.session.as_ref().expect("connected");
+        session.heartbeat(self.address.as_deref()).await?;
+        self.last_renewed = Instant::now();
+        for gone in session.end_expired(self.settings.lease).await? {
+            tracing::warn!(replica = %gone, "ended the sessions of a replica whose lease expired; taking over its tables");
+        }
+        let live = session.live(self.settings.lease).await?;
+        let items = session.items().await?;
+        let synced = session.synced_versions().await?.into_iter().map(|(t, v)| (t.to_string(), v)).collect();
+        Ok(View { live, items, synced })
+    }
+
+    /// Brings the daemon in line with the registry, then releases and claims.
+    async fn apply(&mut self, daemon: &Arc<Daemon>, view: View) -> Result<(), PgError> {
+        let me = self.member.replica.clone();
+        let wait = self.settings.lease / 4;
+        // Entries this replica can run (valid here); the others it neither claims nor shows.
+        let mut runnable: Vec<(String, Option<String>)> = Vec::new();
+        let mut registered_tables = BTreeSet::new();
+        let mut registered_ingests = BTreeSet::new();
+        for item in &view.items {
+            let e = &item.entry;
+            let ok = match e.kind {
+                Kind::Table => {
+                    registered_tables.insert(e.name.clone());
+                    self.ensure_table(daemon, e).await
+                }
+                Kind::Ingest => {
+                    registered_ingests.insert(e.name.clone());
+                    self.ensure_ingest(daemon, e).await
+                }
+            };
+            if ok {
+                let holder = match &item.holder {
+                    Holder::Free => None,
+                    Holder::Replica(id) => Some(id.clone()),
+                    Holder::Unknown => Some(String::from("?")),
+                };
+                runnable.push((e.owner_key.clone(), holder));
+            }
+        }
+        // Entries removed from the registry stop here (the owner releases their locks below).
+        for w in daemon.tables() {
+            if !registered_tables.contains(&w.spec.name) {
+                if w.owned() {
+                    daemon.disown(&w, wait).await;
+                }
+                daemon.forget_local(&w.spec.name).await;
+            }
+        }
+        for w in daemon.ingests() {
+            if !registered_ingests.contains(&w.spec.name) {
+                daemon.remove_ingest(&w.spec.name).await;
+            }
+        }
+        let session = self.session.as_ref().expect("connected");
+        // Locks this session holds for entries that are gone or that it no longer runs.
+        let keys: BTreeSet<&String> = runnable.iter().map(|(k, _)| k).collect();
+        for key in self.held.clone() {
+            if !keys.contains(&key) {
+                session.release(&key).await?;
+                self.held.remove(&key);
+            }
+        }
+        // What the view says this replica holds is what the daemon runs: a claim that
+        // failed half-way or a lost session must not leave them apart.
+        for (key, holder) in &runnable {
+            let mine = holder.as_deref() == Some(me.as_str());
+            if mine {
+                self.held.insert(key.clone());
+                self.own(daemon, key);
+            } else if self.held.contains(key) {
+                self.held.remove(key);
+            }
+        }
+        for w in daemon.tables() {
+            if w.owned() && !self.held.contains(&w.owner_key) {
+                daemon.disown(&w, wait).await;
+            }
+        }
+        let moves = lakesync_core::fleet::plan(&me, &view.live, &runnable);
+        for key in &moves.release {
+            if let Some(w) = daemon.table_by_key(key) {
+                daemon.disown(&w, wait).await;
+            } else {
+                daemon.disown_ingest(key, wait).await;
+            }
+            session.release(key).await?;
+            self.held.remove(key);
+            tracing::info!(replica = %me, item = %key, "handed over");
+        }
+        let mut owners: BTreeMap<String, Option<String>> =
+            runnable.iter().map(|(k, h)| (k.clone(), h.clone().filter(|h| h != "?"))).collect();
+        for (k, _) in runnable.iter().filter(|(k, _)| moves.release.contains(k)) {
+            owners.insert(k.clone(), None);
+        }
+        let mut got = 0;
+        for key in &moves.candidates {
+            if got == moves.want {
+                break;
+            }
+            if session.claim(key).await? {
+                got += 1;
+                self.held.insert(key.clone());
+                self.own(daemon, key);
+                owners.insert(key.clone(), Some(me.clone()));
+                tracing::info!(replica = %me, item = %key, "took over");
+            }
+        }
+        daemon.observe(&owners, &view.synced);
+        Ok(())
+    }
+
+    fn own(&self, daemon: &Daemon, key: &str) {
+        match daemon.table_by_key(key) {
+            Some(w) if !w.owned() => daemon.own(&w),
+            Some(_) => {}
+            None => daemon.own_ingest(key),
+        }
+    }
+
+    /// Makes sure the daemon runs registry table `e` with its registered spec; `false` when
+    /// this replica cannot (the spec is invalid here, say an environment variable it names is
+    /// missing).
+    async fn ensure_table(&mut self, daemon: &Arc<Daemon>, e: &Entry) -> bool {
+        let config: TableConfig = match serde_json::from_value(e.spec.clone()) {
+            Ok(c) => c,
+            Err(err) => return self.refuse(e, &err.to_string()),
+        };
+        if let Some(w) = daemon.table(&e.name) {
+            if w.spec.config == config {
+                return true;
+            }
+            // The spec changed (another replica started with a different file): restart it.
+            if w.owned() {
+                daemon.disown(&w, self.settings.lease / 4).await;
+            }
+            daemon.forget_local(&e.name).await;
+        }
+        let spec = match config.validate() {
+            Ok(s) => s,
+            Err(err) => return self.refuse(e, &err.to_string()),
+        };
+        match daemon.add(spec) {
+            Ok(_) => {
+                self.refused.remove(&(e.kind, e.name.clone()));
+                true
+            }
+            Err(err) => self.refuse(e, &err.to_string()),
+        }
+    }
+
+    async fn ensure_ingest(&mut self, daemon: &Arc<Daemon>, e: &Entry) -> bool {
+        let config: IngestConfig = match serde_json::from_value(e.spec.clone()) {
+            Ok(c) => c,
+            Err(err) => return self.refuse(e, &err.to_string()),
+        };
+        if let Some(w) = daemon.ingests().into_iter().find(|w| w.spec.name == e.name) {
+            if w.config.as_ref() == Some(&e.spec) {
+                return true;
+            }
+            daemon.remove_ingest(&e.name).await;
+        }
+        let spec = match config.validate_with(&|name| std::env::var(name).ok()) {
+            Ok(s) => s,
+            Err(err) => return self.refuse(e, &err.to_string()),
+        };
+        match daemon.add_ingest_with(spec, Some(e.spec.clone())) {
+            Ok(_) => true,
+            Err(err) => self.refuse(e, &err.to_string()),
+        }
+    }
+
+    fn refuse(&mut self, e: &Entry, why: &str) -> bool {
+        if self.refused.insert((e.kind, e.name.clone())) {
+            tracing::error!(kind = e.kind.as_str(), name = %e.name, error = why, "this replica cannot run a registered entry; the others may");
+        }
+        false
+    }
+}
