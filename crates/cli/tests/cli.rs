@@ -9,6 +9,7 @@ use std::process::{Command, Output, Stdio};
 use serde_json::json;
 use support::{PyDelta, TestDb};
 
+mod fleet;
 mod serve;
 
 fn lakesync(db: &TestDb, args: &[&str]) -> Output {

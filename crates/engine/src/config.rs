@@ -163,7 +163,9 @@ impl FleetSection {
         let file_policy = match self.on_conflict.as_deref() {
             None | Some("file") => lakesync_postgres::fleet::FilePolicy::FileWins,
             Some("registry") => lakesync_postgres::fleet::FilePolicy::RegistryWins,
-            Some(other) => return Err(invalid(scope, format!("on_conflict {other:?}: expected \"file\" or \"registry\""))),
+            Some(other) => {
+                return Err(invalid(scope, format!("on_conflict {other:?}: expected \"file\" or \"registry\"")))
+            }
         };
         let max_concurrent_runs = self.max_concurrent_runs.unwrap_or(crate::daemon::DEFAULT_MAX_CONCURRENT_RUNS);
         if !(1..=1024).contains(&max_concurrent_runs) {

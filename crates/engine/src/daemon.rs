@@ -579,7 +579,11 @@ impl Daemon {
 
     /// Records the owner of every table and ingest, and the synced version of the tables this
     /// process does not run (from the fleet's view).
-    pub(crate) fn observe(&self, owners: &BTreeMap<String, Option<String>>, synced: &BTreeMap<String, Option<Version>>) {
+    pub(crate) fn observe(
+        &self,
+        owners: &BTreeMap<String, Option<String>>,
+        synced: &BTreeMap<String, Option<Version>>,
+    ) {
         for w in self.tables() {
             let owner = owners.get(&w.owner_key).cloned().flatten();
             let version = synced.get(&w.spec.target.to_string()).copied().flatten();

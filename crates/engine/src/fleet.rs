@@ -203,8 +203,12 @@ impl Coordinate {
         }
         if let Some(session) = self.session.take() {
             match tokio::time::timeout(Duration::from_secs(5), session.leave()).await {
-                Ok(Ok(())) => tracing::info!(replica = %self.member.replica, "left the fleet; the other replicas take over"),
-                Ok(Err(e)) => tracing::warn!(error = %e, "could not leave the fleet cleanly; the others take over when the session ends"),
+                Ok(Ok(())) => {
+                    tracing::info!(replica = %self.member.replica, "left the fleet; the other replicas take over")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not leave the fleet cleanly; the others take over when the session ends")
+                }
                 Err(_) => tracing::warn!("leaving the fleet timed out; the others take over when the session ends"),
             }
         }

@@ -235,7 +235,7 @@ pub async fn check_owner(tx: &impl GenericClient, table: &TableName) -> Result<(
         .query_one(
             "SELECT CASE WHEN coalesce(current_setting('lakesync.owner_pid', true), '') = '' THEN true \
              ELSE EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-               AND l.pid = current_setting('lakesync.owner_pid')::int \
+               AND l.pid = nullif(current_setting('lakesync.owner_pid', true), '')::int \
                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                AND l.classid = ((k.k >> 32) & 4294967295)::oid AND l.objid = (k.k & 4294967295)::oid) END \
              FROM (SELECT hashtextextended($1, 0) AS k) k",
@@ -311,6 +311,8 @@ impl Coordinator {
 
     /// Ends every session of the other replicas whose heartbeat is older than `lease` (they
     /// are hung or cut off), which releases their locks; forgets replicas gone for an hour.
+    /// Only sessions opened before that last heartbeat are ended: a replica restarting under
+    /// the same id is not mistaken for its hung predecessor.
     /// Returns the replicas whose sessions were ended.
     pub async fn end_expired(&self, lease: Duration) -> Result<Vec<String>, PgError> {
         let rows = self
@@ -318,7 +320,7 @@ impl Coordinator {
             .query(
                 "SELECT DISTINCT r.replica_id, pg_terminate_backend(a.pid) FROM lakesync.replicas r \
                  JOIN pg_stat_activity a ON a.application_name = 'lakesync/' || r.replica_id \
-                   AND a.datname = current_database() \
+                   AND a.datname = current_database() AND a.backend_start < r.heartbeat_at \
                  WHERE r.replica_id <> $1 AND r.heartbeat_at < clock_timestamp() - make_interval(secs => $2)",
                 &[&self.replica, &lease.as_secs_f64()],
             )
@@ -390,9 +392,7 @@ impl Coordinator {
             .map_err(q("read the synced versions"))?;
         Ok(rows
             .into_iter()
-            .map(|r| {
-                (TableName { schema: r.get(0), name: r.get(1) }, r.get::<_, Option<i64>>(2).map(|v| v as Version))
-            })
+            .map(|r| (TableName { schema: r.get(0), name: r.get(1) }, r.get::<_, Option<i64>>(2).map(|v| v as Version)))
             .collect())
     }
 

@@ -1,0 +1,416 @@
+//! A fleet of `lakesync serve` replicas, run as operators would: real processes on one
+//! Postgres, killed, restarted and cut off from Postgres while writers keep committing.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lakesync_delta::sample::{customer_schema, customers};
+use lakesync_delta::write::DeltaWriter;
+use serde_json::Value;
+
+use crate::serve::http;
+use crate::support::TestDb;
+
+const TABLES: usize = 12;
+
+/// One `lakesync serve` replica.
+struct Replica {
+    id: String,
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Replica {
+    fn start(id: &str, conn: &str, config: &Path, dir: &Path) -> Self {
+        let log = dir.join(format!("{id}.log"));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lakesync"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("LAKESYNC_POSTGRES", conn)
+            .env("LAKESYNC_REPLICA_ID", id)
+            .env("LAKESYNC_LOG", "warn,lakesync_engine=info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        let addr = first
+            .split("://")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{id}: no address in {first:?}: {}", std::fs::read_to_string(&log).unwrap()))
+            .to_string();
+        Self { id: id.into(), child, addr, log }
+    }
+
+    fn tables(&self) -> Vec<Value> {
+        let r = http(&self.addr, "GET", "/api/v1/synced-tables", None, None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["synced_tables"].as_array().unwrap().clone()
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP proxy to Postgres that can be frozen: it stops forwarding but keeps every
+/// connection open, as a network partition does (Postgres sees the sessions alive).
+struct Proxy {
+    port: u16,
+    frozen: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn start(upstream: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let f = frozen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                for (from, to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                    let frozen = f.clone();
+                    std::thread::spawn(move || pipe(from, to, &frozen));
+                }
+            }
+        });
+        Self { port, frozen }
+    }
+}
+
+fn pipe(mut from: TcpStream, mut to: TcpStream, frozen: &AtomicBool) {
+    from.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut buf = [0u8; 16384];
+    loop {
+        if frozen.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// The Delta tables and a writer committing to them.
+struct Lake {
+    tables: Vec<(PathBuf, DeltaWriter)>,
+    /// Per table: newest version and the data files still in it, oldest first.
+    state: Mutex<Vec<(u64, Vec<String>, u64)>>,
+}
+
+impl Lake {
+    fn create(dir: &Path) -> Self {
+        let mut tables = Vec::new();
+        let mut state = Vec::new();
+        for i in 0..TABLES {
+            let path = dir.join(format!("t{i:02}"));
+            let w = DeltaWriter::create(&path, &customer_schema(), &[("delta.enableChangeDataFeed", "true")]).unwrap();
+            let (v, files) = w.append_files([customers(0..50, 0)]).unwrap();
+            tables.push((path, w));
+            state.push((v, files, 50));
+        }
+        Self { tables, state: Mutex::new(state) }
+    }
+
+    /// One commit to table `i`: mostly inserts, every fourth a delete of its oldest file.
+    fn commit(&self, i: usize, n: u64) {
+        let mut state = self.state.lock().unwrap();
+        let (version, files, next) = &mut state[i];
+        let w = &self.tables[i].1;
+        if n % 4 == 3 && files.len() > 1 {
+            let gone = files.remove(0);
+            *version = w.remove_files(|p| p == gone).unwrap();
+        } else {
+            let (v, added) = w.append_files([customers(*next..*next + 20, 0)]).unwrap();
+            *next += 20;
+            *version = v;
+            files.extend(added);
+        }
+    }
+
+    fn heads(&self) -> Vec<u64> {
+        self.state.lock().unwrap().iter().map(|s| s.0).collect()
+    }
+}
+
+/// Writers commit to random tables until paused.
+struct Writers {
+    run: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Writers {
+    fn start(lake: Arc<Lake>) -> Self {
+        let run = Arc::new(AtomicBool::new(true));
+        let paused = Arc::new(AtomicBool::new(false));
+        let (r, p) = (run.clone(), paused.clone());
+        let handle = std::thread::spawn(move || {
+            let (_, mut next) = crate::support::seeded_rng("fleet writers");
+            let mut n = 0;
+            while r.load(Ordering::SeqCst) {
+                if !p.load(Ordering::SeqCst) {
+                    lake.commit(next(TABLES as u64) as usize, n);
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            n
+        });
+        Self { run, paused, handle: Some(handle) }
+    }
+
+    fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100)); // a commit in progress lands
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+
+    fn stop(mut self) -> u64 {
+        self.run.store(false, Ordering::SeqCst);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, logs: &[&Replica], mut ok: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !ok() {
+        if start.elapsed() > timeout {
+            let logs: Vec<String> = logs
+                .iter()
+                .map(|r| format!("--- {} ---\n{}", r.id, std::fs::read_to_string(&r.log).unwrap_or_default()))
+                .collect();
+            panic!("timed out waiting for {what}\n{}", logs.join("\n"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// Owner of every table as `observer` sees it.
+fn owners(observer: &Replica) -> BTreeMap<String, Option<String>> {
+    observer
+        .tables()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap().to_string(), t["owner"].as_str().map(str::to_string)))
+        .collect()
+}
+
+fn synced_versions(db: &TestDb) -> Vec<u64> {
+    (0..TABLES)
+        .map(|i| {
+            db.value(&format!(
+                "SELECT coalesce(max(synced_version), -1) FROM lakesync.synced_tables \
+                 WHERE target_schema = 'fleet' AND target_table = 't{i:02}'"
+            ))
+            .parse::<i64>()
+            .unwrap() as u64
+        })
+        .collect()
+}
+
+/// Pauses the writers, waits until every table caught up and checks each against its Delta
+/// table at its synced version.
+fn check_in_sync(step: &str, db: &TestDb, lake: &Lake, writers: &Writers, logs: &[&Replica]) {
+    writers.pause();
+    let heads = lake.heads();
+    wait_for(&format!("{step}: every table to catch up"), Duration::from_secs(60), logs, || {
+        synced_versions(db) == heads
+    });
+    for (i, (path, _)) in lake.tables.iter().enumerate() {
+        db.assert_matches_snapshot(path, &format!("fleet.t{i:02}"), "customer_id", heads[i]);
+    }
+    writers.resume();
+}
+
+fn counts(owners: &BTreeMap<String, Option<String>>) -> BTreeMap<String, usize> {
+    let mut c = BTreeMap::new();
+    for o in owners.values().flatten() {
+        *c.entry(o.clone()).or_insert(0) += 1;
+    }
+    c
+}
+
+/// Every table is owned by one of `ids`, and each of them owns its fair share (±1).
+fn balanced(owners: &BTreeMap<String, Option<String>>, ids: &[&str]) -> bool {
+    let c = counts(owners);
+    owners.values().all(|o| o.as_deref().is_some_and(|o| ids.contains(&o)))
+        && ids.iter().all(|id| c.get(*id).copied().unwrap_or(0) >= TABLES / ids.len())
+}
+
+/// The fleet's contract under faults: 3 replicas, 12 continuous tables, writers committing
+/// throughout. Two replicas are SIGKILLed one after the other and restarted, then a third is
+/// cut off from Postgres by a frozen proxy (its sessions stay open). After every step each
+/// table equals its Delta table at its synced version; synced versions never go back; no two
+/// replicas ever apply to one table at once (from the run history each replica records);
+/// takeover after a kill is within 10 s; and the cut-off replica stopped applying before
+/// another took its tables over.
+#[test]
+fn a_fleet_of_three_keeps_every_table_in_sync_through_kills_restarts_and_a_cut_connection() {
+    let db = TestDb::new("cli_fleet");
+    db.execute("CREATE SCHEMA fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Arc::new(Lake::create(dir.path()));
+    let mut config = String::from(
+        "[api]\nlisten = \"127.0.0.1:0\"\n\n[fleet]\nlease = \"3s\"\nheartbeat = \"250ms\"\nmax_concurrent_runs = 4\n",
+    );
+    for (i, (path, _)) in lake.tables.iter().enumerate() {
+        config += &format!(
+            "\n[[tables]]\nname = \"t{i:02}\"\nsource = \"{}\"\ntarget = \"fleet.t{i:02}\"\nprimary_key = [\"customer_id\"]\n\
+             mode = \"continuous\"\npoll_interval = \"100ms\"\n",
+            path.display()
+        );
+    }
+    let config_path = dir.path().join("lakesync.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let pg_port: u16 =
+        db.conn.split_whitespace().find_map(|kv| kv.strip_prefix("port=")).and_then(|p| p.parse().ok()).unwrap();
+    let proxy = Proxy::start(pg_port);
+    let through_proxy = db.conn.replace(&format!("port={pg_port}"), &format!("port={}", proxy.port));
+
+    let mut r1 = Replica::start("r1", &db.conn, &config_path, dir.path());
+    let mut r2 = Replica::start("r2", &db.conn, &config_path, dir.path());
+    let r3 = Replica::start("r3", &through_proxy, &config_path, dir.path());
+    let writers = Writers::start(lake.clone());
+    wait_for("the three replicas to share the tables 4/4/4", Duration::from_secs(60), &[&r1, &r2, &r3], || {
+        balanced(&owners(&r1), &["r1", "r2", "r3"])
+    });
+    check_in_sync("three replicas", &db, &lake, &writers, &[&r1, &r2, &r3]);
+
+    // Synced versions sampled from now on: they never go back.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (db, sampling) = (TestDb { conn: db.conn.clone(), name: db.name.clone() }, sampling.clone());
+        std::thread::spawn(move || {
+            let mut last = vec![0u64; TABLES];
+            let mut samples = 0;
+            while sampling.load(Ordering::SeqCst) {
+                for (i, v) in synced_versions(&db).into_iter().enumerate() {
+                    if v != u64::MAX {
+                        assert!(
+                            v >= last[i] || last[i] == 0,
+                            "t{i:02}'s synced version went back from {} to {v}",
+                            last[i]
+                        );
+                        last[i] = last[i].max(v);
+                    }
+                }
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            samples
+        })
+    };
+
+    // SIGKILL r1: r2 and r3 take its tables over.
+    let mut takeovers = Vec::new();
+    r1.kill();
+    takeovers.push(wait_for("r2 and r3 to take r1's tables", Duration::from_secs(30), &[&r2, &r3], || {
+        balanced(&owners(&r2), &["r2", "r3"])
+    }));
+    check_in_sync("r1 killed", &db, &lake, &writers, &[&r2, &r3]);
+
+    // SIGKILL r2: r3 runs everything.
+    r2.kill();
+    takeovers
+        .push(wait_for("r3 to take every table", Duration::from_secs(30), &[&r3], || balanced(&owners(&r3), &["r3"])));
+    check_in_sync("r1 and r2 killed", &db, &lake, &writers, &[&r3]);
+
+    // Both come back and take their share without stopping r3.
+    let r1 = Replica::start("r1", &db.conn, &config_path, dir.path());
+    let r2 = Replica::start("r2", &db.conn, &config_path, dir.path());
+    wait_for("the restarted replicas to take their share", Duration::from_secs(60), &[&r1, &r2, &r3], || {
+        balanced(&owners(&r1), &["r1", "r2", "r3"])
+    });
+    check_in_sync("r1 and r2 restarted", &db, &lake, &writers, &[&r1, &r2, &r3]);
+
+    // Cut r3 off: its sessions stay open in Postgres, it can no longer renew its lease.
+    let cut_at: String = db.value("SELECT clock_timestamp()::text");
+    let r3_tables: Vec<String> =
+        owners(&r1).into_iter().filter(|(_, o)| o.as_deref() == Some("r3")).map(|(t, _)| t).collect();
+    assert!(!r3_tables.is_empty());
+    proxy.frozen.store(true, Ordering::SeqCst);
+    let cut_takeover =
+        wait_for("r1 and r2 to take the cut-off replica's tables", Duration::from_secs(30), &[&r1, &r2], || {
+            balanced(&owners(&r1), &["r1", "r2"])
+        });
+    check_in_sync("r3 cut off", &db, &lake, &writers, &[&r1, &r2, &r3]);
+    proxy.frozen.store(false, Ordering::SeqCst);
+    wait_for("r3 to rejoin and take its share", Duration::from_secs(60), &[&r1, &r2, &r3], || {
+        balanced(&owners(&r1), &["r1", "r2", "r3"])
+    });
+    check_in_sync("r3 back", &db, &lake, &writers, &[&r1, &r2, &r3]);
+    let commits = writers.stop();
+    sampling.store(false, Ordering::SeqCst);
+    let samples = sampler.join().unwrap();
+
+    // No two replicas ever applied to one table at once: the succeeded runs of a table (their
+    // interval ends in the committing transaction) never overlap.
+    let overlaps = db.rows(
+        "SELECT a.target_table, a.replica, a.run_id, b.replica, b.run_id FROM lakesync.runs a JOIN lakesync.runs b \
+         ON a.target_schema = b.target_schema AND a.target_table = b.target_table AND a.run_id < b.run_id \
+         AND a.outcome = 'succeeded' AND b.outcome = 'succeeded' \
+         AND tstzrange(a.started_at, a.ended_at) && tstzrange(b.started_at, b.ended_at) \
+         WHERE a.target_schema = 'fleet'",
+    );
+    assert!(overlaps.is_empty(), "runs of one table overlapped: {overlaps:?}");
+    let replicas = db.value(
+        "SELECT string_agg(DISTINCT replica, ',') FROM lakesync.runs WHERE target_schema = 'fleet' AND outcome = 'succeeded'",
+    );
+    assert_eq!(replicas, "r1,r2,r3", "every replica ran tables and is named in the history");
+    // The cut-off replica stopped applying before the others took its tables: none of its
+    // runs that began before the cut succeeded after another replica's first run there.
+    for t in &r3_tables {
+        let late = db.value(&format!(
+            "SELECT count(*) FROM lakesync.runs a WHERE a.target_schema = 'fleet' AND a.target_table = '{t}' \
+             AND a.replica = 'r3' AND a.outcome = 'succeeded' AND a.started_at < '{cut_at}' \
+             AND a.ended_at > (SELECT min(b.started_at) FROM lakesync.runs b WHERE b.target_schema = 'fleet' \
+               AND b.target_table = '{t}' AND b.replica <> 'r3' AND b.started_at > '{cut_at}')"
+        ));
+        assert_eq!(late, "0", "{t}: r3 applied after another replica took over");
+    }
+    for (i, t) in takeovers.iter().enumerate() {
+        assert!(*t < Duration::from_secs(10), "takeover {i} took {t:?}");
+    }
+    // Cut off, the replica is found out by its lease (3 s) and its sessions ended.
+    assert!(cut_takeover < Duration::from_secs(15), "takeover of a cut-off replica took {cut_takeover:?}");
+    let log = std::fs::read_to_string(&r1.log).unwrap() + &std::fs::read_to_string(&r2.log).unwrap();
+    assert!(log.contains("ended the sessions of a replica whose lease expired"), "{log}");
+    let cut_log = std::fs::read_to_string(&r3.log).unwrap();
+    assert!(cut_log.contains("lost the coordinating session"), "r3 did not fence itself:\n{cut_log}");
+    eprintln!(
+        "fleet: {commits} commits; takeovers after SIGKILL {takeovers:?}, after the cut {cut_takeover:?}; {samples} version samples"
+    );
+    drop(r3);
+}
