@@ -18,6 +18,7 @@ use crate::serve::http;
 use crate::support::TestDb;
 
 const TABLES: usize = 12;
+const TOKEN: &str = "fleet-token-5e1d";
 
 /// One `lakesync serve` replica.
 struct Replica {
@@ -35,6 +36,7 @@ impl Replica {
             .arg(config)
             .env("LAKESYNC_POSTGRES", conn)
             .env("LAKESYNC_REPLICA_ID", id)
+            .env("LAKESYNC_TEST_TOKEN", TOKEN)
             .env("LAKESYNC_LOG", "warn,lakesync_engine=info")
             .stdout(Stdio::piped())
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
@@ -58,7 +60,7 @@ impl Replica {
     }
 
     fn kill(&mut self) {
-        self.child.kill().unwrap();
+        let _ = self.child.kill();
         self.child.wait().unwrap();
     }
 }
@@ -413,4 +415,123 @@ fn a_fleet_of_three_keeps_every_table_in_sync_through_kills_restarts_and_a_cut_c
         "fleet: {commits} commits; takeovers after SIGKILL {takeovers:?}, after the cut {cut_takeover:?}; {samples} version samples"
     );
     drop(r3);
+}
+
+fn runs_of(db: &TestDb, table: &str) -> i64 {
+    db.value(&format!(
+        "SELECT count(*) FROM lakesync.runs WHERE target_schema = 'fleet' AND target_table = '{table}' AND replica IS NOT NULL"
+    ))
+    .parse()
+    .unwrap()
+}
+
+/// The registry lives in Postgres: every replica sees a table added through any of them, a
+/// sync request reaches the owner wherever it lands, API changes survive restarts, and the
+/// config file either wins (`on_conflict = "file"`, the default) or only seeds (`"registry"`).
+#[test]
+fn the_registry_in_postgres_is_shared_survives_restarts_and_the_file_wins_or_seeds_as_configured() {
+    let db = TestDb::new("cli_fleet_registry");
+    db.execute("CREATE SCHEMA fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Lake::create(dir.path());
+    let (t0, t1) = (&lake.tables[0].0, &lake.tables[1].0);
+    let config = |policy: &str| {
+        let path = dir.path().join(format!("{policy}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n\n[fleet]\nheartbeat = \"200ms\"\n\
+                 on_conflict = \"{policy}\"\n\n[[tables]]\nname = \"from_file\"\nsource = \"{}\"\ntarget = \"fleet.t00\"\n\
+                 primary_key = [\"customer_id\"]\nmode = \"triggered\"\n",
+                t0.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let (file_wins, registry_wins) = (config("file"), config("registry"));
+    let a = Replica::start("a", &db.conn, &file_wins, dir.path());
+    wait_for("a to be ready", Duration::from_secs(30), &[&a], || {
+        http(&a.addr, "GET", "/readyz", None, None).status == 200
+    });
+    let added = serde_json::json!({
+        "name": "from_api", "source": t1.display().to_string(), "target": "fleet.t01",
+        "primary_key": ["customer_id"], "mode": "triggered"
+    });
+    let r = http(&a.addr, "POST", "/api/v1/synced-tables", Some(TOKEN), Some(&added));
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // A second replica sees both at once and takes one of them.
+    let b = Replica::start("b", &db.conn, &file_wins, dir.path());
+    let names =
+        |r: &Replica| -> Vec<String> { r.tables().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect() };
+    wait_for("the tables to be spread over a and b", Duration::from_secs(30), &[&a, &b], || {
+        let o = owners(&b);
+        o.len() == 2 && counts(&o).len() == 2
+    });
+    assert_eq!(names(&b), ["from_api", "from_file"]);
+    wait_for("both tables to sync", Duration::from_secs(30), &[&a, &b], || {
+        runs_of(&db, "t00") >= 1 && runs_of(&db, "t01") >= 1
+    });
+    // A sync request for each table on each replica reaches the table's owner.
+    for (table, target) in [("from_file", "t00"), ("from_api", "t01")] {
+        let mut owner = String::new();
+        wait_for("a and b to agree on the owner", Duration::from_secs(30), &[&a, &b], || {
+            let (x, y) = (owners(&a)[table].clone(), owners(&b)[table].clone());
+            owner = x.clone().unwrap_or_default();
+            x.is_some() && x == y
+        });
+        for via in [&a, &b] {
+            let before = runs_of(&db, target);
+            let r = http(&via.addr, "POST", &format!("/api/v1/synced-tables/{table}/sync"), Some(TOKEN), None);
+            assert_eq!(r.status, 202, "{}", r.body);
+            wait_for("the owner to run the requested sync", Duration::from_secs(30), &[&a, &b], || {
+                runs_of(&db, target) > before
+            });
+            let last = db.value(&format!(
+                "SELECT replica FROM lakesync.runs WHERE target_schema = 'fleet' AND target_table = '{target}' ORDER BY run_id DESC LIMIT 1"
+            ));
+            assert_eq!(last, owner, "{table}: the run requested through {} ran on {last}", via.id);
+        }
+    }
+    // SIGTERM: b finishes what it runs and hands its table over at once (no lease to wait).
+    let status = Command::new("kill").args(["-TERM", &b.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let handover = wait_for("a to own both tables after b left", Duration::from_secs(30), &[&a, &b], || {
+        owners(&a).values().all(|o| o.as_deref() == Some("a"))
+    });
+    assert!(handover < Duration::from_secs(3), "graceful handover took {handover:?}");
+    let mut b = b;
+    b.child.wait().unwrap();
+    assert!(std::fs::read_to_string(&b.log).unwrap().contains("left the fleet"));
+    b.kill();
+    drop((a, b));
+
+    // The API's table survives a restart; a file table removed through the API comes back
+    // when the file wins ...
+    let a = Replica::start("a", &db.conn, &file_wins, dir.path());
+    wait_for("a to be ready", Duration::from_secs(30), &[&a], || {
+        http(&a.addr, "GET", "/readyz", None, None).status == 200
+    });
+    assert_eq!(names(&a), ["from_api", "from_file"]);
+    let r = http(&a.addr, "DELETE", "/api/v1/synced-tables/from_file", Some(TOKEN), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(names(&a), ["from_api"]);
+    drop(a);
+    let a = Replica::start("a", &db.conn, &file_wins, dir.path());
+    wait_for("a to be ready", Duration::from_secs(30), &[&a], || {
+        http(&a.addr, "GET", "/readyz", None, None).status == 200
+    });
+    assert_eq!(names(&a), ["from_api", "from_file"], "the file wins: its table is back");
+    let r = http(&a.addr, "DELETE", "/api/v1/synced-tables/from_file", Some(TOKEN), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    drop(a);
+    // ... and stays removed when the registry wins (the file only seeds).
+    let a = Replica::start("a", &db.conn, &registry_wins, dir.path());
+    wait_for("a to be ready", Duration::from_secs(30), &[&a], || {
+        http(&a.addr, "GET", "/readyz", None, None).status == 200
+    });
+    assert_eq!(names(&a), ["from_api"], "the registry wins: the removed table stays removed");
+    let registry = db.value("SELECT string_agg(name || ':' || origin || ':' || (removed_at IS NULL), ',' ORDER BY name) FROM lakesync.registry");
+    assert_eq!(registry, "from_api:api:true,from_file:file:false");
 }
