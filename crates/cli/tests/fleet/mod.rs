@@ -535,3 +535,34 @@ fn the_registry_in_postgres_is_shared_survives_restarts_and_the_file_wins_or_see
     let registry = db.value("SELECT string_agg(name || ':' || origin || ':' || (removed_at IS NULL), ',' ORDER BY name) FROM lakesync.registry");
     assert_eq!(registry, "from_api:api:true,from_file:file:false");
 }
+
+/// The config shipped in `deploy/kubernetes/configmap.yaml` is one `lakesync check-config`
+/// accepts, with the environment the Deployment gives each pod.
+#[test]
+fn the_kubernetes_config_map_holds_a_valid_config() {
+    let root = crate::support::workspace_root();
+    let yaml = std::fs::read_to_string(root.join("deploy/kubernetes/configmap.yaml")).unwrap();
+    let block: Vec<&str> = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "lakesync.toml: |")
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect();
+    assert!(block.len() > 10, "no lakesync.toml block in the ConfigMap");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lakesync.toml");
+    std::fs::write(&path, block.join("\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lakesync"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("LAKESYNC_REPLICA_ID", "lakesync-7d9f8b-x2x9q")
+        .env("LAKESYNC_POSTGRES_PASSWORD", "pw")
+        .env("LAKESYNC_API_TOKEN", "token")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("fleet: replica lakesync-7d9f8b-x2x9q, lease 10s"), "{stdout}");
+    assert!(stdout.contains("table customers: s3://lake/gold/customers -> app.customers (continuous"), "{stdout}");
+}
