@@ -73,6 +73,9 @@ pub fn render(tables: &[Arc<Worker>]) -> String {
             u8::from(s.consecutive_failures > 0 || s.parked.is_some())
         );
     });
+    family("lakesync_table_owned", "gauge", "1 when this replica runs the table.", &mut |w, t, o| {
+        let _ = writeln!(o, "lakesync_table_owned{{table=\"{t}\"}} {}", u8::from(w.owned()));
+    });
     family("lakesync_rows_applied_total", "counter", "Rows written to Postgres by operation.", &mut |w, t, o| {
         let m = &w.metrics;
         for (op, c) in [("insert", &m.rows_inserted), ("update", &m.rows_updated), ("delete", &m.rows_deleted)] {

@@ -53,7 +53,8 @@ fn spec(tables: &[String]) -> Value {
                     "synced_version": {"type": ["integer", "null"]}, "source_version": {"type": ["integer", "null"]},
                     "synced_commit_timestamp": {"type": ["string", "null"]}, "lag_seconds": {"type": "number"},
                     "lag_versions": {"type": ["integer", "null"]}, "last_error": {"type": ["string", "null"]},
-                    "last_run": {"$ref": "#/components/schemas/Run"}, "config": {"$ref": "#/components/schemas/TableConfig"}}},
+                    "last_run": {"$ref": "#/components/schemas/Run"}, "config": {"$ref": "#/components/schemas/TableConfig"},
+                    "owner": {"type": ["string", "null"], "description": "the replica that runs the table"}}},
                 "Ingest": {"type": "object", "properties": {
                     "name": {"type": "string"}, "brokers": {"type": "array", "items": {"type": "string"}}, "topic": {"type": "string"}, "table": {"type": "string"},
                     "state": {"type": "string", "enum": ["starting", "running", "retrying", "failed", "stopped"]},
@@ -62,20 +63,23 @@ fn spec(tables: &[String]) -> Value {
                         "committed_offset": {"type": ["integer", "null"]}, "high_watermark": {"type": "integer"}, "lag": {"type": "integer"}}}},
                     "rows": {"type": "integer"}, "bytes": {"type": "integer"}, "dead_letters": {"type": "integer"}, "commits": {"type": "integer"},
                     "files": {"type": "integer"}, "compactions": {"type": "integer"}, "table_version": {"type": ["integer", "null"]},
-                    "seconds_since_commit": {"type": ["number", "null"]}}},
+                    "seconds_since_commit": {"type": ["number", "null"]},
+                    "owner": {"type": ["string", "null"], "description": "the replica that runs the ingest"}}},
                 "Run": {"type": ["object", "null"], "properties": {
                     "run_id": {"type": "integer"}, "mode": {"type": "string"}, "outcome": {"type": "string"},
                     "from_version": {"type": ["integer", "null"]}, "to_version": {"type": ["integer", "null"]},
                     "rows_inserted": {"type": "integer"}, "rows_updated": {"type": "integer"}, "rows_deleted": {"type": "integer"},
-                    "started_at": {"type": "string"}, "duration_seconds": {"type": ["number", "null"]}, "error": {"type": ["string", "null"]}}}
+                    "started_at": {"type": "string"}, "duration_seconds": {"type": ["number", "null"]}, "error": {"type": ["string", "null"]},
+                    "replica": {"type": ["string", "null"], "description": "the replica that ran it"}}}
             }
         },
         "paths": {
             "/healthz": {"get": {"summary": "liveness", "responses": {"200": {"description": "ok"}}}},
+            "/readyz": {"get": {"summary": "readiness: took part in the fleet, not stopping", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format 0.0.4"}}}},
             "/api/v1/synced-tables": {
                 "get": {"summary": "list synced tables", "responses": {"200": {"description": "tables", "content": {"application/json": {"schema": {"type": "object", "properties": {"synced_tables": {"type": "array", "items": {"$ref": "#/components/schemas/SyncedTable"}}}}}}}}},
-                "post": {"summary": "add a synced table (until restart; add it to the config file to keep it)", "security": auth,
+                "post": {"summary": "add a synced table (recorded in the registry in Postgres: every replica runs it, it survives restarts)", "security": auth,
                          "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TableConfig"}}}},
                          "responses": {"201": {"description": "added"}, "400": error, "401": error, "403": error, "409": error}}
             },

@@ -194,10 +194,9 @@ impl Coordinate {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = leave.changed() => {}
-                n = woke => match n {
-                    Some(n) => self.on_notification(n.payload()).await,
-                    // The session ended: the next tick notices and reconnects.
-                    None => {}
+                // `None`: the session ended; the next tick notices and reconnects.
+                n = woke => if let Some(n) = n {
+                    self.on_notification(n.payload()).await
                 },
             }
         }

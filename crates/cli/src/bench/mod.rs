@@ -24,6 +24,7 @@
 //! `--source-store s3` adds (b3) and (c3): the same snapshot and incremental sync with the
 //! table read from a local S3-protocol server (see [`s3`]), each against its local-path run.
 
+mod fleet;
 pub(crate) mod ingest;
 mod lag;
 mod s3;
@@ -100,6 +101,9 @@ pub struct BenchArgs {
     /// ingest: a Kafka broker (host:port) to use instead of starting a local tansu.
     #[arg(long)]
     brokers: Option<String>,
+    /// fleet: continuous tables the replicas share.
+    #[arg(long, default_value_t = 100)]
+    tables: usize,
 }
 
 /// Where the sync scenario reads the table from, besides the local path.
@@ -128,6 +132,9 @@ pub enum Scenario {
     /// Kafka → Delta throughput against the broker's read ceiling, then event → Postgres
     /// freshness (`--rows` events; a local tansu broker unless `--brokers`).
     Ingest,
+    /// One replica, then three sharing `--tables` continuous tables, then ten SIGKILLs:
+    /// commit → visible, takeover time, Postgres sessions per replica.
+    Fleet,
 }
 
 /// Ids changed by the benchmark's MERGE at `rows` rows.
@@ -178,6 +185,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let buffers_mb = (args.rows * 800 / 1_000_000).clamp(512, 4096);
         let settings = match args.scenario {
             Scenario::Sync => vec![("shared_buffers".to_string(), format!("{buffers_mb}MB"))],
+            // Three replicas, each up to 8 runs with their sessions, and the bench's own.
+            Scenario::Fleet => vec![("max_connections".to_string(), "300".to_string())],
             _ => Vec::new(),
         };
         tokio::task::spawn_blocking(move || {
@@ -194,6 +203,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Continuous => lag::measure(&args, &dir, &cluster).await,
         Scenario::Api => serving::measure(&args, &dir, &cluster).await,
         Scenario::Ingest => ingest::measure(&args, &dir, &cluster).await,
+        Scenario::Fleet => fleet::measure(&args, &dir, &cluster).await,
     };
     if !args.keep_postgres {
         let c = cluster.clone();

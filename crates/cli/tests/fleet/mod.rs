@@ -315,7 +315,7 @@ fn a_fleet_of_three_keeps_every_table_in_sync_through_kills_restarts_and_a_cut_c
     let sampler = {
         let (db, sampling) = (TestDb { conn: db.conn.clone(), name: db.name.clone() }, sampling.clone());
         std::thread::spawn(move || {
-            let mut last = vec![0u64; TABLES];
+            let mut last = [0u64; TABLES];
             let mut samples = 0;
             while sampling.load(Ordering::SeqCst) {
                 for (i, v) in synced_versions(&db).into_iter().enumerate() {
