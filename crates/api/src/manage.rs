@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use lakesync_engine::config::TableConfig;
+use lakesync_engine::config::{TableConfig, TableMode};
 use lakesync_engine::daemon::DaemonError;
 use lakesync_engine::{EngineError, Worker};
 use lakesync_postgres::state::{self, RunRecord, TableStatus};
@@ -56,18 +56,28 @@ fn run_json(run: &RunRecord) -> Value {
 fn table_json(worker: &Worker, recorded: Option<&TableStatus>) -> Value {
     let live = worker.status();
     let spec = &worker.spec;
+    // Another replica runs the table: its state is what that replica recorded in Postgres,
+    // and the source's head and the lag are known there only.
+    let owned = worker.owned();
+    let state = match recorded.map(|r| r.table.state.as_str()) {
+        Some(s) if !owned && s == state::states::ONLINE && matches!(spec.mode, TableMode::Continuous { .. }) => {
+            "ONLINE_CONTINUOUS_UPDATE"
+        }
+        Some(s) if !owned => s,
+        _ => live.state(&spec.mode),
+    };
     json!({
         "name": spec.name,
         "source": spec.source,
         "target": spec.target.to_string(),
         "primary_key": spec.primary_key.columns(),
         "mode": spec.mode.as_str(),
-        "state": live.state(&spec.mode),
+        "state": state,
         "synced_version": live.synced_version.or(recorded.and_then(|r| r.table.synced_version)),
-        "source_version": live.source_version,
+        "source_version": live.source_version.filter(|_| owned),
         "synced_commit_timestamp": recorded.and_then(|r| r.table.synced_commit_timestamp.clone()),
-        "lag_versions": live.lag_versions(),
-        "lag_seconds": live.lag_seconds(),
+        "lag_versions": live.lag_versions().filter(|_| owned),
+        "lag_seconds": owned.then(|| live.lag_seconds()),
         "running": live.running,
         "owner": live.owner,
         "last_error": live.last_error.or(recorded.and_then(|r| r.table.last_error.clone())),
@@ -195,9 +205,12 @@ pub async fn remove(
     Ok(json_response(StatusCode::OK, json!({ "name": name, "stopped": true, "purged": purge })))
 }
 
-fn ingest_json(worker: &lakesync_engine::IngestWorker) -> Value {
+fn ingest_json(state: &AppState, worker: &lakesync_engine::IngestWorker) -> Value {
     let s = worker.status.get();
     let spec = &worker.spec;
+    let owner = worker.owner.lock().expect("owner lock").clone();
+    // In a fleet only the owner consumes the topic; the others stand by.
+    let standby = state.daemon.fleet().is_some_and(|f| owner.as_deref() != Some(f.replica.as_str()));
     let partitions: Vec<Value> = s
         .partitions
         .iter()
@@ -217,8 +230,8 @@ fn ingest_json(worker: &lakesync_engine::IngestWorker) -> Value {
         "brokers": spec.brokers,
         "topic": spec.topic,
         "table": spec.table,
-        "owner": worker.owner.lock().expect("owner lock").clone(),
-        "state": s.state,
+        "owner": owner,
+        "state": if standby { json!("standby") } else { json!(s.state) },
         "last_error": s.last_error,
         "error_class": s.error_class,
         "lag_messages": s.partitions.values().map(|p| p.lag()).sum::<i64>(),
@@ -236,7 +249,7 @@ fn ingest_json(worker: &lakesync_engine::IngestWorker) -> Value {
 
 /// `GET /api/v1/ingests`
 pub async fn list_ingests(State(state): State<Arc<AppState>>) -> Response {
-    let ingests: Vec<Value> = state.daemon.ingests().iter().map(|w| ingest_json(w)).collect();
+    let ingests: Vec<Value> = state.daemon.ingests().iter().map(|w| ingest_json(&state, w)).collect();
     json_response(StatusCode::OK, json!({ "ingests": ingests }))
 }
 
@@ -248,5 +261,5 @@ pub async fn get_ingest(State(state): State<Arc<AppState>>, Path(name): Path<Str
         .into_iter()
         .find(|w| w.spec.name == name)
         .ok_or_else(|| ApiError::NotFound(format!("no ingest named {name:?}")))?;
-    Ok(json_response(StatusCode::OK, ingest_json(&w)))
+    Ok(json_response(StatusCode::OK, ingest_json(&state, &w)))
 }

@@ -26,7 +26,9 @@ fn label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-/// Renders every table's gauges, counters and run-duration histogram.
+/// Renders every table's gauges, counters and run-duration histogram. In a fleet, the source
+/// version, lag and failing gauges come only from the replica that runs the table (the
+/// others do not look at its source); the counters are this process's.
 pub fn render(tables: &[Arc<Worker>]) -> String {
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, samples: &mut dyn FnMut(&Worker, &str, &mut String)| {
@@ -44,6 +46,9 @@ pub fn render(tables: &[Arc<Worker>]) -> String {
         );
     });
     family("lakesync_source_version", "gauge", "Newest Delta version seen in the source log.", &mut |w, t, o| {
+        if !w.owned() {
+            return; // the owner reports it
+        }
         let _ = writeln!(
             o,
             "lakesync_source_version{{table=\"{t}\"}} {}",
@@ -51,6 +56,9 @@ pub fn render(tables: &[Arc<Worker>]) -> String {
         );
     });
     family("lakesync_lag_versions", "gauge", "Delta versions not yet synced.", &mut |w, t, o| {
+        if !w.owned() {
+            return; // the owner reports it
+        }
         let _ = writeln!(
             o,
             "lakesync_lag_versions{{table=\"{t}\"}} {}",
@@ -62,10 +70,16 @@ pub fn render(tables: &[Arc<Worker>]) -> String {
         "gauge",
         "Age of the oldest Delta commit not yet synced (0 when caught up).",
         &mut |w, t, o| {
+            if !w.owned() {
+                return; // the owner reports it
+            }
             let _ = writeln!(o, "lakesync_lag_seconds{{table=\"{t}\"}} {}", w.status().lag_seconds());
         },
     );
     family("lakesync_failing", "gauge", "1 when the last run failed (retrying or parked).", &mut |w, t, o| {
+        if !w.owned() {
+            return; // the owner reports it
+        }
         let s = w.status();
         let _ = writeln!(
             o,

@@ -108,7 +108,14 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
         }
         Err(e) => {
             let message = e.to_string();
-            if let Err(record) = state::fail_run(sink.client(), &req.table, run_id, &message).await {
+            // A run fenced out by a lost ownership failed, the table did not: its new owner
+            // runs it, and this run must not mark it failed.
+            let recorded = if matches!(e, EngineError::Postgres(lakesync_postgres::PgError::NotOwner { .. })) {
+                state::end_run(sink.client(), &req.table, run_id, &message).await
+            } else {
+                state::fail_run(sink.client(), &req.table, run_id, &message).await
+            };
+            if let Err(record) = recorded {
                 tracing::warn!(table = %req.table, error = %record, "could not record the failed run");
             }
             tracing::debug!(table = %req.table, class = e.class().as_str(), "sync failed");

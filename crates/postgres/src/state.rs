@@ -508,8 +508,8 @@ pub async fn finish_noop(client: &Client, table: &TableName, run_id: i64) -> Res
     Ok(())
 }
 
-/// Records a failed run and the error on the table (the data stays at the last checkpoint).
-pub async fn fail_run(client: &Client, table: &TableName, run_id: Option<i64>, error: &str) -> Result<(), PgError> {
+/// Records a run as failed without marking its table (the run, not the table, failed).
+pub async fn end_run(client: &Client, table: &TableName, run_id: Option<i64>, error: &str) -> Result<(), PgError> {
     if let Some(run_id) = run_id {
         client
             .execute(
@@ -519,6 +519,12 @@ pub async fn fail_run(client: &Client, table: &TableName, run_id: Option<i64>, e
             .await
             .map_err(PgError::query(table, "record the failed run"))?;
     }
+    Ok(())
+}
+
+/// Records a failed run and the error on the table (the data stays at the last checkpoint).
+pub async fn fail_run(client: &Client, table: &TableName, run_id: Option<i64>, error: &str) -> Result<(), PgError> {
+    end_run(client, table, run_id, error).await?;
     client
         .execute(
             "UPDATE lakesync.synced_tables SET last_error = $3, runs_failed = runs_failed + 1, \

@@ -494,6 +494,21 @@ fn the_registry_in_postgres_is_shared_survives_restarts_and_the_file_wins_or_see
             assert_eq!(last, owner, "{table}: the run requested through {} ran on {last}", via.id);
         }
     }
+    // Each replica reports the live gauges of the table it runs only.
+    let owner_of_file = owners(&a)["from_file"].clone().unwrap();
+    for r in [&a, &b] {
+        let metrics = http(&r.addr, "GET", "/metrics", None, None).body;
+        let runs_it = r.id == owner_of_file;
+        assert!(
+            metrics.contains(&format!("lakesync_table_owned{{table=\"from_file\"}} {}", u8::from(runs_it))),
+            "{metrics}"
+        );
+        assert_eq!(metrics.contains("lakesync_lag_seconds{table=\"from_file\"}"), runs_it, "{metrics}");
+        let t = r.tables().into_iter().find(|t| t["name"] == "from_file").unwrap();
+        assert_eq!(t["state"], "ONLINE_NO_PENDING_UPDATE", "{t}");
+        assert_eq!(t["lag_seconds"].is_null(), !runs_it, "{t}");
+    }
+
     // SIGTERM: b finishes what it runs and hands its table over at once (no lease to wait).
     let status = Command::new("kill").args(["-TERM", &b.child.id().to_string()]).status().unwrap();
     assert!(status.success());

@@ -643,4 +643,14 @@ indexes = [["user_id", "event_time"]]
     let fresh = produced.elapsed();
     assert!(fresh < Duration::from_secs(10), "event to API took {fresh:?}");
     eprintln!("event produced → readable through the API in {fresh:?}");
+
+    // A second replica of the same config serves the same rows but leaves the topic to the
+    // first: one consumer per ingest in a fleet.
+    let second = Server::start(&db, &config, dir.path());
+    second.wait_for("the second replica to be ready", Duration::from_secs(30), || second.get("/readyz").status == 200);
+    let first_id = server.get("/api/v1/ingests/transactions-ingest").json()["owner"].clone();
+    let standby = second.get("/api/v1/ingests/transactions-ingest").json();
+    assert!(first_id.is_string(), "{standby}");
+    assert_eq!((standby["state"].as_str(), &standby["owner"]), (Some("standby"), &first_id), "{standby}");
+    assert_eq!(second.get("/api/v1/tables/app.transactions/rows/t100").status, 200);
 }
