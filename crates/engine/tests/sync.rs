@@ -2,6 +2,7 @@
 //! `deltalake` writer), and the Spark-written conformance fixtures.
 
 mod compaction;
+mod fleet;
 mod ingest;
 mod object_stores;
 mod support;
