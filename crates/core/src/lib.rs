@@ -2,7 +2,8 @@
 //!
 //! This crate owns the domain model (table names, primary keys, column types, sync modes,
 //! data policies), the change planner that turns a Delta change data feed into one net
-//! action per primary key, and the error classification the engine uses to decide retries.
+//! action per primary key, the error classification the engine uses to decide retries, and
+//! the fleet's balancing planner ([`fleet`]).
 //!
 //! Invariants:
 //! - No I/O, no async runtime, no Delta or Postgres types: everything here is testable with

@@ -6,11 +6,14 @@
 //! net changes with [`lakesync_core::ChangePlanner`], and apply it in one Postgres transaction
 //! that records the new synced version. It also owns the single place where errors are
 //! classified for retries ([`lakesync_core::Classify`] for [`EngineError`]). The daemon also
-//! runs the config's Kafka ingests (`lakesync_ingest`) beside the synced tables.
+//! runs the config's Kafka ingests (`lakesync_ingest`) beside the synced tables, and
+//! [`fleet`] makes it one replica of a fleet coordinated through Postgres.
 //!
 //! Invariants:
 //! - The synced version only moves inside the transaction that writes its data.
 //! - A chunk is applied whole or not at all; a failure leaves the table at the last checkpoint.
+//! - In a fleet, a replica runs a table only while it owns it, and stops everything when it
+//!   cannot renew its heartbeat within half a lease (the others take over after a whole one).
 //! - Delta reads (blocking, kernel) run on blocking threads and feed Postgres through bounded
 //!   channels, so memory stays bounded during snapshots.
 

@@ -3,11 +3,14 @@
 //! This crate owns everything written to Postgres: target-table DDL from the lakesync model
 //! (identifiers always quoted), binary `COPY` straight from Arrow arrays, snapshot loads
 //! through a staging table, set-based incremental apply, the sync state in schema `lakesync`,
-//! the per-table advisory lock, and a private local Postgres for the demo and tests.
+//! the per-table advisory lock, the fleet's registry, replicas and ownership locks
+//! ([`fleet`]), and a private local Postgres for the demo and tests.
 //!
 //! Invariants:
 //! - Never depends on Delta; takes Arrow batches and core model values.
 //! - The synced version is written in the same transaction as the data it covers.
+//! - A checkpoint of a fenced session (a fleet replica's run) commits only while its
+//!   replica's coordinating session holds the table's ownership lock.
 //! - No statement is built from untrusted text: identifiers go through [`ddl::ident`], values
 //!   travel as parameters or COPY data.
 //! - The connection password never appears in errors or logs ([`PgConfig`]'s `Debug` and
