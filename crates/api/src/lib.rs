@@ -79,8 +79,8 @@ impl AppState {
     }
 }
 
-/// `GET /readyz`: 200 once this process serves (in a fleet: it took part in the fleet at
-/// least once), 503 before that and while shutting down.
+/// `GET /readyz`: 200 while this process serves (in a fleet: it takes part in it), 503 before
+/// that, while it cannot reach Postgres to coordinate, and while shutting down.
 async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>) -> axum::response::Response {
     use axum::response::IntoResponse;
     if state.daemon.ready() {

@@ -275,7 +275,7 @@ impl Daemon {
         self.fleet.get()
     }
 
-    /// Ready to serve: outside a fleet always, in one once it took part in it (and not
+    /// Ready to serve: outside a fleet always, in one while it takes part in it (and not
     /// shutting down).
     pub fn ready(&self) -> bool {
         !*self.shutdown.borrow() && self.fleet().is_none_or(|f| f.ready.load(Ordering::SeqCst))
@@ -394,13 +394,12 @@ impl Daemon {
         }
     }
 
-    /// Removes the ingest named `name` (stopping it).
-    pub(crate) async fn remove_ingest(&self, name: &str) {
-        let removed = self.ingests.write().expect("ingests lock").remove(name);
-        if let Some((worker, Some(task))) = removed {
-            worker.stop.send_replace(true);
-            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
-        }
+    /// Removes the ingest named `name`, telling it to stop; it flushes what it holds on its
+    /// own (the returned task ends when it did).
+    pub(crate) fn detach_ingest(&self, name: &str) -> Option<JoinHandle<()>> {
+        let (worker, task) = self.ingests.write().expect("ingests lock").remove(name)?;
+        worker.stop.send_replace(true);
+        task
     }
 
     /// The ingests, by name.
@@ -477,11 +476,18 @@ impl Daemon {
 
     /// Stops running `name` in this process (an in-flight run finishes first) and forgets it.
     pub(crate) async fn forget_local(&self, name: &str) -> Option<Arc<Worker>> {
+        let (worker, task) = self.detach_local(name)?;
+        let _ = task.await;
+        Some(worker)
+    }
+
+    /// Forgets `name` in this process and tells its worker to stop; the returned task ends
+    /// once its run in flight did.
+    pub(crate) fn detach_local(&self, name: &str) -> Option<(Arc<Worker>, JoinHandle<()>)> {
         let (worker, task) = self.workers.write().expect("workers lock").remove(name)?;
         worker.stop.send_replace(true);
         worker.wake.notify_one();
-        let _ = task.await;
-        Some(worker)
+        Some((worker, task))
     }
 
     /// Stops taking work and waits up to `grace` for in-flight runs; runs still going after
@@ -660,7 +666,11 @@ async fn run_worker(worker: Arc<Worker>, env: WorkerEnv, mut shutdown: watch::Re
             // Just became the owner: start from what Postgres records. Snapshot and triggered
             // tables run once at start; continuous ones whenever commits land.
             worker.idle.send_replace(false);
-            load_synced_version(&worker, postgres).await;
+            {
+                // A session of its own, counted against the process's runs like one.
+                let _permit = env.runs.acquire().await;
+                load_synced_version(&worker, postgres).await;
+            }
             source = None;
             due = Some(Instant::now());
             next_head_check = Instant::now();

@@ -231,15 +231,14 @@ impl Coordinate {
             tracing::warn!(replica = %self.member.replica, why, "lost the coordinating session; stopped every table until it reconnects");
         }
         self.member.owner_pid.store(0, Ordering::SeqCst);
+        // Not ready until it takes part again (its reads would likely fail meanwhile too).
+        self.member.ready.store(false, Ordering::SeqCst);
         self.held.clear();
         daemon.fence_all();
     }
 
     async fn tick(&mut self) {
         let Some(daemon) = self.daemon.upgrade() else { return };
-        if daemon.is_shutting_down() {
-            return;
-        }
         // Every statement of a tick must finish well within the lease: past half of it this
         // replica stops, and the others take over only after all of it.
         let budget = self.settings.lease / 4;
@@ -287,6 +286,10 @@ impl Coordinate {
                 return;
             }
         };
+        if daemon.is_shutting_down() {
+            // Keep the lease (runs in flight finish within the grace period) but take nothing.
+            return;
+        }
         if let Err(e) = tokio::time::timeout(budget, self.apply(&daemon, view)).await.unwrap_or(Ok(())) {
             tracing::warn!(error = %e, "rebalancing failed; retrying at the next heartbeat");
         }
@@ -309,7 +312,7 @@ impl Coordinate {
     /// Brings the daemon in line with the registry, then releases and claims.
     async fn apply(&mut self, daemon: &Arc<Daemon>, view: View) -> Result<(), PgError> {
         let me = self.member.replica.clone();
-        let wait = self.settings.lease / 4;
+        let wait = self.settings.lease / 8;
         // Entries this replica can run (valid here); the others it neither claims nor shows.
         let mut runnable: Vec<(String, Option<String>)> = Vec::new();
         let mut registered_tables = BTreeSet::new();
@@ -335,18 +338,17 @@ impl Coordinate {
                 runnable.push((e.owner_key.clone(), holder));
             }
         }
-        // Entries removed from the registry stop here (the owner releases their locks below).
+        // Entries removed from the registry stop here (their locks are released below). Their
+        // runs in flight end on their own: a tick never waits for a run, or the heartbeat
+        // would lapse (and a run that outlives the lock cannot commit).
         for w in daemon.tables() {
             if !registered_tables.contains(&w.spec.name) {
-                if w.owned() {
-                    daemon.disown(&w, wait).await;
-                }
-                daemon.forget_local(&w.spec.name).await;
+                daemon.detach_local(&w.spec.name);
             }
         }
         for w in daemon.ingests() {
             if !registered_ingests.contains(&w.spec.name) {
-                daemon.remove_ingest(&w.spec.name).await;
+                daemon.detach_ingest(&w.spec.name);
             }
         }
         let session = self.session.as_ref().expect("connected");
@@ -369,18 +371,24 @@ impl Coordinate {
                 self.held.remove(key);
             }
         }
+        let moves = lakesync_core::fleet::plan(&me, &view.live, &runnable);
+        // Hand over at once, all together: each waits for its run in flight (up to `wait`,
+        // then abandons it) before its lock is released.
+        let mut stopping = tokio::task::JoinSet::new();
         for w in daemon.tables() {
-            if w.owned() && !self.held.contains(&w.owner_key) {
-                daemon.disown(&w, wait).await;
+            if w.owned() && (!self.held.contains(&w.owner_key) || moves.release.contains(&w.owner_key)) {
+                let daemon = daemon.clone();
+                stopping.spawn(async move { daemon.disown(&w, wait).await });
             }
         }
-        let moves = lakesync_core::fleet::plan(&me, &view.live, &runnable);
         for key in &moves.release {
-            if let Some(w) = daemon.table_by_key(key) {
-                daemon.disown(&w, wait).await;
-            } else {
-                daemon.disown_ingest(key, wait).await;
+            if daemon.table_by_key(key).is_none() {
+                let (daemon, key) = (daemon.clone(), key.clone());
+                stopping.spawn(async move { daemon.disown_ingest(&key, wait).await });
             }
+        }
+        while stopping.join_next().await.is_some() {}
+        for key in &moves.release {
             session.release(key).await?;
             self.held.remove(key);
             tracing::info!(replica = %me, item = %key, "handed over");
@@ -427,11 +435,20 @@ impl Coordinate {
             if w.spec.config == config {
                 return true;
             }
-            // The spec changed (another replica started with a different file): restart it.
-            if w.owned() {
-                daemon.disown(&w, self.settings.lease / 4).await;
-            }
-            daemon.forget_local(&e.name).await;
+            // The spec changed (another replica started with a different file): restart it
+            // (the new worker's run waits for the old one's through the table's run lock).
+            let was_owned = w.owned();
+            daemon.detach_local(&e.name);
+            let added = config.validate().map_err(DaemonError::from).and_then(|spec| daemon.add(spec));
+            return match added {
+                Ok(w) => {
+                    if was_owned {
+                        daemon.own(&w);
+                    }
+                    true
+                }
+                Err(err) => self.refuse(e, &err.to_string()),
+            };
         }
         let spec = match config.validate() {
             Ok(s) => s,
@@ -455,7 +472,7 @@ impl Coordinate {
             if w.config.as_ref() == Some(&e.spec) {
                 return true;
             }
-            daemon.remove_ingest(&e.name).await;
+            let _stopping = daemon.detach_ingest(&e.name);
         }
         let spec = match config.validate_with(&|name| std::env::var(name).ok()) {
             Ok(s) => s,

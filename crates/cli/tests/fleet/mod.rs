@@ -2,7 +2,7 @@
 //! Postgres, killed, restarted and cut off from Postgres while writers keep committing.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +14,7 @@ use lakesync_delta::sample::{customer_schema, customers};
 use lakesync_delta::write::DeltaWriter;
 use serde_json::Value;
 
-use crate::serve::http;
+use crate::serve::{http, served_address};
 use crate::support::TestDb;
 
 const TABLES: usize = 12;
@@ -42,14 +42,7 @@ impl Replica {
             .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
-        let addr = first
-            .split("://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("{id}: no address in {first:?}: {}", std::fs::read_to_string(&log).unwrap()))
-            .to_string();
+        let addr = served_address(&mut child, &log);
         Self { id: id.into(), child, addr, log }
     }
 

@@ -87,6 +87,19 @@ fn exchange(
     Reply { status, headers, body: body.to_string() }
 }
 
+/// The address `lakesync serve` announces on its first line of output (`child`'s stdout
+/// must be piped); panics with its log (`log`) when it exits instead.
+pub(crate) fn served_address(child: &mut Child, log: &std::path::Path) -> String {
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    first
+        .split("://")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {first:?}: {}", std::fs::read_to_string(log).unwrap_or_default()))
+        .to_string()
+}
+
 struct Server {
     child: Child,
     addr: String,
@@ -108,16 +121,7 @@ impl Server {
             .stderr(std::fs::File::create(dir.join("serve.log")).unwrap())
             .spawn()
             .unwrap();
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
-        let addr = first
-            .split("://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| {
-                panic!("no address in {first:?}: {}", std::fs::read_to_string(dir.join("serve.log")).unwrap())
-            })
-            .to_string();
+        let addr = served_address(&mut child, &dir.join("serve.log"));
         Self { child, addr, log: dir.join("serve.log") }
     }
 
