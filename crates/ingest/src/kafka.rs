@@ -124,7 +124,19 @@ pub(crate) async fn start_offset(client: &PartitionClient, start: StartFrom) -> 
         StartFrom::Earliest => OffsetAt::Earliest,
         StartFrom::Latest => OffsetAt::Latest,
     };
-    client.get_offset(at).await.map_err(|e| kafka_error(&format!("partition {} offsets", client.partition()), e))
+    let err = |e| kafka_error(&format!("partition {} offsets", client.partition()), e);
+    let listed = client.get_offset(at).await.map_err(err)?;
+    if start == StartFrom::Earliest {
+        return Ok(listed);
+    }
+    // The end is also the high watermark a fetch reports: a broker may list a wrong end
+    // (tansu lists the last record batch's base offset + 1), never a watermark below the
+    // records it holds. Take the larger.
+    match client.fetch_records(listed, 1..1024, 0).await {
+        Ok((_, high_watermark)) => Ok(listed.max(high_watermark)),
+        Err(KafkaError::ServerError { protocol_error: ProtocolError::OffsetOutOfRange, .. }) => Ok(listed),
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// Fetches `client`'s partition from `next` onwards into `out` until `out` closes or a fetch
@@ -184,8 +196,8 @@ pub async fn create_topic(brokers: &[String], topic: &str, partitions: i32) -> R
     controller.create_topic(topic, partitions, 1, 5_000).await.map_err(|e| format!("creating topic {topic}: {e}"))
 }
 
-/// Writes messages to a topic's partitions, one record per request (the local test broker
-/// mishandles multi-record batches), for the demo, benchmarks and tests.
+/// Writes messages to a topic's partitions, for the demo, benchmarks and tests: one record per
+/// request ([`Producer::send`]), or one record batch ([`Producer::send_batch`]).
 pub struct Producer {
     partitions: Vec<PartitionClient>,
 }
@@ -218,6 +230,25 @@ impl Producer {
             .await
             .map_err(|e| format!("producing to partition {partition}: {e}"))?;
         offsets.first().copied().ok_or_else(|| "the broker returned no offset".into())
+    }
+
+    /// Appends `values` to `partition` as one record batch (one request); returns their
+    /// offsets.
+    pub async fn send_batch(&self, partition: i32, values: Vec<Vec<u8>>) -> Result<Vec<i64>, String> {
+        let client = self
+            .partitions
+            .iter()
+            .find(|c| c.partition() == partition)
+            .ok_or_else(|| format!("no partition {partition}"))?;
+        let now = chrono::Utc::now();
+        let records = values
+            .into_iter()
+            .map(|v| rskafka::record::Record { key: None, value: Some(v), headers: Default::default(), timestamp: now })
+            .collect();
+        client
+            .produce(records, rskafka::client::partition::Compression::NoCompression)
+            .await
+            .map_err(|e| format!("producing to partition {partition}: {e}"))
     }
 }
 

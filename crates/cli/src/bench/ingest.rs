@@ -2,7 +2,9 @@
 //! ceiling, then end-to-end freshness (event produced → row in Postgres).
 //!
 //! A local `tansu` broker (or `--brokers`) gets a 4-partition topic of `--rows` JSON events
-//! of about 200 bytes (the seed's transaction events), produced before anything is measured.
+//! of about 200 bytes (the seed's transaction events), produced before anything is measured
+//! in record batches of `--produce-batch` events (as batching producers send; 1 sends one
+//! record per request).
 //! (r) The read ceiling: every partition fetched from offset 0 to its end concurrently with
 //! the same client and fetch size the ingest uses, decoding nothing: what the broker can hand
 //! out. (i) `lakesync ingest --exit-when-caught-up` as a child process (its peak RSS read from
@@ -76,17 +78,23 @@ pub(crate) fn start_broker(brokers: Option<&str>, port: u16) -> anyhow::Result<B
     Ok(Broker { child: Some(child), address: format!("127.0.0.1:{port}") })
 }
 
-/// Produces events `from..to` over the partitions, one producer task per partition.
-async fn produce(brokers: &[String], topic: &str, from: u64, to: u64) -> anyhow::Result<()> {
+/// Produces events `from..to` over the partitions, one producer task per partition, in
+/// record batches of up to `batch` events.
+async fn produce(brokers: &[String], topic: &str, from: u64, to: u64, batch: usize) -> anyhow::Result<()> {
     let producer = Arc::new(Producer::connect(brokers, topic).await.map_err(anyhow::Error::msg)?);
     let mut tasks = Vec::new();
     for p in 0..PARTITIONS as u64 {
         let producer = producer.clone();
         tasks.push(tokio::spawn(async move {
-            let mut seq = from + (p + PARTITIONS as u64 - from % PARTITIONS as u64) % PARTITIONS as u64;
-            while seq < to {
-                producer.send(p as i32, None, Some(event(seq))).await.map_err(anyhow::Error::msg)?;
-                seq += PARTITIONS as u64;
+            let first = from + (p + PARTITIONS as u64 - from % PARTITIONS as u64) % PARTITIONS as u64;
+            let seqs: Vec<u64> = (first..to).step_by(PARTITIONS as usize).collect();
+            for chunk in seqs.chunks(batch) {
+                if batch == 1 {
+                    producer.send(p as i32, None, Some(event(chunk[0]))).await.map_err(anyhow::Error::msg)?;
+                } else {
+                    let values = chunk.iter().map(|s| event(*s)).collect();
+                    producer.send_batch(p as i32, values).await.map_err(anyhow::Error::msg)?;
+                }
             }
             anyhow::Ok(())
         }));
@@ -170,9 +178,13 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     let topic = format!("bench-events-{}", std::process::id());
     create_topic(&brokers, &topic, PARTITIONS).await.map_err(anyhow::Error::msg)?;
     let rows = args.rows;
-    eprintln!("bench: producing {rows} events of ~{} bytes to {PARTITIONS} partitions", event(rows / 2).len());
+    let batch = args.produce_batch.max(1);
+    eprintln!(
+        "bench: producing {rows} events of ~{} bytes to {PARTITIONS} partitions, {batch} a request",
+        event(rows / 2).len()
+    );
     let t = Instant::now();
-    produce(&brokers, &topic, 0, rows).await?;
+    produce(&brokers, &topic, 0, rows, batch).await?;
     let produce_s = t.elapsed().as_secs_f64();
 
     settle();
@@ -217,7 +229,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
 
     let mb = read_bytes as f64 / 1e6;
     println!(
-        "\n## Ingest: {rows} JSON events (~{:.0} bytes), {PARTITIONS} partitions, local tansu broker\n",
+        "\n## Ingest: {rows} JSON events (~{:.0} bytes), {PARTITIONS} partitions, local tansu broker, record batches of {batch}\n",
         mb * 1e6 / rows as f64
     );
     println!("| phase | seconds | events/s | MB/s | peak RSS | ratio to (r) |");
@@ -239,7 +251,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         mb / write_s,
         read_s / write_s
     );
-    println!("\n(i) wrote {files} files in {commits} commits (incl. the create); producing took {produce_s:.1}s (one record per request).");
+    println!("\n(i) wrote {files} files in {commits} commits (incl. the create); producing took {produce_s:.1}s ({batch} records a request).");
 
     freshness(args, dir, &broker.address, &topic, cluster, rows).await
 }

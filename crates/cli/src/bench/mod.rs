@@ -101,6 +101,9 @@ pub struct BenchArgs {
     /// ingest: a Kafka broker (host:port) to use instead of starting a local tansu.
     #[arg(long)]
     brokers: Option<String>,
+    /// ingest: events per produce request (record batch); 1 sends one record per request.
+    #[arg(long, default_value_t = 500)]
+    produce_batch: usize,
     /// fleet: continuous tables the replicas share.
     #[arg(long, default_value_t = 100)]
     tables: usize,

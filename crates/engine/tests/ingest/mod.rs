@@ -111,6 +111,39 @@ fn an_ingest_writes_every_message_once_across_partitions_and_resumes_from_the_ta
     });
 }
 
+/// Record batches of many messages (what real producers send) are read whole, each message
+/// once, and the end of a partition is the fetch's high watermark even where the broker lists
+/// another (tansu lists the last batch's base offset + 1).
+#[test]
+fn batched_messages_are_ingested_once_each_and_the_end_offset_is_the_high_watermark() {
+    let kafka = KafkaServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("batched");
+    let spec = events_spec(&kafka, dir.path(), "batched", &table);
+    block_on(async {
+        kafka.create_topic("batched", 2).await;
+        let producer = kafka.producer("batched").await;
+        for b in 0..10i64 {
+            for p in 0..2i64 {
+                let seqs = (b * 100 + p * 50)..(b * 100 + p * 50 + 50);
+                let offsets = producer.send_batch(p as i32, seqs.map(event).collect()).await.unwrap();
+                assert_eq!(offsets, (b * 50..b * 50 + 50).collect::<Vec<_>>());
+            }
+        }
+        let ends = lakesync_ingest::kafka::end_offsets(&kafka.brokers(), "batched").await.unwrap();
+        assert_eq!(ends, [(0, 500), (1, 500)]);
+        let running = start(&spec);
+        running.wait_rows(1000, 60).await;
+        running.stop().await.unwrap();
+    });
+    let (seqs, offsets) = table_seqs(&table);
+    assert_eq!(seqs, (0..1000).collect::<Vec<_>>());
+    for p in 0..2 {
+        assert_eq!(offsets[&p], (0..500).collect::<Vec<_>>(), "partition {p}");
+    }
+    assert_eq!(app_versions(&spec, &table, 2), [Some(500), Some(500)]);
+}
+
 #[test]
 fn a_bad_message_fails_the_ingest_naming_partition_offset_and_field_and_its_flush_is_not_written() {
     let kafka = KafkaServer::start();
