@@ -233,6 +233,8 @@ pub struct Daemon {
     runs: Arc<Semaphore>,
     /// Set when the daemon joined a fleet ([`crate::fleet::join`]).
     pub(crate) fleet: OnceLock<Arc<FleetMember>>,
+    /// When the API last added or removed each table here (see [`Daemon::touch`]).
+    touched: Mutex<BTreeMap<String, Instant>>,
 }
 
 /// Why a table could not be added or removed.
@@ -267,6 +269,7 @@ impl Daemon {
             shutdown: watch::channel(false).0,
             runs: Arc::new(Semaphore::new(max_runs.max(1))),
             fleet: OnceLock::new(),
+            touched: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -458,12 +461,15 @@ impl Daemon {
                 .into());
             }
         }
-        if self.table(name).is_none() {
-            return Err(DaemonError::NotFound(name.into()));
-        }
+        let worker = self.table(name).ok_or_else(|| DaemonError::NotFound(name.into()))?;
         // In a fleet every replica stops it (the owner first finishes its run in flight).
+        self.touch(name);
         crate::fleet::deregister(self, name).await?;
-        let worker = self.forget_local(name).await.ok_or_else(|| DaemonError::NotFound(name.into()))?;
+        if let Some((_, task)) = self.detach_local(name) {
+            // Again: a view read before the registry forgot it must not bring it back.
+            self.touch(name);
+            let _ = task.await;
+        }
         if purge {
             let client = self.postgres.connect().await.map_err(EngineError::from)?;
             state::forget(&client, &worker.spec.target, Duration::from_secs(30)).await.map_err(EngineError::from)?;
@@ -474,11 +480,23 @@ impl Daemon {
         Ok(())
     }
 
-    /// Stops running `name` in this process (an in-flight run finishes first) and forgets it.
-    pub(crate) async fn forget_local(&self, name: &str) -> Option<Arc<Worker>> {
-        let (worker, task) = self.detach_local(name)?;
-        let _ = task.await;
-        Some(worker)
+    /// Records that the API just added or removed `name` here, so a coordinator acting on a
+    /// view of the registry read before that leaves it alone.
+    pub(crate) fn touch(&self, name: &str) {
+        self.touched.lock().expect("touched lock").insert(name.to_string(), Instant::now());
+    }
+
+    /// Whether the API added or removed `name` here after `since`.
+    pub(crate) fn touched_since(&self, name: &str, since: Instant) -> bool {
+        self.touched.lock().expect("touched lock").get(name).is_some_and(|t| *t >= since)
+    }
+
+    /// Checks that `spec` could be added (its name and target are free here).
+    pub(crate) fn check_addable(&self, spec: &TableSpec) -> Result<(), DaemonError> {
+        let workers = self.workers.read().expect("workers lock");
+        let mut specs: Vec<TableSpec> = workers.values().map(|(w, _)| w.spec.clone()).collect();
+        specs.push(spec.clone());
+        Ok(check_unique(&specs)?)
     }
 
     /// Forgets `name` in this process and tells its worker to stop; the returned task ends

@@ -111,27 +111,28 @@ pub async fn join(
 /// replica runs it and it survives restarts) and this replica shows it at once.
 pub async fn register(daemon: &Arc<Daemon>, spec: TableSpec) -> Result<Arc<crate::Worker>, DaemonError> {
     if daemon.fleet().is_some() {
+        // Check locally first (name and target unique), then claim the name in the registry,
+        // then show it here (unless this replica's coordinator was quicker).
+        daemon.check_addable(&spec)?;
         let mut client = daemon.session_config().connect().await.map_err(EngineError::from)?;
         let entry = table_entry(&spec);
-        // Check locally first (name and target unique), then claim the name in the registry.
-        let worker = daemon.add(spec)?;
-        match registry::put(&mut client, &entry, Origin::Api).await {
-            Ok(true) => {}
-            Ok(false) => {
-                daemon.forget_local(&entry.name).await;
-                return Err(ConfigError::Invalid {
-                    scope: format!("table {}", entry.name),
-                    message: "the name is used by another synced table in the fleet's registry".into(),
-                }
-                .into());
+        daemon.touch(&entry.name);
+        if !registry::put(&mut client, &entry, Origin::Api).await.map_err(EngineError::from)? {
+            return Err(ConfigError::Invalid {
+                scope: format!("table {}", entry.name),
+                message: "the name is used by another synced table in the fleet's registry".into(),
             }
-            Err(e) => {
-                daemon.forget_local(&entry.name).await;
-                return Err(EngineError::from(e).into());
-            }
+            .into());
         }
         registry::notify(&client, "registry").await.map_err(EngineError::from)?;
-        return Ok(worker);
+        let name = entry.name.clone();
+        let added = match daemon.add(spec) {
+            Ok(w) => Ok(w),
+            Err(e) => daemon.table(&name).ok_or(e),
+        };
+        // Again: a view read before the registry had it must not take it away.
+        daemon.touch(&name);
+        return added;
     }
     daemon.add(spec)
 }
@@ -171,6 +172,8 @@ struct Coordinate {
 
 /// What a tick read from Postgres.
 struct View {
+    /// When the registry was read (changes the API made here later win over it).
+    read_at: Instant,
     live: Vec<String>,
     items: Vec<registry::Item>,
     synced: BTreeMap<String, Option<Version>>,
@@ -304,9 +307,10 @@ impl Coordinate {
             tracing::warn!(replica = %gone, "ended the sessions of a replica whose lease expired; taking over its tables");
         }
         let live = session.live(self.settings.lease).await?;
+        let read_at = Instant::now();
         let items = session.items().await?;
         let synced = session.synced_versions().await?.into_iter().map(|(t, v)| (t.to_string(), v)).collect();
-        Ok(View { live, items, synced })
+        Ok(View { read_at, live, items, synced })
     }
 
     /// Brings the daemon in line with the registry, then releases and claims.
@@ -320,6 +324,8 @@ impl Coordinate {
         for item in &view.items {
             let e = &item.entry;
             let ok = match e.kind {
+                // Removed through this replica's API after the view was read: leave it gone.
+                Kind::Table if daemon.touched_since(&e.name, view.read_at) => false,
                 Kind::Table => {
                     registered_tables.insert(e.name.clone());
                     self.ensure_table(daemon, e).await
@@ -342,7 +348,8 @@ impl Coordinate {
         // runs in flight end on their own: a tick never waits for a run, or the heartbeat
         // would lapse (and a run that outlives the lock cannot commit).
         for w in daemon.tables() {
-            if !registered_tables.contains(&w.spec.name) {
+            // (A table the API added here after the view was read is not in it yet.)
+            if !registered_tables.contains(&w.spec.name) && !daemon.touched_since(&w.spec.name, view.read_at) {
                 daemon.detach_local(&w.spec.name);
             }
         }
