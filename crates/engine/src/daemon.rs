@@ -216,7 +216,7 @@ pub struct FleetMember {
     pub replica: String,
     /// The coordinating session's backend pid, runs are fenced by (0 while disconnected).
     pub(crate) owner_pid: AtomicI32,
-    /// The replica took part in the fleet at least once (for `/readyz`).
+    /// The replica takes part in the fleet (for `/readyz`).
     pub(crate) ready: AtomicBool,
     /// Tells the coordinator to leave the fleet (after the workers stopped).
     pub(crate) leave: watch::Sender<bool>,
@@ -307,9 +307,7 @@ impl Daemon {
             return Err(DaemonError::ShuttingDown);
         }
         let mut workers = self.workers.write().expect("workers lock");
-        let mut specs: Vec<TableSpec> = workers.values().map(|(w, _)| w.spec.clone()).collect();
-        specs.push(spec.clone());
-        check_unique(&specs)?;
+        addable(&workers, &spec)?;
         let fleet = self.fleet().cloned();
         let worker = Arc::new(Worker {
             owner_key: lakesync_postgres::fleet::table_owner_key(&spec.target),
@@ -373,7 +371,9 @@ impl Daemon {
     pub(crate) fn own_ingest(&self, key: &str) {
         let mut ingests = self.ingests.write().expect("ingests lock");
         if let Some((worker, task)) = ingests.values_mut().find(|(w, _)| w.owner_key == key) {
-            if task.as_ref().is_none_or(|t| t.is_finished()) {
+            // Not running here yet (an ingest that stopped on its own error stays stopped,
+            // with its status saying why, as outside a fleet).
+            if task.is_none() {
                 worker.stop.send_replace(false);
                 *task = Some(start_ingest(worker));
             }
@@ -493,10 +493,7 @@ impl Daemon {
 
     /// Checks that `spec` could be added (its name and target are free here).
     pub(crate) fn check_addable(&self, spec: &TableSpec) -> Result<(), DaemonError> {
-        let workers = self.workers.read().expect("workers lock");
-        let mut specs: Vec<TableSpec> = workers.values().map(|(w, _)| w.spec.clone()).collect();
-        specs.push(spec.clone());
-        Ok(check_unique(&specs)?)
+        Ok(addable(&self.workers.read().expect("workers lock"), spec)?)
     }
 
     /// Forgets `name` in this process and tells its worker to stop; the returned task ends
@@ -592,10 +589,10 @@ impl Daemon {
                 w.wake.notify_one();
             }
         }
-        let ingests = self.ingests.read().expect("ingests lock");
-        for (w, t) in ingests.values() {
+        let mut ingests = self.ingests.write().expect("ingests lock");
+        for (w, t) in ingests.values_mut() {
             w.stop.send_replace(true);
-            if let Some(t) = t {
+            if let Some(t) = t.take() {
                 t.abort();
             }
         }
@@ -624,6 +621,13 @@ impl Daemon {
             *w.owner.lock().expect("owner lock") = owners.get(&w.owner_key).cloned().flatten();
         }
     }
+}
+
+/// Whether `spec` can join `workers`: names and targets stay unique.
+fn addable(workers: &BTreeMap<String, Running>, spec: &TableSpec) -> Result<(), ConfigError> {
+    let mut specs: Vec<TableSpec> = workers.values().map(|(w, _)| w.spec.clone()).collect();
+    specs.push(spec.clone());
+    check_unique(&specs)
 }
 
 /// Starts an ingest's task; it runs until its stop signal, retrying transient failures

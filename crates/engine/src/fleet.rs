@@ -199,7 +199,7 @@ impl Coordinate {
                 _ = leave.changed() => {}
                 // `None`: the session ended; the next tick notices and reconnects.
                 n = woke => if let Some(n) = n {
-                    self.on_notification(n.payload()).await
+                    self.on_notification(n.payload())
                 },
             }
         }
@@ -216,15 +216,14 @@ impl Coordinate {
         }
     }
 
-    async fn on_notification(&mut self, payload: &str) {
+    /// A sync request reaches the owner's worker. (Any notification also ends the wait, so a
+    /// registry change or a replica leaving is acted on at once, not at the next beat.)
+    fn on_notification(&self, payload: &str) {
         let Some(daemon) = self.daemon.upgrade() else { return };
         if let Some(name) = payload.strip_prefix("sync:") {
             if daemon.table(name).is_some_and(|w| w.owned()) {
                 daemon.sync_now(name);
             }
-        } else {
-            // A registry change or a replica leaving: rebalance now, not at the next beat.
-            self.tick().await;
         }
     }
 
