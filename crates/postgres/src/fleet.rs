@@ -312,7 +312,9 @@ impl Coordinator {
     /// Ends every session of the other replicas whose heartbeat is older than `lease` (they
     /// are hung or cut off), which releases their locks; forgets replicas gone for an hour.
     /// Only sessions opened before that last heartbeat are ended: a replica restarting under
-    /// the same id is not mistaken for its hung predecessor.
+    /// the same id is not mistaken for its hung predecessor. Only sessions this role may end
+    /// (its own role's, or any non-superuser's with `pg_signal_backend`), so a replica running
+    /// as another role never fails the tick; its locks then go when its sessions end.
     /// Returns the replicas whose sessions were ended.
     pub async fn end_expired(&self, lease: Duration) -> Result<Vec<String>, PgError> {
         let rows = self
@@ -321,6 +323,8 @@ impl Coordinator {
                 "SELECT DISTINCT r.replica_id, pg_terminate_backend(a.pid) FROM lakesync.replicas r \
                  JOIN pg_stat_activity a ON a.application_name = 'lakesync/' || r.replica_id \
                    AND a.datname = current_database() AND a.backend_start < r.heartbeat_at \
+                   AND (pg_has_role(a.usesysid, 'MEMBER') OR (pg_has_role('pg_signal_backend', 'MEMBER') \
+                     AND NOT coalesce((SELECT rolsuper FROM pg_roles WHERE oid = a.usesysid), true))) \
                  WHERE r.replica_id <> $1 AND r.heartbeat_at < clock_timestamp() - make_interval(secs => $2)",
                 &[&self.replica, &lease.as_secs_f64()],
             )
