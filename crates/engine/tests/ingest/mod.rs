@@ -35,6 +35,17 @@ pub async fn produce(kafka: &KafkaServer, topic: &str, seqs: std::ops::Range<i64
     }
 }
 
+/// Produces events `seqs` keyed by transaction, as a producer with a key does: every event of
+/// a transaction lands in one partition, in order.
+async fn produce_by_transaction(kafka: &KafkaServer, topic: &str, seqs: std::ops::Range<i64>) {
+    let producer = kafka.producer(topic).await;
+    for seq in seqs {
+        let transaction = seq / 2;
+        let partition = (transaction % producer.partitions() as i64) as i32;
+        producer.send(partition, Some(format!("t{transaction}").into_bytes()), Some(event(seq))).await.unwrap();
+    }
+}
+
 struct Running {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), IngestError>>,
@@ -347,7 +358,10 @@ fn events_flow_from_kafka_through_delta_into_postgres_within_seconds() {
     let spec = events_spec(&kafka, dir.path(), "transactions", &table);
     block_on(async {
         kafka.create_topic("transactions", 4).await;
-        produce(&kafka, "transactions", 0..2).await;
+        // Keyed by transaction: a transaction's status updates follow it in one partition
+        // (round-robin would let a flush commit the settlement before the creation, and the
+        // change feed's rule across commits is that the later commit wins).
+        produce_by_transaction(&kafka, "transactions", 0..2).await;
         let running = start(&spec);
         running.wait_rows(2, 60).await;
         // Continuous sync of the ingested table: last event per transaction wins (the greater
@@ -355,7 +369,7 @@ fn events_flow_from_kafka_through_delta_into_postgres_within_seconds() {
         let mut req = db.request(&table, "app.transactions", "transaction_id");
         req.policy.dedup_by = Some("seq".into());
         lakesync_engine::sync(&req).await.unwrap();
-        produce(&kafka, "transactions", 2..400).await;
+        produce_by_transaction(&kafka, "transactions", 2..400).await;
         let produced = Instant::now();
         running.wait_rows(400, 60).await;
         let mut synced_at = None;
