@@ -29,20 +29,27 @@ pub fn events_spec(kafka: &KafkaServer, dir: &Path, topic: &str, table: &Path) -
 
 /// Produces events `seqs` round-robin over the topic's partitions.
 pub async fn produce(kafka: &KafkaServer, topic: &str, seqs: std::ops::Range<i64>) {
-    let producer = kafka.producer(topic).await;
-    for seq in seqs {
-        producer.send((seq % producer.partitions() as i64) as i32, None, Some(event(seq))).await.unwrap();
-    }
+    produce_to(kafka, topic, seqs, |seq| (seq, None)).await
 }
 
 /// Produces events `seqs` keyed by transaction, as a producer with a key does: every event of
 /// a transaction lands in one partition, in order.
 async fn produce_by_transaction(kafka: &KafkaServer, topic: &str, seqs: std::ops::Range<i64>) {
+    produce_to(kafka, topic, seqs, |seq| (seq / 2, Some(format!("t{}", seq / 2).into_bytes()))).await
+}
+
+/// Produces events `seqs`, each to partition `n % partitions` with key `k` for
+/// `(n, k) = route(seq)`.
+async fn produce_to(
+    kafka: &KafkaServer,
+    topic: &str,
+    seqs: std::ops::Range<i64>,
+    route: impl Fn(i64) -> (i64, Option<Vec<u8>>),
+) {
     let producer = kafka.producer(topic).await;
     for seq in seqs {
-        let transaction = seq / 2;
-        let partition = (transaction % producer.partitions() as i64) as i32;
-        producer.send(partition, Some(format!("t{transaction}").into_bytes()), Some(event(seq))).await.unwrap();
+        let (n, key) = route(seq);
+        producer.send((n % producer.partitions() as i64) as i32, key, Some(event(seq))).await.unwrap();
     }
 }
 
