@@ -251,6 +251,37 @@ pub async fn check_owner(tx: &impl GenericClient, table: &TableName) -> Result<(
     }
 }
 
+/// Every live registry entry with who holds it (read on any session: operators and the
+/// fleet benchmark use it too).
+pub async fn items(client: &impl GenericClient) -> Result<Vec<Item>, PgError> {
+    let rows = client
+        .query(
+            "WITH items AS (SELECT kind, name, spec, owner_key, hashtextextended(owner_key, 0) AS k \
+               FROM lakesync.registry WHERE removed_at IS NULL), \
+             held AS (SELECT l.pid, l.classid, l.objid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted \
+               AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
+             SELECT i.kind, i.name, i.spec, i.owner_key, h.pid IS NOT NULL, r.replica_id FROM items i \
+             LEFT JOIN held h ON h.classid = ((i.k >> 32) & 4294967295)::oid AND h.objid = (i.k & 4294967295)::oid \
+             LEFT JOIN lakesync.replicas r ON r.pid = h.pid \
+             ORDER BY i.kind, i.name",
+            &[],
+        )
+        .await
+        .map_err(q("read the registry"))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let kind = Kind::parse(r.get(0))?;
+            let holder = match (r.get::<_, bool>(4), r.get::<_, Option<String>>(5)) {
+                (false, _) => Holder::Free,
+                (true, Some(id)) => Holder::Replica(id),
+                (true, None) => Holder::Unknown,
+            };
+            Some(Item { entry: Entry { kind, name: r.get(1), spec: r.get(2), owner_key: r.get(3) }, holder })
+        })
+        .collect())
+}
+
 /// One replica's coordinating session: it renews the replica's heartbeat, holds the
 /// ownership locks of everything the replica owns and listens on [`CHANNEL`].
 pub struct Coordinator {
@@ -358,33 +389,7 @@ impl Coordinator {
 
     /// Every live registry entry with who holds it.
     pub async fn items(&self) -> Result<Vec<Item>, PgError> {
-        let rows = self
-            .client
-            .query(
-                "WITH items AS (SELECT kind, name, spec, owner_key, hashtextextended(owner_key, 0) AS k \
-                   FROM lakesync.registry WHERE removed_at IS NULL), \
-                 held AS (SELECT l.pid, l.classid, l.objid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted \
-                   AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
-                 SELECT i.kind, i.name, i.spec, i.owner_key, h.pid IS NOT NULL, r.replica_id FROM items i \
-                 LEFT JOIN held h ON h.classid = ((i.k >> 32) & 4294967295)::oid AND h.objid = (i.k & 4294967295)::oid \
-                 LEFT JOIN lakesync.replicas r ON r.pid = h.pid \
-                 ORDER BY i.kind, i.name",
-                &[],
-            )
-            .await
-            .map_err(q("read the registry"))?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| {
-                let kind = Kind::parse(r.get(0))?;
-                let holder = match (r.get::<_, bool>(4), r.get::<_, Option<String>>(5)) {
-                    (false, _) => Holder::Free,
-                    (true, Some(id)) => Holder::Replica(id),
-                    (true, None) => Holder::Unknown,
-                };
-                Some(Item { entry: Entry { kind, name: r.get(1), spec: r.get(2), owner_key: r.get(3) }, holder })
-            })
-            .collect())
+        items(&self.client).await
     }
 
     /// The synced version of every synced table (for replicas that do not own them).

@@ -72,15 +72,17 @@ impl Drop for Replica {
 }
 
 /// Which replica holds each table's ownership lock (tables nobody holds are absent).
-const HOLDERS: &str = "WITH items AS (SELECT name, hashtextextended(owner_key, 0) AS k FROM lakesync.registry \
-    WHERE removed_at IS NULL AND kind = 'table') \
-    SELECT i.name, r.replica_id FROM items i JOIN pg_locks l ON l.locktype = 'advisory' AND l.granted \
-    AND l.objsubid = 1 AND l.classid = ((i.k >> 32) & 4294967295)::oid AND l.objid = (i.k & 4294967295)::oid \
-    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-    JOIN lakesync.replicas r ON r.pid = l.pid";
-
 async fn holders(client: &tokio_postgres::Client) -> anyhow::Result<BTreeMap<String, String>> {
-    Ok(client.query(HOLDERS, &[]).await?.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+    use lakesync_postgres::fleet::{Holder, Kind};
+    Ok(lakesync_postgres::fleet::items(client)
+        .await?
+        .into_iter()
+        .filter(|i| i.entry.kind == Kind::Table)
+        .filter_map(|i| match i.holder {
+            Holder::Replica(id) => Some((i.entry.name, id)),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Every table held, by `ids` only, each holding its share (±1).
