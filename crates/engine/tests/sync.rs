@@ -1505,6 +1505,87 @@ fn a_retyped_key_is_widened_in_place_or_rebuilt_never_parked() {
     db.assert_matches_snapshot(&t.path(), "public.people", "id", v);
 }
 
+/// Delta type widening (the `typeWidening` table feature) leaves the files written before the
+/// widening at their narrow physical types. The change feed goes on through the widening
+/// commit, reads rows a later DELETE removes from such a file at the wide types, and a snapshot
+/// of the widened table loads the old files' values exactly. The widening commit is written as
+/// Spark writes it (`delta_writer.py`, op `widen`); delta-rs cannot write one.
+#[test]
+fn a_table_widened_in_place_syncs_through_the_change_feed_and_in_snapshots() {
+    let db = TestDb::new("type_widening");
+    let t = PyDelta::new();
+    let narrow = json!([
+        ["id", "pa.int32()"],
+        ["small", "pa.int16()"],
+        ["tiny", "pa.int8()"],
+        ["f", "pa.float32()"],
+        ["d", "pa.date32()"],
+        ["m", "pa.decimal128(10, 2)"]
+    ]);
+    t.run(json!([{"op": "create", "schema": narrow,
+                  "rows": [[1, 10, 1, 3.4, "2024-01-01", "1.25"], [2, 20, 2, 1.5, "1900-01-01", "2.50"]]}]));
+    let narrow_row_version = t.run(json!([{"op": "append", "schema": narrow,
+                                           "rows": [[3, 30, 3, 2.5, "2000-02-29", "3.75"]]}]));
+    let mut req = db.request(&t.path(), "public.widened", "id");
+    db.sync(&req).unwrap();
+    let types = || {
+        db.rows(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute \
+             WHERE attrelid = 'public.widened'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        )
+    };
+    assert_eq!(
+        types(),
+        ["(id,integer)", "(small,smallint)", "(tiny,smallint)", "(f,real)", "(d,date)", "(m,\"numeric(10,2)\")"]
+    );
+    let before = oid(&db, "public.widened");
+
+    // The key and five other columns widened; a row only the wide types hold; and a DELETE of
+    // the narrow file's row.
+    t.run(json!([{"op": "widen", "columns": {"id": "long", "small": "integer", "tiny": "double", "f": "double",
+                                              "d": "timestamp_ntz", "m": "decimal(20,4)"}}]));
+    let wide = json!([
+        ["id", "pa.int64()"],
+        ["small", "pa.int32()"],
+        ["tiny", "pa.float64()"],
+        ["f", "pa.float64()"],
+        ["d", "pa.timestamp('us')"],
+        ["m", "pa.decimal128(20, 4)"]
+    ]);
+    t.run(json!([{"op": "append_file", "schema": wide,
+                  "rows": [[5_000_000_000_i64, 2_000_000_000, 1.5, 1.234567890123, "2024-09-09T12:34:56.123456",
+                            "12345678901234.5678"]]}]));
+    let v = t.run(json!([{"op": "remove_files_added_in", "version": narrow_row_version}]));
+
+    req.mode = SyncMode::Triggered;
+    let out = db.sync(&req).unwrap();
+    assert_eq!((out.mode.as_str(), out.to_version), ("triggered", v), "the feed goes on through the widening");
+    assert_eq!(
+        types(),
+        [
+            "(id,bigint)",
+            "(small,integer)",
+            "(tiny,\"double precision\")",
+            "(f,\"double precision\")",
+            "(d,\"timestamp without time zone\")",
+            "(m,\"numeric(20,4)\")"
+        ]
+    );
+    assert_eq!(oid(&db, "public.widened"), before, "widened in place, the key included");
+    // The float written before the widening is the nearest double to the float 3.4, as Spark
+    // reads it too.
+    assert_eq!(
+        db.rows("SELECT * FROM public.widened ORDER BY id"),
+        [
+            "(1,10,1,3.4000000953674316,\"2024-01-01 00:00:00\",1.2500)",
+            "(2,20,2,1.5,\"1900-01-01 00:00:00\",2.5000)",
+            "(5000000000,2000000000,1.5,1.234567890123,\"2024-09-09 12:34:56.123456\",12345678901234.5678)"
+        ]
+    );
+    // A snapshot of the widened table reads the narrow file at the wide types: the same rows.
+    db.assert_matches_snapshot(&t.path(), "public.widened", "id", v);
+}
+
 #[test]
 fn edge_values_of_every_numeric_and_calendar_type_sync_exactly_from_real_files() {
     // The conversions on the read and COPY paths, each at its edges, from files the Python

@@ -12,6 +12,7 @@ import decimal
 import json
 import os
 import sys
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -64,6 +65,51 @@ def write_deltalake(path, data, **kwargs):
     _write_deltalake(path, data, storage_options=store_options(path), **kwargs)
 
 
+# The features a legacy writer version implies, for the upgrade to table features.
+LEGACY_WRITER_FEATURES = {
+    1: [],
+    2: ["appendOnly", "invariants"],
+    3: ["appendOnly", "invariants", "checkConstraints"],
+    4: ["appendOnly", "invariants", "checkConstraints", "changeDataFeed", "generatedColumns"],
+    5: ["appendOnly", "invariants", "checkConstraints", "changeDataFeed", "generatedColumns", "columnMapping"],
+    6: ["appendOnly", "invariants", "checkConstraints", "changeDataFeed", "generatedColumns", "columnMapping",
+        "identityColumns"],
+}
+
+
+def log_file(path, version):
+    return os.path.join(path, "_delta_log", f"{version:020}.json")
+
+
+def latest_version(path):
+    return max(int(n[:20]) for n in os.listdir(os.path.join(path, "_delta_log")) if n.endswith(".json"))
+
+
+def latest_metadata_and_protocol(path):
+    """The table's metaData and protocol actions, replayed from its JSON commits (a local table
+    without checkpoints, as the hand-written commits below are only used on those)."""
+    assert "://" not in path, "hand-written commits are for local tables"
+    meta = protocol = None
+    for version in range(latest_version(path) + 1):
+        with open(log_file(path, version)) as f:
+            for line in f:
+                action = json.loads(line)
+                meta = action.get("metaData", meta)
+                protocol = action.get("protocol", protocol)
+    return meta, protocol
+
+
+def commit_by_hand(path, operation, actions):
+    """Writes the next commit, put-if-absent as Delta writers do on a local file system."""
+    version = latest_version(path) + 1
+    info = {"commitInfo": {"timestamp": int(time.time() * 1000), "operation": operation,
+                           "operationParameters": {}, "engineInfo": "lakesync-tests delta_writer.py"}}
+    with open(log_file(path, version), "x") as f:
+        for action in [info, *actions]:
+            f.write(json.dumps(action) + "\n")
+    return version
+
+
 def apply(path, op):
     kind = op["op"]
     if kind == "create":
@@ -103,6 +149,52 @@ def apply(path, op):
         else:
             create_table_with_add_actions(path, Schema.from_arrow(data.schema), [add],
                                           configuration={"delta.enableChangeDataFeed": "true"})
+    elif kind == "widen":
+        # Delta type widening, as Spark's `ALTER TABLE .. ALTER COLUMN .. TYPE` commits it on a
+        # table with `delta.enableTypeWidening` (delta-rs cannot): one metaData action with the
+        # wider types, each change recorded in the field's `delta.typeChanges`, and the protocol
+        # upgraded to table features with `typeWidening`. No data file is rewritten, so the
+        # files written before keep their narrow physical types.
+        meta, protocol = latest_metadata_and_protocol(path)
+        schema = json.loads(meta["schemaString"])
+        for field in schema["fields"]:
+            if field["name"] in op["columns"]:
+                to = op["columns"][field["name"]]
+                changes = field.setdefault("metadata", {}).setdefault("delta.typeChanges", [])
+                changes.append({"fromType": field["type"], "toType": to})
+                field["type"] = to
+        meta["schemaString"] = json.dumps(schema)
+        meta.setdefault("configuration", {})["delta.enableTypeWidening"] = "true"
+        features = {"typeWidening"}
+        if "timestamp_ntz" in op["columns"].values():
+            features.add("timestampNtz")
+        reader = set(protocol.get("readerFeatures") or (["columnMapping"] if protocol["minReaderVersion"] >= 2 else []))
+        writer = set(protocol.get("writerFeatures") or LEGACY_WRITER_FEATURES[protocol["minWriterVersion"]])
+        protocol = {"minReaderVersion": 3, "minWriterVersion": 7,
+                    "readerFeatures": sorted(reader | features), "writerFeatures": sorted(writer | features)}
+        return commit_by_hand(path, "CHANGE COLUMN", [{"metaData": meta}, {"protocol": protocol}])
+    elif kind == "append_file":
+        # One data file written with pyarrow and committed by hand: appends to a table that
+        # delta-rs cannot write (a widened one), at the types the rows are given in.
+        data = table(op["schema"], op["rows"])
+        name = f"part-hand-{len(os.listdir(path)):05d}.parquet"
+        pq.write_table(data, os.path.join(path, name))
+        add = {"path": name, "partitionValues": {}, "size": os.path.getsize(os.path.join(path, name)),
+               "modificationTime": int(time.time() * 1000), "dataChange": True,
+               "stats": json.dumps({"numRecords": data.num_rows})}
+        return commit_by_hand(path, "WRITE", [{"add": add}])
+    elif kind == "remove_files_added_in":
+        # Removes every data file one commit added, as a DELETE of whole files commits it: remove
+        # actions only, no change files, so the change feed reads the removed rows from the files.
+        removes = []
+        with open(log_file(path, op["version"])) as f:
+            for line in f:
+                add = json.loads(line).get("add")
+                if add:
+                    removes.append({"remove": {"path": add["path"], "deletionTimestamp": int(time.time() * 1000),
+                                               "dataChange": True, "extendedFileMetadata": True,
+                                               "partitionValues": add["partitionValues"], "size": add["size"]}})
+        return commit_by_hand(path, "DELETE", removes)
     elif kind == "checkpoint":
         DeltaTable(path).create_checkpoint()
     elif kind == "set_column_metadata":
