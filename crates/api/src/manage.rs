@@ -228,6 +228,7 @@ fn ingest_json(state: &AppState, worker: &lakesync_engine::IngestWorker) -> Valu
     json!({
         "name": spec.name,
         "brokers": spec.brokers,
+        "security_protocol": spec.security.protocol(),
         "topic": spec.topic,
         "table": spec.table,
         "owner": owner,

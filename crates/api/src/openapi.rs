@@ -56,7 +56,7 @@ fn spec(tables: &[String]) -> Value {
                     "last_run": {"$ref": "#/components/schemas/Run"}, "config": {"$ref": "#/components/schemas/TableConfig"},
                     "owner": {"type": ["string", "null"], "description": "the replica that runs the table"}}},
                 "Ingest": {"type": "object", "properties": {
-                    "name": {"type": "string"}, "brokers": {"type": "array", "items": {"type": "string"}}, "topic": {"type": "string"}, "table": {"type": "string"},
+                    "name": {"type": "string"}, "brokers": {"type": "array", "items": {"type": "string"}}, "security_protocol": {"type": "string", "enum": ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]}, "topic": {"type": "string"}, "table": {"type": "string"},
                     "state": {"type": "string", "enum": ["starting", "running", "retrying", "failed", "stopped", "standby"]},
                     "last_error": {"type": ["string", "null"]}, "error_class": {"type": ["string", "null"]}, "lag_messages": {"type": "integer"},
                     "partitions": {"type": "array", "items": {"type": "object", "properties": {"partition": {"type": "integer"},

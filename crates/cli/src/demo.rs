@@ -178,7 +178,9 @@ async fn pipeline(args: &DemoArgs, dir: &std::path::Path, conn: &str) -> anyhow:
     let brokers = vec![broker.address.clone()];
     let topic = "transactions";
     println!("\n1. Kafka broker at {} (local tansu unless --brokers); topic {topic}, 4 partitions", broker.address);
-    if let Err(e) = lakesync_ingest::kafka::create_topic(&brokers, topic, 4).await {
+    if let Err(e) =
+        lakesync_ingest::kafka::create_topic(&brokers, &lakesync_ingest::kafka::Security::default(), topic, 4).await
+    {
         anyhow::ensure!(e.contains("TopicAlreadyExists"), "{e}");
     }
     let client = PgConfig::parse(conn)?.connect().await?;
@@ -221,7 +223,10 @@ async fn pipeline(args: &DemoArgs, dir: &std::path::Path, conn: &str) -> anyhow:
 
     let events = 2 * args.rows.clamp(100, 100_000);
     println!("\n3. producing {} transactions: each created (pending), then settled: {events} events ...", events / 2);
-    let producer = lakesync_ingest::kafka::Producer::connect(&brokers, topic).await.map_err(anyhow::Error::msg)?;
+    let producer =
+        lakesync_ingest::kafka::Producer::connect(&brokers, &lakesync_ingest::kafka::Security::default(), topic)
+            .await
+            .map_err(anyhow::Error::msg)?;
     let produced = Instant::now();
     for seq in 0..events {
         let t = seq / 2;

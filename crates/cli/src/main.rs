@@ -56,7 +56,7 @@ enum Command {
     Compact(CompactArgs),
     /// Ingest a Kafka topic into a Delta table, exactly once (each flush is one commit that
     /// records every partition's next offset; restarts resume from the table), until stopped.
-    Ingest(IngestArgs),
+    Ingest(Box<IngestArgs>),
     /// Validate a config file without running anything.
     CheckConfig {
         /// The TOML config file.
@@ -225,6 +225,20 @@ struct IngestArgs {
     /// ingest started are in the table: for backfills, batch jobs and benchmarks.
     #[arg(long)]
     exit_when_caught_up: bool,
+    /// How to reach the brokers: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    #[arg(long, default_value = "PLAINTEXT")]
+    security_protocol: String,
+    /// PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with a SASL_* protocol; default SCRAM-SHA-512).
+    #[arg(long)]
+    sasl_mechanism: Option<String>,
+    #[arg(long)]
+    sasl_username: Option<String>,
+    /// The environment variable holding the SASL password.
+    #[arg(long)]
+    sasl_password_env: Option<String>,
+    /// A PEM file of the CA certificates to trust for the brokers' TLS (default: the system's).
+    #[arg(long)]
+    ssl_ca_location: Option<String>,
 }
 
 impl IngestArgs {
@@ -252,6 +266,11 @@ impl IngestArgs {
         entry.target_file_size = Some(self.target_file_size.clone());
         entry.storage_options =
             self.storage_options.iter().map(|(k, v)| (k.clone(), OptionValue::Text(v.clone()))).collect();
+        entry.security_protocol = Some(self.security_protocol.clone());
+        entry.sasl_mechanism = self.sasl_mechanism.clone();
+        entry.sasl_username = self.sasl_username.clone();
+        entry.sasl_password_env = self.sasl_password_env.clone();
+        entry.ssl_ca_location = self.ssl_ca_location.clone();
         Ok(entry.validate_with(&|name| std::env::var(name).ok())?)
     }
 }
@@ -276,8 +295,9 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         let _ = stop_tx.send(true);
     });
     if args.exit_when_caught_up {
-        let (brokers, topic) = (spec.brokers.clone(), spec.topic.clone());
-        let ends = lakesync_ingest::kafka::end_offsets(&brokers, &topic).await.map_err(anyhow::Error::msg)?;
+        let ends = lakesync_ingest::kafka::end_offsets(&spec.brokers, &spec.security, &spec.topic)
+            .await
+            .map_err(anyhow::Error::msg)?;
         let (status, stop) = (status.clone(), stop_tx_for_catch_up.clone());
         tokio::spawn(async move {
             loop {
@@ -437,6 +457,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
-        Command::Ingest(args) => ingest(args).await,
+        Command::Ingest(args) => ingest(*args).await,
     }
 }

@@ -37,7 +37,14 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
         println!("table {}: {} -> {} ({}, {when})", t.name, t.source, t.target, t.mode.as_str());
     }
     for i in &config.ingests {
-        println!("ingest {}: kafka topic {} ({}) -> {}", i.name, i.topic, i.brokers.join(","), i.table);
+        println!(
+            "ingest {}: kafka topic {} ({}, {}) -> {}",
+            i.name,
+            i.topic,
+            i.brokers.join(","),
+            i.security.protocol(),
+            i.table
+        );
     }
     let f = &config.fleet;
     println!(

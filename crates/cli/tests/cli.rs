@@ -445,7 +445,13 @@ fn killing_an_ingest_at_random_points_never_loses_or_duplicates_a_message() {
         let kafka_brokers = kafka.brokers();
         std::thread::spawn(move || {
             support::block_on(async {
-                let p = lakesync_ingest::kafka::Producer::connect(&kafka_brokers, "orders").await.unwrap();
+                let p = lakesync_ingest::kafka::Producer::connect(
+                    &kafka_brokers,
+                    &lakesync_ingest::kafka::Security::default(),
+                    "orders",
+                )
+                .await
+                .unwrap();
                 for seq in 0..MESSAGES {
                     p.send((seq % 3) as i32, None, Some(event(seq))).await.unwrap();
                     if seq % 5 == 0 {

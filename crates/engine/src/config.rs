@@ -38,6 +38,7 @@ use lakesync_core::{
     Version,
 };
 use lakesync_delta::StorageOptions;
+use lakesync_ingest::kafka::{Sasl, SaslMechanism, Security};
 use lakesync_ingest::{BadRecords, IngestSpec, KafkaColumn, StartFrom};
 use lakesync_postgres::{PgConfig, RunRetention};
 use serde::{Deserialize, Serialize};
@@ -530,6 +531,11 @@ impl TableConfig {
 /// flush_interval = "1s"
 /// on_bad_record = "dead_letter"
 /// dead_letter_table = "s3://lake/events_dead_letters"
+/// security_protocol = "SASL_SSL"          # PLAINTEXT (default), SSL, SASL_PLAINTEXT, SASL_SSL
+/// sasl_mechanism = "SCRAM-SHA-512"        # PLAIN, SCRAM-SHA-256, SCRAM-SHA-512
+/// sasl_username = "lakesync"
+/// sasl_password_env = "KAFKA_PASSWORD"    # the password's environment variable
+/// ssl_ca_location = "/etc/lakesync/kafka-ca.pem"  # default: the system's roots
 /// ```
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -581,6 +587,21 @@ pub struct IngestConfig {
     /// Object-store settings, as for `[[tables]]`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub storage_options: BTreeMap<String, OptionValue>,
+    /// How to reach the brokers, as Kafka clients' `security.protocol`: `PLAINTEXT`
+    /// (default), `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_protocol: Option<String>,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (default), with a `SASL_*` protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_mechanism: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_username: Option<String>,
+    /// The environment variable holding the SASL password (never the password itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl_password_env: Option<String>,
+    /// A PEM file of the CA certificates to trust for the brokers' TLS (default: the system's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssl_ca_location: Option<String>,
 }
 
 impl IngestConfig {
@@ -603,6 +624,11 @@ impl IngestConfig {
             compact_every: None,
             target_file_size: None,
             storage_options: BTreeMap::new(),
+            security_protocol: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password_env: None,
+            ssl_ca_location: None,
         }
     }
 
@@ -635,6 +661,7 @@ impl IngestConfig {
             StorageOptions::resolve(&self.table, &written, env).map_err(|e| invalid(&scope, format!("table: {e}")))?;
         let mut spec = IngestSpec::new(&name, brokers, &self.topic, &self.table);
         spec.storage = storage;
+        spec.security = self.security(&scope, env)?;
         if let Some(path) = &self.schema {
             let text =
                 std::fs::read_to_string(path).map_err(|e| invalid(&scope, format!("schema file {path}: {e}")))?;
@@ -694,6 +721,61 @@ impl IngestConfig {
             spec.target_file_size = parse_size(size).map_err(|e| invalid(&scope, format!("target_file_size: {e}")))?;
         }
         Ok(spec)
+    }
+}
+
+impl IngestConfig {
+    /// TLS and SASL to the brokers, from `security_protocol` and the settings it needs.
+    fn security(&self, scope: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Security, ConfigError> {
+        let protocol = self.security_protocol.as_deref().unwrap_or("PLAINTEXT");
+        let (tls, sasl) = match protocol {
+            "PLAINTEXT" => (false, false),
+            "SSL" => (true, false),
+            "SASL_PLAINTEXT" => (false, true),
+            "SASL_SSL" => (true, true),
+            other => {
+                return Err(invalid(
+                    scope,
+                    format!("security_protocol {other:?}: expected PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
+                ))
+            }
+        };
+        let sasl_settings = [
+            ("sasl_mechanism", self.sasl_mechanism.is_some()),
+            ("sasl_username", self.sasl_username.is_some()),
+            ("sasl_password_env", self.sasl_password_env.is_some()),
+        ];
+        if let (false, Some((name, _))) = (sasl, sasl_settings.iter().find(|(_, set)| *set)) {
+            return Err(invalid(
+                scope,
+                format!("{name} applies only with security_protocol SASL_PLAINTEXT or SASL_SSL"),
+            ));
+        }
+        if !tls && self.ssl_ca_location.is_some() {
+            return Err(invalid(scope, "ssl_ca_location applies only with security_protocol SSL or SASL_SSL"));
+        }
+        let mut security = Security::default();
+        if tls {
+            let ca = self.ssl_ca_location.as_deref().map(std::path::Path::new);
+            security.tls = Some(lakesync_ingest::kafka::tls_config(ca).map_err(|e| invalid(scope, e))?);
+        }
+        if sasl {
+            let mechanism = SaslMechanism::parse(self.sasl_mechanism.as_deref().unwrap_or("SCRAM-SHA-512"))
+                .map_err(|e| invalid(scope, format!("sasl_mechanism {e}")))?;
+            let username = self
+                .sasl_username
+                .clone()
+                .filter(|u| !u.is_empty())
+                .ok_or_else(|| invalid(scope, format!("security_protocol {protocol} needs sasl_username")))?;
+            let var = self
+                .sasl_password_env
+                .as_deref()
+                .ok_or_else(|| invalid(scope, format!("security_protocol {protocol} needs sasl_password_env")))?;
+            let password = env(var)
+                .ok_or_else(|| invalid(scope, format!("sasl_password_env: environment variable {var} is not set")))?;
+            security.sasl = Some(Sasl { mechanism, username, password });
+        }
+        Ok(security)
     }
 }
 

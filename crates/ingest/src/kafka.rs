@@ -5,13 +5,16 @@
 //! whole record batches) and offsets must strictly increase, so a broker that repeats
 //! records can never make a message appear twice.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rskafka::client::error::{Error as KafkaError, ProtocolError};
 use rskafka::client::partition::{OffsetAt, PartitionClient, UnknownTopicHandling};
-use rskafka::client::{Client, ClientBuilder};
+use rskafka::client::{Client, ClientBuilder, Credentials, SaslConfig};
 use rskafka::BackoffConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
 use crate::decode::Message;
@@ -21,6 +24,131 @@ use crate::decode::Message;
 pub enum StartFrom {
     Earliest,
     Latest,
+}
+
+/// How lakesync reaches the brokers, as a Kafka client's `security.protocol` says:
+/// `PLAINTEXT` (the default), `SSL` (TLS), `SASL_PLAINTEXT` or `SASL_SSL`.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// TLS to every broker, verified against [`tls_config`]'s roots; `None`: plain TCP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// SASL authentication on every connection.
+    pub sasl: Option<Sasl>,
+}
+
+/// SASL credentials. The password never appears in `Debug` output, logs or errors.
+#[derive(Clone)]
+pub struct Sasl {
+    pub mechanism: SaslMechanism,
+    pub username: String,
+    pub password: String,
+}
+
+/// The SASL mechanisms lakesync speaks (`sasl.mechanism`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaslMechanism {
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// Parses a mechanism as Kafka clients spell it.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "PLAIN" => Ok(Self::Plain),
+            "SCRAM-SHA-256" => Ok(Self::ScramSha256),
+            "SCRAM-SHA-512" => Ok(Self::ScramSha512),
+            other => Err(format!("{other:?}: expected \"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\"")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("tls", &self.tls.is_some())
+            .field("sasl", &self.sasl.as_ref().map(|s| (s.mechanism.as_str(), &s.username)))
+            .finish()
+    }
+}
+
+impl Security {
+    /// `security.protocol` as Kafka clients name it.
+    pub fn protocol(&self) -> &'static str {
+        match (self.tls.is_some(), self.sasl.is_some()) {
+            (false, false) => "PLAINTEXT",
+            (true, false) => "SSL",
+            (false, true) => "SASL_PLAINTEXT",
+            (true, true) => "SASL_SSL",
+        }
+    }
+
+    /// A client builder for `brokers` with these settings, whose requests give up after
+    /// [`REQUEST_DEADLINE`] (so a wrong address, a refused login or a broker that is down is
+    /// reported, and the caller retries as a whole).
+    fn builder(&self, brokers: &[String]) -> ClientBuilder {
+        let backoff = BackoffConfig {
+            init_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+            deadline: Some(REQUEST_DEADLINE),
+        };
+        let mut builder = ClientBuilder::new(brokers.to_vec())
+            .client_id(concat!("lakesync/", env!("CARGO_PKG_VERSION")))
+            .backoff_config(backoff);
+        if let Some(tls) = &self.tls {
+            builder = builder.tls_config(tls.clone());
+        }
+        if let Some(sasl) = &self.sasl {
+            let credentials = Credentials::new(sasl.username.clone(), sasl.password.clone());
+            builder = builder.sasl_config(match sasl.mechanism {
+                SaslMechanism::Plain => SaslConfig::Plain(credentials),
+                SaslMechanism::ScramSha256 => SaslConfig::ScramSha256(credentials),
+                SaslMechanism::ScramSha512 => SaslConfig::ScramSha512(credentials),
+            });
+        }
+        builder
+    }
+}
+
+/// The TLS settings for the brokers: the certificates in `ca` (PEM; `ssl.ca.location`) as the
+/// only trusted roots, or else the system's. The broker's name is always verified.
+pub fn tls_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("cannot read the CA file {}: {e}", path.display()))?;
+            for c in certs {
+                roots.add(c).map_err(|e| format!("the CA file {}: {e}", path.display()))?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err("no trusted root certificates: set ssl_ca_location to a PEM file".into());
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// A failure talking to the brokers.
@@ -44,18 +172,24 @@ impl std::fmt::Display for FetchError {
 }
 
 pub(crate) fn kafka_error(context: &str, e: KafkaError) -> FetchError {
-    let transient = match &e {
-        KafkaError::ServerError { protocol_error, .. } => !matches!(
-            protocol_error,
-            ProtocolError::TopicAuthorizationFailed
-                | ProtocolError::ClusterAuthorizationFailed
-                | ProtocolError::SaslAuthenticationFailed
-                | ProtocolError::InvalidTopicException
-        ),
-        KafkaError::InvalidResponse(_) => false,
-        _ => true,
-    };
-    FetchError::Kafka { message: format!("{context}: {e}"), transient }
+    // rskafka retries a failed handshake until its deadline and then reports the last error
+    // as text: a refused login or certificate is not going to pass on the next try.
+    let text = e.to_string();
+    let refused =
+        ["Sasl handshake failed", "SaslAuthenticationFailed", "invalid peer certificate", "CertificateRequired"];
+    let transient = !refused.iter().any(|r| text.contains(r))
+        && match &e {
+            KafkaError::ServerError { protocol_error, .. } => !matches!(
+                protocol_error,
+                ProtocolError::TopicAuthorizationFailed
+                    | ProtocolError::ClusterAuthorizationFailed
+                    | ProtocolError::SaslAuthenticationFailed
+                    | ProtocolError::InvalidTopicException
+            ),
+            KafkaError::InvalidResponse(_) => false,
+            _ => true,
+        };
+    FetchError::Kafka { message: format!("{context}: {text}"), transient }
 }
 
 /// A connection to the brokers and one topic's partitions.
@@ -65,22 +199,12 @@ pub(crate) struct Topic {
     pub partitions: Vec<i32>,
 }
 
-/// How long a request may be retried before it fails (so a wrong address or a broker that is
-/// down is reported, and the caller retries as a whole).
+/// How long a request may be retried before it fails.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(20);
 
 impl Topic {
-    pub async fn connect(brokers: &[String], topic: &str) -> Result<Self, FetchError> {
-        let backoff = BackoffConfig {
-            init_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(2),
-            base: 2.0,
-            deadline: Some(REQUEST_DEADLINE),
-        };
-        let build = ClientBuilder::new(brokers.to_vec())
-            .client_id(concat!("lakesync/", env!("CARGO_PKG_VERSION")))
-            .backoff_config(backoff)
-            .build();
+    pub async fn connect(brokers: &[String], security: &Security, topic: &str) -> Result<Self, FetchError> {
+        let build = security.builder(brokers).build();
         let client = tokio::time::timeout(REQUEST_DEADLINE, build)
             .await
             .map_err(|_| FetchError::Kafka {
@@ -190,8 +314,8 @@ pub(crate) async fn fetch_loop(
 
 /// Creates `topic` with `partitions` partitions (replication 1), for the demo, benchmarks and
 /// tests: the ingest itself never creates topics.
-pub async fn create_topic(brokers: &[String], topic: &str, partitions: i32) -> Result<(), String> {
-    let client = ClientBuilder::new(brokers.to_vec()).build().await.map_err(|e| format!("connecting: {e}"))?;
+pub async fn create_topic(brokers: &[String], security: &Security, topic: &str, partitions: i32) -> Result<(), String> {
+    let client = security.builder(brokers).build().await.map_err(|e| format!("connecting: {e}"))?;
     let controller = client.controller_client().map_err(|e| e.to_string())?;
     controller.create_topic(topic, partitions, 1, 5_000).await.map_err(|e| format!("creating topic {topic}: {e}"))
 }
@@ -203,8 +327,8 @@ pub struct Producer {
 }
 
 impl Producer {
-    pub async fn connect(brokers: &[String], topic: &str) -> Result<Self, String> {
-        let topic = Topic::connect(brokers, topic).await.map_err(|e| e.to_string())?;
+    pub async fn connect(brokers: &[String], security: &Security, topic: &str) -> Result<Self, String> {
+        let topic = Topic::connect(brokers, security, topic).await.map_err(|e| e.to_string())?;
         let mut partitions = Vec::new();
         for p in &topic.partitions {
             partitions.push(topic.partition(*p).await.map_err(|e| e.to_string())?);
@@ -253,8 +377,8 @@ impl Producer {
 }
 
 /// Each partition's end offset (the offset the next message will get) right now.
-pub async fn end_offsets(brokers: &[String], topic: &str) -> Result<Vec<(i32, i64)>, String> {
-    let topic = Topic::connect(brokers, topic).await.map_err(|e| e.to_string())?;
+pub async fn end_offsets(brokers: &[String], security: &Security, topic: &str) -> Result<Vec<(i32, i64)>, String> {
+    let topic = Topic::connect(brokers, security, topic).await.map_err(|e| e.to_string())?;
     let mut ends = Vec::new();
     for p in &topic.partitions {
         let client = topic.partition(*p).await.map_err(|e| e.to_string())?;

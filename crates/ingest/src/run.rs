@@ -175,7 +175,7 @@ async fn run_once(
             .await?,
         )),
     };
-    let topic = Topic::connect(&spec.brokers, &spec.topic).await.map_err(|e| fetch_error(spec, e))?;
+    let topic = Topic::connect(&spec.brokers, &spec.security, &spec.topic).await.map_err(|e| fetch_error(spec, e))?;
     let ids: Vec<String> = topic.partitions.iter().map(|p| spec.app_id(*p)).collect();
     let (recorded, dead_recorded) = blocking(spec, {
         let (spec, target, dead, ids) = (spec.clone(), target.clone(), dead.clone(), ids.clone());

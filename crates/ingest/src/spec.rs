@@ -7,7 +7,7 @@ use arrow_schema::SchemaRef;
 use lakesync_delta::StorageOptions;
 
 use crate::decode::KafkaColumn;
-use crate::kafka::StartFrom;
+use crate::kafka::{Security, StartFrom};
 
 /// What to do with a message that does not parse or does not fit the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,8 @@ pub struct IngestSpec {
     pub name: String,
     /// Bootstrap brokers, `host:port`.
     pub brokers: Vec<String>,
+    /// TLS and SASL to the brokers.
+    pub security: Security,
     pub topic: String,
     /// The Delta table: a local path or an object-store URI.
     pub table: String,
@@ -57,6 +59,7 @@ impl IngestSpec {
         Self {
             name: name.to_string(),
             brokers,
+            security: Security::default(),
             topic: topic.to_string(),
             table: table.to_string(),
             storage: StorageOptions::default(),

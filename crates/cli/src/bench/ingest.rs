@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use lakesync_ingest::kafka::{create_topic, end_offsets, Producer};
+use lakesync_ingest::kafka::{create_topic, end_offsets, Producer, Security};
 use lakesync_postgres::cluster::LocalCluster;
 use lakesync_postgres::PgConfig;
 
@@ -54,8 +54,8 @@ pub(crate) fn start_broker(brokers: Option<&str>, port: u16) -> anyhow::Result<B
     let bin: PathBuf = match std::env::var("LAKESYNC_TEST_TANSU") {
         Ok(p) => p.into(),
         Err(_) => [
-            "/opt/lakesync-test-tansu/bin/tansu".to_string(),
-            format!("{}/.cache/lakesync-test-tansu/bin/tansu", std::env::var("HOME").unwrap_or_default()),
+            "/opt/lakesync-test-tansu-0.6.0-sql/bin/tansu".to_string(),
+            format!("{}/.cache/lakesync-test-tansu-0.6.0-sql/bin/tansu", std::env::var("HOME").unwrap_or_default()),
         ]
         .into_iter()
         .map(PathBuf::from)
@@ -81,7 +81,7 @@ pub(crate) fn start_broker(brokers: Option<&str>, port: u16) -> anyhow::Result<B
 /// Produces events `from..to` over the partitions, one producer task per partition, in
 /// record batches of up to `batch` events.
 async fn produce(brokers: &[String], topic: &str, from: u64, to: u64, batch: usize) -> anyhow::Result<()> {
-    let producer = Arc::new(Producer::connect(brokers, topic).await.map_err(anyhow::Error::msg)?);
+    let producer = Arc::new(Producer::connect(brokers, &Security::default(), topic).await.map_err(anyhow::Error::msg)?);
     let mut tasks = Vec::new();
     for p in 0..PARTITIONS as u64 {
         let producer = producer.clone();
@@ -108,7 +108,7 @@ async fn produce(brokers: &[String], topic: &str, from: u64, to: u64, batch: usi
 /// (r): every message fetched once, concurrently per partition, as the ingest fetches.
 async fn read_ceiling(brokers: &[String], topic: &str) -> anyhow::Result<(f64, u64, u64)> {
     let client = rskafka_client(brokers).await?;
-    let ends = end_offsets(brokers, topic).await.map_err(anyhow::Error::msg)?;
+    let ends = end_offsets(brokers, &Security::default(), topic).await.map_err(anyhow::Error::msg)?;
     let t = Instant::now();
     let mut tasks = Vec::new();
     for (p, end) in ends {
@@ -176,7 +176,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     let broker = start_broker(args.brokers.as_deref(), args.port + 1)?;
     let brokers = vec![broker.address.clone()];
     let topic = format!("bench-events-{}", std::process::id());
-    create_topic(&brokers, &topic, PARTITIONS).await.map_err(anyhow::Error::msg)?;
+    create_topic(&brokers, &Security::default(), &topic, PARTITIONS).await.map_err(anyhow::Error::msg)?;
     let rows = args.rows;
     let batch = args.produce_batch.max(1);
     eprintln!(
@@ -304,7 +304,7 @@ async fn freshness(
     // A fresh topic into the same (1M-row) table: the local broker serves a topic holding
     // a million single-record batches slowly, which a real broker does not.
     let topic = &format!("{topic}-live");
-    create_topic(&[brokers.to_string()], topic, PARTITIONS).await.map_err(anyhow::Error::msg)?;
+    create_topic(&[brokers.to_string()], &Security::default(), topic, PARTITIONS).await.map_err(anyhow::Error::msg)?;
     let config_path = dir.join("ingest.toml");
     std::fs::write(
         &config_path,
@@ -353,7 +353,8 @@ async fn freshness(
             anyhow::Ok(())
         })
     };
-    let producer = Producer::connect(&[brokers.to_string()], topic).await.map_err(anyhow::Error::msg)?;
+    let producer =
+        Producer::connect(&[brokers.to_string()], &Security::default(), topic).await.map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     let count = args.seconds * 50;
     let mut produced = Vec::new();

@@ -12,19 +12,26 @@ use lakesync_engine::config::IngestConfig;
 use lakesync_ingest::{IngestError, IngestSpec, IngestStatus};
 use tokio::sync::watch;
 
-use crate::support::kafka::{event, table_seqs, KafkaServer, EVENTS_SCHEMA};
-use crate::support::{block_on, TestDb};
+use crate::support::kafka::{event, table_seqs, tls_front, KafkaServer, EVENTS_SCHEMA};
+use crate::support::stores::free_port;
+use crate::support::{block_on, test_certificates, TestDb};
+use lakesync_core::{Classify, ErrorClass};
 
 /// An ingest spec for `topic` into `table`, through the same config entry the CLI and the
 /// daemon build, with the events schema written to `dir`.
 pub fn events_spec(kafka: &KafkaServer, dir: &Path, topic: &str, table: &Path) -> IngestSpec {
+    events_entry(kafka, dir, topic, table).validate_with(&|_| None).unwrap()
+}
+
+/// The config entry behind [`events_spec`], for tests that set more.
+fn events_entry(kafka: &KafkaServer, dir: &Path, topic: &str, table: &Path) -> IngestConfig {
     let schema = dir.join(format!("{topic}.schema.json"));
     std::fs::write(&schema, EVENTS_SCHEMA).unwrap();
     let mut entry = IngestConfig::new(kafka.brokers(), topic, table.display().to_string());
     entry.schema = Some(schema.display().to_string());
     entry.kafka_columns = vec!["partition".into(), "offset".into()];
     entry.flush_interval = Some("200ms".into());
-    entry.validate_with(&|_| None).unwrap()
+    entry
 }
 
 /// Produces events `seqs` round-robin over the topic's partitions.
@@ -129,6 +136,107 @@ fn an_ingest_writes_every_message_once_across_partitions_and_resumes_from_the_ta
     });
 }
 
+/// Brokers behind TLS (`security_protocol = "SSL"`, as managed Kafka services require): the
+/// ingest verifies the brokers' certificate against `ssl_ca_location` and writes every message
+/// once; a certificate the CA did not sign is refused as a configuration error, not retried.
+#[test]
+fn an_ingest_reads_brokers_over_tls_and_refuses_a_certificate_its_ca_did_not_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = test_certificates(dir.path());
+    let front = free_port();
+    let mut kafka = KafkaServer::start_with(Some(format!("localhost:{front}")), false);
+    tls_front(front, kafka.port, &certs.cert, &certs.key);
+    let ca = lakesync_ingest::kafka::tls_config(Some(&certs.ca)).unwrap();
+    kafka.security = lakesync_ingest::kafka::Security { tls: Some(ca), sasl: None };
+    let table = dir.path().join("events");
+    let mut entry = events_entry(&kafka, dir.path(), "secure", &table);
+    entry.security_protocol = Some("SSL".into());
+    entry.ssl_ca_location = Some(certs.ca.display().to_string());
+    let spec = entry.validate_with(&|_| None).unwrap();
+    assert_eq!(spec.security.protocol(), "SSL");
+    block_on(async {
+        kafka.create_topic("secure", 2).await;
+        produce(&kafka, "secure", 0..100).await;
+        let running = start(&spec);
+        running.wait_rows(100, 60).await;
+        running.stop().await.unwrap();
+        assert_eq!(table_seqs(&table).0, (0..100).collect::<Vec<_>>());
+
+        entry.ssl_ca_location = Some(certs.other_ca.display().to_string());
+        let wrong = entry.validate_with(&|_| None).unwrap();
+        let started = Instant::now();
+        let err = start(&wrong).task.await.unwrap().unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Config, "{err}");
+        let text = err.to_string();
+        assert!(text.contains("ingest secure") && text.contains("certificate"), "{text}");
+        assert!(started.elapsed() < Duration::from_secs(40), "refused after {:?}", started.elapsed());
+    });
+}
+
+/// SASL/SCRAM (`security_protocol = "SASL_PLAINTEXT"`): with the user's password from the
+/// environment variable `sasl_password_env` names, every message is written once; a wrong
+/// password is a configuration error that names the ingest and never shows the password.
+#[test]
+fn an_ingest_logs_in_with_sasl_scram_and_a_wrong_password_is_refused_without_showing_it() {
+    // tansu takes users only from unauthenticated clients, and keeps them in a SQL storage:
+    // the user is made on a broker without authentication, then a broker on the same SQLite
+    // file requires it.
+    let dir = tempfile::tempdir().unwrap();
+    let open = KafkaServer::start_on("sqlite://tansu.db", dir.path(), None, false);
+    open.create_user("scram256", "lakesync", "s3cret-Pa55");
+    drop(open);
+    let mut kafka = KafkaServer::start_on("sqlite://tansu.db", dir.path(), None, true);
+    let login = |password: &str| lakesync_ingest::kafka::Sasl {
+        mechanism: lakesync_ingest::kafka::SaslMechanism::ScramSha256,
+        username: "lakesync".into(),
+        password: password.into(),
+    };
+    kafka.security.sasl = Some(login("s3cret-Pa55"));
+    let table = dir.path().join("events");
+    let mut entry = events_entry(&kafka, dir.path(), "logins", &table);
+    entry.security_protocol = Some("SASL_PLAINTEXT".into());
+    entry.sasl_mechanism = Some("SCRAM-SHA-256".into());
+    entry.sasl_username = Some("lakesync".into());
+    entry.sasl_password_env = Some("KAFKA_PASSWORD".into());
+    let env = |password: &'static str| move |name: &str| (name == "KAFKA_PASSWORD").then(|| password.to_string());
+    let spec = entry.validate_with(&env("s3cret-Pa55")).unwrap();
+    assert!(!format!("{spec:?}").contains("s3cret"), "Debug shows no password");
+    block_on(async {
+        kafka.create_topic("logins", 2).await;
+        produce(&kafka, "logins", 0..100).await;
+        let running = start(&spec);
+        running.wait_rows(100, 60).await;
+        running.stop().await.unwrap();
+        assert_eq!(table_seqs(&table).0, (0..100).collect::<Vec<_>>());
+
+        let wrong = entry.validate_with(&env("not-the-Pa55")).unwrap();
+        let err = start(&wrong).task.await.unwrap().unwrap_err();
+        assert_eq!(err.class(), ErrorClass::Config, "{err}");
+        let text = err.to_string();
+        assert!(text.contains("ingest logins") && !text.contains("not-the-Pa55"), "{text}");
+    });
+    // The settings are checked before anything connects.
+    let refused = |f: &dyn Fn(&mut IngestConfig)| {
+        let mut e = IngestConfig::new(vec!["localhost:9092".into()], "t", "/tmp/t");
+        f(&mut e);
+        e.validate_with(&|_| None).unwrap_err().to_string()
+    };
+    assert!(refused(&|e| e.security_protocol = Some("SASL_PLAINTEXT".into())).contains("needs sasl_username"));
+    assert!(refused(&|e| {
+        e.security_protocol = Some("SASL_SSL".into());
+        e.sasl_username = Some("u".into());
+        e.sasl_password_env = Some("NOT_SET_ANYWHERE".into());
+    })
+    .contains("NOT_SET_ANYWHERE is not set"));
+    assert!(refused(&|e| e.sasl_username = Some("u".into())).contains("applies only with"));
+    assert!(refused(&|e| e.security_protocol = Some("TLS".into())).contains("expected PLAINTEXT"));
+    assert!(refused(&|e| {
+        e.security_protocol = Some("SASL_PLAINTEXT".into());
+        e.sasl_mechanism = Some("GSSAPI".into());
+    })
+    .contains("sasl_mechanism"));
+}
+
 /// Record batches of many messages (what real producers send) are read whole, each message
 /// once, and the end of a partition is the fetch's high watermark even where the broker lists
 /// another (tansu lists the last batch's base offset + 1).
@@ -148,7 +256,13 @@ fn batched_messages_are_ingested_once_each_and_the_end_offset_is_the_high_waterm
                 assert_eq!(offsets, (b * 50..b * 50 + 50).collect::<Vec<_>>());
             }
         }
-        let ends = lakesync_ingest::kafka::end_offsets(&kafka.brokers(), "batched").await.unwrap();
+        let ends = lakesync_ingest::kafka::end_offsets(
+            &kafka.brokers(),
+            &lakesync_ingest::kafka::Security::default(),
+            "batched",
+        )
+        .await
+        .unwrap();
         assert_eq!(ends, [(0, 500), (1, 500)]);
         let running = start(&spec);
         running.wait_rows(1000, 60).await;

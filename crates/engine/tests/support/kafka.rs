@@ -12,11 +12,17 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Int32Type, Int64Type};
 use lakesync_delta::DeltaTable;
 
+use lakesync_ingest::kafka::Security;
+
 use super::stores::{free_port, wait_for_port};
 
 pub struct KafkaServer {
     child: Child,
     pub port: u16,
+    /// The address clients are given (`advertised`), when not the broker's own.
+    advertised: Option<String>,
+    /// How the test's own clients (topic creation, producers) reach it.
+    pub security: Security,
 }
 
 fn tansu() -> PathBuf {
@@ -24,31 +30,60 @@ fn tansu() -> PathBuf {
         return path.into();
     }
     let home = std::env::var("HOME").unwrap_or_default();
-    ["/opt/lakesync-test-tansu/bin/tansu".to_string(), format!("{home}/.cache/lakesync-test-tansu/bin/tansu")]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("the tansu broker is not installed; run `bash scripts/test` (it installs it once)"))
+    [
+        "/opt/lakesync-test-tansu-0.6.0-sql/bin/tansu".to_string(),
+        format!("{home}/.cache/lakesync-test-tansu-0.6.0-sql/bin/tansu"),
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .unwrap_or_else(|| panic!("the tansu broker is not installed; run `bash scripts/test` (it installs it once)"))
 }
 
 impl KafkaServer {
     pub fn start() -> Self {
+        Self::start_with(None, false)
+    }
+
+    /// A broker that tells clients to connect to `advertised` (`host:port`, e.g. a TLS front)
+    /// and, with `authentication`, requires SASL of every client.
+    pub fn start_with(advertised: Option<String>, authentication: bool) -> Self {
+        Self::start_on("memory://tansu/", &std::env::temp_dir(), advertised, authentication)
+    }
+
+    /// A broker keeping its topics and users in `storage`, run in `dir` (tansu's
+    /// `sqlite://NAME` is a file there), so a later broker on the same storage finds them.
+    pub fn start_on(storage: &str, dir: &Path, advertised: Option<String>, authentication: bool) -> Self {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = advertised.as_ref().map_or(url.clone(), |a| format!("tcp://{a}"));
         let mut child = Command::new(tansu())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
-            .args(["--storage-engine", "memory://tansu/", "--silent"])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised_url])
+            .args(["--storage-engine", storage, "--silent"])
+            .args(authentication.then_some("--authentication"))
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start tansu");
         wait_for_port(port, &mut child, "tansu");
-        Self { child, port }
+        Self { child, port, advertised, security: Security::default() }
     }
 
+    /// Creates a SASL/SCRAM user with tansu's own CLI.
+    pub fn create_user(&self, mechanism: &str, name: &str, password: &str) {
+        let out = Command::new(tansu())
+            .args(["user", "create", "--broker", &format!("tcp://127.0.0.1:{}", self.port), "--mechanism", mechanism])
+            .args([name, password])
+            .output()
+            .expect("tansu user create");
+        assert!(out.status.success(), "tansu user create: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The bootstrap addresses clients use: the advertised one when set.
     pub fn brokers(&self) -> Vec<String> {
-        vec![format!("127.0.0.1:{}", self.port)]
+        vec![self.advertised.clone().unwrap_or_else(|| format!("127.0.0.1:{}", self.port))]
     }
 
     /// `host:port`, as the CLI takes it.
@@ -57,11 +92,11 @@ impl KafkaServer {
     }
 
     pub async fn create_topic(&self, topic: &str, partitions: i32) {
-        lakesync_ingest::kafka::create_topic(&self.brokers(), topic, partitions).await.unwrap();
+        lakesync_ingest::kafka::create_topic(&self.brokers(), &self.security, topic, partitions).await.unwrap();
     }
 
     pub async fn producer(&self, topic: &str) -> lakesync_ingest::kafka::Producer {
-        lakesync_ingest::kafka::Producer::connect(&self.brokers(), topic).await.unwrap()
+        lakesync_ingest::kafka::Producer::connect(&self.brokers(), &self.security, topic).await.unwrap()
     }
 }
 
@@ -70,6 +105,45 @@ impl Drop for KafkaServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A TLS front for a broker (tansu 0.6 serves plain TCP only, as a broker behind a TLS-terminating
+/// load balancer does): rustls with `cert`/`key` on `port`, forwarding to `broker_port`. It runs
+/// on its own thread until the test process ends.
+pub fn tls_front(port: u16, broker_port: u16, cert: &Path, key: &Path) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(cert).unwrap().collect::<Result<_, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((client, _)) = listener.accept().await else { continue };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // A client that refuses our certificate ends here, as at a real front.
+                    let Ok(mut tls) = acceptor.accept(client).await else { return };
+                    let Ok(mut broker) = tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+                });
+            }
+        });
+    });
 }
 
 /// The seed use case's transaction events, as Delta schema JSON.
