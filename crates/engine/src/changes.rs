@@ -13,7 +13,7 @@ use std::sync::Arc;
 use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow_row::{RowConverter, Rows, SortField};
 use arrow_schema::{Field, Schema};
-use lakesync_core::{ChangeKind, ChangePlanner, KeyMap, TableName, TableSchema, Version};
+use lakesync_core::{ChangeKind, ChangePlanner, KeyMap, LogPlanner, TableName, TableSchema, Version};
 use lakesync_delta::{CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN};
 use lakesync_postgres::apply::{EXPECT_ABSENT_COLUMN, VERSION_COLUMN};
 use lakesync_postgres::{key_text, PgError};
@@ -55,6 +55,9 @@ struct Pick {
 /// A key's winning upsert: (version, expect_absent, tie-break).
 type Winner = (Version, bool, Box<[u8]>);
 
+/// A key to delete: (key, version, under `dedup_by` the greatest order among its deleted rows).
+type Delete = (Box<[u8]>, Version, Option<Box<[u8]>>);
+
 /// The net plan of a chunk, computed from key-only change rows.
 pub struct KeyPlan {
     converter: Option<RowConverter>,
@@ -63,7 +66,9 @@ pub struct KeyPlan {
     order_by: Option<(String, Option<RowConverter>)>,
     /// Winning upsert per key.
     upserts: KeyMap<Box<[u8]>, Winner>,
-    deletes: Vec<(Box<[u8]>, Version)>,
+    /// Keys to delete, with the version and, under `dedup_by`, the greatest order among the
+    /// key's deleted rows (the delete then removes only a row whose order is not greater).
+    deletes: Vec<Delete>,
 }
 
 struct ChangeColumns {
@@ -138,7 +143,9 @@ fn order_rows(
 /// Pass one: reduces the change rows in `batches` (which need only the key columns, the
 /// `order_by` column if any, the change type and the version) to one action per key. Row
 /// images of one key in one version are a conflict, unless `order_by` (the `dedup_by`
-/// policy) names a column: then the image with its greatest value wins, as in a snapshot.
+/// policy) names a column: then the source is a log that repeats keys, planned by
+/// [`LogPlanner`], and a key's row is its image with the greatest value whichever commit
+/// wrote it, as in a snapshot (the upserts and deletes are guarded by that value).
 ///
 /// Takes the batches as they are read, so planning overlaps the reader's decoding.
 pub fn plan_keys<E>(
@@ -151,6 +158,7 @@ where
     EngineError: From<E>,
 {
     let mut planner: ChangePlanner<Box<[u8]>, ()> = ChangePlanner::new();
+    let mut log: LogPlanner<Box<[u8]>, ()> = LogPlanner::new();
     let mut converter = None;
     let mut order_by = order_by.map(|c| (c.to_string(), None));
     for batch in batches {
@@ -166,7 +174,12 @@ where
             let kind = kind_of(table, &cols.kinds, version, i)?;
             let tie = order.as_ref().map(|o| o.row(i));
             let tie: &[u8] = tie.as_ref().map_or(&[], |r| r.as_ref());
-            planner.observe_ordered(rows.row(i).as_ref().into(), version, kind, tie, ()).map_err(|c| {
+            let observed = if order.is_some() {
+                log.observe(rows.row(i).as_ref().into(), version, kind, tie, ())
+            } else {
+                planner.observe_ordered(rows.row(i).as_ref().into(), version, kind, tie, ())
+            };
+            observed.map_err(|c| {
                 EngineError::Postgres(PgError::DuplicateKey {
                     table: table.to_string(),
                     key: key_text(&batch, key, i),
@@ -175,18 +188,23 @@ where
             })?;
         }
     }
+    if order_by.is_some() {
+        // A log that repeats keys (an append-only event table): an insert does not mean the
+        // key is new, so every upsert merges (the log planner never expects absence).
+        let plan = log.finish();
+        return Ok(KeyPlan {
+            converter,
+            upserts: plan.upserts.into_iter().map(|r| (r.key, (r.version, false, r.order))).collect(),
+            order_by,
+            deletes: plan.deletes.into_iter().map(|d| (d.key, d.version, Some(d.order))).collect(),
+        });
+    }
     let plan = planner.finish();
     Ok(KeyPlan {
         converter,
-        // With dedup_by the source is a log that repeats keys (an append-only event table):
-        // an insert does not mean the key is new, so every upsert merges.
-        upserts: plan
-            .upserts
-            .into_iter()
-            .map(|r| (r.key, (r.version, r.expect_absent && order_by.is_none(), r.order)))
-            .collect(),
+        upserts: plan.upserts.into_iter().map(|r| (r.key, (r.version, r.expect_absent, r.order))).collect(),
         order_by,
-        deletes: plan.deletes,
+        deletes: plan.deletes.into_iter().map(|(k, v)| (k, v, None)).collect(),
     })
 }
 
@@ -305,11 +323,23 @@ impl KeyPlan {
         let conv = self.converter.as_ref().expect("deletes imply rows were seen");
         for chunk in deletes.chunks(OUT_BATCH_ROWS) {
             let parser = conv.parser();
-            let rows: Vec<_> = chunk.iter().map(|(k, _)| parser.parse(k)).collect();
+            let rows: Vec<_> = chunk.iter().map(|(k, ..)| parser.parse(k)).collect();
             let mut cols = conv.convert_rows(rows).map_err(|e| internal(e.to_string()))?;
-            cols.push(Arc::new(Int64Array::from(chunk.iter().map(|(_, v)| *v as i64).collect::<Vec<_>>())));
+            cols.push(Arc::new(Int64Array::from(chunk.iter().map(|(_, v, _)| *v as i64).collect::<Vec<_>>())));
             let mut all = key.to_vec();
             all.push(VERSION_COLUMN.into());
+            // Under dedup_by: the deleted rows' greatest order, as the order column itself.
+            if let Some((column, Some(order))) = self.order_by.as_ref().filter(|(c, _)| !key.contains(c)) {
+                let parser = order.parser();
+                let rows = chunk
+                    .iter()
+                    .map(|(_, _, o)| o.as_deref().map(|o| parser.parse(o)))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| internal("a delete without its order".into()))?;
+                let mut values = order.convert_rows(rows).map_err(|e| internal(e.to_string()))?;
+                cols.push(values.remove(0));
+                all.push(column.clone());
+            }
             out.push(batch_of(&all, cols).map_err(internal)?);
         }
         Ok(out)

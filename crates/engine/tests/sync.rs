@@ -368,14 +368,14 @@ fn duplicate_keys_fail_clearly_unless_a_dedup_column_is_given() {
     req.policy.dedup_by = Some("score".into());
     db.sync(&req).unwrap();
     assert_eq!(db.rows("SELECT id, name FROM public.people ORDER BY id"), ["(1,new)", "(2,b)"]);
-    // In the change feed the last change per key wins, as always: a later commit's row
-    // replaces the key's row; dedup_by orders only rows of one key in one commit, which have
-    // no order of their own.
+    // In the change feed too the greatest value wins, whichever commit wrote it: a later
+    // commit's row with a smaller value does not replace the key's row.
     t.run(json!([{"op": "append", "schema": people_schema(), "rows": [[2, "again", 5.0], [3, "c", 1.0], [3, "c2", 2.0]]}]));
     t.run(json!([{"op": "append", "schema": people_schema(), "rows": [[2, "later", 4.0], [1, "newest", 9.0]]}]));
     let out = db.sync(&req).unwrap();
     assert_eq!(out.to_version, 2);
-    assert_eq!(db.rows("SELECT id, name FROM public.people ORDER BY id"), ["(1,newest)", "(2,later)", "(3,c2)"]);
+    assert_eq!(db.rows("SELECT id, name FROM public.people ORDER BY id"), ["(1,newest)", "(2,again)", "(3,c2)"]);
+    db.assert_matches_snapshot_by(&t.path(), "public.people", "id", 2, Some("score"));
     // Without a dedup column (a changed option: the table reloads by snapshot) every repeated
     // key is a duplicate again; which one is named first depends on the parallel load.
     t.run(json!([{"op": "append", "schema": people_schema(), "rows": [[3, "again", 5.0]]}]));
@@ -383,6 +383,49 @@ fn duplicate_keys_fail_clearly_unless_a_dedup_column_is_given() {
     let msg = db.sync(&req).unwrap_err().to_string();
     assert!(msg.contains("more than one row with primary key (id)=(") && msg.contains("version 3"), "{msg}");
     assert_eq!(db.value("SELECT synced_version FROM lakesync.synced_tables WHERE target_table = 'people'"), "2");
+}
+
+/// With `dedup_by` the source is an event log that repeats keys, and a key's row is its event
+/// with the greatest value whichever commit wrote it, in the change feed as in a snapshot:
+/// a late event does not replace a greater one, deleting older events (retention) keeps the
+/// key's greatest, deleting all of a key's events removes it, an update in place is applied;
+/// run by run (the guards in Postgres) and in one run over every commit (the planner).
+#[test]
+fn an_event_log_keeps_each_keys_greatest_event_across_commits_deletes_and_runs() {
+    let db = TestDb::new("event_log");
+    let t = PyDelta::new();
+    t.run(json!([people(json!([[1, "a5", 5.0], [2, "b1", 1.0], [4, "d2", 2.0]]))]));
+    let mut req = db.request(&t.path(), "public.people", "id");
+    req.policy.dedup_by = Some("score".into());
+    db.sync(&req).unwrap();
+    let mut once = db.request(&t.path(), "public.people_once", "id");
+    once.policy.dedup_by = Some("score".into());
+    db.sync(&once).unwrap();
+    req.mode = SyncMode::Triggered;
+    let append = |rows: serde_json::Value| json!([{"op": "append", "schema": people_schema(), "rows": rows}]);
+    let steps = [
+        // A late event: smaller than the key's greatest, in a later commit.
+        (append(json!([[1, "a3", 3.0]])), vec!["(1,a5)", "(2,b1)", "(4,d2)"]),
+        (append(json!([[1, "a7", 7.0], [3, "c1", 1.0], [4, "d1", 1.0]])), vec!["(1,a7)", "(2,b1)", "(3,c1)", "(4,d2)"]),
+        // Retention deletes older events: each key keeps its greatest.
+        (json!([{"op": "delete", "predicate": "score < 1.5"}]), vec!["(1,a7)", "(4,d2)"]),
+        (json!([{"op": "delete", "predicate": "id = 1 AND score < 7.0"}]), vec!["(1,a7)", "(4,d2)"]),
+        // A key's events all deleted (a user's data erased), and an update in place.
+        (json!([{"op": "delete", "predicate": "id = 4"}]), vec!["(1,a7)"]),
+        (json!([{"op": "update", "predicate": "id = 1", "set": {"name": "'a7x'"}}]), vec!["(1,a7x)"]),
+        (append(json!([[1, "a6", 6.0], [5, "e9", 9.0]])), vec!["(1,a7x)", "(5,e9)"]),
+    ];
+    for (ops, expected) in steps {
+        let v = t.run(ops);
+        let out = db.sync(&req).unwrap();
+        assert_eq!((out.mode.as_str(), out.to_version), ("triggered", v));
+        assert_eq!(db.rows("SELECT id, name FROM public.people ORDER BY id"), expected, "version {v}");
+        db.assert_matches_snapshot_by(&t.path(), "public.people", "id", v, Some("score"));
+    }
+    once.mode = SyncMode::Triggered;
+    let out = db.sync(&once).unwrap();
+    assert_eq!(out.mode.as_str(), "triggered");
+    db.assert_same_rows("public.people_once", "public.people");
 }
 
 /// Records the tables created in `db` (a superuser's event trigger), to see which staging

@@ -102,21 +102,36 @@ impl Sink {
 }
 
 impl ChangeApply<'_> {
-    /// Deletes the keys in `deletes` (key columns plus [`VERSION_COLUMN`]).
+    /// Deletes the keys in `deletes` (key columns plus [`VERSION_COLUMN`]). Under `dedup_by`
+    /// the batches also hold that column, the greatest value among the key's deleted rows, and
+    /// a key's row goes only if its own value is not greater (see [`keep_greater`]).
     pub async fn delete(&mut self, deletes: &[RecordBatch]) -> Result<(), PgError> {
         if !deletes.iter().any(|b| b.num_rows() > 0) {
             return Ok(());
         }
         let (tx, target, key) = (&self.tx, &self.target, self.key);
-        let key_cols: Vec<&Column> =
+        let guard = self.order_guard("d", deletes);
+        let mut columns: Vec<&Column> =
             key.iter().map(|k| self.schema.column(k).expect("key validated against schema")).collect();
-        self.stage("_lakesync_deletes", &key_cols, &[(VERSION_COLUMN, ColumnType::Int64)], deletes).await?;
+        if let Some((column, _)) = &guard {
+            columns.push(column);
+        }
+        self.stage("_lakesync_deletes", &columns, &[(VERSION_COLUMN, ColumnType::Int64)], deletes).await?;
         let on = key.iter().map(|k| format!("t.{0} = d.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
+        let guard = guard.map(|(_, g)| format!(" AND {g}")).unwrap_or_default();
         self.counts.deleted += tx
-            .execute(&format!("DELETE FROM {} t USING _lakesync_deletes d WHERE {on}", qualified(target)), &[])
+            .execute(&format!("DELETE FROM {} t USING _lakesync_deletes d WHERE {on}{guard}", qualified(target)), &[])
             .await
             .map_err(PgError::query(target, "delete rows"))?;
         Ok(())
+    }
+
+    /// Under `dedup_by` (a source that repeats keys), when `batches` carry its column: the
+    /// column and the condition that the target row `t` may be replaced or deleted by `alias`'s.
+    fn order_guard(&self, alias: &str, batches: &[RecordBatch]) -> Option<(&Column, String)> {
+        let name = self.policy.dedup_by.as_deref().filter(|c| !self.key.iter().any(|k| k == c))?;
+        let column = self.schema.column(name)?;
+        batches.iter().all(|b| b.column_by_name(name).is_some()).then(|| (column, keep_greater(name, alias)))
     }
 
     /// Inserts or updates the rows in `upserts` (the table's columns plus
@@ -209,6 +224,12 @@ impl ChangeApply<'_> {
                 });
             }
         };
+        let guard = self
+            .policy
+            .dedup_by
+            .as_deref()
+            .filter(|c| !key.iter().any(|k| k == c) && schema.column(c).is_some())
+            .map(|c| keep_greater(c, "u"));
         let (more_inserted, updated) = if existing {
             merge_from(
                 &self.tx,
@@ -217,6 +238,7 @@ impl ChangeApply<'_> {
                 "u",
                 schema,
                 key,
+                guard.as_deref(),
             )
             .await?
         } else {
@@ -281,6 +303,14 @@ impl ChangeApply<'_> {
         tx.commit().await.map_err(PgError::query(&target, "commit the changes"))?;
         Ok(counts)
     }
+}
+
+/// The condition under which the target's row `t` gives way to `alias`'s row of the same key
+/// under `dedup_by = column`: its value is not greater, NULL being the least (the order a
+/// snapshot keeps the greatest by). Equal values: the later change wins.
+pub(crate) fn keep_greater(column: &str, alias: &str) -> String {
+    let c = ident(column);
+    format!("(t.{c} IS NULL OR {alias}.{c} >= t.{c})")
 }
 
 /// How a staging table holds `columns` and our `extra` columns: the COPY layout for the

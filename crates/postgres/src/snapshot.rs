@@ -486,13 +486,13 @@ async fn replace_in_place(
         .execute(&format!("DELETE FROM {t} t WHERE NOT EXISTS (SELECT 1 FROM {stage} s WHERE {on})"), &[])
         .await
         .map_err(PgError::query(target, "delete rows gone from the source"))?;
-    let (inserted, updated) = merge_from(tx, target, &stage, "s", schema, key).await?;
+    let (inserted, updated) = merge_from(tx, target, &stage, "s", schema, key, None).await?;
     Ok(RowCounts { inserted, updated, deleted })
 }
 
 /// Writes the rows of `source_sql` (aliased `alias`) into the target: keys that exist get
-/// their row replaced when any value differs, keys that do not exist are inserted. Returns
-/// (inserted, updated).
+/// their row replaced when any value differs (and `guard`, a condition on `t` and `alias`,
+/// holds), keys that do not exist are inserted. Returns (inserted, updated).
 ///
 /// On Postgres 15+ this is one `MERGE`, which probes the key index once per source row. Older
 /// servers get one `UPDATE .. FROM` and one `INSERT .. SELECT .. WHERE NOT EXISTS`, which probe
@@ -507,6 +507,7 @@ pub(crate) async fn merge_from(
     alias: &str,
     schema: &TableSchema,
     key: &[String],
+    guard: Option<&str>,
 ) -> Result<(u64, u64), PgError> {
     let t = qualified(target);
     let non_key: Vec<&str> =
@@ -514,9 +515,10 @@ pub(crate) async fn merge_from(
     let on = key.iter().map(|k| format!("t.{0} = {alias}.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
     let set = non_key.iter().map(|c| format!("{0} = {alias}.{0}", ident(c))).collect::<Vec<_>>().join(", ");
     let differs = format!(
-        "({}) IS DISTINCT FROM ({})",
+        "({}) IS DISTINCT FROM ({}){}",
         column_list(non_key.iter().copied(), Some("t")),
-        column_list(non_key.iter().copied(), Some(alias))
+        column_list(non_key.iter().copied(), Some(alias)),
+        guard.map(|g| format!(" AND {g}")).unwrap_or_default()
     );
     let cols = column_list(schema.columns.iter().map(|c| c.name.as_str()), None);
     let src_cols = column_list(schema.columns.iter().map(|c| c.name.as_str()), Some(alias));

@@ -158,6 +158,19 @@ impl TestDb {
     /// Asserts that `table` holds exactly the rows of the Delta snapshot of `source` at
     /// `version`, by loading that snapshot into a scratch table and comparing with EXCEPT ALL.
     pub fn assert_matches_snapshot(&self, source: &Path, table: &str, key: &str, version: u64) {
+        self.assert_matches_snapshot_by(source, table, key, version, None)
+    }
+
+    /// [`TestDb::assert_matches_snapshot`] for a source that repeats keys: the snapshot keeps
+    /// each key's row with the greatest `dedup_by`.
+    pub fn assert_matches_snapshot_by(
+        &self,
+        source: &Path,
+        table: &str,
+        key: &str,
+        version: u64,
+        dedup_by: Option<&str>,
+    ) {
         let expected = "expected.snapshot";
         self.execute(
             "CREATE SCHEMA IF NOT EXISTS expected; DROP TABLE IF EXISTS expected.snapshot; \
@@ -166,6 +179,7 @@ impl TestDb {
         let mut req = self.request(source, expected, key);
         req.mode = SyncMode::Snapshot;
         req.to_version = Some(version);
+        req.policy.dedup_by = dedup_by.map(str::to_string);
         self.sync(&req).unwrap_or_else(|e| panic!("loading the expected snapshot at version {version}: {e}"));
         let cols = self.value(&format!(
             "SELECT string_agg(quote_ident(attname), ',' ORDER BY attnum) FROM pg_attribute \
