@@ -6,7 +6,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use lakesync_engine::config::{TableConfig, TableMode};
+use lakesync_engine::config::{IngestConfig, TableConfig, TableMode};
 use lakesync_engine::daemon::DaemonError;
 use lakesync_engine::{EngineError, Worker};
 use lakesync_postgres::state::{self, RunRecord, TableStatus};
@@ -252,6 +252,44 @@ fn ingest_json(state: &AppState, worker: &lakesync_engine::IngestWorker) -> Valu
 pub async fn list_ingests(State(state): State<Arc<AppState>>) -> Response {
     let ingests: Vec<Value> = state.daemon.ingests().iter().map(|w| ingest_json(&state, w)).collect();
     json_response(StatusCode::OK, json!({ "ingests": ingests }))
+}
+
+/// `POST /api/v1/ingests`: an `[[ingest]]` entry as JSON. In a fleet it goes to the registry:
+/// every replica learns it, one runs it, and it survives restarts.
+pub async fn add_ingest(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let config: IngestConfig =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid ingest definition: {e}")))?;
+    let spec =
+        config.validate_with(&|name| std::env::var(name).ok()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let worker = lakesync_engine::fleet::register_ingest(&state.daemon, &config, spec).await.map_err(|e| match e {
+        DaemonError::Config(e) => ApiError::Conflict(e.to_string()),
+        DaemonError::ShuttingDown => ApiError::Unavailable(e.to_string()),
+        other => ApiError::BadRequest(other.to_string()),
+    })?;
+    Ok(json_response(StatusCode::CREATED, ingest_json(&state, &worker)))
+}
+
+/// `DELETE /api/v1/ingests/{name}`: stops it (after it commits what it holds) on every
+/// replica; its table and the positions recorded there stay.
+pub async fn remove_ingest(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    lakesync_engine::fleet::remove_ingest(&state.daemon, &name).await.map_err(|e| match e {
+        DaemonError::NotFound(_) => ApiError::NotFound(format!("no ingest named {name:?}")),
+        other => {
+            tracing::error!(ingest = %name, error = %other, "removing the ingest failed");
+            ApiError::Unavailable(other.to_string())
+        }
+    })?;
+    Ok(json_response(StatusCode::OK, json!({ "name": name, "stopped": true })))
 }
 
 /// `GET /api/v1/ingests/{name}`

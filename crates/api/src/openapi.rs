@@ -96,9 +96,14 @@ fn spec(tables: &[String]) -> Value {
             "/api/v1/synced-tables/{name}/sync": {"parameters": [name], "post": {"summary": "sync now (also resumes a failed table)", "security": auth,
                 "responses": {"202": {"description": "requested"}, "401": error, "403": error, "404": error}}},
             "/api/v1/ingests": {"get": {"summary": "Kafka ingests: state, lag per partition, counters", "responses": {"200": {"description": "ingests",
-                "content": {"application/json": {"schema": {"type": "object", "properties": {"ingests": {"type": "array", "items": {"$ref": "#/components/schemas/Ingest"}}}}}}}}}},
+                "content": {"application/json": {"schema": {"type": "object", "properties": {"ingests": {"type": "array", "items": {"$ref": "#/components/schemas/Ingest"}}}}}}}}},
+                "post": {"summary": "add an ingest: an [[ingest]] entry as JSON (recorded in the registry in Postgres: one replica runs it, it survives restarts; file paths are the replicas')", "security": auth,
+                         "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["brokers", "topic", "table"]}}}},
+                         "responses": {"201": {"description": "added", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Ingest"}}}}, "400": error, "401": error, "403": error, "409": error}}},
             "/api/v1/ingests/{name}": {"parameters": [name], "get": {"summary": "one ingest", "responses": {"200": {"description": "ingest",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Ingest"}}}}, "404": error}}},
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Ingest"}}}}, "404": error}},
+                "delete": {"summary": "stop the ingest on every replica, after it commits what it holds (its table and positions stay)", "security": auth,
+                           "responses": {"200": {"description": "stopped"}, "401": error, "403": error, "404": error}}},
             "/api/v1/tables/{table}/rows": {"parameters": [table], "get": {
                 "summary": "rows of a synced table, keyset-paginated; any other query parameter filters a column by equality",
                 "parameters": [

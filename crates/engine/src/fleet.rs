@@ -148,6 +148,68 @@ pub(crate) async fn deregister(daemon: &Daemon, name: &str) -> Result<(), Daemon
     Ok(())
 }
 
+/// The name the API's changes to ingest `name` are recorded under (see [`Daemon::touch`]),
+/// apart from a table's of the same name.
+fn ingest_touch(name: &str) -> String {
+    format!("ingest:{name}")
+}
+
+/// Adds an ingest through the API: to the registry (in a fleet), so that every replica knows
+/// it, one runs it and it survives restarts, then here. `config` is the entry as written
+/// (`spec` its validated form); its password, if any, is named by variable, never stored.
+pub async fn register_ingest(
+    daemon: &Arc<Daemon>,
+    config: &IngestConfig,
+    spec: lakesync_ingest::IngestSpec,
+) -> Result<Arc<crate::IngestWorker>, DaemonError> {
+    let name = spec.name.clone();
+    let taken = || -> DaemonError {
+        ConfigError::Invalid { scope: format!("ingest {name}"), message: "the name is used by another ingest".into() }
+            .into()
+    };
+    if daemon.ingests().iter().any(|w| w.spec.name == name) {
+        return Err(taken());
+    }
+    if daemon.fleet().is_none() {
+        return daemon.add_ingest(spec);
+    }
+    let mut client = daemon.session_config().connect().await.map_err(EngineError::from)?;
+    let entry = ingest_entry(config, &name);
+    daemon.touch(&ingest_touch(&name));
+    if !registry::put(&mut client, &entry, Origin::Api).await.map_err(EngineError::from)? {
+        return Err(taken());
+    }
+    registry::notify(&client, "registry").await.map_err(EngineError::from)?;
+    let added = match daemon.add_ingest_with(spec, Some(entry.spec.clone())) {
+        Ok(w) => Ok(w),
+        // This replica's coordinator was quicker.
+        Err(e) => daemon.ingests().into_iter().find(|w| w.spec.name == name).ok_or(e),
+    };
+    // Again: a view read before the registry had it must not take it away.
+    daemon.touch(&ingest_touch(&name));
+    added
+}
+
+/// Removes an ingest through the API: from the registry (in a fleet), so that no replica
+/// runs it any more, then here, after it flushed what it held.
+pub async fn remove_ingest(daemon: &Daemon, name: &str) -> Result<(), DaemonError> {
+    if !daemon.ingests().iter().any(|w| w.spec.name == name) {
+        return Err(DaemonError::NotFound(name.into()));
+    }
+    daemon.touch(&ingest_touch(name));
+    if daemon.fleet().is_some() {
+        let client = daemon.session_config().connect().await.map_err(EngineError::from)?;
+        registry::remove(&client, Kind::Ingest, name).await.map_err(EngineError::from)?;
+        registry::notify(&client, "registry").await.map_err(EngineError::from)?;
+    }
+    if let Some(task) = daemon.detach_ingest(name) {
+        daemon.touch(&ingest_touch(name));
+        let _ = task.await;
+    }
+    tracing::info!(ingest = %name, "stopped");
+    Ok(())
+}
+
 /// Asks whichever replica owns table `name` for a run.
 pub(crate) async fn request_sync(daemon: &Daemon, name: &str) -> Result<(), PgError> {
     let client = daemon.session_config().connect().await?;
@@ -329,6 +391,7 @@ impl Coordinate {
                     registered_tables.insert(e.name.clone());
                     self.ensure_table(daemon, e).await
                 }
+                Kind::Ingest if daemon.touched_since(&ingest_touch(&e.name), view.read_at) => false,
                 Kind::Ingest => {
                     registered_ingests.insert(e.name.clone());
                     self.ensure_ingest(daemon, e).await
@@ -353,7 +416,9 @@ impl Coordinate {
             }
         }
         for w in daemon.ingests() {
-            if !registered_ingests.contains(&w.spec.name) {
+            if !registered_ingests.contains(&w.spec.name)
+                && !daemon.touched_since(&ingest_touch(&w.spec.name), view.read_at)
+            {
                 daemon.detach_ingest(&w.spec.name);
             }
         }

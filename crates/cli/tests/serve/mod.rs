@@ -658,3 +658,69 @@ indexes = [["user_id", "event_time"]]
     assert_eq!((standby["state"].as_str(), &standby["owner"]), (Some("standby"), &first_id), "{standby}");
     assert_eq!(second.get("/api/v1/tables/app.transactions/rows/t100").status, 200);
 }
+
+/// Ingests are managed like synced tables: `POST /api/v1/ingests` takes an `[[ingest]]` entry
+/// as JSON (token required, bad definitions refused naming the problem, a name twice is 409),
+/// writes it to the registry so a restarted daemon runs it again from the table's positions,
+/// and `DELETE` stops it for good.
+#[test]
+fn ingests_are_added_and_removed_through_the_api_and_outlive_a_restart() {
+    use crate::support::kafka::{event, table_seqs, KafkaServer, EVENTS_SCHEMA};
+
+    let db = TestDb::new("cli_serve_ingest_api");
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = KafkaServer::start();
+    block_on(kafka.create_topic("orders", 2));
+    let produce = |seqs: std::ops::Range<i64>| {
+        block_on(async {
+            let producer = kafka.producer("orders").await;
+            for seq in seqs {
+                producer.send((seq % 2) as i32, None, Some(event(seq))).await.unwrap();
+            }
+        })
+    };
+    produce(0..50);
+    let schema = dir.path().join("orders.schema.json");
+    std::fs::write(&schema, EVENTS_SCHEMA).unwrap();
+    let table = dir.path().join("lake/orders");
+    let config = "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n";
+    let server = Server::start(&db, config, dir.path());
+    let body = json!({"name": "orders-ingest", "brokers": [kafka.address()], "topic": "orders",
+                      "table": table.display().to_string(), "schema": schema.display().to_string(),
+                      "flush_interval": "200ms"});
+    let post = |server: &Server, token, body: &Value| http(&server.addr, "POST", "/api/v1/ingests", token, Some(body));
+    assert_eq!(post(&server, None, &body).status, 401);
+    let bad = post(&server, Some(TOKEN), &json!({"brokers": ["no-port"], "topic": "orders", "table": "/tmp/x"}));
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert!(bad.body.contains("ingest orders") && bad.body.contains("host:port"), "{}", bad.body);
+    let added = post(&server, Some(TOKEN), &body);
+    assert_eq!(added.status, 201, "{}", added.body);
+    assert_eq!(added.json()["name"], "orders-ingest");
+    assert_eq!(post(&server, Some(TOKEN), &body).status, 409);
+    server.wait_for("the ingest to commit every event", Duration::from_secs(60), || {
+        server.get("/api/v1/ingests/orders-ingest").json()["rows"] == 50
+    });
+
+    // The registry keeps it: after a restart it runs again, from the table's positions.
+    drop(server);
+    let server = Server::start(&db, config, dir.path());
+    produce(50..60);
+    server.wait_for("the restarted daemon to ingest the new events", Duration::from_secs(60), || {
+        server.get("/api/v1/ingests/orders-ingest").json()["rows"] == 10
+    });
+    assert_eq!(table_seqs(&table).0, (0..60).collect::<Vec<_>>(), "each event once");
+
+    // Removed: gone now and after a restart; its table stays.
+    let path = "/api/v1/ingests/orders-ingest";
+    assert_eq!(http(&server.addr, "DELETE", path, None, None).status, 401);
+    let removed = http(&server.addr, "DELETE", path, Some(TOKEN), None);
+    assert_eq!(removed.status, 200, "{}", removed.body);
+    assert_eq!(server.get(path).status, 404);
+    assert_eq!(http(&server.addr, "DELETE", path, Some(TOKEN), None).status, 404);
+    drop(server);
+    let server = Server::start(&db, config, dir.path());
+    server
+        .wait_for("the restarted daemon to be ready", Duration::from_secs(30), || server.get("/readyz").status == 200);
+    assert_eq!(server.get("/api/v1/ingests").json()["ingests"], json!([]));
+    assert_eq!(table_seqs(&table).0.len(), 60);
+}
