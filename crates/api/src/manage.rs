@@ -54,7 +54,12 @@ fn run_json(run: &RunRecord) -> Value {
 }
 
 fn table_json(worker: &Worker, recorded: Option<&TableStatus>) -> Value {
-    let live = worker.status();
+    let mut live = worker.status();
+    // A run's commit is in Postgres a moment before the worker's live status has it: one
+    // answer must not say "synced at version 1" and "provisioning" (or a lag) at once.
+    if live.synced_version.is_none() {
+        live.synced_version = recorded.and_then(|r| r.table.synced_version);
+    }
     let spec = &worker.spec;
     // Another replica runs the table: its state is what that replica recorded in Postgres,
     // and the source's head and the lag are known there only.
@@ -73,7 +78,7 @@ fn table_json(worker: &Worker, recorded: Option<&TableStatus>) -> Value {
         "primary_key": spec.primary_key.columns(),
         "mode": spec.mode.as_str(),
         "state": state,
-        "synced_version": live.synced_version.or(recorded.and_then(|r| r.table.synced_version)),
+        "synced_version": live.synced_version,
         "source_version": live.source_version.filter(|_| owned),
         "synced_commit_timestamp": recorded.and_then(|r| r.table.synced_commit_timestamp.clone()),
         "lag_versions": live.lag_versions().filter(|_| owned),
