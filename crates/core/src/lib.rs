@@ -10,9 +10,9 @@
 //!   plain values (see the model-based property tests of [`plan`]).
 //! - A [`plan::ChangePlan`] holds at most one action per key, and that action is the state of
 //!   the key after the last change in the planned range.
-//! - For a source that repeats keys (`dedup_by`), a [`plan::LogPlan`] holds per key at most
-//!   one delete and one upsert, each guarded by the order value, so that the target keeps
-//!   each key's row with the greatest value whichever commit wrote it.
+//! - For a source that repeats keys (`dedup_by`), a [`plan::LogPlanner`]'s plan holds per key
+//!   at most one delete and one upsert, each guarded by the order value, so that the target
+//!   keeps each key's row with the greatest value whichever commit wrote it.
 
 pub mod class;
 pub mod fleet;
@@ -25,7 +25,5 @@ pub use model::{
     Column, ColumnType, DataPolicy, ModelError, NulBytePolicy, PrimaryKey, SchemaChange, SyncMode, TableName,
     TableSchema, Version,
 };
-pub use plan::{
-    ChangeKind, ChangePlan, ChangePlanner, KeyMap, LogPlan, LogPlanner, PlanConflict, PlannedDelete, PlannedRow,
-};
+pub use plan::{ChangeKind, ChangePlan, ChangePlanner, KeyMap, LogPlanner, PlanConflict, PlannedDelete, PlannedRow};
 pub use schedule::{parse_duration, parse_size, Cron, Schedule, ScheduleError};

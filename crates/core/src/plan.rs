@@ -104,13 +104,28 @@ pub struct PlannedRow<K, R> {
     pub order: Box<[u8]>,
 }
 
-/// The net effect of a range of changes: at most one action per key.
+/// The net effect of a range of changes. From a [`ChangePlanner`]: at most one action per
+/// key, deletes with an empty order. From a [`LogPlanner`]: per key at most one delete and one
+/// upsert, both guarded by their order, the delete applied first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangePlan<K, R> {
-    /// Rows to insert or update.
+    /// Rows to insert or update (under a [`LogPlanner`]: where the key is absent or holds a
+    /// row whose order is not greater).
     pub upserts: Vec<PlannedRow<K, R>>,
-    /// Keys to delete, each with the version of the deleting change.
-    pub deletes: Vec<(K, Version)>,
+    /// Keys to delete (under a [`LogPlanner`]: where the key's row has an order not greater
+    /// than the delete's).
+    pub deletes: Vec<PlannedDelete<K>>,
+}
+
+/// A key to delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedDelete<K> {
+    pub key: K,
+    /// Version of the deleting change.
+    pub version: Version,
+    /// From a [`LogPlanner`], the greatest order among the key's deleted rows from before the
+    /// range; empty from a [`ChangePlanner`].
+    pub order: Box<[u8]>,
 }
 
 impl<K: Eq + Hash + Clone, R> ChangePlanner<K, R> {
@@ -185,32 +200,11 @@ impl<K: Eq + Hash + Clone, R> ChangePlanner<K, R> {
                     order: e.last_order,
                 });
             } else {
-                plan.deletes.push((key, e.last.0));
+                plan.deletes.push(PlannedDelete { key, version: e.last.0, order: Box::default() });
             }
         }
         plan
     }
-}
-
-/// A delete of a source that repeats keys: the key's row goes only if its order is not greater
-/// than `order` (see [`LogPlanner`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlannedDelete<K> {
-    pub key: K,
-    /// Version of the deleting change.
-    pub version: Version,
-    /// The greatest order among the key's deleted rows from before the range.
-    pub order: Box<[u8]>,
-}
-
-/// The net effect of a range of an event log's changes (see [`LogPlanner`]): per key, at most
-/// one guarded delete and at most one guarded upsert, the delete first.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogPlan<K, R> {
-    /// Rows to write where the key is absent or holds a row whose order is not greater.
-    pub upserts: Vec<PlannedRow<K, R>>,
-    /// Keys whose row goes where its order is not greater than the delete's.
-    pub deletes: Vec<PlannedDelete<K>>,
 }
 
 #[derive(Debug, Clone)]
@@ -272,8 +266,8 @@ impl<K: Eq + Hash + Clone, R> LogPlanner<K, R> {
     }
 
     /// The net plan.
-    pub fn finish(self) -> LogPlan<K, R> {
-        let mut plan = LogPlan { upserts: Vec::new(), deletes: Vec::new() };
+    pub fn finish(self) -> ChangePlan<K, R> {
+        let mut plan = ChangePlan { upserts: Vec::new(), deletes: Vec::new() };
         for (key, mut events) in self.entries {
             events.sort_by_key(|e| (e.version, e.kind.leaves_row()));
             let mut standing: Vec<LogEvent<R>> = Vec::new();
@@ -318,7 +312,7 @@ mod tests {
         }
         let plan = p.finish();
         let ups = plan.upserts.into_iter().map(|r| (r.key, r.row)).collect();
-        let mut dels: Vec<u32> = plan.deletes.into_iter().map(|(k, _)| k).collect();
+        let mut dels: Vec<u32> = plan.deletes.into_iter().map(|d| d.key).collect();
         dels.sort();
         (ups, dels)
     }
@@ -478,7 +472,7 @@ mod tests {
                     planner.observe(k, v, kind, x).unwrap();
                 }
                 let plan = planner.finish();
-                for (k, _) in plan.deletes { pg.remove(&k); }
+                for d in plan.deletes { pg.remove(&d.key); }
                 for r in plan.upserts {
                     if r.expect_absent {
                         prop_assert!(!pg.contains_key(&r.key), "key {} marked absent but present", r.key);

@@ -188,23 +188,17 @@ where
             })?;
         }
     }
-    if order_by.is_some() {
-        // A log that repeats keys (an append-only event table): an insert does not mean the
-        // key is new, so every upsert merges (the log planner never expects absence).
-        let plan = log.finish();
-        return Ok(KeyPlan {
-            converter,
-            upserts: plan.upserts.into_iter().map(|r| (r.key, (r.version, false, r.order))).collect(),
-            order_by,
-            deletes: plan.deletes.into_iter().map(|d| (d.key, d.version, Some(d.order))).collect(),
-        });
-    }
-    let plan = planner.finish();
+    // A log that repeats keys (an append-only event table) never expects a key absent: an
+    // insert there does not mean the key is new, so every upsert merges.
+    let (plan, guarded) = match order_by {
+        Some(_) => (log.finish(), true),
+        None => (planner.finish(), false),
+    };
     Ok(KeyPlan {
         converter,
         upserts: plan.upserts.into_iter().map(|r| (r.key, (r.version, r.expect_absent, r.order))).collect(),
         order_by,
-        deletes: plan.deletes.into_iter().map(|(k, v)| (k, v, None)).collect(),
+        deletes: plan.deletes.into_iter().map(|d| (d.key, d.version, guarded.then_some(d.order))).collect(),
     })
 }
 
