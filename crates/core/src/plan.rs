@@ -406,6 +406,21 @@ mod tests {
         ]
     }
 
+    /// Shuffles a feed deterministically from `seed` (Fisher-Yates with an LCG).
+    fn shuffle<T>(feed: &mut [T], seed: u64) {
+        let mut rng = seed;
+        for i in (1..feed.len()).rev() {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            feed.swap(i, (rng >> 33) as usize % (i + 1));
+        }
+    }
+
+    /// Versions `1..=last` split after `split` into two consecutive ranges, the empty ones left out.
+    fn two_ranges(last: u64, split: u64) -> impl Iterator<Item = (u64, u64)> {
+        let mid = split.min(last);
+        [(1, mid), (mid + 1, last)].into_iter().filter(|(lo, hi)| lo <= hi)
+    }
+
     proptest! {
         /// Model-based test: applying the plan of any change sequence to the table as it was
         /// before gives exactly the table after, for every split into two consecutive ranges.
@@ -457,16 +472,9 @@ mod tests {
                 history.push(table.clone());
             }
             // Feed order within a range is arbitrary (files are read in any order).
-            let mut rng = shuffle_seed;
-            for i in (1..feed.len()).rev() {
-                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                feed.swap(i, (rng >> 33) as usize % (i + 1));
-            }
-            let last = commits.len() as u64;
-            let mid = (split as u64).min(last);
+            shuffle(&mut feed, shuffle_seed);
             let mut pg = BTreeMap::new();
-            for (lo, hi) in [(1, mid), (mid + 1, last)] {
-                if lo > hi { continue; }
+            for (lo, hi) in two_ranges(commits.len() as u64, split as u64) {
                 let mut planner = ChangePlanner::new();
                 for &(k, v, kind, x) in feed.iter().filter(|e| (lo..=hi).contains(&e.1)) {
                     planner.observe(k, v, kind, x).unwrap();
@@ -592,16 +600,9 @@ mod tests {
                 }
                 history.push(greatest(&source));
             }
-            let mut rng = shuffle_seed;
-            for i in (1..feed.len()).rev() {
-                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                feed.swap(i, (rng >> 33) as usize % (i + 1));
-            }
-            let last = commits.len() as u64;
-            let mid = (split as u64).min(last);
+            shuffle(&mut feed, shuffle_seed);
             let mut pg: BTreeMap<u8, (u8, u16)> = BTreeMap::new();
-            for (lo, hi) in [(1, mid), (mid + 1, last)] {
-                if lo > hi { continue; }
+            for (lo, hi) in two_ranges(commits.len() as u64, split as u64) {
                 let mut planner = LogPlanner::new();
                 for &(k, v, kind, o, x) in feed.iter().filter(|e| (lo..=hi).contains(&e.1)) {
                     planner.observe(k, v, kind, &[o], (o, x)).unwrap();

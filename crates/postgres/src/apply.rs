@@ -101,7 +101,7 @@ impl Sink {
     }
 }
 
-impl ChangeApply<'_> {
+impl<'a> ChangeApply<'a> {
     /// Deletes the keys in `deletes` (key columns plus [`VERSION_COLUMN`]). Under `dedup_by`
     /// the batches also hold that column, the greatest value among the key's deleted rows, and
     /// a key's row goes only if its own value is not greater (see [`keep_greater`]).
@@ -128,10 +128,19 @@ impl ChangeApply<'_> {
 
     /// Under `dedup_by` (a source that repeats keys), when `batches` carry its column: the
     /// column and the condition that the target row `t` may be replaced or deleted by `alias`'s.
-    fn order_guard(&self, alias: &str, batches: &[RecordBatch]) -> Option<(&Column, String)> {
+    fn order_guard(&self, alias: &str, batches: &[RecordBatch]) -> Option<(&'a Column, String)> {
+        let column = self.dedup_column()?;
+        batches
+            .iter()
+            .all(|b| b.column_by_name(&column.name).is_some())
+            .then(|| (column, keep_greater(&column.name, alias)))
+    }
+
+    /// The `dedup_by` column, unless the policy names none or a key column (whose values are
+    /// equal across a key's rows, so there is nothing to order).
+    fn dedup_column(&self) -> Option<&'a Column> {
         let name = self.policy.dedup_by.as_deref().filter(|c| !self.key.iter().any(|k| k == c))?;
-        let column = self.schema.column(name)?;
-        batches.iter().all(|b| b.column_by_name(name).is_some()).then(|| (column, keep_greater(name, alias)))
+        self.schema.column(name)
     }
 
     /// Inserts or updates the rows in `upserts` (the table's columns plus
@@ -224,12 +233,7 @@ impl ChangeApply<'_> {
                 });
             }
         };
-        let guard = self
-            .policy
-            .dedup_by
-            .as_deref()
-            .filter(|c| !key.iter().any(|k| k == c) && schema.column(c).is_some())
-            .map(|c| keep_greater(c, "u"));
+        let guard = self.dedup_column().map(|c| keep_greater(&c.name, "u"));
         let (more_inserted, updated) = if existing {
             merge_from(
                 &self.tx,
