@@ -299,11 +299,6 @@ pub async fn remove_ingest(
 
 /// `GET /api/v1/ingests/{name}`
 pub async fn get_ingest(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let w = state
-        .daemon
-        .ingests()
-        .into_iter()
-        .find(|w| w.spec.name == name)
-        .ok_or_else(|| ApiError::NotFound(format!("no ingest named {name:?}")))?;
+    let w = state.daemon.ingest(&name).ok_or_else(|| ApiError::NotFound(format!("no ingest named {name:?}")))?;
     Ok(json_response(StatusCode::OK, ingest_json(&state, &w)))
 }

@@ -410,6 +410,11 @@ impl Daemon {
         self.ingests.read().expect("ingests lock").values().map(|(w, _)| w.clone()).collect()
     }
 
+    /// The ingest named `name`.
+    pub fn ingest(&self, name: &str) -> Option<Arc<IngestWorker>> {
+        self.ingests.read().expect("ingests lock").get(name).map(|(w, _)| w.clone())
+    }
+
     /// The tables, by name.
     pub fn tables(&self) -> Vec<Arc<Worker>> {
         self.workers.read().expect("workers lock").values().map(|(w, _)| w.clone()).collect()

@@ -167,7 +167,7 @@ pub async fn register_ingest(
         ConfigError::Invalid { scope: format!("ingest {name}"), message: "the name is used by another ingest".into() }
             .into()
     };
-    if daemon.ingests().iter().any(|w| w.spec.name == name) {
+    if daemon.ingest(&name).is_some() {
         return Err(taken());
     }
     if daemon.fleet().is_none() {
@@ -183,7 +183,7 @@ pub async fn register_ingest(
     let added = match daemon.add_ingest_with(spec, Some(entry.spec.clone())) {
         Ok(w) => Ok(w),
         // This replica's coordinator was quicker.
-        Err(e) => daemon.ingests().into_iter().find(|w| w.spec.name == name).ok_or(e),
+        Err(e) => daemon.ingest(&name).ok_or(e),
     };
     // Again: a view read before the registry had it must not take it away.
     daemon.touch(&ingest_touch(&name));
@@ -193,7 +193,7 @@ pub async fn register_ingest(
 /// Removes an ingest through the API: from the registry (in a fleet), so that no replica
 /// runs it any more, then here, after it flushed what it held.
 pub async fn remove_ingest(daemon: &Daemon, name: &str) -> Result<(), DaemonError> {
-    if !daemon.ingests().iter().any(|w| w.spec.name == name) {
+    if daemon.ingest(name).is_none() {
         return Err(DaemonError::NotFound(name.into()));
     }
     daemon.touch(&ingest_touch(name));
@@ -539,7 +539,7 @@ impl Coordinate {
             Ok(c) => c,
             Err(err) => return self.refuse(e, &err.to_string()),
         };
-        if let Some(w) = daemon.ingests().into_iter().find(|w| w.spec.name == e.name) {
+        if let Some(w) = daemon.ingest(&e.name) {
             if w.config.as_ref() == Some(&e.spec) {
                 return true;
             }
