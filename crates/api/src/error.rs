@@ -13,6 +13,10 @@ pub enum ApiError {
     /// 400: the request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// 400: a posted spec asks for what `[api.policy]` does not allow; names the field and
+    /// the rule.
+    #[error("{message}")]
+    Refused { message: String, field: String, rule: String },
     /// 401: missing or wrong bearer token.
     #[error("missing or invalid bearer token")]
     Unauthorized,
@@ -34,6 +38,16 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A spec that cannot be used: a policy refusal keeps its field and rule apart.
+    pub fn from_config(e: lakesync_engine::config::ConfigError) -> Self {
+        match &e {
+            lakesync_engine::config::ConfigError::Refused { field, rule, .. } => {
+                ApiError::Refused { message: e.to_string(), field: field.clone(), rule: rule.clone() }
+            }
+            _ => ApiError::BadRequest(e.to_string()),
+        }
+    }
+
     /// Maps a Postgres failure of a data query: bad values are the caller's fault, a
     /// cancelled query is a timeout, a lost connection is unavailability.
     pub fn from_query(e: PgError) -> Self {
@@ -60,7 +74,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest(_) | ApiError::Refused { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -73,7 +87,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": self.to_string() }).to_string();
+        let body = match &self {
+            ApiError::Refused { message, field, rule } => {
+                serde_json::json!({ "error": message, "field": field, "rule": rule })
+            }
+            _ => serde_json::json!({ "error": self.to_string() }),
+        }
+        .to_string();
         let mut response = (self.status(), body).into_response();
         response.headers_mut().insert("content-type", "application/json".parse().expect("valid header"));
         if matches!(self, ApiError::Unauthorized) {

@@ -51,6 +51,8 @@ pub struct AppState {
     token: Option<Secret>,
     read_auth: ReadAuth,
     max_page_size: u32,
+    /// What specs posted to the API may reach.
+    policy: lakesync_engine::policy::ApiPolicy,
     /// Table shapes by synced-table name, with the synced version they were read at.
     shapes: Mutex<HashMap<String, CachedShape>>,
 }
@@ -74,6 +76,7 @@ impl AppState {
             token: settings.token.clone(),
             read_auth: settings.read_auth.clone(),
             max_page_size: settings.max_page_size,
+            policy: settings.policy.clone(),
             shapes: Mutex::new(HashMap::new()),
         })
     }

@@ -161,7 +161,9 @@ pub async fn add(State(state): State<Arc<AppState>>, headers: HeaderMap, body: B
     authorize(&state, &headers)?;
     let config: TableConfig =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid table definition: {e}")))?;
-    let spec = config.validate().map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    // Before anything is resolved, read or contacted: what the spec reaches is the policy's.
+    state.policy.check_table(&config).map_err(ApiError::from_config)?;
+    let spec = config.validate().map_err(ApiError::from_config)?;
     if !spec.adopt {
         // Refuse at once (and start nothing) when the target exists and is not lakesync's;
         // the run would refuse it too, but only after the table was added.
@@ -269,8 +271,9 @@ pub async fn add_ingest(
     authorize(&state, &headers)?;
     let config: IngestConfig =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid ingest definition: {e}")))?;
-    let spec =
-        config.validate_with(&|name| std::env::var(name).ok()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    // Before the schema file is read, a variable resolved or a broker contacted.
+    state.policy.check_ingest(&config).map_err(ApiError::from_config)?;
+    let spec = config.validate_with(&|name| std::env::var(name).ok()).map_err(ApiError::from_config)?;
     let worker = lakesync_engine::fleet::register_ingest(&state.daemon, &config, spec).await.map_err(|e| match e {
         DaemonError::Config(e) => ApiError::Conflict(e.to_string()),
         DaemonError::ShuttingDown => ApiError::Unavailable(e.to_string()),

@@ -405,6 +405,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Sync(args) => {
             let req = args.request()?;
+            // A transaction pooler would share the table's lock and the run's session with
+            // other clients: refused before anything is written.
+            req.postgres.refuse_transaction_pooler().await?;
             let display = std::io::stderr().is_terminal().then(|| tokio::spawn(progress::show(req.progress.clone())));
             let result = sync(&req).await;
             if let Some(d) = display {

@@ -67,6 +67,12 @@ pub async fn run(path: &Path, grace: Duration) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.api.listen))?;
+    // Locks, LISTEN and session settings must stay with their session: refuse a transaction
+    // pooler at start, with the reason, rather than fail obscurely (or fence nothing) later.
+    config.postgres.refuse_transaction_pooler().await?;
+    if let Some(api) = &config.api.postgres {
+        api.refuse_transaction_pooler().await.context("[api] postgres_url")?;
+    }
     let daemon = Daemon::with_max_runs(config.postgres.clone(), config.fleet.max_concurrent_runs);
     // Certificate problems are found before any table starts.
     let tls = match &config.api.tls {
@@ -89,7 +95,10 @@ pub async fn run(path: &Path, grace: Duration) -> anyhow::Result<()> {
         &config.fleet,
         &config.tables,
         &ingests,
-        lakesync_engine::fleet::JoinOptions { address: Some(format!("{scheme}://{addr}")) },
+        lakesync_engine::fleet::JoinOptions {
+            address: Some(format!("{scheme}://{addr}")),
+            policy: config.api.policy.clone(),
+        },
     )
     .await
     .context("cannot join the fleet in Postgres")?;

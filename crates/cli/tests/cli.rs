@@ -10,6 +10,7 @@ use serde_json::json;
 use support::{PyDelta, TestDb};
 
 mod fleet;
+mod pooler;
 mod serve;
 
 fn lakesync(db: &TestDb, args: &[&str]) -> Output {

@@ -37,5 +37,5 @@ pub use error::DeltaError;
 pub use source::{
     ChangeBatch, DeltaTable, NewCommits, SchemaId, TableSnapshot, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN,
 };
-pub use store::{StorageOptions, StoreKind};
+pub use store::{OptionUse, StorageOptions, StoreKind};
 pub use write::{AppPosition, Appended, DeltaWriter, TableLayout};

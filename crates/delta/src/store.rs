@@ -138,6 +138,86 @@ impl StorageOptions {
     }
 }
 
+/// What a storage option does, for deciding who may set it (see the engine's API policy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptionUse {
+    /// A plain setting of the store (region, bucket, checksums, timeouts, `allow_http`).
+    Setting,
+    /// A credential the store signs or authenticates with (a key id, a secret, a token).
+    Credential,
+    /// Where requests go: the store's endpoint (`aws_endpoint`, `azure_storage_endpoint`,
+    /// `google_base_url`).
+    Endpoint,
+    /// Reaches beyond the table: a credential provider (container or instance metadata
+    /// endpoints, web identity, STS, Azure CLI or MSI), a local file (token files, service
+    /// account files), a proxy, or TLS verification switched off.
+    Host,
+}
+
+/// What option `key` (without any `_env` suffix) does for the table at `uri`; an error
+/// names a key the store does not know. Every key not known to be a plain setting, a
+/// credential or an endpoint is [`OptionUse::Host`], so a key a newer `object_store` adds is
+/// refused where only plain settings are allowed.
+pub fn option_use(uri: &str, key: &str) -> Result<OptionUse, String> {
+    let kind = match Url::parse(uri) {
+        Ok(url) if url.scheme().len() > 1 => StoreKind::of(&url)?,
+        _ => StoreKind::Local,
+    };
+    let unknown = |_| format!("unknown storage option {key:?} for {kind:?} sources");
+    let canonical = match kind {
+        StoreKind::Local => return Err(format!("unknown storage option {key:?} for local paths")),
+        StoreKind::S3 => key.parse::<AmazonS3ConfigKey>().map_err(unknown)?.as_ref().to_string(),
+        StoreKind::Azure => key.parse::<AzureConfigKey>().map_err(unknown)?.as_ref().to_string(),
+        StoreKind::Gcs => key.parse::<GoogleConfigKey>().map_err(unknown)?.as_ref().to_string(),
+    };
+    if is_secret(kind, key)? {
+        return Ok(OptionUse::Credential);
+    }
+    Ok(match canonical.as_str() {
+        "aws_access_key_id" | "azure_storage_client_id" | "azure_storage_tenant_id" => OptionUse::Credential,
+        "aws_endpoint" | "aws_endpoint_url_s3" | "azure_storage_endpoint" | "google_base_url" => OptionUse::Endpoint,
+        "aws_region"
+        | "aws_default_region"
+        | "aws_bucket"
+        | "aws_virtual_hosted_style_request"
+        | "aws_s3_express"
+        | "aws_unsigned_payload"
+        | "aws_checksum_algorithm"
+        | "aws_skip_signature"
+        | "aws_copy_if_not_exists"
+        | "aws_conditional_put"
+        | "aws_disable_tagging"
+        | "aws_disable_bulk_delete"
+        | "aws_request_payer"
+        | "aws_server_side_encryption"
+        | "aws_sse_kms_key_id"
+        | "aws_sse_bucket_key_enabled"
+        | "azure_storage_account_name"
+        | "azure_container_name"
+        | "azure_use_fabric_endpoint"
+        | "azure_skip_signature"
+        | "azure_disable_tagging"
+        | "google_bucket"
+        | "google_skip_signature"
+        | "allow_http"
+        | "connect_timeout"
+        | "timeout"
+        | "read_timeout"
+        | "pool_idle_timeout"
+        | "pool_max_idle_per_host"
+        | "http1_only"
+        | "http2_only"
+        | "http2_keep_alive_interval"
+        | "http2_keep_alive_timeout"
+        | "http2_keep_alive_while_idle"
+        | "http2_max_frame_size"
+        | "randomize_addresses"
+        | "user_agent"
+        | "default_content_type" => OptionUse::Setting,
+        _ => OptionUse::Host,
+    })
+}
+
 /// Whether `key` names a secret for this store; an error names a key the store does not know.
 fn is_secret(kind: StoreKind, key: &str) -> Result<bool, String> {
     let unknown = |_| format!("unknown storage option {key:?} for {kind:?} sources");
@@ -385,6 +465,36 @@ mod tests {
         }
         let gcs_secret = StorageOptions::resolve("gs://b/t", &written(&[("google_service_account_key", "{}")]), &env);
         assert!(gcs_secret.unwrap_err().contains("is a secret"));
+    }
+
+    #[test]
+    fn options_that_reach_beyond_the_table_are_told_apart_from_settings_credentials_and_endpoints() {
+        for (uri, key, expected) in [
+            ("s3://b/t", "aws_region", OptionUse::Setting),
+            ("s3://b/t", "aws_allow_http", OptionUse::Setting),
+            ("s3://b/t", "aws_access_key_id", OptionUse::Credential),
+            ("s3://b/t", "aws_secret_access_key", OptionUse::Credential),
+            ("s3://b/t", "aws_endpoint", OptionUse::Endpoint),
+            ("s3://b/t", "aws_endpoint_url", OptionUse::Endpoint),
+            ("s3://b/t", "aws_container_credentials_full_uri", OptionUse::Host),
+            ("s3://b/t", "aws_container_authorization_token_file", OptionUse::Host),
+            ("s3://b/t", "aws_web_identity_token_file", OptionUse::Host),
+            ("s3://b/t", "aws_endpoint_url_sts", OptionUse::Host),
+            ("s3://b/t", "aws_metadata_endpoint", OptionUse::Host),
+            ("s3://b/t", "allow_invalid_certificates", OptionUse::Host),
+            ("s3://b/t", "aws_proxy_url", OptionUse::Host),
+            ("az://c/t", "azure_storage_account_key", OptionUse::Credential),
+            ("az://c/t", "azure_storage_endpoint", OptionUse::Endpoint),
+            ("az://c/t", "azure_federated_token_file", OptionUse::Host),
+            ("az://c/t", "azure_use_azure_cli", OptionUse::Host),
+            ("az://c/t", "use_emulator", OptionUse::Host),
+            ("gs://b/t", "google_service_account", OptionUse::Host),
+            ("gs://b/t", "google_service_account_key", OptionUse::Credential),
+        ] {
+            assert_eq!(option_use(uri, key), Ok(expected), "{uri} {key}");
+        }
+        assert!(option_use("s3://b/t", "aws_endpont").unwrap_err().contains("unknown storage option"));
+        assert!(option_use("/lake/t", "aws_region").is_err());
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub enum ConfigError {
     /// A value is invalid; `scope` says where (`table crm.customers`, `[api]`).
     #[error("config {scope}: {message}")]
     Invalid { scope: String, message: String },
+    /// A spec from the management API asks for what `[api.policy]` does not allow: `field`
+    /// names the setting, `rule` why (see [`crate::policy`]). Nothing was read or contacted.
+    #[error("config {scope}: {field}: refused by [api.policy]: {rule}")]
+    Refused { scope: String, field: String, rule: String },
 }
 
 impl Classify for ConfigError {
@@ -217,6 +221,9 @@ pub struct ApiSection {
     pub tls_cert: Option<String>,
     /// PEM file of the private key for `tls_cert`.
     pub tls_key: Option<String>,
+    /// What specs posted to the API may reach (see [`crate::policy`]).
+    #[serde(default)]
+    pub policy: crate::policy::PolicySection,
 }
 
 /// One `[[tables]]` entry; also the body of `POST /api/v1/synced-tables`.
@@ -387,6 +394,7 @@ impl TableSpec {
             allow_drop_columns: self.allow_drop_columns,
             history: self.history,
             progress: Default::default(),
+            fence: None,
         }
     }
 }
@@ -798,6 +806,8 @@ pub struct ApiSettings {
     pub postgres: Option<PgConfig>,
     /// HTTPS certificate chain and key files.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// What specs posted to the API may reach.
+    pub policy: crate::policy::ApiPolicy,
 }
 
 /// Who may call the API's reading routes (rows, table status, runs, OpenAPI).
@@ -954,6 +964,12 @@ impl ConfigFile {
         let tables = self.tables.iter().map(|t| t.validate_with(env)).collect::<Result<Vec<_>, _>>()?;
         check_unique(&tables)?;
         let ingests = self.ingest.iter().map(|i| i.validate_with(env)).collect::<Result<Vec<_>, _>>()?;
+        // The variables holding the daemon's own secrets: no API spec may name them.
+        let reserved = [&self.postgres.password_env, &api.token_env, &api.read_token_env, &api.postgres_password_env]
+            .into_iter()
+            .flatten()
+            .cloned();
+        let policy = api.policy.validate(&self.tables, &self.ingest, reserved)?;
         let mut names = BTreeSet::new();
         for i in &ingests {
             if !names.insert(&i.name) {
@@ -971,6 +987,7 @@ impl ConfigFile {
                 read_auth,
                 postgres: api_postgres,
                 tls,
+                policy,
             },
             tables,
             ingests,

@@ -825,16 +825,17 @@ async fn execute(worker: &Worker, env: &WorkerEnv, mode: SyncMode) {
     let postgres = &env.postgres;
     let Ok(_permit) = env.runs.clone().acquire_owned().await else { return };
     // In a fleet the run is fenced by the coordinating session that holds the table.
-    let fenced = match &env.fleet {
+    let fence = match &env.fleet {
         Some(f) => match f.owner_pid.load(Ordering::SeqCst) {
             0 => return, // no coordinating session right now: nothing is owned
-            pid => postgres.fenced(pid),
+            owner_pid => Some(lakesync_postgres::fleet::Fence { owner_pid }),
         },
-        None => postgres.clone(),
+        None => None,
     };
     let mut cancel = worker.cancel.subscribe();
-    let mut req = spec.request(&fenced, mode, None, Duration::from_secs(5));
+    let mut req = spec.request(postgres, mode, None, Duration::from_secs(5));
     req.progress = worker.progress.clone();
+    req.fence = fence;
     worker.update(|s| s.running = true);
     let started = Instant::now();
     // The run is a task of its own, so a panic inside it (in the kernel, say) becomes this

@@ -29,11 +29,14 @@ use crate::config::{ConfigError, FleetConfig, IngestConfig, TableConfig, TableSp
 use crate::daemon::{Daemon, DaemonError, FleetMember};
 use crate::EngineError;
 
-/// Where this replica's API listens, recorded for operators (`lakesync.replicas.address`).
+/// How this replica takes part.
 #[derive(Debug, Clone, Default)]
 pub struct JoinOptions {
-    /// The API address.
+    /// Where its API listens, recorded for operators (`lakesync.replicas.address`).
     pub address: Option<String>,
+    /// What entries added through the API (on any replica) may reach: this replica runs
+    /// only those its own `[api.policy]` allows too.
+    pub policy: crate::policy::ApiPolicy,
 }
 
 /// The registry entry of a synced table.
@@ -97,6 +100,7 @@ pub async fn join(
         config,
         settings: fleet.clone(),
         address: options.address,
+        policy: options.policy,
         session: None,
         last_renewed: Instant::now(),
         held: BTreeSet::new(),
@@ -223,6 +227,7 @@ struct Coordinate {
     config: PgConfig,
     settings: FleetConfig,
     address: Option<String>,
+    policy: crate::policy::ApiPolicy,
     session: Option<Coordinator>,
     /// When the heartbeat was last renewed.
     last_renewed: Instant,
@@ -389,12 +394,12 @@ impl Coordinate {
                 Kind::Table if daemon.touched_since(&e.name, view.read_at) => false,
                 Kind::Table => {
                     registered_tables.insert(e.name.clone());
-                    self.ensure_table(daemon, e).await
+                    self.ensure_table(daemon, e, item.origin).await
                 }
                 Kind::Ingest if daemon.touched_since(&ingest_touch(&e.name), view.read_at) => false,
                 Kind::Ingest => {
                     registered_ingests.insert(e.name.clone());
-                    self.ensure_ingest(daemon, e).await
+                    self.ensure_ingest(daemon, e, item.origin).await
                 }
             };
             if ok {
@@ -497,11 +502,16 @@ impl Coordinate {
     /// Makes sure the daemon runs registry table `e` with its registered spec; `false` when
     /// this replica cannot (the spec is invalid here, say an environment variable it names is
     /// missing).
-    async fn ensure_table(&mut self, daemon: &Arc<Daemon>, e: &Entry) -> bool {
+    async fn ensure_table(&mut self, daemon: &Arc<Daemon>, e: &Entry, origin: Origin) -> bool {
         let config: TableConfig = match serde_json::from_value(e.spec.clone()) {
             Ok(c) => c,
             Err(err) => return self.refuse(e, &err.to_string()),
         };
+        // An entry another replica's API accepted runs here only if this replica's policy
+        // allows it too.
+        if let (Origin::Api, Err(err)) = (origin, self.policy.check_table(&config)) {
+            return self.refuse(e, &err.to_string());
+        }
         if let Some(w) = daemon.table(&e.name) {
             if w.spec.config == config {
                 return true;
@@ -534,11 +544,14 @@ impl Coordinate {
         }
     }
 
-    async fn ensure_ingest(&mut self, daemon: &Arc<Daemon>, e: &Entry) -> bool {
+    async fn ensure_ingest(&mut self, daemon: &Arc<Daemon>, e: &Entry, origin: Origin) -> bool {
         let config: IngestConfig = match serde_json::from_value(e.spec.clone()) {
             Ok(c) => c,
             Err(err) => return self.refuse(e, &err.to_string()),
         };
+        if let (Origin::Api, Err(err)) = (origin, self.policy.check_ingest(&config)) {
+            return self.refuse(e, &err.to_string());
+        }
         if let Some(w) = daemon.ingest(&e.name) {
             if w.config.as_ref() == Some(&e.spec) {
                 return true;

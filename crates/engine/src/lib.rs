@@ -22,6 +22,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod fleet;
+pub mod policy;
 pub mod progress;
 pub mod sync;
 

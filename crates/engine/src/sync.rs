@@ -51,6 +51,8 @@ pub struct SyncRequest {
     pub history: RunRetention,
     /// Where the run reports progress, for a display.
     pub progress: Arc<Progress>,
+    /// In a fleet, the ownership the run is fenced by (`None` for the CLI's `sync`).
+    pub fence: Option<lakesync_postgres::fleet::Fence>,
 }
 
 /// What a successful run did.
@@ -84,7 +86,8 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
         },
         async {
             Ok::<_, EngineError>(
-                Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait, req.history).await?,
+                Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait, req.history, req.fence)
+                    .await?,
             )
         }
     );
@@ -357,7 +360,7 @@ async fn snapshot(
     // committed chunks left it. Read under the table lock; the checkpoint moves it only from
     // there (a compare-and-set).
     let from = state::load(sink.client(), &req.table).await?.and_then(|r| r.synced_version);
-    let staging = sink.prepare_staging(schema).await?;
+    let staging = sink.prepare_staging(schema, id).await?;
     let copy = sink.copy_into(&staging, schema, key, version, req.parallelism);
     let sender = copy.sender();
     let progress = req.progress.clone();

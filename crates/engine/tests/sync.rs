@@ -1249,6 +1249,7 @@ fn a_run_that_lost_the_race_for_the_synced_version_rolls_back_and_changes_nothin
             Default::default(),
             std::time::Duration::from_secs(5),
             Default::default(),
+            None,
         )
         .await
         .unwrap();

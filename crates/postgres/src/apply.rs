@@ -43,6 +43,7 @@ pub struct ChangeApply<'a> {
     schema: &'a TableSchema,
     key: &'a [String],
     counts: RowCounts,
+    fence: Option<crate::fleet::Fence>,
 }
 
 impl Sink {
@@ -97,7 +98,7 @@ impl Sink {
                 .await
                 .map_err(PgError::query(&target, "plan for a small change set"))?;
         }
-        Ok(ChangeApply { tx, target, policy, schema, key, counts: RowCounts::default() })
+        Ok(ChangeApply { tx, target, policy, schema, key, counts: RowCounts::default(), fence: self.fence })
     }
 }
 
@@ -291,8 +292,18 @@ impl<'a> ChangeApply<'a> {
         final_chunk: bool,
     ) -> Result<RowCounts, PgError> {
         let (tx, target, counts) = (self.tx, self.target, self.counts);
-        let rows =
-            state::commit_checkpoint(&tx, &target, run_id, Some(from), checkpoint, counts, None, final_chunk).await?;
+        let rows = state::commit_checkpoint(
+            &tx,
+            &target,
+            self.fence,
+            run_id,
+            Some(from),
+            checkpoint,
+            counts,
+            None,
+            final_chunk,
+        )
+        .await?;
         if let (Some(expected), Some(actual)) = (source_rows, rows) {
             if expected != actual {
                 // Dropping `tx` rolls everything back.

@@ -81,23 +81,15 @@ impl PgConfig {
         )
     }
 
-    /// The settings a fleet replica connects with: `application_name` is `lakesync/<id>` (how
-    /// other replicas find and end the sessions of a replica whose lease expired) and the
+    /// The settings a fleet replica connects with: `application_name` is
+    /// [`crate::fleet::session_name`] (`lakesync/<id>`, shortened with a hash when too long:
+    /// how other replicas find and end the sessions of a replica whose lease expired) and the
     /// session setting `lakesync.replica` names the replica in the run history. `replica`
     /// must be a valid replica id (see [`crate::fleet::valid_replica_id`]).
     pub fn for_replica(&self, replica: &str) -> Self {
         let mut out = self.clone();
-        out.config.application_name(format!("lakesync/{replica}"));
+        out.config.application_name(crate::fleet::session_name(replica));
         out.add_option("lakesync.replica", replica);
-        out
-    }
-
-    /// These settings with runs fenced by the coordinating session `owner_pid`: a checkpoint
-    /// commits only while that session holds the table's ownership lock (checked in the
-    /// committing transaction, see [`crate::fleet::check_owner`]).
-    pub fn fenced(&self, owner_pid: i32) -> Self {
-        let mut out = self.clone();
-        out.add_option("lakesync.owner_pid", &owner_pid.to_string());
         out
     }
 
@@ -138,6 +130,56 @@ impl PgConfig {
         };
         Ok(client)
     }
+}
+
+impl PgConfig {
+    /// Fails with [`PgError::TransactionPooler`] when these settings reach Postgres through a
+    /// pooler in transaction or statement mode (PgBouncer, Supavisor, RDS Proxy): there, one
+    /// client's statements run on whichever server session is free, so advisory locks,
+    /// `LISTEN`, prepared statements and session settings silently belong to other clients.
+    ///
+    /// The probe, with simple queries only (a pooler serves those): session A reads its
+    /// backend pid and goes idle; session B opens a transaction and reads its pid; A reads
+    /// its pid again while B's transaction is open. Directly (or through a session-mode
+    /// pooler, or a TCP proxy) the two pids differ and A's stays the same; a transaction
+    /// pooler gives B the backend A just released, or moves A to another one (or makes A
+    /// wait for the one B holds).
+    pub async fn refuse_transaction_pooler(&self) -> Result<(), PgError> {
+        let a = self.connect().await?;
+        let b = self.connect().await?;
+        let pooled = || PgError::TransactionPooler { target: self.target() };
+        for _ in 0..3 {
+            let first = backend_pid(&a).await?;
+            simple(&b, "BEGIN").await?;
+            let other = backend_pid(&b).await?;
+            let again = tokio::time::timeout(std::time::Duration::from_secs(2), backend_pid(&a)).await;
+            let _ = simple(&b, "COMMIT").await;
+            // A wait past the deadline: A queued for the one backend B holds.
+            let Ok(again) = again else { return Err(pooled()) };
+            if first == other || again? != first {
+                return Err(pooled());
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn simple(client: &Client, sql: &str) -> Result<Vec<tokio_postgres::SimpleQueryMessage>, PgError> {
+    client.simple_query(sql).await.map_err(PgError::query("lakesync", "check for a transaction pooler"))
+}
+
+async fn backend_pid(client: &Client) -> Result<String, PgError> {
+    simple(client, "SELECT pg_backend_pid()")
+        .await?
+        .into_iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .ok_or_else(|| PgError::Mismatch {
+            table: "lakesync".into(),
+            message: "pg_backend_pid() returned no row".into(),
+        })
 }
 
 /// Runs a connection's I/O on its own task; returns the client.

@@ -58,6 +58,22 @@ pub enum PgError {
     /// Starting or stopping a local Postgres failed.
     #[error("local Postgres: {0}")]
     Cluster(String),
+    /// The connection goes through a pooler that hands each transaction (or statement) a
+    /// different server session; what lakesync keeps per session would be lost or leak.
+    #[error("{}", pooler_message(target))]
+    TransactionPooler { target: String },
+}
+
+/// Why a transaction pooler cannot carry lakesync's sessions, and what to do instead.
+pub(crate) fn pooler_message(target: &str) -> String {
+    format!(
+        "Postgres at {target} is reached through a connection pooler in transaction or statement mode \
+         (PgBouncer pool_mode = transaction, Supabase's port 6543, a Neon -pooler host, RDS Proxy): two \
+         of lakesync's sessions were served by one Postgres backend. lakesync needs sessions of its own \
+         (each table's advisory lock, the fleet's ownership locks and LISTEN, prepared statements, \
+         session settings), which such a pooler shares between clients; nothing was written. Connect \
+         directly to Postgres, or through the pooler's session mode"
+    )
 }
 
 /// The causes below a connection error (e.g. the TLS failure under "error performing TLS
@@ -143,7 +159,7 @@ impl Classify for PgError {
             PgError::ReplicaIdInUse { .. } => ErrorClass::Transient,
             PgError::NotOwned { .. } => ErrorClass::Config,
             PgError::Mismatch { .. } | PgError::Drift { .. } => ErrorClass::Schema,
-            PgError::Cluster(_) => ErrorClass::Config,
+            PgError::Cluster(_) | PgError::TransactionPooler { .. } => ErrorClass::Config,
         }
     }
 }

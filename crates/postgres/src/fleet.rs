@@ -3,10 +3,10 @@
 //!
 //! Ownership is a session advisory lock on a per-item key, held by the owning replica's
 //! coordinating session ([`Coordinator`]): Postgres releases it the moment that session ends,
-//! and no other session can take it meanwhile. Runs are fenced by it: a run's session names
-//! its coordinating session (`lakesync.owner_pid`, see [`crate::PgConfig::fenced`]) and
-//! [`check_owner`] refuses the checkpoint, in the committing transaction, unless that session
-//! still holds the table's lock. Together with the per-table run lock and the compare-and-set
+//! and no other session can take it meanwhile. Runs are fenced by it: a run carries its
+//! coordinating session's pid ([`Fence`]) and [`check_owner`] refuses the run when it takes
+//! the table's lock and the checkpoint in the committing transaction, unless that session
+//! still holds the table's lock and the registry still has the table. Together with the per-table run lock and the compare-and-set
 //! of the synced version, no two replicas ever apply to one table.
 //!
 //! A replica that is connected but hung stops renewing its heartbeat; once its lease expires
@@ -37,6 +37,24 @@ pub fn valid_replica_id(id: &str) -> Result<(), String> {
         return Err(format!("replica id {id:?} has {c:?}; use letters, digits, '.', '_' and '-'"));
     }
     Ok(())
+}
+
+/// The `application_name` of a replica's sessions, how the others find and end them when its
+/// lease expires: `lakesync/<id>` when that fits in the 63 bytes Postgres keeps (it truncates
+/// longer names silently), else a prefix of the id and a hash of the whole of it, so that a
+/// Kubernetes pod name of any length is never mistaken for, nor lost beside, another.
+pub fn session_name(replica: &str) -> String {
+    const MAX: usize = 63;
+    let full = format!("lakesync/{replica}");
+    if full.len() <= MAX {
+        return full;
+    }
+    // 64-bit FNV-1a: the same in every build and process.
+    let hash =
+        replica.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
+    let tail = format!("~{hash:016x}");
+    // Replica ids are ASCII (see `valid_replica_id`), so any cut is a character boundary.
+    format!("{}{tail}", &full[..MAX - tail.len()])
 }
 
 /// What a registry entry is.
@@ -80,6 +98,15 @@ impl Origin {
         match self {
             Origin::File => "file",
             Origin::Api => "api",
+        }
+    }
+
+    /// Anything not written by a file counts as the API's (the stricter of the two).
+    fn parse(s: &str) -> Self {
+        if s == "file" {
+            Origin::File
+        } else {
+            Origin::Api
         }
     }
 }
@@ -137,6 +164,8 @@ pub struct Item {
     pub entry: Entry,
     /// Who holds it.
     pub holder: Holder,
+    /// Where it came from.
+    pub origin: Origin,
 }
 
 fn q(action: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
@@ -227,19 +256,32 @@ pub async fn notify(client: &impl GenericClient, payload: &str) -> Result<(), Pg
     Ok(())
 }
 
-/// The fence: in a run's committing transaction, fails with [`PgError::NotOwner`] unless the
-/// coordinating session the run's session names (`lakesync.owner_pid`) still holds `table`'s
-/// ownership lock. Sessions that name none (the CLI's `sync`, a single daemon's tests) pass.
-pub async fn check_owner(tx: &impl GenericClient, table: &TableName) -> Result<(), PgError> {
+/// What a fleet replica's run is fenced by: the backend pid of the replica's coordinating
+/// session, which must hold the table's ownership lock. It travels with the run (in the
+/// request, not as a session setting a connection pooler could drop), so a fenced run can
+/// never pass for an unfenced one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// The coordinating session's backend pid.
+    pub owner_pid: i32,
+}
+
+/// The fence: fails with [`PgError::NotOwner`] unless `fence`'s coordinating session holds
+/// `table`'s ownership lock and the registry still has a live entry for the table (a table
+/// removed or purged through any replica is never written again, even by a run that started
+/// before its owner noticed). Checked when a run takes the table's lock, before it writes
+/// anything, and in every committing transaction.
+pub async fn check_owner(tx: &impl GenericClient, table: &TableName, fence: Fence) -> Result<(), PgError> {
+    let key = table_owner_key(table);
     let owned: bool = tx
         .query_one(
-            "SELECT CASE WHEN coalesce(current_setting('lakesync.owner_pid', true), '') = '' THEN true \
-             ELSE EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-               AND l.pid = nullif(current_setting('lakesync.owner_pid', true), '')::int \
-               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-               AND l.classid = ((k.k >> 32) & 4294967295)::oid AND l.objid = (k.k & 4294967295)::oid) END \
+            "SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+               AND l.pid = $2 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND l.classid = ((k.k >> 32) & 4294967295)::oid AND l.objid = (k.k & 4294967295)::oid) \
+             AND EXISTS (SELECT 1 FROM lakesync.registry r WHERE r.kind = 'table' AND r.owner_key = $1 \
+               AND r.removed_at IS NULL) \
              FROM (SELECT hashtextextended($1, 0) AS k) k",
-            &[&table_owner_key(table)],
+            &[&key, &fence.owner_pid],
         )
         .await
         .map_err(PgError::query(table, "check that this replica owns the table"))?
@@ -256,11 +298,11 @@ pub async fn check_owner(tx: &impl GenericClient, table: &TableName) -> Result<(
 pub async fn items(client: &impl GenericClient) -> Result<Vec<Item>, PgError> {
     let rows = client
         .query(
-            "WITH items AS (SELECT kind, name, spec, owner_key, hashtextextended(owner_key, 0) AS k \
+            "WITH items AS (SELECT kind, name, spec, owner_key, origin, hashtextextended(owner_key, 0) AS k \
                FROM lakesync.registry WHERE removed_at IS NULL), \
              held AS (SELECT l.pid, l.classid, l.objid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted \
                AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
-             SELECT i.kind, i.name, i.spec, i.owner_key, h.pid IS NOT NULL, r.replica_id FROM items i \
+             SELECT i.kind, i.name, i.spec, i.owner_key, h.pid IS NOT NULL, r.replica_id, i.origin FROM items i \
              LEFT JOIN held h ON h.classid = ((i.k >> 32) & 4294967295)::oid AND h.objid = (i.k & 4294967295)::oid \
              LEFT JOIN lakesync.replicas r ON r.pid = h.pid \
              ORDER BY i.kind, i.name",
@@ -277,7 +319,11 @@ pub async fn items(client: &impl GenericClient) -> Result<Vec<Item>, PgError> {
                 (true, Some(id)) => Holder::Replica(id),
                 (true, None) => Holder::Unknown,
             };
-            Some(Item { entry: Entry { kind, name: r.get(1), spec: r.get(2), owner_key: r.get(3) }, holder })
+            Some(Item {
+                entry: Entry { kind, name: r.get(1), spec: r.get(2), owner_key: r.get(3) },
+                holder,
+                origin: Origin::parse(r.get(6)),
+            })
         })
         .collect())
 }
@@ -323,14 +369,14 @@ impl Coordinator {
         let renewed = self
             .client
             .query_opt(
-                "INSERT INTO lakesync.replicas AS r (replica_id, pid, address, build, started_at, heartbeat_at) \
-                 VALUES ($1, pg_backend_pid(), $2, $3, clock_timestamp(), clock_timestamp()) \
+                "INSERT INTO lakesync.replicas AS r (replica_id, pid, address, build, started_at, heartbeat_at, session_name) \
+                 VALUES ($1, pg_backend_pid(), $2, $3, clock_timestamp(), clock_timestamp(), $4) \
                  ON CONFLICT (replica_id) DO UPDATE SET pid = EXCLUDED.pid, address = EXCLUDED.address, \
-                 build = EXCLUDED.build, heartbeat_at = clock_timestamp(), \
+                 build = EXCLUDED.build, heartbeat_at = clock_timestamp(), session_name = EXCLUDED.session_name, \
                  started_at = CASE WHEN r.pid = EXCLUDED.pid THEN r.started_at ELSE EXCLUDED.started_at END \
                  WHERE r.pid = EXCLUDED.pid OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.pid) \
                  RETURNING 1",
-                &[&self.replica, &address, &env!("CARGO_PKG_VERSION")],
+                &[&self.replica, &address, &env!("CARGO_PKG_VERSION"), &session_name(&self.replica)],
             )
             .await
             .map_err(q("renew the replica's heartbeat"))?;
@@ -341,7 +387,7 @@ impl Coordinator {
     }
 
     /// Ends every session of the other replicas whose heartbeat is older than `lease` (they
-    /// are hung or cut off), which releases their locks; forgets replicas gone for an hour.
+    /// are hung or cut off), found by their [`session_name`], which releases their locks; forgets replicas gone for an hour.
     /// Only sessions opened before that last heartbeat are ended: a replica restarting under
     /// the same id is not mistaken for its hung predecessor. Only sessions this role may end
     /// (its own role's, or any non-superuser's with `pg_signal_backend`), so a replica running
@@ -352,7 +398,7 @@ impl Coordinator {
             .client
             .query(
                 "SELECT DISTINCT r.replica_id, pg_terminate_backend(a.pid) FROM lakesync.replicas r \
-                 JOIN pg_stat_activity a ON a.application_name = 'lakesync/' || r.replica_id \
+                 JOIN pg_stat_activity a ON a.application_name = coalesce(r.session_name, 'lakesync/' || r.replica_id) \
                    AND a.datname = current_database() AND a.backend_start < r.heartbeat_at \
                    AND (pg_has_role(a.usesysid, 'MEMBER') OR (pg_has_role('pg_signal_backend', 'MEMBER') \
                      AND NOT coalesce((SELECT rolsuper FROM pg_roles WHERE oid = a.usesysid), true))) \
@@ -448,5 +494,23 @@ mod tests {
         for bad in ["", "a b", "x'y", "é", &"a".repeat(64)] {
             assert!(valid_replica_id(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn session_names_fit_what_postgres_keeps_and_tell_long_ids_apart() {
+        assert_eq!(session_name("lakesync-0"), "lakesync/lakesync-0");
+        let fits = "a".repeat(54);
+        assert_eq!(session_name(&fits), format!("lakesync/{fits}"));
+        let (a, b) = (format!("{}-x", "p".repeat(61)), format!("{}-y", "p".repeat(61)));
+        let (na, nb) = (session_name(&a), session_name(&b));
+        assert!(na.len() <= 63 && nb.len() <= 63, "{na} {nb}");
+        assert_ne!(na, nb);
+        assert!(na.starts_with("lakesync/ppp"), "{na}");
+        assert_eq!(na, session_name(&a), "stable");
+        // The same in every build: the hash computed independently (Python).
+        assert_eq!(
+            session_name(&format!("{}abc", "z".repeat(60))),
+            "lakesync/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz~235fcad482ed3b6b"
+        );
     }
 }

@@ -9,8 +9,9 @@
 //! Invariants:
 //! - Never depends on Delta; takes Arrow batches and core model values.
 //! - The synced version is written in the same transaction as the data it covers.
-//! - A checkpoint of a fenced session (a fleet replica's run) commits only while its
-//!   replica's coordinating session holds the table's ownership lock.
+//! - A fenced run (a fleet replica's) writes nothing and commits no checkpoint unless its
+//!   replica's coordinating session holds the table's ownership lock and the registry still
+//!   has the table; the fence travels with the run, never as a session setting.
 //! - No statement is built from untrusted text: identifiers go through [`ddl::ident`], values
 //!   travel as parameters or COPY data.
 //! - The connection password never appears in errors or logs ([`PgConfig`]'s `Debug` and
@@ -47,19 +48,23 @@ pub struct Sink {
     client: Client,
     table: TableName,
     policy: DataPolicy,
+    /// A fleet replica's fence, checked when the lock is taken and at every checkpoint.
+    fence: Option<fleet::Fence>,
 }
 
 impl Sink {
     /// Connects, creates the state schema if needed, takes the table's advisory lock (waiting
     /// up to `lock_wait` for another run to finish, then failing with [`PgError::Locked`]) and
     /// marks runs a crashed process left behind as abandoned, and trims the run history to
-    /// `history`.
+    /// `history`. With a `fence` (a fleet replica's run), nothing is written unless the
+    /// replica owns the table ([`fleet::check_owner`]), checked under the table's lock.
     pub async fn open(
         config: &PgConfig,
         table: &TableName,
         policy: DataPolicy,
         lock_wait: std::time::Duration,
         history: state::RunRetention,
+        fence: Option<fleet::Fence>,
     ) -> Result<Self, PgError> {
         let mut client = config.connect().await?;
         // Change sets are staged in temporary tables; the default 8MB of temp buffers makes a
@@ -74,9 +79,15 @@ impl Sink {
         let _ = client.batch_execute("SET client_connection_check_interval = '1s'").await;
         state::ensure_schema(&mut client).await?;
         state::lock(&client, table, lock_wait).await?;
+        if let Some(fence) = fence {
+            if let Err(e) = fleet::check_owner(&client, table, fence).await {
+                let _ = state::unlock(&client, table).await;
+                return Err(e);
+            }
+        }
         state::abandon_stale_runs(&client, table).await?;
         state::prune_runs(&client, table, history).await?;
-        Ok(Self { config: config.clone(), client, table: table.clone(), policy })
+        Ok(Self { config: config.clone(), client, table: table.clone(), policy, fence })
     }
 
     /// Ends the session, releasing the table's advisory lock first.

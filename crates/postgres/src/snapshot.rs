@@ -18,6 +18,7 @@ use futures_util::SinkExt;
 use lakesync_core::{ColumnType, DataPolicy, TableName, TableSchema, Version};
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
+use tokio_postgres::GenericClient;
 
 use crate::copy::{encode_batch, HEADER, TRAILER};
 use crate::ddl::{column_definitions, column_list, derived_name, ident, qualified};
@@ -37,17 +38,53 @@ pub struct Staging {
 /// HOT (heap-only: no index insertion, no new index entry per update).
 const FILLFACTOR: u8 = 90;
 
-/// The staging table name for `target`; deterministic, so a crashed run's leftover is found
-/// and dropped by the next run.
-pub fn staging_name(target: &TableName) -> TableName {
-    TableName::new(target.schema.clone(), derived_name(&format!("_lakesync_stage_{}", target.name), ""))
+/// The staging table of `target` for run `run_id`: unique per run (two snapshots of one table
+/// never share one, even should both get past the table's lock), named from a hash of the
+/// target (see [`crate::apply::staging_prefix`]) so a later run finds what a crashed one left.
+pub fn staging_name(target: &TableName, run_id: i64) -> TableName {
+    TableName::new(target.schema.clone(), format!("{}{run_id}", staging_stem(target)))
+}
+
+/// What every staging table of `target` is named with, before the run id.
+fn staging_stem(target: &TableName) -> String {
+    format!("_lakesync_{}_", crate::apply::staging_prefix(target))
+}
+
+/// Drops the staging tables of `target` that no run in progress loads: every one, with
+/// `all`, else those whose run is not `running` (left by a crashed or abandoned run). Also
+/// the one name older builds used.
+pub(crate) async fn drop_staging_tables(
+    client: &impl GenericClient,
+    target: &TableName,
+    all: bool,
+) -> Result<(), PgError> {
+    let stem = staging_stem(target);
+    let rows = client
+        .query(
+            "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relkind = 'r' AND left(c.relname, length($2)) = $2 \
+             AND ($3 OR NOT EXISTS (SELECT 1 FROM lakesync.runs r WHERE r.outcome = 'running' \
+               AND r.run_id::text = substr(c.relname, length($2) + 1)))",
+            &[&target.schema, &stem, &all],
+        )
+        .await
+        .map_err(PgError::query(target, "look for staging tables"))?;
+    let legacy = TableName::new(target.schema.clone(), derived_name(&format!("_lakesync_stage_{}", target.name), ""));
+    let drops: Vec<String> = rows
+        .iter()
+        .map(|r| TableName::new(target.schema.clone(), r.get::<_, String>(0)))
+        .chain([legacy])
+        .map(|t| format!("DROP TABLE IF EXISTS {}", qualified(&t)))
+        .collect();
+    client.batch_execute(&drops.join("; ")).await.map_err(PgError::query(target, "drop the staging tables"))
 }
 
 impl Sink {
-    /// Drops any leftover staging table and creates an empty one for `schema`.
-    pub async fn prepare_staging(&self, schema: &TableSchema) -> Result<Staging, PgError> {
+    /// Drops the staging tables crashed runs left and creates an empty one for run `run_id`
+    /// and `schema`.
+    pub async fn prepare_staging(&self, schema: &TableSchema, run_id: i64) -> Result<Staging, PgError> {
         let target = &self.table;
-        let staging = staging_name(target);
+        let staging = staging_name(target, run_id);
         let target_exists = self.target_exists().await?;
         let schema_exists: bool = self
             .client
@@ -68,6 +105,7 @@ impl Sink {
                 Err(e) => return Err(PgError::query(target, "create the schema")(e)),
             }
         }
+        drop_staging_tables(&self.client, target, false).await?;
         let sql = format!(
             "DROP TABLE IF EXISTS {stage}; CREATE TABLE {stage} ({cols}) WITH (fillfactor = {FILLFACTOR})",
             stage = qualified(&staging),
@@ -226,6 +264,7 @@ impl Sink {
         checkpoint: Checkpoint,
     ) -> Result<RowCounts, PgError> {
         let target = self.table.clone();
+        let fence = self.fence;
         // The staging table is created empty for each load, so it holds what the COPY
         // workers reported, less what the dedup removes (no need to count 5M rows again).
         let mut rows = loaded;
@@ -306,7 +345,7 @@ impl Sink {
                 .map_err(PgError::query(&target, "put the loaded table in place"))?;
             RowCounts { inserted: rows, updated: 0, deleted: 0 }
         };
-        state::commit_checkpoint(&tx, &target, run_id, from, checkpoint, counts, Some(rows), true).await?;
+        state::commit_checkpoint(&tx, &target, fence, run_id, from, checkpoint, counts, Some(rows), true).await?;
         tx.commit().await.map_err(PgError::query(&target, "commit the snapshot"))?;
         Ok(counts)
     }

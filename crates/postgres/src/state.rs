@@ -88,14 +88,15 @@ ALTER TABLE lakesync.replicas
     ADD COLUMN IF NOT EXISTS address text,
     ADD COLUMN IF NOT EXISTS build text,
     ADD COLUMN IF NOT EXISTS started_at timestamptz NOT NULL DEFAULT now(),
-    ADD COLUMN IF NOT EXISTS heartbeat_at timestamptz NOT NULL DEFAULT now();
+    ADD COLUMN IF NOT EXISTS heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN IF NOT EXISTS session_name text;
 CREATE INDEX IF NOT EXISTS runs_by_table ON lakesync.runs (target_schema, target_table, run_id DESC);
 "#;
 
 /// Marks state created (or brought up to date) by this build's [`STATE_DDL`] (a comment on
 /// `lakesync.synced_tables`); change it whenever the DDL changes, so existing state gets the
 /// new columns.
-const STATE_MARK: &str = "lakesync state v5";
+const STATE_MARK: &str = "lakesync state v6";
 
 /// Creates the state schema if needed. Serialized by a transaction-level advisory lock so
 /// concurrent first runs do not race on `CREATE ... IF NOT EXISTS`.
@@ -420,11 +421,13 @@ pub async fn start_run(
 /// written in this transaction was based on). If another writer moved it meanwhile (two runs
 /// past the advisory lock, e.g. through a transaction-pooling proxy), nothing is recorded and
 /// [`PgError::Conflict`] is returned; the caller's transaction must then roll back. The
-/// table's OID is recorded too, as the proof of ownership [`ownership`] checks.
+/// table's OID is recorded too, as the proof of ownership [`ownership`] checks. A fleet
+/// replica's run (`fence`) commits only while the replica owns the table.
 #[allow(clippy::too_many_arguments)]
 pub async fn commit_checkpoint(
     tx: &impl GenericClient,
     table: &TableName,
+    fence: Option<crate::fleet::Fence>,
     run_id: i64,
     from: Option<Version>,
     checkpoint: Checkpoint,
@@ -432,7 +435,9 @@ pub async fn commit_checkpoint(
     total_rows: Option<u64>,
     final_chunk: bool,
 ) -> Result<Option<u64>, PgError> {
-    crate::fleet::check_owner(tx, table).await?;
+    if let Some(fence) = fence {
+        crate::fleet::check_owner(tx, table, fence).await?;
+    }
     let err = PgError::query(table, "record the synced version");
     let (ins, upd, del) = (counts.inserted as i64, counts.updated as i64, counts.deleted as i64);
     let row = tx
@@ -756,11 +761,8 @@ pub async fn forget(client: &Client, table: &TableName, wait: std::time::Duratio
                 ))
             }
         }
-        client
-            .batch_execute(&format!("DROP TABLE IF EXISTS {}", crate::ddl::qualified(&crate::snapshot::staging_name(table))))
-            .await
-            .map_err(PgError::query(table, "drop the staging table"))?;
         if has_state {
+            crate::snapshot::drop_staging_tables(client, table, true).await?;
             crate::apply::drop_part_tables(client, table).await?;
             for sql in [
                 "DELETE FROM lakesync.runs WHERE target_schema = $1 AND target_table = $2",

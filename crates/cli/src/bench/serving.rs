@@ -116,6 +116,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         read_auth: lakesync_engine::config::ReadAuth::Open,
         postgres: None,
         tls: None,
+        policy: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     let ours = listener.local_addr()?;

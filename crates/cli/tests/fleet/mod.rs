@@ -410,6 +410,142 @@ fn a_fleet_of_three_keeps_every_table_in_sync_through_kills_restarts_and_a_cut_c
     drop(r3);
 }
 
+/// The config of a fleet syncing every table of `lake` continuously, with a short lease.
+fn continuous_config(lake: &Lake, extra: &str) -> String {
+    let mut config = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n{extra}\n\
+         [fleet]\nlease = \"3s\"\nheartbeat = \"250ms\"\nmax_concurrent_runs = 4\n"
+    );
+    for (i, (path, _)) in lake.tables.iter().enumerate() {
+        config += &format!(
+            "\n[[tables]]\nname = \"t{i:02}\"\nsource = \"{}\"\ntarget = \"fleet.t{i:02}\"\nprimary_key = [\"customer_id\"]\n\
+             mode = \"continuous\"\npoll_interval = \"100ms\"\n",
+            path.display()
+        );
+    }
+    config
+}
+
+fn signal(replica: &Replica, sig: &str) {
+    let status = Command::new("kill").args([sig, &replica.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+}
+
+/// Kubernetes pod names run to 63 characters, beyond what Postgres keeps of an
+/// `application_name` after `lakesync/` (it truncates silently). A replica with such an id
+/// frozen by SIGSTOP (its sessions stay open in Postgres, its heartbeat stops) is still found
+/// once its lease expires: its sessions are ended and its tables taken over; two ids that
+/// differ only at their end are told apart.
+#[test]
+fn a_frozen_replica_with_a_pod_length_id_loses_its_tables_when_its_lease_expires() {
+    let db = TestDb::new("cli_fleet_frozen");
+    db.execute("CREATE SCHEMA fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Arc::new(Lake::create(dir.path()));
+    let config_path = dir.path().join("lakesync.toml");
+    std::fs::write(&config_path, continuous_config(&lake, "")).unwrap();
+    let id = |suffix: &str| format!("lakesync-sync-deployment-7d9f8b6c5d-{}-{suffix}", "x".repeat(20));
+    let (ida, idb) = (id("a2x9q"), id("b2x9q"));
+    assert_eq!((ida.len(), idb.len()), (63, 63));
+    let a = Replica::start(&ida, &db.conn, &config_path, dir.path());
+    let b = Replica::start(&idb, &db.conn, &config_path, dir.path());
+    wait_for("the two replicas to share the tables", Duration::from_secs(60), &[&a, &b], || {
+        balanced(&owners(&a), &[ida.as_str(), idb.as_str()])
+    });
+    let writers = Writers::start(lake.clone());
+    check_in_sync("two replicas", &db, &lake, &writers, &[&a, &b]);
+
+    signal(&b, "-STOP");
+    let took = wait_for("a to take the frozen replica's tables", Duration::from_secs(30), &[&a], || {
+        balanced(&owners(&a), &[ida.as_str()])
+    });
+    check_in_sync("b frozen", &db, &lake, &writers, &[&a]);
+    writers.stop();
+    // Found by its lease (3 s) plus a heartbeat or two, not by luck.
+    assert!(took < Duration::from_secs(15), "takeover of a frozen replica took {took:?}");
+    let frozen_sessions = db.value(&format!(
+        "SELECT count(*) FROM pg_stat_activity a JOIN lakesync.replicas r ON a.application_name = r.session_name \
+         WHERE r.replica_id = '{idb}'"
+    ));
+    assert_eq!(frozen_sessions, "0", "the frozen replica's sessions were ended");
+    signal(&b, "-CONT");
+    let log = std::fs::read_to_string(&a.log).unwrap();
+    assert!(log.contains("ended the sessions of a replica whose lease expired"), "{log}");
+}
+
+/// A purge through a replica that does not own the table, while its owner syncs it
+/// continuously and commits keep arriving: once the DELETE answers, the table, its state
+/// row, its run history and its staging tables are gone, and no run of the owner brings any
+/// of them back. Six rounds, as the report measured.
+#[test]
+fn a_purge_through_any_replica_leaves_nothing_behind_while_the_owner_syncs() {
+    let db = TestDb::new("cli_fleet_purge");
+    db.execute("CREATE SCHEMA fleet");
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Arc::new(Lake::create(dir.path()));
+    let config_path = dir.path().join("lakesync.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n\n[api.policy]\nlocal_roots = [\"{}\"]\n\n\
+             [fleet]\nlease = \"3s\"\nheartbeat = \"250ms\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let a = Replica::start("a", &db.conn, &config_path, dir.path());
+    let b = Replica::start("b", &db.conn, &config_path, dir.path());
+    let writers = Writers::start(lake.clone());
+    for round in 0..6 {
+        let name = format!("p{round}");
+        let body = serde_json::json!({
+            "name": name, "source": lake.tables[round].0.display().to_string(), "target": format!("fleet.{name}"),
+            "primary_key": ["customer_id"], "mode": "continuous", "poll_interval": "50ms"
+        });
+        let r = http(&a.addr, "POST", "/api/v1/synced-tables", Some(TOKEN), Some(&body));
+        assert_eq!(r.status, 201, "{}", r.body);
+        let state = |sql: &str| db.value(&format!("{sql} WHERE target_schema = 'fleet' AND target_table = '{name}'"));
+        let mut owner = None;
+        wait_for(
+            &format!("{name} to sync with an owner both replicas agree on"),
+            Duration::from_secs(30),
+            &[&a, &b],
+            || {
+                let (x, y) = (owners(&a).get(&name).cloned().flatten(), owners(&b).get(&name).cloned().flatten());
+                owner = x.clone();
+                x.is_some()
+                    && x == y
+                    && state("SELECT count(*) FROM lakesync.synced_tables") == "1"
+                    && state("SELECT coalesce(max(synced_version), -1) FROM lakesync.synced_tables") != "-1"
+            },
+        );
+        let via = if owner.as_deref() == Some("a") { &b } else { &a };
+        let r = http(&via.addr, "DELETE", &format!("/api/v1/synced-tables/{name}?purge_data=true"), Some(TOKEN), None);
+        assert_eq!(r.status, 200, "{name} purged through {}: {}", via.id, r.body);
+        wait_for(&format!("{name} to be gone from both replicas"), Duration::from_secs(30), &[&a, &b], || {
+            [&a, &b]
+                .iter()
+                .all(|r| http(&r.addr, "GET", &format!("/api/v1/synced-tables/{name}"), None, None).status == 404)
+        });
+        // The owner polled every 50 ms meanwhile: whatever a late run could bring back, it
+        // would have by now.
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            db.value(&format!("SELECT to_regclass('fleet.{name}') IS NULL")),
+            "true",
+            "{name}: table re-created"
+        );
+        assert_eq!(state("SELECT count(*) FROM lakesync.synced_tables"), "0", "{name}: state row left behind");
+        assert_eq!(state("SELECT count(*) FROM lakesync.runs"), "0", "{name}: run history left behind");
+        let staging = db.value(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = 'fleet' AND c.relname LIKE '\\_lakesync\\_stage\\_%'",
+        );
+        assert_eq!(staging, "0", "{name}: staging tables left behind");
+    }
+    writers.stop();
+}
+
 fn runs_of(db: &TestDb, table: &str) -> i64 {
     db.value(&format!(
         "SELECT count(*) FROM lakesync.runs WHERE target_schema = 'fleet' AND target_table = '{table}' AND replica IS NOT NULL"
@@ -433,9 +569,11 @@ fn the_registry_in_postgres_is_shared_survives_restarts_and_the_file_wins_or_see
         std::fs::write(
             &path,
             format!(
-                "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n\n[fleet]\nheartbeat = \"200ms\"\n\
+                "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n\n[api.policy]\nlocal_roots = [\"{}\"]\n\n\
+                 [fleet]\nheartbeat = \"200ms\"\n\
                  on_conflict = \"{policy}\"\n\n[[tables]]\nname = \"from_file\"\nsource = \"{}\"\ntarget = \"fleet.t00\"\n\
                  primary_key = [\"customer_id\"]\nmode = \"triggered\"\n",
+                dir.path().display(),
                 t0.display()
             ),
         )

@@ -108,11 +108,17 @@ struct Server {
 
 impl Server {
     fn start(db: &TestDb, config: &str, dir: &std::path::Path) -> Self {
+        Self::start_with_env(db, config, dir, &[])
+    }
+
+    /// [`Server::start`] with these environment variables besides the test's own.
+    fn start_with_env(db: &TestDb, config: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
         let path = dir.join("lakesync.toml");
         std::fs::write(&path, config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_lakesync"))
             .args(["serve", "--config"])
             .arg(&path)
+            .envs(env.iter().copied())
             .env("LAKESYNC_POSTGRES", &db.conn)
             .env("LAKESYNC_TEST_TOKEN", TOKEN)
             .env("LAKESYNC_TEST_READ_TOKEN", READ_TOKEN)
@@ -194,6 +200,9 @@ token_env = "LAKESYNC_TEST_TOKEN"
 max_page_size = 50
 statement_timeout = "1s"
 
+[api.policy]
+local_roots = ["{orders_root}"]
+
 [[tables]]
 name = "customers"
 source = "{customers}"
@@ -218,6 +227,7 @@ mode = "triggered"
 "#,
         customers = customers_path.display(),
         orders = orders.path().display(),
+        orders_root = orders.path().parent().unwrap().display(),
         missing = dir.path().join("no-such-table").display(),
     );
     let server = Server::start(&db, &config, dir.path());
@@ -683,7 +693,14 @@ fn ingests_are_added_and_removed_through_the_api_and_outlive_a_restart() {
     let schema = dir.path().join("orders.schema.json");
     std::fs::write(&schema, EVENTS_SCHEMA).unwrap();
     let table = dir.path().join("lake/orders");
-    let config = "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n";
+    // The operator lets API ingests reach this broker and files under this directory.
+    let config = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n\n[api.policy]\nbrokers = [\"{}\"]\n\
+         local_roots = [\"{}\"]\n",
+        kafka.address(),
+        dir.path().display()
+    );
+    let config = config.as_str();
     let server = Server::start(&db, config, dir.path());
     let body = json!({"name": "orders-ingest", "brokers": [kafka.address()], "topic": "orders",
                       "table": table.display().to_string(), "schema": schema.display().to_string(),
@@ -723,4 +740,189 @@ fn ingests_are_added_and_removed_through_the_api_and_outlive_a_restart() {
         .wait_for("the restarted daemon to be ready", Duration::from_secs(30), || server.get("/readyz").status == 200);
     assert_eq!(server.get("/api/v1/ingests").json()["ingests"], json!([]));
     assert_eq!(table_seqs(&table).0.len(), 60);
+}
+
+/// A TCP listener that records every byte it receives and answers each request 403, as a
+/// host an attacker controls would (the 403 ends an object-store request at once).
+struct Recorder {
+    addr: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Recorder {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let r = received.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+                    let mut buf = [0u8; 8192];
+                    loop {
+                        match stream.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                r.lock().unwrap().extend_from_slice(&buf[..n]);
+                                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                                    let _ = stream.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => break,
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, received }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.received.lock().unwrap()).into_owned()
+    }
+}
+
+/// What the management token may make the daemon do is what the operator's `[api.policy]`
+/// allows: a spec naming the daemon's own secret variables, an endpoint or broker of the
+/// caller's choice, a credential provider or token file, a file outside the allowed roots, or
+/// SASL PLAIN in the clear is a 400 naming the field and the rule, and nothing is contacted
+/// (a recording listener sees no byte). What the policy allows works: the allowed endpoint
+/// receives requests signed with the allowed variable's key id.
+#[test]
+fn the_management_token_reaches_only_what_the_api_policy_allows() {
+    const PG_SECRET: &str = "pg-password-b81c";
+    let db = TestDb::new("cli_serve_policy");
+    let dir = tempfile::tempdir().unwrap();
+    let (trap, allowed) = (Recorder::start(), Recorder::start());
+    let config = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n\n[api.policy]\n\
+         env = [\"LAKE_TEST_KEY_*\"]\nendpoints = [\"http://{}\"]\nlocations = [\"s3://lake/\"]\n\
+         brokers = [\"{}\"]\nlocal_roots = [\"{}\"]\n",
+        allowed.addr,
+        allowed.addr,
+        dir.path().display()
+    );
+    let env = [
+        ("LAKESYNC_PG_PASSWORD", PG_SECRET),
+        ("LAKE_TEST_KEY_ID", "AKIDALLOWED1"),
+        ("LAKE_TEST_KEY_SECRET", "allowed-secret"),
+        ("OTHER_SECRET", "other-secret-55"),
+    ];
+    let server = Server::start_with_env(&db, &config, dir.path(), &env);
+    let table = |options: Value| {
+        json!({"name": "lake_t", "source": "s3://lake/t", "target": "app.t", "primary_key": ["id"],
+               "mode": "snapshot", "storage_options": options})
+    };
+    let refused = |path: &str, body: Value, field: &str, rule: &str| {
+        let r = http(&server.addr, "POST", path, Some(TOKEN), Some(&body));
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let answer = r.json();
+        assert_eq!(answer["field"], field, "{}", r.body);
+        assert!(answer["rule"].as_str().unwrap().contains(rule), "{}", r.body);
+        assert!(answer["error"].as_str().unwrap().contains(field), "{}", r.body);
+    };
+    let trap_url = format!("http://{}", trap.addr);
+    // The attack of the report: the daemon's Postgres password as the SigV4 key id, sent in
+    // the clear to a host of the caller's choice.
+    refused(
+        "/api/v1/synced-tables",
+        table(json!({"aws_endpoint": trap_url, "aws_allow_http": "true", "aws_region": "us-east-1",
+                     "aws_access_key_id_env": "LAKESYNC_PG_PASSWORD", "aws_secret_access_key_env": "LAKE_TEST_KEY_SECRET"})),
+        "storage_options.aws_access_key_id_env",
+        "daemon's own",
+    );
+    refused(
+        "/api/v1/synced-tables",
+        table(json!({"aws_access_key_id_env": "OTHER_SECRET"})),
+        "storage_options.aws_access_key_id_env",
+        "[api.policy] env",
+    );
+    refused(
+        "/api/v1/synced-tables",
+        table(json!({"aws_endpoint": trap_url, "aws_allow_http": "true", "aws_access_key_id_env": "LAKE_TEST_KEY_ID"})),
+        "storage_options.aws_endpoint",
+        "endpoints",
+    );
+    // Any local file as an Authorization header, through the container-credential provider.
+    refused(
+        "/api/v1/synced-tables",
+        table(json!({"aws_container_credentials_full_uri": format!("{trap_url}/creds"),
+                     "aws_container_authorization_token_file": "/var/run/secrets/kubernetes.io/serviceaccount/token"})),
+        "storage_options.aws_container_authorization_token_file",
+        "config file",
+    );
+    refused(
+        "/api/v1/synced-tables",
+        table(json!({"aws_allow_invalid_certificates": "true"})),
+        "storage_options.aws_allow_invalid_certificates",
+        "config file",
+    );
+    let mut elsewhere = table(json!({}));
+    elsewhere["source"] = json!("s3://someone-elses-bucket/t");
+    refused("/api/v1/synced-tables", elsewhere, "source", "locations");
+    let mut local = table(json!({}));
+    local["source"] = json!("/etc");
+    refused("/api/v1/synced-tables", local, "source", "local_roots");
+    // Ingests: brokers of the caller's choice, files anywhere, a password in the clear.
+    let ingest = |extra: Value| {
+        let mut body = json!({"name": "i", "brokers": [allowed.addr], "topic": "t",
+                              "table": dir.path().join("i").display().to_string()});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    refused("/api/v1/ingests", ingest(json!({"brokers": [trap.addr]})), "brokers", "[api.policy] brokers");
+    refused("/api/v1/ingests", ingest(json!({"schema": "/etc/passwd"})), "schema", "local_roots");
+    refused(
+        "/api/v1/ingests",
+        ingest(json!({"security_protocol": "SSL", "ssl_ca_location": "/etc/shadow"})),
+        "ssl_ca_location",
+        "local_roots",
+    );
+    refused(
+        "/api/v1/ingests",
+        ingest(json!({"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_username": "u",
+                      "sasl_password_env": "LAKESYNC_PG_PASSWORD"})),
+        "sasl_password_env",
+        "daemon's own",
+    );
+    refused(
+        "/api/v1/ingests",
+        ingest(json!({"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u",
+                      "sasl_password_env": "LAKE_TEST_KEY_SECRET"})),
+        "security_protocol",
+        "sasl_plain_without_tls",
+    );
+    assert_eq!(server.get("/api/v1/synced-tables").json()["synced_tables"], json!([]));
+    assert_eq!(server.get("/api/v1/ingests").json()["ingests"], json!([]));
+
+    // What the policy allows works, with the variable it allows: the allowed endpoint gets
+    // the table's requests, signed with that key id.
+    let ok = http(
+        &server.addr,
+        "POST",
+        "/api/v1/synced-tables",
+        Some(TOKEN),
+        Some(&table(json!({"aws_endpoint": format!("http://{}", allowed.addr), "aws_allow_http": "true",
+                           "aws_region": "us-east-1", "aws_access_key_id_env": "LAKE_TEST_KEY_ID",
+                           "aws_secret_access_key_env": "LAKE_TEST_KEY_SECRET"}))),
+    );
+    assert_eq!(ok.status, 201, "{}", ok.body);
+    server.wait_for("the allowed endpoint to get a signed request", Duration::from_secs(30), || {
+        allowed.text().contains("Credential=AKIDALLOWED1/")
+    });
+    // Nothing ever reached the trap, and no request carried another secret.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(trap.text(), "", "the refused specs contacted their host");
+    let seen = allowed.text();
+    for secret in [PG_SECRET, "other-secret-55", "allowed-secret", TOKEN] {
+        assert!(!seen.contains(secret), "a request carried {secret}");
+    }
 }

@@ -8,13 +8,17 @@ use lakesync_delta::sample::{customer_schema, customers};
 use lakesync_delta::write::DeltaWriter;
 use lakesync_engine::config::{FleetConfig, TableConfig};
 use lakesync_engine::{Daemon, EngineError};
-use lakesync_postgres::fleet::{table_owner_key, FilePolicy};
+use lakesync_postgres::fleet::{self as registry, table_owner_key, Fence, FilePolicy, Kind, Origin};
+use lakesync_postgres::state::{self, Checkpoint};
 use lakesync_postgres::PgError;
 
 use crate::support::{block_on, TestDb};
 
+/// A fenced run writes only while its coordinating session holds the table's ownership lock
+/// and the registry has the table: when it takes the table's lock (before it writes anything)
+/// and in the committing transaction. The fence is carried by the run, not by the session.
 #[test]
-fn a_checkpoint_commits_only_while_the_fencing_session_holds_the_tables_ownership_lock() {
+fn a_fenced_run_writes_and_commits_only_while_its_replica_owns_the_registered_table() {
     let db = TestDb::new("fleet_fence");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("customers");
@@ -23,38 +27,65 @@ fn a_checkpoint_commits_only_while_the_fencing_session_holds_the_tables_ownershi
     let mut req = db.request(&path, "crm.customers", "customer_id");
     db.sync(&req).unwrap();
     let target = req.table.clone();
+    let spec = TableConfig::new(path.display().to_string(), "crm.customers", &["customer_id"], "triggered");
+    let entry = lakesync_engine::fleet::table_entry(&spec.validate().unwrap());
 
     block_on(async {
         // The coordinating session of a replica, holding the table's ownership lock.
-        let owner = db.config().connect().await.unwrap();
+        let mut owner = db.config().connect().await.unwrap();
         let pid: i32 = owner.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
         let key = table_owner_key(&target);
         let took: bool =
             owner.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await.unwrap().get(0);
         assert!(took);
-        req.postgres = db.config().fenced(pid);
+        req.fence = Some(Fence { owner_pid: pid });
         let w = std::sync::Arc::new(w);
         let append = |ids: std::ops::Range<u64>| {
             let w = w.clone();
             tokio::task::spawn_blocking(move || w.append(&[customers(ids, 0)]).unwrap())
         };
         append(100..150).await.unwrap();
+        // Owned but not registered (removed, or never added): refused before any write.
+        let err = lakesync_engine::sync(&req).await.unwrap_err();
+        assert!(matches!(err, EngineError::Postgres(PgError::NotOwner { .. })), "{err}");
+        assert!(registry::put(&mut owner, &entry, Origin::File).await.unwrap());
         let out = lakesync_engine::sync(&req).await.unwrap();
         assert_eq!(out.to_version, 2);
 
-        // Handed over: the next run of the old owner commits nothing.
+        // The checkpoint itself is fenced: a transaction that lost the lock commits nothing.
+        let mut run = db.config().connect().await.unwrap();
         owner.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", &[&key]).await.unwrap();
+        let tx = run.transaction().await.unwrap();
+        let checkpoint = Checkpoint { version: 3, commit_timestamp_ms: None };
+        let fenced = Some(Fence { owner_pid: pid });
+        let err =
+            state::commit_checkpoint(&tx, &target, fenced, 0, Some(2), checkpoint, Default::default(), None, true)
+                .await
+                .unwrap_err();
+        assert!(matches!(err, PgError::NotOwner { .. }), "{err}");
+        drop(tx);
+
+        // Handed over: the next run of the old owner writes nothing, not even a run row.
         append(150..200).await.unwrap();
         let err = lakesync_engine::sync(&req).await.unwrap_err();
         assert!(matches!(err, EngineError::Postgres(PgError::NotOwner { .. })), "{err}");
         assert_eq!(err.class(), ErrorClass::Busy);
         assert!(err.to_string().contains("crm.customers") && err.to_string().contains("no longer owns"), "{err}");
+
+        // Owned again, but the table was removed from the registry (through any replica):
+        // refused too, so a purge is never undone by a run that started before it.
+        let took: bool =
+            owner.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await.unwrap().get(0);
+        assert!(took);
+        assert!(registry::remove(&owner, Kind::Table, &entry.name).await.unwrap());
+        let err = lakesync_engine::sync(&req).await.unwrap_err();
+        assert!(matches!(err, EngineError::Postgres(PgError::NotOwner { .. })), "{err}");
     });
     assert_eq!(db.value("SELECT synced_version FROM lakesync.synced_tables"), "2");
     assert_eq!(db.value("SELECT count(*) FROM crm.customers"), "150");
-    // The run failed; the table did not (its new owner runs it).
+    // The runs were refused; the table did not fail (its owner runs it).
     assert_eq!(db.value("SELECT coalesce(last_error, 'none') FROM lakesync.synced_tables"), "none");
-    assert_eq!(db.value("SELECT outcome FROM lakesync.runs ORDER BY run_id DESC LIMIT 1"), "failed");
+    assert_eq!(db.value("SELECT string_agg(outcome, ',' ORDER BY run_id) FROM lakesync.runs"), "succeeded,succeeded");
 }
 
 #[test]

@@ -148,6 +148,7 @@ impl TestDb {
             allow_drop_columns: false,
             history: Default::default(),
             progress: Default::default(),
+            fence: None,
         }
     }
 
