@@ -444,7 +444,7 @@ fn a_frozen_replica_with_a_pod_length_id_loses_its_tables_when_its_lease_expires
     let lake = Arc::new(Lake::create(dir.path()));
     let config_path = dir.path().join("lakesync.toml");
     std::fs::write(&config_path, continuous_config(&lake, "")).unwrap();
-    let id = |suffix: &str| format!("lakesync-sync-deployment-7d9f8b6c5d-{}-{suffix}", "x".repeat(20));
+    let id = |suffix: &str| format!("lakesync-sync-deployment-7d9f8b6c5d-{}-{suffix}", "x".repeat(21));
     let (ida, idb) = (id("a2x9q"), id("b2x9q"));
     assert_eq!((ida.len(), idb.len()), (63, 63));
     let a = Replica::start(&ida, &db.conn, &config_path, dir.path());
@@ -474,9 +474,9 @@ fn a_frozen_replica_with_a_pod_length_id_loses_its_tables_when_its_lease_expires
 }
 
 /// A purge through a replica that does not own the table, while its owner syncs it
-/// continuously and commits keep arriving: once the DELETE answers, the table, its state
-/// row, its run history and its staging tables are gone, and no run of the owner brings any
-/// of them back. Six rounds, as the report measured.
+/// continuously, commits keep arriving and the owner stalls for a moment: once the DELETE
+/// answers, the table, its state row, its run history and its staging tables are gone, and
+/// no run of the owner brings any of them back. Six rounds, as the report measured.
 #[test]
 fn a_purge_through_any_replica_leaves_nothing_behind_while_the_owner_syncs() {
     let db = TestDb::new("cli_fleet_purge");
@@ -519,8 +519,20 @@ fn a_purge_through_any_replica_leaves_nothing_behind_while_the_owner_syncs() {
                     && state("SELECT coalesce(max(synced_version), -1) FROM lakesync.synced_tables") != "-1"
             },
         );
-        let via = if owner.as_deref() == Some("a") { &b } else { &a };
-        let r = http(&via.addr, "DELETE", &format!("/api/v1/synced-tables/{name}?purge_data=true"), Some(TOKEN), None);
+        let (owner, via) = if owner.as_deref() == Some("a") { (&a, &b) } else { (&b, &a) };
+        // The owner stalls (a GC pause, a slow node: well within half its lease) while the
+        // purge goes through the other replica; when it resumes, its continuous worker and
+        // its coordinator (with the registry's notification) wake together.
+        signal(owner, "-STOP");
+        let purge = {
+            let (addr, name) = (via.addr.clone(), name.clone());
+            std::thread::spawn(move || {
+                http(&addr, "DELETE", &format!("/api/v1/synced-tables/{name}?purge_data=true"), Some(TOKEN), None)
+            })
+        };
+        std::thread::sleep(Duration::from_millis(700));
+        signal(owner, "-CONT");
+        let r = purge.join().unwrap();
         assert_eq!(r.status, 200, "{name} purged through {}: {}", via.id, r.body);
         wait_for(&format!("{name} to be gone from both replicas"), Duration::from_secs(30), &[&a, &b], || {
             [&a, &b]
