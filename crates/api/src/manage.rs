@@ -147,13 +147,27 @@ pub async fn sync_now(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
+    request_run(&state, &headers, name, "sync").await
+}
+
+/// `POST /api/v1/synced-tables/{name}/restart`: resumes a failed table (its error cleared, a
+/// run now, on its owner); the same request as a sync, named for what an operator means.
+pub async fn restart(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    request_run(&state, &headers, name, "restart").await
+}
+
+async fn request_run(state: &AppState, headers: &HeaderMap, name: String, what: &str) -> Result<Response, ApiError> {
+    authorize(state, headers)?;
     // Routed to the replica that owns the table, wherever this request landed.
     let found = state.daemon.request_sync(&name).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     if !found {
         return Err(ApiError::NotFound(format!("no synced table named {name:?}")));
     }
-    Ok(json_response(StatusCode::ACCEPTED, json!({ "name": name, "sync": "requested" })))
+    Ok(json_response(StatusCode::ACCEPTED, json!({ "name": name, what: "requested" })))
 }
 
 /// `POST /api/v1/synced-tables` with a table entry as JSON (the config file's fields).
@@ -304,4 +318,20 @@ pub async fn remove_ingest(
 pub async fn get_ingest(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
     let w = state.daemon.ingest(&name).ok_or_else(|| ApiError::NotFound(format!("no ingest named {name:?}")))?;
     Ok(json_response(StatusCode::OK, ingest_json(&state, &w)))
+}
+
+/// `POST /api/v1/ingests/{name}/restart`: runs an ingest that stopped on an error again (after
+/// the cause was fixed). In a fleet, a replica it failed on hands it over and does not take it
+/// back until this; after it every replica may try it again.
+pub async fn restart_ingest(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let found = state.daemon.restart_ingest(&name).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    if !found {
+        return Err(ApiError::NotFound(format!("no ingest named {name:?}")));
+    }
+    Ok(json_response(StatusCode::ACCEPTED, json!({ "name": name, "restart": "requested" })))
 }

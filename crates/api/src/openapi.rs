@@ -79,7 +79,7 @@ fn spec(tables: &[String]) -> Value {
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format 0.0.4"}}}},
             "/api/v1/synced-tables": {
                 "get": {"summary": "list synced tables", "responses": {"200": {"description": "tables", "content": {"application/json": {"schema": {"type": "object", "properties": {"synced_tables": {"type": "array", "items": {"$ref": "#/components/schemas/SyncedTable"}}}}}}}}},
-                "post": {"summary": "add a synced table (recorded in the registry in Postgres: every replica runs it, it survives restarts)", "security": auth,
+                "post": {"summary": "add a synced table (recorded in the registry in Postgres: every replica runs it, it survives restarts); what it may reach is confined by [api.policy] (a refusal is a 400 naming the field and rule)", "security": auth,
                          "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TableConfig"}}}},
                          "responses": {"201": {"description": "added"}, "400": error, "401": error, "403": error, "409": error}}
             },
@@ -95,9 +95,13 @@ fn spec(tables: &[String]) -> Value {
                 "responses": {"200": {"description": "runs", "content": {"application/json": {"schema": {"type": "object", "properties": {"runs": {"type": "array", "items": {"$ref": "#/components/schemas/Run"}}}}}}}, "404": error}}},
             "/api/v1/synced-tables/{name}/sync": {"parameters": [name], "post": {"summary": "sync now (also resumes a failed table)", "security": auth,
                 "responses": {"202": {"description": "requested"}, "401": error, "403": error, "404": error}}},
+            "/api/v1/synced-tables/{name}/restart": {"parameters": [name], "post": {"summary": "resume a failed table (clears its error and syncs now, on its owner)", "security": auth,
+                "responses": {"202": {"description": "requested"}, "401": error, "403": error, "404": error}}},
+            "/api/v1/ingests/{name}/restart": {"parameters": [name], "post": {"summary": "run a failed ingest again (every replica may try it again; its owner, or the first to claim it, starts it)", "security": auth,
+                "responses": {"202": {"description": "requested"}, "401": error, "403": error, "404": error}}},
             "/api/v1/ingests": {"get": {"summary": "Kafka ingests: state, lag per partition, counters", "responses": {"200": {"description": "ingests",
                 "content": {"application/json": {"schema": {"type": "object", "properties": {"ingests": {"type": "array", "items": {"$ref": "#/components/schemas/Ingest"}}}}}}}}},
-                "post": {"summary": "add an ingest: an [[ingest]] entry as JSON (recorded in the registry in Postgres: one replica runs it, it survives restarts; file paths are the replicas')", "security": auth,
+                "post": {"summary": "add an ingest: an [[ingest]] entry as JSON (recorded in the registry in Postgres: one replica runs it, it survives restarts; file paths are the replicas'); what it may reach is confined by [api.policy]", "security": auth,
                          "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["brokers", "topic", "table"]}}}},
                          "responses": {"201": {"description": "added", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Ingest"}}}}, "400": error, "401": error, "403": error, "409": error}}},
             "/api/v1/ingests/{name}": {"parameters": [name], "get": {"summary": "one ingest", "responses": {"200": {"description": "ingest",

@@ -23,6 +23,9 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
             lakesync_engine::config::ReadAuth::Tokens(_) => "need a bearer token",
         }
     );
+    if config.api.token.is_some() {
+        println!("api policy (what POSTed tables and ingests may reach): {}", config.api.policy);
+    }
     if let Some((cert, key)) = &config.api.tls {
         lakesync_api::https::server_config(cert, key).map_err(anyhow::Error::msg)?;
     }

@@ -397,6 +397,44 @@ impl Daemon {
         }
     }
 
+    /// The ingests this replica runs whose run ended on an error that needs a human (the
+    /// ingest retries the others itself).
+    pub(crate) fn failed_ingests(&self) -> Vec<Arc<IngestWorker>> {
+        self.ingests
+            .read()
+            .expect("ingests lock")
+            .values()
+            .filter(|(w, t)| t.as_ref().is_some_and(|t| t.is_finished()) && w.status.get().state == "failed")
+            .map(|(w, _)| w.clone())
+            .collect()
+    }
+
+    /// Starts ingest `name` again here if its run ended on an error; `false` if there is no
+    /// such ingest.
+    pub(crate) fn restart_ingest_here(&self, name: &str) -> bool {
+        let mut ingests = self.ingests.write().expect("ingests lock");
+        let Some((worker, task)) = ingests.get_mut(name) else { return false };
+        if task.as_ref().is_some_and(|t| t.is_finished()) {
+            worker.stop.send_replace(false);
+            *task = Some(start_ingest(worker));
+        }
+        true
+    }
+
+    /// Runs ingest `name` again after it stopped on an error that needs a human (fixed now):
+    /// in a fleet every replica forgets that it failed there, and its owner, or the first
+    /// replica to claim it, starts it. `false` if there is no such ingest.
+    pub async fn restart_ingest(&self, name: &str) -> Result<bool, DaemonError> {
+        if self.ingest(name).is_none() {
+            return Ok(false);
+        }
+        if self.fleet().is_none() {
+            return Ok(self.restart_ingest_here(name));
+        }
+        crate::fleet::request_restart(self, name).await.map_err(EngineError::from)?;
+        Ok(true)
+    }
+
     /// Removes the ingest named `name`, telling it to stop; it flushes what it holds on its
     /// own (the returned task ends when it did).
     pub(crate) fn detach_ingest(&self, name: &str) -> Option<JoinHandle<()>> {

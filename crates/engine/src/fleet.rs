@@ -105,6 +105,7 @@ pub async fn join(
         last_renewed: Instant::now(),
         held: BTreeSet::new(),
         refused: BTreeSet::new(),
+        failed: BTreeSet::new(),
     };
     let task = tokio::spawn(coordinator.run());
     *member.task.lock().expect("fleet task") = Some(task);
@@ -220,6 +221,12 @@ pub(crate) async fn request_sync(daemon: &Daemon, name: &str) -> Result<(), PgEr
     registry::notify(&client, &format!("sync:{name}")).await
 }
 
+/// Asks every replica to run ingest `name` again (see [`Daemon::restart_ingest`]).
+pub(crate) async fn request_restart(daemon: &Daemon, name: &str) -> Result<(), PgError> {
+    let client = daemon.session_config().connect().await?;
+    registry::notify(&client, &format!("restart-ingest:{name}")).await
+}
+
 /// The coordinator's state.
 struct Coordinate {
     daemon: std::sync::Weak<Daemon>,
@@ -235,6 +242,10 @@ struct Coordinate {
     held: BTreeSet<String>,
     /// Registry entries this replica cannot run (invalid here), logged once.
     refused: BTreeSet<(Kind, String)>,
+    /// Ingests that stopped here on an error that needs a human: released so that another
+    /// replica can try (its variables or files may differ), and not claimed here again until
+    /// restarted through the API.
+    failed: BTreeSet<String>,
 }
 
 /// What a tick read from Postgres.
@@ -283,13 +294,22 @@ impl Coordinate {
         }
     }
 
-    /// A sync request reaches the owner's worker. (Any notification also ends the wait, so a
-    /// registry change or a replica leaving is acted on at once, not at the next beat.)
-    fn on_notification(&self, payload: &str) {
+    /// A sync request reaches the owner's worker; a restart request makes every replica try
+    /// the ingest again. (Any notification also ends the wait, so a registry change or a
+    /// replica leaving is acted on at once, not at the next beat.)
+    fn on_notification(&mut self, payload: &str) {
         let Some(daemon) = self.daemon.upgrade() else { return };
         if let Some(name) = payload.strip_prefix("sync:") {
             if daemon.table(name).is_some_and(|w| w.owned()) {
                 daemon.sync_now(name);
+            }
+        } else if let Some(name) = payload.strip_prefix("restart-ingest:") {
+            if self.failed.remove(name) {
+                tracing::info!(ingest = %name, "restart requested: this replica may run it again");
+            }
+            // Running here (its failure not yet handed over): start it again at once.
+            if daemon.ingest(name).is_some_and(|w| self.held.contains(&w.owner_key)) {
+                daemon.restart_ingest_here(name);
             }
         }
     }
@@ -383,6 +403,18 @@ impl Coordinate {
     async fn apply(&mut self, daemon: &Arc<Daemon>, view: View) -> Result<(), PgError> {
         let me = self.member.replica.clone();
         let wait = self.settings.lease / 8;
+        // An ingest that stopped here on an error that needs a human is handed over: another
+        // replica may have the variable, file or network access this one lacks.
+        for w in daemon.failed_ingests() {
+            if self.held.contains(&w.owner_key) && self.failed.insert(w.spec.name.clone()) {
+                tracing::warn!(
+                    ingest = %w.spec.name,
+                    error = w.status.get().last_error.as_deref().unwrap_or("?"),
+                    "the ingest failed here; released so that another replica can try (POST /api/v1/ingests/{{name}}/restart to try here again)"
+                );
+                daemon.disown_ingest(&w.owner_key, Duration::ZERO).await;
+            }
+        }
         // Entries this replica can run (valid here); the others it neither claims nor shows.
         let mut runnable: Vec<(String, Option<String>)> = Vec::new();
         let mut registered_tables = BTreeSet::new();
@@ -399,7 +431,8 @@ impl Coordinate {
                 Kind::Ingest if daemon.touched_since(&ingest_touch(&e.name), view.read_at) => false,
                 Kind::Ingest => {
                     registered_ingests.insert(e.name.clone());
-                    self.ensure_ingest(daemon, e, item.origin).await
+                    // Failed here: shown, never claimed here again until restarted.
+                    self.ensure_ingest(daemon, e, item.origin).await && !self.failed.contains(&e.name)
                 }
             };
             if ok {

@@ -14,6 +14,8 @@
 //! - A chunk is applied whole or not at all; a failure leaves the table at the last checkpoint.
 //! - In a fleet, a replica runs a table only while it owns it, and stops everything when it
 //!   cannot renew its heartbeat within half a lease (the others take over after a whole one).
+//! - A spec that comes through the management API reaches only what the operator's
+//!   `[api.policy]` allows ([`policy`]), checked before anything is read or contacted.
 //! - Delta reads (blocking, kernel) run on blocking threads and feed Postgres through bounded
 //!   channels, so memory stays bounded during snapshots.
 

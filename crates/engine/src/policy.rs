@@ -172,6 +172,23 @@ impl PolicySection {
     }
 }
 
+impl std::fmt::Display for ApiPolicy {
+    /// What the policy allows, for `check-config`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |items: Vec<String>| if items.is_empty() { "none".to_string() } else { items.join(", ") };
+        write!(
+            f,
+            "variables {}; locations {}; local roots {}; endpoints {}; brokers {}; SASL PLAIN without TLS {}",
+            list(self.env.clone()),
+            list(self.locations.clone()),
+            list(self.local_roots.iter().map(|p| p.display().to_string()).collect()),
+            list(self.endpoints.iter().cloned().collect()),
+            list(self.brokers.iter().cloned().collect()),
+            if self.sasl_plain_without_tls { "allowed" } else { "refused" },
+        )
+    }
+}
+
 impl ApiPolicy {
     fn check_env(&self, scope: &str, field: &str, var: &str) -> Result<(), ConfigError> {
         if var.starts_with("LAKESYNC_") || self.reserved_env.contains(var) {

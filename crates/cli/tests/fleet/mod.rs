@@ -30,10 +30,16 @@ struct Replica {
 
 impl Replica {
     fn start(id: &str, conn: &str, config: &Path, dir: &Path) -> Self {
+        Self::start_with_env(id, conn, config, dir, &[])
+    }
+
+    /// [`Replica::start`] with these environment variables besides the test's own.
+    fn start_with_env(id: &str, conn: &str, config: &Path, dir: &Path, env: &[(&str, &str)]) -> Self {
         let log = dir.join(format!("{id}.log"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_lakesync"))
             .args(["serve", "--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("LAKESYNC_POSTGRES", conn)
             .env("LAKESYNC_REPLICA_ID", id)
             .env("LAKESYNC_TEST_TOKEN", TOKEN)
@@ -556,6 +562,92 @@ fn a_purge_through_any_replica_leaves_nothing_behind_while_the_owner_syncs() {
         assert_eq!(staging, "0", "{name}: staging tables left behind");
     }
     writers.stop();
+}
+
+/// An ingest that fails on one replica (its SASL password differs there: a refused login
+/// needs a human) is released there and run by another, which ingests every event once. An
+/// ingest that failed everywhere (its topic did not exist yet) runs again once the cause is
+/// fixed and a restart is requested, through any replica.
+#[test]
+fn an_ingest_that_fails_on_one_replica_is_handed_over_and_runs_again_when_restarted() {
+    use crate::support::kafka::{event, table_seqs, KafkaServer, EVENTS_SCHEMA};
+    use lakesync_ingest::kafka::{Sasl, SaslMechanism};
+
+    const PASSWORD: &str = "s3cret-Pa55";
+    let db = TestDb::new("cli_fleet_ingest_failover");
+    let dir = tempfile::tempdir().unwrap();
+    // tansu takes users only from unauthenticated clients and keeps them in SQLite: make the
+    // user on an open broker, then require SASL on one over the same file.
+    let open = KafkaServer::start_on("sqlite://tansu.db", dir.path(), None, false);
+    open.create_user("scram256", "lakesync", PASSWORD);
+    drop(open);
+    let mut kafka = KafkaServer::start_on("sqlite://tansu.db", dir.path(), None, true);
+    kafka.security.sasl =
+        Some(Sasl { mechanism: SaslMechanism::ScramSha256, username: "lakesync".into(), password: PASSWORD.into() });
+    let produce = |topic: &str, seqs: std::ops::Range<i64>| {
+        crate::support::block_on(async {
+            let producer = kafka.producer(topic).await;
+            for seq in seqs {
+                producer.send((seq % 2) as i32, None, Some(event(seq))).await.unwrap();
+            }
+        })
+    };
+    crate::support::block_on(kafka.create_topic("logins", 2));
+    produce("logins", 0..100);
+    let schema = dir.path().join("events.schema.json");
+    std::fs::write(&schema, EVENTS_SCHEMA).unwrap();
+    let (logins, late) = (dir.path().join("lake/logins"), dir.path().join("lake/late"));
+    let mut config = String::from(
+        "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n\n[fleet]\nlease = \"3s\"\nheartbeat = \"250ms\"\n",
+    );
+    for (topic, table) in [("logins", &logins), ("late", &late)] {
+        config += &format!(
+            "\n[[ingest]]\nname = \"{topic}\"\nbrokers = [\"{}\"]\ntopic = \"{topic}\"\ntable = \"{}\"\nschema = \"{}\"\n\
+             flush_interval = \"200ms\"\nsecurity_protocol = \"SASL_PLAINTEXT\"\nsasl_mechanism = \"SCRAM-SHA-256\"\n\
+             sasl_username = \"lakesync\"\nsasl_password_env = \"KAFKA_PASSWORD\"\n",
+            kafka.address(),
+            table.display(),
+            schema.display()
+        );
+    }
+    let config_path = dir.path().join("lakesync.toml");
+    std::fs::write(&config_path, config).unwrap();
+
+    // Alone with the wrong password, w takes both ingests; both fail and are released.
+    let w = Replica::start_with_env("w", &db.conn, &config_path, dir.path(), &[("KAFKA_PASSWORD", "not-the-Pa55")]);
+    wait_for("w to hand over both failed ingests", Duration::from_secs(60), &[&w], || {
+        std::fs::read_to_string(&w.log).unwrap_or_default().matches("the ingest failed here").count() >= 2
+    });
+    // r has the right password: it takes `logins` over and ingests every event once.
+    let r = Replica::start_with_env("r", &db.conn, &config_path, dir.path(), &[("KAFKA_PASSWORD", PASSWORD)]);
+    wait_for("r to ingest every event of logins", Duration::from_secs(60), &[&w, &r], || {
+        logins.join("_delta_log").exists() && table_seqs(&logins).0.len() >= 100
+    });
+    assert_eq!(table_seqs(&logins).0, (0..100).collect::<Vec<_>>(), "each event once");
+    let ingest =
+        |via: &Replica, name: &str| http(&via.addr, "GET", &format!("/api/v1/ingests/{name}"), None, None).json();
+    assert_eq!(ingest(&w, "logins")["owner"], "r");
+    assert_eq!(ingest(&r, "logins")["state"], "running", "{}", ingest(&r, "logins"));
+    // `late`'s topic does not exist: it fails on r too, and then nobody runs it.
+    wait_for("r to hand over late", Duration::from_secs(60), &[&w, &r], || {
+        std::fs::read_to_string(&r.log).unwrap_or_default().contains("the ingest failed here")
+    });
+    let log = std::fs::read_to_string(&w.log).unwrap();
+    assert!(!log.contains("not-the-Pa55"), "the password was logged");
+
+    // Fixed (the topic exists now) and restarted through w: the replica that can, runs it.
+    crate::support::block_on(kafka.create_topic("late", 2));
+    produce("late", 0..10);
+    let unknown = http(&w.addr, "POST", "/api/v1/ingests/nope/restart", Some(TOKEN), None);
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    assert_eq!(http(&w.addr, "POST", "/api/v1/ingests/late/restart", None, None).status, 401);
+    let restarted = http(&w.addr, "POST", "/api/v1/ingests/late/restart", Some(TOKEN), None);
+    assert_eq!(restarted.status, 202, "{}", restarted.body);
+    wait_for("late to be ingested after the restart", Duration::from_secs(60), &[&w, &r], || {
+        late.join("_delta_log").exists() && table_seqs(&late).0.len() >= 10
+    });
+    assert_eq!(table_seqs(&late).0, (0..10).collect::<Vec<_>>(), "each event once");
+    assert_eq!(ingest(&w, "late")["owner"], "r");
 }
 
 fn runs_of(db: &TestDb, table: &str) -> i64 {
