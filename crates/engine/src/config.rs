@@ -436,6 +436,14 @@ impl TableConfig {
             TableName::parse(&self.target).map_err(|e| invalid(format!("table {}", self.target), e.to_string()))?;
         let name = self.name.clone().unwrap_or_else(|| target.to_string());
         let scope = format!("table {name}");
+        // lakesync's own state (the registry, the fence's view of it) and Postgres's catalogs
+        // are never a sync target, adopted or not.
+        if target.schema == "lakesync" || target.schema == "information_schema" || target.schema.starts_with("pg_") {
+            return Err(invalid(
+                &scope,
+                format!("target {target}: schema {} is reserved (lakesync's state or Postgres's catalog); sync into another schema", target.schema),
+            ));
+        }
         if name.is_empty() || name.contains(['/', '?', '#', ' ']) || name.chars().any(char::is_control) {
             return Err(invalid(scope, "name must be non-empty without '/', '?', '#', spaces or control characters"));
         }
@@ -1068,6 +1076,17 @@ mod tests {
         assert_eq!(orders.policy.nul_bytes, NulBytePolicy::Strip);
         let shown = format!("{config:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn lakesyncs_own_schema_and_the_catalogs_are_never_a_target() {
+        for target in ["lakesync.registry", "pg_catalog.pg_authid", "information_schema.tables", "pg_temp.t"] {
+            let mut t = TableConfig::new("/lake/t", target, &["id"], "triggered");
+            t.adopt = true;
+            let err = t.validate_with(&|_| None).unwrap_err().to_string();
+            assert!(err.contains("is reserved"), "{target}: {err}");
+        }
+        TableConfig::new("/lake/t", "lakesync_app.t", &["id"], "triggered").validate_with(&|_| None).unwrap();
     }
 
     #[test]
