@@ -53,6 +53,15 @@ impl StoreKind {
         }
     }
 
+    /// The store a table location names: a path (or `file://`) is local; one letter before
+    /// `:` is a Windows drive, not a scheme.
+    pub fn of_location(uri: &str) -> Result<Self, String> {
+        match Url::parse(uri) {
+            Ok(url) if url.scheme().len() > 1 => Self::of(&url),
+            _ => Ok(StoreKind::Local),
+        }
+    }
+
     /// The environment-variable prefix its credentials are read from.
     fn env_prefix(self) -> &'static str {
         match self {
@@ -88,11 +97,7 @@ impl StorageOptions {
         if written.is_empty() {
             return Ok(Self::default());
         }
-        let kind = match Url::parse(uri) {
-            // One letter is a Windows drive, not a scheme.
-            Ok(url) if url.scheme().len() > 1 => StoreKind::of(&url)?,
-            _ => StoreKind::Local,
-        };
+        let kind = StoreKind::of_location(uri)?;
         if kind == StoreKind::Local {
             return Err(
                 "storage_options apply to object-store sources (s3://, abfss://, gs://), not local paths".into()
@@ -159,17 +164,8 @@ pub enum OptionUse {
 /// credential or an endpoint is [`OptionUse::Host`], so a key a newer `object_store` adds is
 /// refused where only plain settings are allowed.
 pub fn option_use(uri: &str, key: &str) -> Result<OptionUse, String> {
-    let kind = match Url::parse(uri) {
-        Ok(url) if url.scheme().len() > 1 => StoreKind::of(&url)?,
-        _ => StoreKind::Local,
-    };
-    let unknown = |_| format!("unknown storage option {key:?} for {kind:?} sources");
-    let canonical = match kind {
-        StoreKind::Local => return Err(format!("unknown storage option {key:?} for local paths")),
-        StoreKind::S3 => key.parse::<AmazonS3ConfigKey>().map_err(unknown)?.as_ref().to_string(),
-        StoreKind::Azure => key.parse::<AzureConfigKey>().map_err(unknown)?.as_ref().to_string(),
-        StoreKind::Gcs => key.parse::<GoogleConfigKey>().map_err(unknown)?.as_ref().to_string(),
-    };
+    let kind = StoreKind::of_location(uri)?;
+    let canonical = canonical_key(kind, key)?;
     if is_secret(kind, key)? {
         return Ok(OptionUse::Credential);
     }
@@ -218,15 +214,21 @@ pub fn option_use(uri: &str, key: &str) -> Result<OptionUse, String> {
     })
 }
 
-/// Whether `key` names a secret for this store; an error names a key the store does not know.
-fn is_secret(kind: StoreKind, key: &str) -> Result<bool, String> {
+/// The name the store's builder knows `key` by (`aws_endpoint_url` is `aws_endpoint`); an
+/// error names a key the store does not know.
+fn canonical_key(kind: StoreKind, key: &str) -> Result<String, String> {
     let unknown = |_| format!("unknown storage option {key:?} for {kind:?} sources");
-    let canonical = match kind {
+    Ok(match kind {
         StoreKind::Local => return Err(format!("unknown storage option {key:?} for local paths")),
         StoreKind::S3 => key.parse::<AmazonS3ConfigKey>().map_err(unknown)?.as_ref().to_string(),
         StoreKind::Azure => key.parse::<AzureConfigKey>().map_err(unknown)?.as_ref().to_string(),
         StoreKind::Gcs => key.parse::<GoogleConfigKey>().map_err(unknown)?.as_ref().to_string(),
-    };
+    })
+}
+
+/// Whether `key` names a secret for this store; an error names a key the store does not know.
+fn is_secret(kind: StoreKind, key: &str) -> Result<bool, String> {
+    let canonical = canonical_key(kind, key)?;
     Ok(matches!(
         canonical.as_str(),
         "aws_secret_access_key"
