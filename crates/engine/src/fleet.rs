@@ -106,6 +106,8 @@ pub async fn join(
         held: BTreeSet::new(),
         refused: BTreeSet::new(),
         failed: BTreeSet::new(),
+        free_since: BTreeMap::new(),
+        rescued: BTreeSet::new(),
     };
     let task = tokio::spawn(coordinator.run());
     *member.task.lock().expect("fleet task") = Some(task);
@@ -246,6 +248,11 @@ struct Coordinate {
     /// replica can try (its variables or files may differ), and not claimed here again until
     /// restarted through the API.
     failed: BTreeSet<String>,
+    /// Since when each entry this replica can run has been free.
+    free_since: BTreeMap<String, Instant>,
+    /// Entries this replica took beyond its quota because they stayed free for a lease (the
+    /// replicas whose share they are cannot run them): kept out of its quota's count.
+    rescued: BTreeSet<String>,
 }
 
 /// What a tick read from Postgres.
@@ -417,6 +424,8 @@ impl Coordinate {
         }
         // Entries this replica can run (valid here); the others it neither claims nor shows.
         let mut runnable: Vec<(String, Option<String>)> = Vec::new();
+        // Entries shown here but not claimed (they failed here): their owners, for the API.
+        let mut shown: Vec<(String, Option<String>)> = Vec::new();
         let mut registered_tables = BTreeSet::new();
         let mut registered_ingests = BTreeSet::new();
         for item in &view.items {
@@ -431,16 +440,18 @@ impl Coordinate {
                 Kind::Ingest if daemon.touched_since(&ingest_touch(&e.name), view.read_at) => false,
                 Kind::Ingest => {
                     registered_ingests.insert(e.name.clone());
-                    // Failed here: shown, never claimed here again until restarted.
-                    self.ensure_ingest(daemon, e, item.origin).await && !self.failed.contains(&e.name)
+                    self.ensure_ingest(daemon, e, item.origin).await
                 }
             };
-            if ok {
-                let holder = match &item.holder {
-                    Holder::Free => None,
-                    Holder::Replica(id) => Some(id.clone()),
-                    Holder::Unknown => Some(String::from("?")),
-                };
+            let holder = match &item.holder {
+                Holder::Free => None,
+                Holder::Replica(id) => Some(id.clone()),
+                Holder::Unknown => Some(String::from("?")),
+            };
+            // Failed here: shown, never claimed here again until restarted.
+            if ok && e.kind == Kind::Ingest && self.failed.contains(&e.name) {
+                shown.push((e.owner_key.clone(), holder));
+            } else if ok {
                 runnable.push((e.owner_key.clone(), holder));
             }
         }
@@ -480,7 +491,20 @@ impl Coordinate {
                 self.held.remove(key);
             }
         }
-        let moves = lakesync_core::fleet::plan(&me, &view.live, &runnable);
+        // An entry that stays free for a whole lease has no replica that both can run it and
+        // has room for it (those whose share it is refuse it: a variable or file they lack,
+        // an ingest that failed there): take it beyond the quota, outside the quota's count.
+        let now = Instant::now();
+        self.free_since.retain(|k, _| runnable.iter().any(|(key, h)| key == k && h.is_none()));
+        for (key, holder) in &runnable {
+            if holder.is_none() {
+                self.free_since.entry(key.clone()).or_insert(now);
+            }
+        }
+        self.rescued.retain(|k| self.held.contains(k));
+        let planned: Vec<(String, Option<String>)> =
+            runnable.iter().filter(|(k, _)| !self.rescued.contains(k)).cloned().collect();
+        let moves = lakesync_core::fleet::plan(&me, &view.live, &planned);
         // Hand over at once, all together: each waits for its run in flight (up to `wait`,
         // then abandons it) before its lock is released.
         let mut stopping = tokio::task::JoinSet::new();
@@ -503,7 +527,7 @@ impl Coordinate {
             tracing::info!(replica = %me, item = %key, "handed over");
         }
         let mut owners: BTreeMap<String, Option<String>> =
-            runnable.iter().map(|(k, h)| (k.clone(), h.clone().filter(|h| h != "?"))).collect();
+            runnable.iter().chain(&shown).map(|(k, h)| (k.clone(), h.clone().filter(|h| h != "?"))).collect();
         for (k, _) in runnable.iter().filter(|(k, _)| moves.release.contains(k)) {
             owners.insert(k.clone(), None);
         }
@@ -518,6 +542,21 @@ impl Coordinate {
                 self.own(daemon, key);
                 owners.insert(key.clone(), Some(me.clone()));
                 tracing::info!(replica = %me, item = %key, "took over");
+            }
+        }
+        let orphans: Vec<String> = self
+            .free_since
+            .iter()
+            .filter(|(k, since)| since.elapsed() >= self.settings.lease && owners.get(*k) == Some(&None))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in orphans {
+            if session.claim(&key).await? {
+                self.held.insert(key.clone());
+                self.rescued.insert(key.clone());
+                self.own(daemon, &key);
+                owners.insert(key.clone(), Some(me.clone()));
+                tracing::info!(replica = %me, item = %key, "took over an entry that stayed free for a lease (beyond this replica's share)");
             }
         }
         daemon.observe(&owners, &view.synced);

@@ -205,7 +205,9 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(20);
 impl Topic {
     pub async fn connect(brokers: &[String], security: &Security, topic: &str) -> Result<Self, FetchError> {
         let build = security.builder(brokers).build();
-        let client = tokio::time::timeout(REQUEST_DEADLINE, build)
+        // Past the client's own deadline, so that a refused login or certificate is reported
+        // as what it is (not retried for ever as a broker that did not answer).
+        let client = tokio::time::timeout(REQUEST_DEADLINE + Duration::from_secs(5), build)
             .await
             .map_err(|_| FetchError::Kafka {
                 message: format!("no broker answered within {} s", REQUEST_DEADLINE.as_secs()),
