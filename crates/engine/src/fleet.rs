@@ -9,7 +9,10 @@
 //!    off without their sessions ending), which frees their ownership locks;
 //! 3. reads the registry with who holds what, brings the daemon's tables and ingests in line
 //!    with it, and runs [`lakesync_core::fleet::plan`]: release what is beyond this replica's
-//!    quota (after its run in flight), claim free entries up to it.
+//!    quota (after its run in flight), claim free entries up to it;
+//! 4. claims, beyond its quota, an entry that stayed free for a whole lease (the replicas
+//!    whose share it is cannot run it: a variable or file they lack, an ingest that failed
+//!    there, which they release and do not take back until restarted through the API).
 //!
 //! Ownership is the session advisory lock of [`lakesync_postgres::fleet`]; runs are fenced
 //! by it. `NOTIFY` wakes the coordinators early (a registry change, a replica leaving) and
