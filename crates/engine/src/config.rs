@@ -662,12 +662,7 @@ impl IngestConfig {
                 format!("topic {:?}: a Kafka topic name is letters, digits, '.', '_' and '-'", self.topic),
             ));
         }
-        let brokers: Vec<String> = self.brokers.iter().map(|b| b.trim().to_string()).collect();
-        if brokers.is_empty()
-            || brokers.iter().any(|b| b.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()))
-        {
-            return Err(invalid(&scope, format!("brokers {brokers:?}: expected host:port entries")));
-        }
+        let brokers = self.checked_brokers(&scope)?;
         if self.table.trim().is_empty() {
             return Err(invalid(&scope, "table is empty"));
         }
@@ -741,6 +736,17 @@ impl IngestConfig {
 }
 
 impl IngestConfig {
+    /// The brokers, trimmed, or an error unless each is `host:port` (and there is one).
+    pub(crate) fn checked_brokers(&self, scope: &str) -> Result<Vec<String>, ConfigError> {
+        let brokers: Vec<String> = self.brokers.iter().map(|b| b.trim().to_string()).collect();
+        if brokers.is_empty()
+            || brokers.iter().any(|b| b.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()))
+        {
+            return Err(invalid(scope, format!("brokers {brokers:?}: expected host:port entries")));
+        }
+        Ok(brokers)
+    }
+
     /// TLS and SASL to the brokers, from `security_protocol` and the settings it needs.
     fn security(&self, scope: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Security, ConfigError> {
         let protocol = self.security_protocol.as_deref().unwrap_or("PLAINTEXT");

@@ -290,18 +290,9 @@ impl ApiPolicy {
     /// Checks an ingest posted to the API.
     pub fn check_ingest(&self, i: &IngestConfig) -> Result<(), ConfigError> {
         let scope = format!("ingest {}", i.name.as_deref().unwrap_or(&i.topic));
-        // A malformed list is a plain mistake, told as such (validation says the same).
-        if i.brokers
-            .iter()
-            .any(|b| b.trim().rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()))
-        {
-            return Err(ConfigError::Invalid {
-                scope,
-                message: format!("brokers {:?}: expected host:port entries", i.brokers),
-            });
-        }
-        for b in &i.brokers {
-            if !self.brokers.contains(&b.trim().to_ascii_lowercase()) {
+        // A malformed list is a plain mistake, told as validation tells it.
+        for b in i.checked_brokers(&scope)? {
+            if !self.brokers.contains(&b.to_ascii_lowercase()) {
                 return Err(refused(
                     &scope,
                     "brokers",

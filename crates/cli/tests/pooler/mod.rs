@@ -4,7 +4,6 @@
 //! pooler, before anything is written; session mode works.
 
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -73,10 +72,8 @@ impl PgBouncer {
 impl Drop for PgBouncer {
     fn drop(&mut self) {
         // Started through runuser: end PgBouncer itself, not only its parent.
-        let pidfile: PathBuf = self.dir.path().join("pgbouncer.pid");
-        let _ =
-            Command::new("pkill").args(["-f", &self.dir.path().join("pgbouncer.ini").display().to_string()]).status();
-        let _ = std::fs::remove_file(pidfile);
+        let ini = self.dir.path().join("pgbouncer.ini");
+        let _ = Command::new("pkill").args(["-f", &ini.display().to_string()]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
