@@ -101,6 +101,9 @@ pub struct Decoder {
     table: SchemaRef,
     /// The table's columns the message value fills (all but the Kafka columns).
     values: SchemaRef,
+    /// Whether any of them holds integers (at any depth): the JSON decoder truncates `5.7` to
+    /// `5` there, so such numbers are looked for ([`fractional_integer`]).
+    integers: bool,
 }
 
 impl Decoder {
@@ -110,7 +113,8 @@ impl Decoder {
         let kafka: Vec<String> = KafkaColumn::ALL.iter().map(|c| c.name()).collect();
         let values: Vec<Field> =
             table.fields().iter().filter(|f| !kafka.contains(f.name())).map(|f| f.as_ref().clone()).collect();
-        Self { topic: topic.to_string(), table, values: Arc::new(Schema::new(values)) }
+        let integers = values.iter().any(|f| holds_integers(f.data_type()));
+        Self { topic: topic.to_string(), table, values: Arc::new(Schema::new(values)), integers }
     }
 
     fn json_decoder(&self, rows: usize) -> Result<arrow_json::reader::Decoder, ArrowError> {
@@ -143,6 +147,9 @@ impl Decoder {
         let mut decoder = self.json_decoder(messages.len()).ok()?;
         for (i, message) in messages.iter().enumerate() {
             let value = message.value.as_deref()?;
+            if self.fractional_integer(value).is_some() {
+                return None;
+            }
             match decoder.decode(value) {
                 Ok(n) if n == value.len() && decoder.len() == i + 1 => {}
                 _ => return None,
@@ -157,6 +164,10 @@ impl Decoder {
             let reason = "the message has no value (a tombstone)".to_string();
             return Err((reason.clone(), reason));
         };
+        if let Some(path) = self.fractional_integer(value) {
+            let reason = format!("field '{path}': a number with a fraction for an integer column");
+            return Err((reason.clone(), reason));
+        }
         let failed = |e: ArrowError| (describe(&e, &self.values, || self.locate(value)), e.to_string());
         let mut decoder = self.json_decoder(1).map_err(failed)?;
         let consumed = decoder.decode(value).map_err(failed)?;
@@ -171,6 +182,21 @@ impl Decoder {
                 Err((reason.clone(), reason))
             }
         }
+    }
+
+    /// The path of a field of an integer column that `value` gives a non-integral number
+    /// (`5.7`; `5.0` and `1e3` are integral and kept), which the JSON decoder would truncate.
+    /// A byte scan first: only a value with a fraction or exponent outside its strings is
+    /// parsed again.
+    fn fractional_integer(&self, value: &[u8]) -> Option<String> {
+        if !self.integers || !has_fraction_or_exponent(value) {
+            return None;
+        }
+        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(value).ok()?;
+        self.values.fields().iter().find_map(|f| {
+            let v = object.get(f.name())?;
+            non_integral(f.data_type(), v, f.name())
+        })
     }
 
     /// The top-level field of a JSON object `value` that fails to decode alone, for errors
@@ -221,6 +247,61 @@ impl Decoder {
             })
             .collect::<Result<Vec<_>, ArrowError>>()?;
         RecordBatch::try_new(self.table.clone(), columns)
+    }
+}
+
+fn holds_integers(t: &DataType) -> bool {
+    match t {
+        t if t.is_integer() => true,
+        DataType::Struct(fields) => fields.iter().any(|f| holds_integers(f.data_type())),
+        DataType::List(f) | DataType::LargeList(f) | DataType::Map(f, _) => holds_integers(f.data_type()),
+        _ => false,
+    }
+}
+
+/// Whether JSON text has a number with a fraction or an exponent outside its strings.
+fn has_fraction_or_exponent(json: &[u8]) -> bool {
+    let (mut in_string, mut escaped, mut in_number) = (false, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => (in_string, in_number) = (true, false),
+            b'-' | b'0'..=b'9' => in_number = true,
+            b'.' | b'e' | b'E' if in_number => return true,
+            _ => in_number = false,
+        }
+    }
+    false
+}
+
+/// The path below `path` where `v`, of type `t`, has a non-integral number for an integer.
+fn non_integral(t: &DataType, v: &serde_json::Value, path: &str) -> Option<String> {
+    use serde_json::Value;
+    match (t, v) {
+        (t, Value::Number(n)) if t.is_integer() => {
+            // Integral values written with a fraction or exponent are exact up to 2^53.
+            let exact = n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.fract() == 0.0 && f.abs() < 9.0e15);
+            (!exact).then(|| path.to_string())
+        }
+        (DataType::Struct(fields), Value::Object(o)) => {
+            fields.iter().find_map(|f| non_integral(f.data_type(), o.get(f.name())?, &format!("{path}.{}", f.name())))
+        }
+        (DataType::List(f) | DataType::LargeList(f), Value::Array(items)) => {
+            items.iter().find_map(|item| non_integral(f.data_type(), item, path))
+        }
+        (DataType::Map(entries, _), Value::Object(o)) => match entries.data_type() {
+            DataType::Struct(kv) if kv.len() == 2 => o.values().find_map(|x| non_integral(kv[1].data_type(), x, path)),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -375,6 +456,34 @@ mod tests {
         assert!(shown.contains("2026-12-03T10:00:00.000001"), "{shown}");
         assert_eq!(row.column_by_name("attrs").unwrap().as_map().value(0).len(), 2);
         assert_eq!(row.column_by_name("tags").unwrap().as_list::<i32>().value(0).len(), 2);
+    }
+
+    #[test]
+    fn a_number_with_a_fraction_for_an_integer_column_is_a_bad_record_never_truncated() {
+        let decoder = Decoder::new("events", schema());
+        let messages = [
+            message(1, r#"{"transaction_id":"t1","n":5.7}"#),
+            message(2, r#"{"transaction_id":"t2","n":5.0,"amount":1.25,"at":"2026-12-03T10:00:00.5Z"}"#),
+            message(3, r#"{"transaction_id":"t3","device":{"os":"v1.2e3","v":1.5}}"#),
+            message(4, r#"{"transaction_id":"t4.5","n":-3e2}"#),
+            message(5, r#"{"transaction_id":"t5","n":1e-1}"#),
+        ];
+        let out = decoder.decode(&messages).unwrap();
+        let reasons: Vec<(usize, &str)> = out.bad.iter().map(|b| (b.index, b.reason.as_str())).collect();
+        assert_eq!(
+            reasons,
+            [
+                (0, "field 'n': a number with a fraction for an integer column"),
+                (2, "field 'device.v': a number with a fraction for an integer column"),
+                (4, "field 'n': a number with a fraction for an integer column"),
+            ]
+        );
+        assert_eq!(out.rows.column(2).as_primitive::<Int64Type>().values(), &[5, -300]);
+        assert_eq!(out.rows.column(6).as_primitive::<Int64Type>().values(), &[2, 4]);
+        // Strings, decimals and floats with dots and exponents never look like one.
+        assert!(!has_fraction_or_exponent(br#"{"a":"1.5","b":"x\"2.5","c":true,"d":[1,-2]}"#));
+        assert!(has_fraction_or_exponent(br#"{"a":[1,2.5]}"#));
+        assert!(has_fraction_or_exponent(br#"{"a":-1E3}"#));
     }
 
     /// The columns as text (their Debug form).
