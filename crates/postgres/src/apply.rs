@@ -524,12 +524,7 @@ pub(crate) async fn drop_part_tables(client: &impl GenericClient, target: &Table
 /// 63 bytes) and the same in every build and process, so a later run finds what a crashed
 /// one left.
 pub fn staging_prefix(target: &TableName) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in format!("{}\0{}", target.schema, target.name).bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("stage_{h:016x}")
+    format!("stage_{:016x}", crate::ddl::fnv1a(format!("{}\0{}", target.schema, target.name).bytes()))
 }
 
 #[cfg(test)]

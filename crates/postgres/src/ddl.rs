@@ -35,6 +35,12 @@ pub fn column_definition(column: &Column, not_null: bool) -> String {
     format!("{} {}{}", ident(&column.name), column.ty.postgres_type(), if not_null { " NOT NULL" } else { "" })
 }
 
+/// 64-bit FNV-1a of `bytes`: the same in every build and process, for names that a later run
+/// or another replica must find again (staging tables, derived identifiers, session names).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
 /// A Postgres identifier of at most 63 bytes built from `base` and `suffix`, shortened with a
 /// stable hash when too long (Postgres would silently truncate, and collide).
 pub fn derived_name(base: &str, suffix: &str) -> String {
@@ -42,7 +48,7 @@ pub fn derived_name(base: &str, suffix: &str) -> String {
     if full.len() <= 63 {
         return full;
     }
-    let hash = full.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let hash = fnv1a(full.bytes());
     let tail = format!("_{:08x}{suffix}", hash as u32);
     let mut cut = 63 - tail.len();
     while !base.is_char_boundary(cut) {

@@ -6,8 +6,9 @@
 //! and no other session can take it meanwhile. Runs are fenced by it: a run carries its
 //! coordinating session's pid ([`Fence`]) and [`check_owner`] refuses the run when it takes
 //! the table's lock and the checkpoint in the committing transaction, unless that session
-//! still holds the table's lock and the registry still has the table. Together with the per-table run lock and the compare-and-set
-//! of the synced version, no two replicas ever apply to one table.
+//! still holds the table's lock and the registry still has the table. Together with the
+//! per-table run lock and the compare-and-set of the synced version, no two replicas ever
+//! apply to one table.
 //!
 //! A replica that is connected but hung stops renewing its heartbeat; once its lease expires
 //! the others end its sessions ([`Coordinator::end_expired`]), which frees its locks.
@@ -49,10 +50,7 @@ pub fn session_name(replica: &str) -> String {
     if full.len() <= MAX {
         return full;
     }
-    // 64-bit FNV-1a: the same in every build and process.
-    let hash =
-        replica.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3));
-    let tail = format!("~{hash:016x}");
+    let tail = format!("~{:016x}", crate::ddl::fnv1a(replica.bytes()));
     // Replica ids are ASCII (see `valid_replica_id`), so any cut is a character boundary.
     format!("{}{tail}", &full[..MAX - tail.len()])
 }
@@ -387,7 +385,8 @@ impl Coordinator {
     }
 
     /// Ends every session of the other replicas whose heartbeat is older than `lease` (they
-    /// are hung or cut off), found by their [`session_name`], which releases their locks; forgets replicas gone for an hour.
+    /// are hung or cut off), found by their [`session_name`], which releases their locks;
+    /// forgets replicas gone for an hour.
     /// Only sessions opened before that last heartbeat are ended: a replica restarting under
     /// the same id is not mistaken for its hung predecessor. Only sessions this role may end
     /// (its own role's, or any non-superuser's with `pg_signal_backend`), so a replica running

@@ -391,10 +391,7 @@ pub(crate) fn index_names(target: &TableName, indexes: &[Vec<String>]) -> Vec<(S
             let name = plain(cols);
             let collides = unique.iter().any(|other| other != cols && plain(other) == name);
             let name = if collides {
-                let hash = cols
-                    .join("\0")
-                    .bytes()
-                    .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+                let hash = crate::ddl::fnv1a(cols.join("\0").bytes());
                 derived_name(&target.name, &format!("_{}_{:08x}_idx", cols.join("_"), hash as u32))
             } else {
                 name
