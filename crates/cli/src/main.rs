@@ -162,6 +162,11 @@ struct CompactArgs {
     /// Write a checkpoint when this many commits or more follow the last one (0: never).
     #[arg(long, default_value_t = 10)]
     checkpoint_every: u64,
+    /// Upgrade a table on a legacy Delta protocol (writer version 3-6: Spark's and delta-rs's
+    /// change-feed tables) to table features, listing only what it uses, before compacting.
+    /// Without it such a table is refused and nothing is changed.
+    #[arg(long)]
+    upgrade_protocol: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -239,6 +244,11 @@ struct IngestArgs {
     /// A PEM file of the CA certificates to trust for the brokers' TLS (default: the system's).
     #[arg(long)]
     ssl_ca_location: Option<String>,
+    /// Upgrade an existing table on a legacy Delta protocol (writer version 3-6: Spark's and
+    /// delta-rs's change-feed tables) to table features, listing only what it uses, before
+    /// writing. Without it such a table is refused and nothing is changed.
+    #[arg(long)]
+    upgrade_protocol: bool,
 }
 
 impl IngestArgs {
@@ -271,6 +281,7 @@ impl IngestArgs {
         entry.sasl_username = self.sasl_username.clone();
         entry.sasl_password_env = self.sasl_password_env.clone();
         entry.ssl_ca_location = self.ssl_ca_location.clone();
+        entry.upgrade_protocol = self.upgrade_protocol;
         Ok(entry.validate_with(&|name| std::env::var(name).ok())?)
     }
 }
@@ -443,10 +454,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 target_file_size: args.target_file_size,
                 min_files: args.min_files,
                 checkpoint_every: args.checkpoint_every,
+                upgrade_protocol: args.upgrade_protocol,
             };
             let table = args.table.clone();
             let r = tokio::task::spawn_blocking(move || lakesync_delta::compact::compact(&table, &storage, &options))
                 .await??;
+            if let Some((v, upgrade)) = &r.upgraded {
+                println!("upgraded the {upgrade} of {} at version {v}", args.table);
+            }
             match r.version {
                 Some(v) => println!(
                     "compacted {} at version {} into version {v}: {} files ({} bytes) rewritten as {} ({} bytes), {} rows",

@@ -32,6 +32,7 @@ use delta_kernel::transaction::{CommitResult, UpdateTableOperation};
 use delta_kernel::{FileMeta, KernelError};
 use lakesync_core::Version;
 
+use crate::protocol::{ensure_writable, Upgrade};
 use crate::store::StorageOptions;
 use crate::write::DeltaWriter;
 use crate::{DeltaError, DeltaTable};
@@ -45,11 +46,15 @@ pub struct CompactOptions {
     pub min_files: usize,
     /// Write a checkpoint when this many commits or more follow the last one (0: never).
     pub checkpoint_every: u64,
+    /// Upgrade a legacy protocol the kernel cannot write to table features first (the
+    /// user's `--upgrade-protocol`; see [`crate::protocol`]). Without it such a table is
+    /// refused, naming the flag.
+    pub upgrade_protocol: bool,
 }
 
 impl Default for CompactOptions {
     fn default() -> Self {
-        Self { target_file_size: 128 * 1024 * 1024, min_files: 2, checkpoint_every: 10 }
+        Self { target_file_size: 128 * 1024 * 1024, min_files: 2, checkpoint_every: 10, upgrade_protocol: false }
     }
 }
 
@@ -68,15 +73,19 @@ pub struct CompactReport {
     pub rows: u64,
     /// The version a checkpoint was written at, if one was due.
     pub checkpoint: Option<Version>,
+    /// The protocol upgrade committed first, if the table needed one.
+    pub upgraded: Option<(Version, Upgrade)>,
 }
 
 /// Compacts the table at `uri` (any URI [`DeltaTable::open_with`] takes).
 pub fn compact(uri: &str, storage: &StorageOptions, options: &CompactOptions) -> Result<CompactReport, DeltaError> {
     let reader = DeltaTable::open_with(uri, storage)?;
     let writer = DeltaWriter::open_with(uri, storage)?;
+    let upgraded = ensure_writable(&writer, options.upgrade_protocol, "--upgrade-protocol")?;
     for _ in 0..PLANS {
         let Some(plan) = plan_and_write(&reader, &writer, options)? else { continue };
         if let Some(mut report) = commit(&writer, plan)? {
+            report.upgraded = upgraded;
             report.checkpoint = writer.checkpoint_if_due(options.checkpoint_every)?;
             return Ok(report);
         }
@@ -191,8 +200,7 @@ fn plan_and_write(
             uri,
             message: format!(
                 "lakesync cannot commit to this table ({why}): delta_kernel writes tables whose writer features it \
-                 supports; writer protocol versions 3 to 6 imply checkConstraints and generatedColumns, which it \
-                 cannot write yet. Nothing was changed"
+                 supports. Nothing was changed"
             ),
         },
         other => other,

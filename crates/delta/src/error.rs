@@ -67,6 +67,11 @@ pub enum DeltaError {
     /// A batch did not match the expected shape.
     #[error("Delta table {uri}: {message}")]
     Shape { uri: String, message: String },
+    /// lakesync may not write the table as it is: its protocol needs the user's
+    /// `--upgrade-protocol`, or it uses a feature lakesync does not enforce (see
+    /// [`crate::protocol`]). Nothing was written.
+    #[error("Delta table {uri}: {message}")]
+    Unwritable { uri: String, message: String },
 }
 
 impl Classify for DeltaError {
@@ -89,6 +94,7 @@ impl Classify for DeltaError {
                 }
             }
             DeltaError::Shape { .. } => ErrorClass::Internal,
+            DeltaError::Unwritable { .. } => ErrorClass::Config,
         }
     }
 }

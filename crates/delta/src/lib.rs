@@ -26,6 +26,7 @@
 pub mod compact;
 pub mod error;
 mod int96;
+pub mod protocol;
 pub mod read_ahead;
 pub mod sample;
 pub mod schema;
@@ -34,6 +35,7 @@ pub mod store;
 pub mod write;
 
 pub use error::DeltaError;
+pub use protocol::{Upgrade, WriteAccess};
 pub use source::{
     ChangeBatch, DeltaTable, NewCommits, SchemaId, TableSnapshot, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN,
 };

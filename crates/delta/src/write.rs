@@ -30,7 +30,7 @@ use url::Url;
 
 use crate::DeltaError;
 
-const ENGINE_INFO: &str = concat!("lakesync/", env!("CARGO_PKG_VERSION"));
+pub(crate) const ENGINE_INFO: &str = concat!("lakesync/", env!("CARGO_PKG_VERSION"));
 
 /// One source partition's position in an exactly-once append ([`DeltaWriter::append_once`]):
 /// the rows appended are the application's from `from` (the version the table records for
@@ -243,7 +243,20 @@ impl DeltaWriter {
         self.checkpoint().map(Some)
     }
 
-    fn latest(&self) -> Result<SnapshotRef, DeltaError> {
+    pub(crate) fn url(&self) -> &Url {
+        &self.url
+    }
+
+    pub(crate) fn store(&self) -> &DynObjectStore {
+        self.store.as_ref()
+    }
+
+    /// Runs `f` to completion on the writer's own runtime.
+    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime().block_on(f)
+    }
+
+    pub(crate) fn latest(&self) -> Result<SnapshotRef, DeltaError> {
         Snapshot::builder_for(self.url.as_str()).build(self.engine()).map_err(|e| self.err(e))
     }
 

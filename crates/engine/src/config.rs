@@ -618,6 +618,11 @@ pub struct IngestConfig {
     /// A PEM file of the CA certificates to trust for the brokers' TLS (default: the system's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssl_ca_location: Option<String>,
+    /// Upgrade an existing table on a legacy Delta protocol (writer versions 3-6: Spark's and
+    /// delta-rs's change-feed tables) to table features before writing (default false: such
+    /// a table is refused, naming this option).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub upgrade_protocol: bool,
 }
 
 impl IngestConfig {
@@ -645,6 +650,7 @@ impl IngestConfig {
             sasl_username: None,
             sasl_password_env: None,
             ssl_ca_location: None,
+            upgrade_protocol: false,
         }
     }
 
@@ -731,6 +737,7 @@ impl IngestConfig {
         if let Some(size) = &self.target_file_size {
             spec.target_file_size = parse_size(size).map_err(|e| invalid(&scope, format!("target_file_size: {e}")))?;
         }
+        spec.upgrade_protocol = self.upgrade_protocol;
         Ok(spec)
     }
 }

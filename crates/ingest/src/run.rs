@@ -10,6 +10,7 @@ use arrow_array::{ArrayRef, BinaryArray, Int32Array, Int64Array, RecordBatch, St
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use lakesync_core::{Classify, Version};
 use lakesync_delta::compact::{compact, CompactOptions};
+use lakesync_delta::protocol::ensure_writable;
 use lakesync_delta::{AppPosition, Appended, DeltaError, DeltaTable, DeltaWriter, TableLayout};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -393,6 +394,7 @@ fn write_flush(
             target_file_size: spec.target_file_size,
             min_files: 10,
             checkpoint_every: spec.checkpoint_every,
+            upgrade_protocol: spec.upgrade_protocol,
         };
         // A failed compaction leaves the table as it was: log it, keep ingesting.
         match compact(&spec.table, &spec.storage, &options) {
@@ -528,6 +530,12 @@ fn existing_layout(spec: &IngestSpec, uri: &str) -> Result<Option<TableLayout>, 
         }
     }
     let writer = DeltaWriter::open_with(uri, &spec.storage).map_err(delta(spec))?;
+    // A table on a legacy protocol (Spark's and delta-rs's change-feed tables) is upgraded
+    // only with the user's consent; one lakesync cannot write is refused, naming why.
+    let flag = "--upgrade-protocol (upgrade_protocol = true in [[ingest]])";
+    if let Some((version, upgrade)) = ensure_writable(&writer, spec.upgrade_protocol, flag).map_err(delta(spec))? {
+        tracing::info!(ingest = spec.name, table = uri, version, %upgrade, "upgraded the table's protocol");
+    }
     writer.layout().map(Some).map_err(delta(spec))
 }
 

@@ -51,6 +51,10 @@ pub struct IngestSpec {
     pub compact_every: u64,
     /// Compaction's target file size, bytes.
     pub target_file_size: u64,
+    /// Upgrade an existing table on a legacy protocol (writer versions 3-6, what Spark and
+    /// delta-rs create change-feed tables with) to table features before writing; without
+    /// it such a table is refused, naming the flag. See `lakesync_delta::protocol`.
+    pub upgrade_protocol: bool,
 }
 
 impl IngestSpec {
@@ -73,6 +77,7 @@ impl IngestSpec {
             checkpoint_every: 10,
             compact_every: 100,
             target_file_size: 128 * 1024 * 1024,
+            upgrade_protocol: false,
         }
     }
 

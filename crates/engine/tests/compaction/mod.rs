@@ -165,24 +165,79 @@ fn a_partitioned_table_is_compacted_partition_by_partition() {
     assert_eq!(db.value("SELECT count(*) FROM public.events WHERE region = name"), "80");
 }
 
+fn log_len(path: &Path) -> usize {
+    std::fs::read_dir(path.join("_delta_log")).unwrap().count()
+}
+
+/// Spark's legacy change-feed tables (writer 4; 5 with column mapping, reader 2): refused
+/// without `--upgrade-protocol`, naming it and changing nothing; with it, upgraded to table
+/// features listing only what each uses, compacted to the same rows, and a sync made before
+/// follows the feed through both commits.
 #[test]
-fn tables_the_kernel_cannot_write_are_refused_clearly_and_left_unchanged() {
+fn spark_change_feed_tables_on_legacy_protocols_compact_only_with_the_upgrade_flag() {
+    let db = TestDb::new("compaction_upgrade");
     let dir = tempfile::tempdir().unwrap();
-    // Writer protocol 5 (column mapping) and 4 (Spark's legacy change data feed tables).
-    for name in ["cdf-column-mapping-name-mode", "simple_table_with_cdc"] {
+    let cases = [
+        ("cdf-table", "id", "[appendOnly, invariants, changeDataFeed]", 1),
+        ("cdf-column-mapping-name-mode", "id", "[appendOnly, invariants, changeDataFeed, columnMapping]", 2),
+        ("cdf-column-mapping-id-mode", "id", "[appendOnly, invariants, changeDataFeed, columnMapping]", 2),
+        ("checkpoint-cdf-table", "id", "[appendOnly, invariants, changeDataFeed]", 1),
+    ];
+    for (name, key, features, reader) in cases {
         let Some(fixture) = spark_fixture(name) else { return };
         let path = dir.path().join(name);
         copy_tree(&fixture, &path);
-        let log_before = std::fs::read_dir(path.join("_delta_log")).unwrap().count();
-        let err = compact(&path.display().to_string(), &StorageOptions::default(), &CompactOptions::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(&path.display().to_string()) && err.contains("lakesync cannot commit to this table"),
-            "{err}"
-        );
+        let uri = path.display().to_string();
+        let table = name.replace('-', "_");
+        let synced = db.request(&path, &format!("synced.{table}"), key);
+        let before = db.sync(&synced).unwrap_or_else(|e| panic!("{name}: {e}"));
+
+        let options = CompactOptions { min_files: 1, ..Default::default() };
+        let log_before = log_len(&path);
+        let err = compact(&uri, &StorageOptions::default(), &options).unwrap_err().to_string();
+        assert!(err.contains(&uri) && err.contains("--upgrade-protocol") && err.contains(features), "{name}: {err}");
         assert!(err.contains("Nothing was changed"), "{err}");
-        assert_eq!(std::fs::read_dir(path.join("_delta_log")).unwrap().count(), log_before, "{name}");
+        assert_eq!(log_len(&path), log_before, "{name}: refused, yet the log changed");
+
+        let report = compact(&uri, &StorageOptions::default(), &CompactOptions { upgrade_protocol: true, ..options })
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (upgraded_at, upgrade) = report.upgraded.clone().unwrap_or_else(|| panic!("{name}: {report:?}"));
+        assert_eq!((upgraded_at, upgrade.reader), (before.to_version + 1, reader), "{name}");
+        assert_eq!(format!("[{}]", upgrade.features.join(", ")), features, "{name}");
+        let version = report.version.unwrap_or_else(|| panic!("{name}: nothing compacted: {report:?}"));
+        assert_eq!(version, upgraded_at + 1, "{name}");
+        let commit = std::fs::read_to_string(path.join(format!("_delta_log/{upgraded_at:020}.json"))).unwrap();
+        assert!(commit.contains(r#""minWriterVersion":7"#) && commit.contains("UPGRADE PROTOCOL"), "{commit}");
+        // Writable now: a second run needs no flag.
+        compact(&uri, &StorageOptions::default(), &CompactOptions::default()).unwrap();
+
+        let fresh = db.request(&path, &format!("fresh.{table}"), key);
+        assert_eq!(db.sync(&fresh).unwrap().to_version, version, "{name}");
+        let out = db.sync(&synced).unwrap();
+        assert_eq!((out.mode.as_str(), out.to_version), ("triggered", version), "{name}: {}", out.reason);
+        assert_eq!((out.counts.inserted, out.counts.updated, out.counts.deleted), (0, 0, 0), "{name}");
+        db.assert_same_rows(&format!("synced.{table}"), &format!("fresh.{table}"));
+    }
+}
+
+/// A table with a CHECK constraint (delta-rs `add_constraint`, protocol writer 3): lakesync
+/// would have to enforce it on every row and does not, so it is refused even with the flag,
+/// naming the constraint, and nothing changes.
+#[test]
+fn a_table_with_a_check_constraint_is_never_written_even_with_the_upgrade_flag() {
+    let t = PyDelta::new();
+    t.run(json!([
+        {"op": "create", "schema": [["id", "pa.int64()"]], "rows": [[1], [2]]},
+        {"op": "append", "schema": [["id", "pa.int64()"]], "rows": [[3]]},
+        {"op": "add_constraint", "constraints": {"id_positive": "id > 0"}}
+    ]));
+    let path = t.path();
+    let log_before = log_len(&path);
+    for upgrade_protocol in [false, true] {
+        let options = CompactOptions { min_files: 1, upgrade_protocol, ..Default::default() };
+        let err = compact(&path.display().to_string(), &StorageOptions::default(), &options).unwrap_err().to_string();
+        assert!(err.contains("CHECK constraint id_positive") && err.contains("never writes this table"), "{err}");
+        assert_eq!(log_len(&path), log_before);
     }
 }
 

@@ -10,6 +10,7 @@ use arrow_array::cast::AsArray;
 use lakesync_delta::{DeltaTable, DeltaWriter};
 use lakesync_engine::config::IngestConfig;
 use lakesync_ingest::{IngestError, IngestSpec, IngestStatus};
+use serde_json::json;
 use tokio::sync::watch;
 
 use crate::support::kafka::{event, table_seqs, tls_front, KafkaServer, EVENTS_SCHEMA};
@@ -476,6 +477,70 @@ fn an_ingest_refuses_tables_it_cannot_write_exactly_once_and_names_the_problem()
         let err = lakesync_ingest::run(spec, Arc::new(IngestStatus::new()), rx).await.unwrap_err().to_string();
         assert!(err.contains("the table does not exist; give a schema"), "{err}");
     });
+}
+
+/// The table users already have: one delta-rs made with the change data feed on (protocol
+/// reader 1 / writer 4, as Spark 3.x makes them too). The ingest refuses it without
+/// `upgrade_protocol`, naming the flag and writing nothing; with it, the protocol moves to table
+/// features in one commit, every message is written once, delta-rs still writes the table and
+/// a sync made before follows the change feed through it all.
+#[test]
+fn an_ingest_into_a_delta_rs_change_feed_table_upgrades_its_protocol_only_when_asked() {
+    let kafka = KafkaServer::start();
+    let db = TestDb::new("ingest_upgrade");
+    let t = crate::support::PyDelta::new();
+    let columns = json!([
+        ["transaction_id", "pa.string()"],
+        ["user_id", "pa.string()"],
+        ["amount", "pa.decimal128(12, 2)"],
+        ["status", "pa.string()"],
+        ["event_time", "pa.timestamp('us', tz='UTC')"],
+        ["seq", "pa.int64()"],
+        ["_kafka_partition", "pa.int32()"],
+        ["_kafka_offset", "pa.int64()"]
+    ]);
+    t.run(json!([{"op": "create", "schema": columns, "rows": []}]));
+    let table = t.path();
+    let log = std::fs::read_to_string(table.join("_delta_log/00000000000000000000.json")).unwrap();
+    assert!(log.contains(r#""minWriterVersion":4"#), "delta-rs made a legacy-protocol table: {log}");
+    let req = db.request(&table, "public.events", "seq");
+    assert_eq!(db.sync(&req).unwrap().to_version, 0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut entry = events_entry(&kafka, dir.path(), "events", &table);
+    entry.schema = None;
+    let refused = entry.validate_with(&|_| None).unwrap();
+    entry.upgrade_protocol = true;
+    let spec = entry.validate_with(&|_| None).unwrap();
+    block_on(async {
+        kafka.create_topic("events", 2).await;
+        produce(&kafka, "events", 0..200).await;
+        let (_stop, rx) = watch::channel(false);
+        let err = lakesync_ingest::run(refused, Arc::new(IngestStatus::new()), rx).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("--upgrade-protocol (upgrade_protocol = true") && text.contains("Nothing was changed"),
+            "{text}"
+        );
+        assert_eq!(err.class(), ErrorClass::Config, "{text}");
+        assert_eq!(std::fs::read_dir(table.join("_delta_log")).unwrap().count(), 1, "refused, yet the log changed");
+
+        let running = start(&spec);
+        running.wait_rows(200, 60).await;
+        running.stop().await.unwrap();
+    });
+    assert_eq!(table_seqs(&table).0, (0..200).collect::<Vec<_>>());
+    let upgrade = std::fs::read_to_string(table.join("_delta_log/00000000000000000001.json")).unwrap();
+    assert!(
+        upgrade.contains(r#"{"protocol":{"minReaderVersion":1,"minWriterVersion":7,"writerFeatures":["appendOnly","invariants","changeDataFeed"]}}"#),
+        "{upgrade}"
+    );
+    // delta-rs writes the upgraded table, and the sync follows the feed through all of it.
+    let v = t.run(json!([{"op": "append", "schema": columns, "rows": [["t", "u", "1.00", "s", "2026-12-07T00:00:00+00:00", 1000, 9, 0]]}]));
+    let out = db.sync(&req).unwrap();
+    assert_eq!((out.mode.as_str(), out.to_version), ("triggered", v), "{}", out.reason);
+    assert_eq!(db.value("SELECT count(*) FROM public.events"), "201");
+    db.assert_matches_snapshot(&table, "public.events", "seq", v);
 }
 
 #[test]
