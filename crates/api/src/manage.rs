@@ -1,5 +1,6 @@
 //! The management API: list, inspect, add, sync and remove synced tables.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -323,15 +324,35 @@ pub async fn get_ingest(State(state): State<Arc<AppState>>, Path(name): Path<Str
 /// `POST /api/v1/ingests/{name}/restart`: runs an ingest that stopped on an error again (after
 /// the cause was fixed). In a fleet, a replica it failed on hands it over and does not take it
 /// back until this; after it every replica may try it again.
+///
+/// `?reset_positions=earliest|latest`: partitions whose recorded position is outside what they
+/// hold (a recreated topic, a truncated log) go on from there, once; the reset is recorded in
+/// the table's commit.
 pub async fn restart_ingest(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
-    let found = state.daemon.restart_ingest(&name).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let mut reset = None;
+    for (key, value) in &query {
+        match key.as_str() {
+            "reset_positions" => {
+                reset = Some(
+                    lakesync_ingest::StartFrom::parse(value)
+                        .map_err(|e| ApiError::BadRequest(format!("reset_positions {e}")))?,
+                )
+            }
+            other => {
+                return Err(ApiError::BadRequest(format!("unknown parameter {other:?}; expected reset_positions")))
+            }
+        }
+    }
+    let found = state.daemon.restart_ingest(&name, reset).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     if !found {
         return Err(ApiError::NotFound(format!("no ingest named {name:?}")));
     }
-    Ok(json_response(StatusCode::ACCEPTED, json!({ "name": name, "restart": "requested" })))
+    let reset = reset.map(|r| r.as_str());
+    Ok(json_response(StatusCode::ACCEPTED, json!({ "name": name, "restart": "requested", "reset_positions": reset })))
 }

@@ -249,6 +249,12 @@ struct IngestArgs {
     /// writing. Without it such a table is refused and nothing is changed.
     #[arg(long)]
     upgrade_protocol: bool,
+    /// For partitions whose recorded position is outside what they hold (the topic was
+    /// deleted and recreated, its log truncated, or retention deleted messages first): go on
+    /// from their earliest or latest offset, recorded in the table's commit. Without it such
+    /// a partition stops the ingest, naming topic, partition and offsets.
+    #[arg(long, value_name = "earliest|latest", value_parser = lakesync_ingest::StartFrom::parse)]
+    reset_positions: Option<lakesync_ingest::StartFrom>,
 }
 
 impl IngestArgs {
@@ -282,7 +288,9 @@ impl IngestArgs {
         entry.sasl_password_env = self.sasl_password_env.clone();
         entry.ssl_ca_location = self.ssl_ca_location.clone();
         entry.upgrade_protocol = self.upgrade_protocol;
-        Ok(entry.validate_with(&|name| std::env::var(name).ok())?)
+        let mut spec = entry.validate_with(&|name| std::env::var(name).ok())?;
+        spec.reset_positions = self.reset_positions;
+        Ok(spec)
     }
 }
 

@@ -337,6 +337,23 @@ impl DeltaWriter {
         if let Some(p) = positions.iter().find(|p| p.from.is_some_and(|from| from >= p.to)) {
             return Err(self.shape(format!("append for {} does not advance ({:?} to {})", p.app_id, p.from, p.to)));
         }
+        self.commit_positions(batches, positions, &[])
+    }
+
+    /// Moves applications' positions anywhere (backwards too) in one commit without rows, as
+    /// the same compare-and-set as [`Self::append_once`]; `why` goes into the commit's
+    /// `operationMetrics`, so the table's history says who moved what and why (an operator's
+    /// reset after a topic was recreated).
+    pub fn reset_positions(&self, positions: &[AppPosition], why: &[(String, String)]) -> Result<Appended, DeltaError> {
+        self.commit_positions(&[], positions, why)
+    }
+
+    fn commit_positions(
+        &self,
+        batches: &[RecordBatch],
+        positions: &[AppPosition],
+        metrics: &[(String, String)],
+    ) -> Result<Appended, DeltaError> {
         let mut adds: Option<Vec<RecordBatch>> = None;
         for _ in 0..100 {
             let (snapshot, txn) = self.begin(UpdateTableOperation::Write)?;
@@ -351,6 +368,9 @@ impl DeltaWriter {
                 return Ok(Appended::Moved(recorded));
             }
             let mut txn = positions.iter().fold(txn, |t, p| t.with_transaction_id(p.app_id.clone(), p.to));
+            if !metrics.is_empty() {
+                txn = txn.with_operation_metrics(metrics.iter().map(|(k, v)| (k.clone(), Some(v.clone()))));
+            }
             if adds.is_none() {
                 let mut written = Vec::new();
                 for batch in batches.iter().filter(|b| b.num_rows() > 0) {

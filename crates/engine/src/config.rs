@@ -721,13 +721,9 @@ impl IngestConfig {
                 return Err(invalid(&scope, format!("on_bad_record {other:?}: expected \"fail\" or \"dead_letter\"")))
             }
         };
-        spec.start = match self.start_from.as_deref() {
-            None | Some("earliest") => StartFrom::Earliest,
-            Some("latest") => StartFrom::Latest,
-            Some(other) => {
-                return Err(invalid(&scope, format!("start_from {other:?}: expected \"earliest\" or \"latest\"")))
-            }
-        };
+        if let Some(from) = &self.start_from {
+            spec.start = StartFrom::parse(from).map_err(|e| invalid(&scope, format!("start_from {e}")))?;
+        }
         if let Some(n) = self.checkpoint_every {
             spec.checkpoint_every = n;
         }

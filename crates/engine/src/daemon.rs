@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lakesync_core::{Classify, ErrorClass, SyncMode, Version};
 use lakesync_delta::{DeltaError, DeltaTable};
-use lakesync_ingest::{IngestSpec, IngestStatus};
+use lakesync_ingest::{IngestSpec, IngestStatus, StartFrom};
 use lakesync_postgres::state::{self, RunMode};
 use lakesync_postgres::PgConfig;
 use tokio::sync::{watch, Notify, Semaphore};
@@ -205,7 +205,13 @@ pub struct IngestWorker {
     pub owner: Mutex<Option<String>>,
     /// Stops the running ingest (it flushes first).
     stop: watch::Sender<bool>,
+    /// An operator's reset of out-of-range positions for its next start, and when it was
+    /// asked (it expires: a later gap must be seen again).
+    reset: Mutex<Option<(StartFrom, Instant)>>,
 }
+
+/// How long an operator's reset waits for the ingest to start again before it lapses.
+const RESET_LAPSES: Duration = Duration::from_secs(600);
 
 /// Runs per process at once, unless configured (`[fleet] max_concurrent_runs`).
 pub const DEFAULT_MAX_CONCURRENT_RUNS: usize = 8;
@@ -360,6 +366,7 @@ impl Daemon {
             status: Arc::new(IngestStatus::new()),
             owner: Mutex::new(None),
             stop: watch::channel(false).0,
+            reset: Mutex::new(None),
         });
         // In a fleet the ingest waits until the coordinator hands it to this replica.
         let task = self.fleet().is_none().then(|| start_ingest(&worker));
@@ -424,15 +431,26 @@ impl Daemon {
     /// Runs ingest `name` again after it stopped on an error that needs a human (fixed now):
     /// in a fleet every replica forgets that it failed there, and its owner, or the first
     /// replica to claim it, starts it. `false` if there is no such ingest.
-    pub async fn restart_ingest(&self, name: &str) -> Result<bool, DaemonError> {
+    ///
+    /// `reset` is the operator's choice for partitions whose recorded position is outside what
+    /// they hold (see [`IngestSpec::reset_positions`]); it applies to the next start only.
+    pub async fn restart_ingest(&self, name: &str, reset: Option<StartFrom>) -> Result<bool, DaemonError> {
         if self.ingest(name).is_none() {
             return Ok(false);
         }
         if self.fleet().is_none() {
+            self.reset_ingest_positions(name, reset);
             return Ok(self.restart_ingest_here(name));
         }
-        crate::fleet::request_restart(self, name).await.map_err(EngineError::from)?;
+        crate::fleet::request_restart(self, name, reset).await.map_err(EngineError::from)?;
         Ok(true)
+    }
+
+    /// Keeps `reset` for ingest `name`'s next start.
+    pub(crate) fn reset_ingest_positions(&self, name: &str, reset: Option<StartFrom>) {
+        if let (Some(worker), Some(to)) = (self.ingest(name), reset) {
+            *worker.reset.lock().expect("reset lock") = Some((to, Instant::now()));
+        }
     }
 
     /// Removes the ingest named `name`, telling it to stop; it flushes what it holds on its
@@ -676,7 +694,10 @@ fn addable(workers: &BTreeMap<String, Running>, spec: &TableSpec) -> Result<(), 
 /// Starts an ingest's task; it runs until its stop signal, retrying transient failures
 /// itself (see [`lakesync_ingest::run`]) and stopping on the others (its status says why).
 fn start_ingest(worker: &IngestWorker) -> JoinHandle<()> {
-    let run = lakesync_ingest::run(worker.spec.clone(), worker.status.clone(), worker.stop.subscribe());
+    let mut spec = worker.spec.clone();
+    let reset = worker.reset.lock().expect("reset lock").take();
+    spec.reset_positions = reset.filter(|(_, at)| at.elapsed() < RESET_LAPSES).map(|(to, _)| to);
+    let run = lakesync_ingest::run(spec, worker.status.clone(), worker.stop.subscribe());
     let name = worker.spec.name.clone();
     tracing::info!(ingest = %worker.spec.name, topic = %worker.spec.topic, table = %worker.spec.table, "ingesting");
     tokio::spawn(async move {

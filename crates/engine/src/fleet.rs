@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lakesync_core::Version;
+use lakesync_ingest::StartFrom;
 use lakesync_postgres::fleet::{self as registry, Coordinator, Entry, FilePolicy, Holder, Kind, Origin};
 use lakesync_postgres::{PgConfig, PgError};
 use tokio::sync::watch;
@@ -227,9 +228,11 @@ pub(crate) async fn request_sync(daemon: &Daemon, name: &str) -> Result<(), PgEr
 }
 
 /// Asks every replica to run ingest `name` again (see [`Daemon::restart_ingest`]).
-pub(crate) async fn request_restart(daemon: &Daemon, name: &str) -> Result<(), PgError> {
+pub(crate) async fn request_restart(daemon: &Daemon, name: &str, reset: Option<StartFrom>) -> Result<(), PgError> {
     let client = daemon.session_config().connect().await?;
-    registry::notify(&client, &format!("restart-ingest:{name}")).await
+    // Ingest names never hold '?' (the config refuses them).
+    let reset = reset.map(|to| format!("?reset={}", to.as_str())).unwrap_or_default();
+    registry::notify(&client, &format!("restart-ingest:{name}{reset}")).await
 }
 
 /// The coordinator's state.
@@ -313,7 +316,13 @@ impl Coordinate {
             if daemon.table(name).is_some_and(|w| w.owned()) {
                 daemon.sync_now(name);
             }
-        } else if let Some(name) = payload.strip_prefix("restart-ingest:") {
+        } else if let Some(request) = payload.strip_prefix("restart-ingest:") {
+            let (name, reset) = match request.split_once("?reset=") {
+                Some((name, to)) => (name, StartFrom::parse(to).ok()),
+                None => (request, None),
+            };
+            // Every replica keeps the reset: whichever starts the ingest next applies it.
+            daemon.reset_ingest_positions(name, reset);
             if self.failed.remove(name) {
                 tracing::info!(ingest = %name, "restart requested: this replica may run it again");
             }

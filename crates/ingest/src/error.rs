@@ -18,12 +18,22 @@ pub enum IngestError {
          (nothing from this flush was written; fix the producer, or set on_bad_record = \"dead_letter\" to set such messages aside)"
     )]
     BadRecord { name: String, topic: String, partition: i32, offset: i64, reason: String },
-    /// Messages the table has not ingested were deleted from the topic by its retention.
+    /// The position the table records for a partition is outside what the partition holds:
+    /// the topic was deleted and recreated, its log truncated, or messages deleted by
+    /// retention before they were ingested. Nothing more is read from it until an operator
+    /// chooses where it goes on (`--reset-positions`).
     #[error(
-        "ingest {name}: topic {topic} partition {partition}: offset {wanted} is no longer in the topic \
-         (the earliest kept is {earliest}): messages were deleted by the topic's retention before they were ingested"
+        "ingest {name}: topic {topic} partition {partition}: the table records offset {recorded}, but the partition \
+         holds offsets {earliest}..{latest}: {}. Nothing was ingested from it. To go on, choose where it continues: \
+         --reset-positions earliest (every message the partition holds now) or latest (only new ones), or \
+         POST /api/v1/ingests/{name}/restart?reset_positions=earliest|latest; the reset is recorded in the table's commit",
+        if recorded > latest {
+            "the topic was deleted and recreated, or its log truncated (an unclean leader election)"
+        } else {
+            "messages were deleted by the topic's retention before they were ingested"
+        }
     )]
-    OffsetGone { name: String, topic: String, partition: i32, wanted: i64, earliest: i64 },
+    PositionOutOfRange { name: String, topic: String, partition: i32, recorded: i64, earliest: i64, latest: i64 },
     /// The table cannot take this ingest's rows (schema, layout, properties).
     #[error("ingest {name}: table {table}: {message}")]
     Table { name: String, table: String, message: String },
@@ -51,7 +61,7 @@ impl Classify for IngestError {
             IngestError::Config { .. } => ErrorClass::Config,
             IngestError::Kafka { transient: true, .. } | IngestError::Moved { .. } => ErrorClass::Transient,
             IngestError::Kafka { transient: false, .. } => ErrorClass::Config,
-            IngestError::BadRecord { .. } | IngestError::OffsetGone { .. } => ErrorClass::Data,
+            IngestError::BadRecord { .. } | IngestError::PositionOutOfRange { .. } => ErrorClass::Data,
             IngestError::Table { .. } => ErrorClass::Schema,
             IngestError::Delta { source, .. } => source.class(),
             IngestError::Internal { .. } => ErrorClass::Internal,

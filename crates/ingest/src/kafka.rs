@@ -26,6 +26,24 @@ pub enum StartFrom {
     Latest,
 }
 
+impl StartFrom {
+    /// `earliest` or `latest`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "earliest" => Ok(Self::Earliest),
+            "latest" => Ok(Self::Latest),
+            other => Err(format!("{other:?}: expected \"earliest\" or \"latest\"")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Earliest => "earliest",
+            Self::Latest => "latest",
+        }
+    }
+}
+
 /// How lakesync reaches the brokers, as a Kafka client's `security.protocol` says:
 /// `PLAINTEXT` (the default), `SSL` (TLS), `SASL_PLAINTEXT` or `SASL_SSL`.
 #[derive(Clone, Default)]
@@ -154,8 +172,10 @@ pub fn tls_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String
 /// A failure talking to the brokers.
 #[derive(Debug, Clone)]
 pub(crate) enum FetchError {
-    /// The requested offset is below the partition's earliest kept offset.
-    OffsetGone { partition: i32, wanted: i64, earliest: i64 },
+    /// The requested offset is outside what the partition holds: below its earliest kept
+    /// offset (retention deleted messages first) or above its end (the topic was deleted and
+    /// recreated, or its log truncated).
+    OutOfRange { partition: i32, wanted: i64, earliest: i64, latest: i64 },
     /// Anything else; `transient` when retrying later can work.
     Kafka { message: String, transient: bool },
 }
@@ -163,8 +183,8 @@ pub(crate) enum FetchError {
 impl std::fmt::Display for FetchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            FetchError::OffsetGone { partition, wanted, earliest } => {
-                write!(f, "partition {partition}: offset {wanted} is gone (earliest kept: {earliest})")
+            FetchError::OutOfRange { partition, wanted, earliest, latest } => {
+                write!(f, "partition {partition}: offset {wanted} is outside {earliest}..{latest}")
             }
             FetchError::Kafka { message, .. } => f.write_str(message),
         }
@@ -265,8 +285,24 @@ pub(crate) async fn start_offset(client: &PartitionClient, start: StartFrom) -> 
     }
 }
 
+/// The offsets a partition holds now: its earliest kept offset and its end (the offset the
+/// next message will get).
+pub(crate) async fn offset_range(client: &PartitionClient) -> Result<(i64, i64), FetchError> {
+    let earliest = start_offset(client, StartFrom::Earliest).await?;
+    let latest = start_offset(client, StartFrom::Latest).await?;
+    Ok((earliest, latest.max(earliest)))
+}
+
+/// How long a fetch may take before the connection is taken for lost: a broker gone without a
+/// reset (a half-open connection) never answers, and the ingest must not report "running"
+/// for ever. Fetches wait at most [`FETCH_WAIT_MS`] on the broker's side.
+pub(crate) const FETCH_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a fetch waits on the broker for new messages.
+const FETCH_WAIT_MS: i32 = 500;
+
 /// Fetches `client`'s partition from `next` onwards into `out` until `out` closes or a fetch
-/// fails (the error is sent, then the task ends).
+/// fails (the error is sent, then the task ends). Each fetch that does not answer within
+/// [`FETCH_DEADLINE`] fails as a transient error (the ingest reconnects).
 pub(crate) async fn fetch_loop(
     client: PartitionClient,
     mut next: i64,
@@ -274,10 +310,25 @@ pub(crate) async fn fetch_loop(
     out: mpsc::Sender<Result<Fetched, FetchError>>,
 ) {
     let partition = client.partition();
+    // Out-of-range answers tolerated in a row: a new leader may briefly be behind.
+    let mut out_of_range = 0;
     loop {
-        let fetched = client.fetch_records(next, 1..max_bytes, 500).await;
+        let fetched =
+            match tokio::time::timeout(FETCH_DEADLINE, client.fetch_records(next, 1..max_bytes, FETCH_WAIT_MS)).await {
+                Ok(fetched) => fetched,
+                Err(_) => {
+                    let message = format!(
+                        "fetching partition {partition} at offset {next}: no answer within {} s (a broker lost without \
+                         closing the connection?); reconnecting",
+                        FETCH_DEADLINE.as_secs()
+                    );
+                    let _ = out.send(Err(FetchError::Kafka { message, transient: true })).await;
+                    return;
+                }
+            };
         let item = match fetched {
             Ok((records, high_watermark)) => {
+                out_of_range = 0;
                 let mut messages = Vec::with_capacity(records.len());
                 for r in records {
                     // Only strictly increasing offsets from the requested one: whole record
@@ -297,13 +348,24 @@ pub(crate) async fn fetch_loop(
                 Ok(Fetched { partition, messages, high_watermark })
             }
             Err(KafkaError::ServerError { protocol_error: ProtocolError::OffsetOutOfRange, .. }) => {
-                let earliest = client.get_offset(OffsetAt::Earliest).await.unwrap_or(-1);
-                if earliest >= 0 && earliest <= next {
-                    // Above the end (a broker that has not caught up): wait and ask again.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
+                let range = offset_range(&client).await;
+                out_of_range += 1;
+                match range {
+                    // A leader that has not caught up yet: ask again for a while.
+                    Ok(_) if out_of_range < 10 => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    Ok((earliest, latest)) if (earliest..=latest).contains(&next) => Err(FetchError::Kafka {
+                        message: format!(
+                            "partition {partition}: the broker keeps refusing offset {next} as out of range, though it \
+                             lists {earliest}..{latest}"
+                        ),
+                        transient: true,
+                    }),
+                    Ok((earliest, latest)) => Err(FetchError::OutOfRange { partition, wanted: next, earliest, latest }),
+                    Err(e) => Err(e),
                 }
-                Err(FetchError::OffsetGone { partition, wanted: next, earliest })
             }
             Err(e) => Err(kafka_error(&format!("fetching partition {partition} at offset {next}"), e)),
         };
@@ -320,6 +382,14 @@ pub async fn create_topic(brokers: &[String], security: &Security, topic: &str, 
     let client = security.builder(brokers).build().await.map_err(|e| format!("connecting: {e}"))?;
     let controller = client.controller_client().map_err(|e| e.to_string())?;
     controller.create_topic(topic, partitions, 1, 5_000).await.map_err(|e| format!("creating topic {topic}: {e}"))
+}
+
+/// Deletes `topic`, for tests of what a recreated topic does to an ingest: the ingest itself
+/// never deletes topics.
+pub async fn delete_topic(brokers: &[String], security: &Security, topic: &str) -> Result<(), String> {
+    let client = security.builder(brokers).build().await.map_err(|e| format!("connecting: {e}"))?;
+    let controller = client.controller_client().map_err(|e| e.to_string())?;
+    controller.delete_topic(topic, 5_000).await.map_err(|e| format!("deleting topic {topic}: {e}"))
 }
 
 /// Writes messages to a topic's partitions, for the demo, benchmarks and tests: one record per

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::decode::{BadRecord, Decoder, Message};
-use crate::kafka::{fetch_loop, start_offset, FetchError, Topic};
+use crate::kafka::{fetch_loop, offset_range, start_offset, FetchError, StartFrom, Topic};
 use crate::spec::{BadRecords, IngestSpec};
 use crate::status::IngestStatus;
 use crate::IngestError;
@@ -30,14 +30,16 @@ const FETCH_BYTES: i32 = 4 * 1024 * 1024;
 /// failure retrying cannot fix. Transient failures (brokers down, store hiccups, another
 /// writer moved the positions) restart it from the table's positions, with backoff.
 pub async fn run(
-    spec: IngestSpec,
+    mut spec: IngestSpec,
     status: Arc<IngestStatus>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
     let mut backoff = Duration::from_millis(500);
+    // An operator's reset applies once: to the positions out of range when it starts.
+    let mut reset = spec.reset_positions.take();
     loop {
         let started = Instant::now();
-        let result = run_once(&spec, &status, &mut stop).await;
+        let result = run_once(&spec, &mut reset, &status, &mut stop).await;
         let err = match result {
             Ok(()) => {
                 status.update(|s| s.state = "stopped");
@@ -134,9 +136,14 @@ fn delta(spec: &IngestSpec) -> impl Fn(DeltaError) -> IngestError + '_ {
 
 fn fetch_error(spec: &IngestSpec, e: FetchError) -> IngestError {
     match e {
-        FetchError::OffsetGone { partition, wanted, earliest } => {
-            IngestError::OffsetGone { name: spec.name.clone(), topic: spec.topic.clone(), partition, wanted, earliest }
-        }
+        FetchError::OutOfRange { partition, wanted, earliest, latest } => IngestError::PositionOutOfRange {
+            name: spec.name.clone(),
+            topic: spec.topic.clone(),
+            partition,
+            recorded: wanted,
+            earliest,
+            latest,
+        },
         FetchError::Kafka { message, transient } => {
             IngestError::Kafka { name: spec.name.clone(), brokers: spec.brokers.join(","), message, transient }
         }
@@ -156,6 +163,7 @@ async fn blocking<T: Send + 'static>(
 
 async fn run_once(
     spec: &IngestSpec,
+    reset: &mut Option<StartFrom>,
     status: &IngestStatus,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), IngestError> {
@@ -194,11 +202,51 @@ async fn run_once(
     let mut positions: BTreeMap<i32, Option<i64>> = topic.partitions.iter().copied().zip(recorded).collect();
     let mut dead_positions: BTreeMap<i32, Option<i64>> = topic.partitions.iter().copied().zip(dead_recorded).collect();
 
+    // Every recorded position must be inside what its partition holds now; one that is not
+    // (a recreated topic, a truncated log, retention) stops the ingest until an operator
+    // resets it.
+    let mut clients = BTreeMap::new();
+    let mut resets = Vec::new();
+    for (&partition, &at) in &positions {
+        let client = topic.partition(partition).await.map_err(|e| fetch_error(spec, e))?;
+        if let Some(recorded) = at {
+            let (earliest, latest) = offset_range(&client).await.map_err(|e| fetch_error(spec, e))?;
+            if !(earliest..=latest).contains(&recorded) {
+                let Some(to) = *reset else {
+                    return Err(fetch_error(
+                        spec,
+                        FetchError::OutOfRange { partition, wanted: recorded, earliest, latest },
+                    ));
+                };
+                let new = if to == StartFrom::Earliest { earliest } else { latest };
+                resets.push(Reset { partition, recorded, new, earliest, latest, to });
+            }
+        }
+        clients.insert(partition, client);
+    }
+    if reset.is_some() && resets.is_empty() {
+        tracing::info!(
+            ingest = spec.name,
+            "reset requested, but every recorded position is inside its partition: nothing reset"
+        );
+    }
+    if !resets.is_empty() {
+        reset_positions(spec, &target, &dead, &resets, &dead_positions).await?;
+        for r in &resets {
+            positions.insert(r.partition, Some(r.new));
+            if let Some(at) = dead_positions.get_mut(&r.partition).and_then(Option::as_mut) {
+                *at = r.new;
+            }
+        }
+    }
+
+    *reset = None;
+
     let (tx, mut rx) = mpsc::channel(4 * topic.partitions.len().max(1));
     let mut fetchers = JoinSet::new();
     let mut floors = BTreeMap::new();
     for (&partition, &at) in &positions {
-        let client = topic.partition(partition).await.map_err(|e| fetch_error(spec, e))?;
+        let client = clients.remove(&partition).expect("a client per partition");
         let from = match at {
             Some(offset) => offset,
             None => start_offset(&client, spec.start).await.map_err(|e| fetch_error(spec, e))?,
@@ -262,6 +310,74 @@ async fn run_once(
             flush(spec, status, &target, &dead, held, &mut positions, &mut dead_positions, compact_now).await?;
         }
     }
+}
+
+/// A partition's position moved by an operator's `--reset-positions`.
+struct Reset {
+    partition: i32,
+    recorded: i64,
+    new: i64,
+    earliest: i64,
+    latest: i64,
+    to: StartFrom,
+}
+
+/// Commits the resets: to the dead-letter table first (its positions say which dead letters it
+/// holds; they must not hide the re-read ones), then to the table, each one commit without
+/// rows whose `operationMetrics` record what moved and why.
+async fn reset_positions(
+    spec: &IngestSpec,
+    target: &Arc<Target>,
+    dead: &Option<Arc<DeadLetters>>,
+    resets: &[Reset],
+    dead_positions: &BTreeMap<i32, Option<i64>>,
+) -> Result<(), IngestError> {
+    let why: Vec<(String, String)> = resets
+        .iter()
+        .map(|r| {
+            let to = r.to.as_str();
+            (
+                format!("lakesync.resetPositions.{}.{}", spec.topic, r.partition),
+                format!("{} -> {} ({to}; the partition held {}..{})", r.recorded, r.new, r.earliest, r.latest),
+            )
+        })
+        .collect();
+    for r in resets {
+        tracing::warn!(
+            ingest = spec.name,
+            topic = spec.topic,
+            partition = r.partition,
+            recorded = r.recorded,
+            new = r.new,
+            earliest = r.earliest,
+            latest = r.latest,
+            "resetting the partition's position, as the operator asked"
+        );
+    }
+    let (spec, target, dead) = (spec.clone(), target.clone(), dead.clone());
+    let main: Vec<AppPosition> = resets
+        .iter()
+        .map(|r| AppPosition { app_id: spec.app_id(r.partition), from: Some(r.recorded), to: r.new })
+        .collect();
+    let side: Vec<AppPosition> = resets
+        .iter()
+        .filter_map(|r| {
+            let at = dead_positions.get(&r.partition).copied().flatten()?;
+            (at != r.new).then(|| AppPosition { app_id: spec.app_id(r.partition), from: Some(at), to: r.new })
+        })
+        .collect();
+    blocking(&spec.clone(), move || {
+        if let (Some(dead), false) = (&dead, side.is_empty()) {
+            if let Appended::Moved(_) = dead.writer.reset_positions(&side, &why).map_err(delta(&spec))? {
+                return Err(IngestError::Moved { name: spec.name.clone(), table: dead.uri.clone() });
+            }
+        }
+        if let Appended::Moved(_) = target.writer.reset_positions(&main, &why).map_err(delta(&spec))? {
+            return Err(IngestError::Moved { name: spec.name.clone(), table: spec.table.clone() });
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Writes `held` as one commit (after its dead letters, if any, as one commit to the

@@ -55,6 +55,12 @@ pub struct IngestSpec {
     /// delta-rs create change-feed tables with) to table features before writing; without
     /// it such a table is refused, naming the flag. See `lakesync_delta::protocol`.
     pub upgrade_protocol: bool,
+    /// An operator's one-time choice for partitions whose recorded position is outside what
+    /// they hold (a recreated topic, a truncated log, retention): continue from their earliest
+    /// or latest offset, recorded in the table's commit. `None`: such a partition stops the
+    /// ingest with an error naming topic, partition and offsets. Never part of the saved
+    /// configuration: a later gap must be seen again.
+    pub reset_positions: Option<StartFrom>,
 }
 
 impl IngestSpec {
@@ -78,6 +84,7 @@ impl IngestSpec {
             compact_every: 100,
             target_file_size: 128 * 1024 * 1024,
             upgrade_protocol: false,
+            reset_positions: None,
         }
     }
 

@@ -543,6 +543,61 @@ fn an_ingest_into_a_delta_rs_change_feed_table_upgrades_its_protocol_only_when_a
     db.assert_matches_snapshot(&table, "public.events", "seq", v);
 }
 
+/// A topic deleted and recreated while the table records offset 50 of the old one: the ingest
+/// stops with an error naming topic, partition and both offsets (never "running" with lag 0,
+/// and never skipping the new topic's first 50 messages), and writes nothing. The operator's
+/// `reset_positions = earliest` goes on from the new topic's first message, once, recorded in
+/// the table's commit.
+#[test]
+fn a_recreated_topic_stops_the_ingest_until_an_operator_resets_its_positions() {
+    let kafka = KafkaServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("events");
+    let spec = events_spec(&kafka, dir.path(), "events", &table);
+    let latest =
+        |table: &Path| DeltaTable::open(&table.display().to_string()).unwrap().snapshot(None).unwrap().version();
+    let version = block_on(async {
+        kafka.create_topic("events", 1).await;
+        produce(&kafka, "events", 0..50).await;
+        let running = start(&spec);
+        running.wait_rows(50, 60).await;
+        running.stop().await.unwrap();
+
+        kafka.delete_topic("events").await;
+        kafka.create_topic("events", 1).await;
+        produce(&kafka, "events", 50..60).await;
+        let version = latest(&table);
+        let status = Arc::new(IngestStatus::new());
+        let (_stop, rx) = watch::channel(false);
+        let err = lakesync_ingest::run(spec.clone(), status.clone(), rx).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "topic events partition 0: the table records offset 50, but the partition holds offsets 0..10"
+            ) && text.contains("deleted and recreated")
+                && text.contains("--reset-positions earliest"),
+            "{text}"
+        );
+        assert_eq!(err.class(), ErrorClass::Data);
+        assert_eq!(status.get().state, "failed");
+        assert_eq!(latest(&table), version, "nothing is written before the operator chooses");
+
+        let mut reset = spec.clone();
+        reset.reset_positions = Some(lakesync_ingest::StartFrom::Earliest);
+        let running = start(&reset);
+        running.wait_rows(10, 60).await;
+        running.stop().await.unwrap();
+        version
+    });
+    assert_eq!(table_seqs(&table).0, (0..60).collect::<Vec<_>>());
+    assert_eq!(app_versions(&spec, &table, 1), [Some(10)]);
+    let reset_commit = std::fs::read_to_string(table.join(format!("_delta_log/{:020}.json", version + 1))).unwrap();
+    assert!(
+        reset_commit.contains(r#""lakesync.resetPositions.events.0":"50 -> 0 (earliest; the partition held 0..10)""#),
+        "{reset_commit}"
+    );
+}
+
 #[test]
 fn events_flow_from_kafka_through_delta_into_postgres_within_seconds() {
     let db = TestDb::new("ingest_pipeline");

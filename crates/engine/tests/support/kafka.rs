@@ -95,6 +95,10 @@ impl KafkaServer {
         lakesync_ingest::kafka::create_topic(&self.brokers(), &self.security, topic, partitions).await.unwrap();
     }
 
+    pub async fn delete_topic(&self, topic: &str) {
+        lakesync_ingest::kafka::delete_topic(&self.brokers(), &self.security, topic).await.unwrap();
+    }
+
     pub async fn producer(&self, topic: &str) -> lakesync_ingest::kafka::Producer {
         lakesync_ingest::kafka::Producer::connect(&self.brokers(), &self.security, topic).await.unwrap()
     }
