@@ -255,6 +255,9 @@ struct IngestArgs {
     /// a partition stops the ingest, naming topic, partition and offsets.
     #[arg(long, value_name = "earliest|latest", value_parser = lakesync_ingest::StartFrom::parse)]
     reset_positions: Option<lakesync_ingest::StartFrom>,
+    /// How long one request to the brokers may go unanswered before the ingest reconnects.
+    #[arg(long, default_value = "30s")]
+    request_timeout: String,
 }
 
 impl IngestArgs {
@@ -288,6 +291,7 @@ impl IngestArgs {
         entry.sasl_password_env = self.sasl_password_env.clone();
         entry.ssl_ca_location = self.ssl_ca_location.clone();
         entry.upgrade_protocol = self.upgrade_protocol;
+        entry.request_timeout = Some(self.request_timeout.clone());
         let mut spec = entry.validate_with(&|name| std::env::var(name).ok())?;
         spec.reset_positions = self.reset_positions;
         Ok(spec)

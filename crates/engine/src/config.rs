@@ -623,6 +623,10 @@ pub struct IngestConfig {
     /// a table is refused, naming this option).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub upgrade_protocol: bool,
+    /// How long one request to the brokers may go unanswered before the ingest reconnects
+    /// (default `30s`; Kafka clients' `request.timeout.ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<String>,
 }
 
 impl IngestConfig {
@@ -651,6 +655,7 @@ impl IngestConfig {
             sasl_password_env: None,
             ssl_ca_location: None,
             upgrade_protocol: false,
+            request_timeout: None,
         }
     }
 
@@ -734,6 +739,12 @@ impl IngestConfig {
             spec.target_file_size = parse_size(size).map_err(|e| invalid(&scope, format!("target_file_size: {e}")))?;
         }
         spec.upgrade_protocol = self.upgrade_protocol;
+        if let Some(t) = &self.request_timeout {
+            spec.request_timeout = parse_duration(t).map_err(|e| invalid(&scope, format!("request_timeout: {e}")))?;
+            if spec.request_timeout < std::time::Duration::from_millis(100) {
+                return Err(invalid(&scope, "request_timeout must be at least 100ms"));
+            }
+        }
         Ok(spec)
     }
 }

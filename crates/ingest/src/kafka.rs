@@ -222,8 +222,41 @@ pub(crate) struct Topic {
 /// How long a request may be retried before it fails.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(20);
 
+/// How long one request to the brokers may go unanswered by default (Kafka clients'
+/// `request.timeout.ms`).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `f`, or a transient error when it does not finish within `timeout`: a broker lost without
+/// closing the connection (a half-open connection) never answers, and nothing may wait for it
+/// for ever while the ingest reports "running".
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, FetchError>>,
+) -> Result<T, FetchError> {
+    tokio::time::timeout(timeout, f).await.unwrap_or_else(|_| {
+        Err(FetchError::Kafka {
+            message: format!(
+                "{what}: no answer within {:?} (request_timeout; a broker lost without closing the connection?)",
+                timeout
+            ),
+            transient: true,
+        })
+    })
+}
+
 impl Topic {
     pub async fn connect(brokers: &[String], security: &Security, topic: &str) -> Result<Self, FetchError> {
+        Self::connect_within(brokers, security, topic, DEFAULT_REQUEST_TIMEOUT).await
+    }
+
+    /// [`Self::connect`], each request given up after `timeout`.
+    pub async fn connect_within(
+        brokers: &[String],
+        security: &Security,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Self, FetchError> {
         let build = security.builder(brokers).build();
         // Past the client's own deadline, so that a refused login or certificate is reported
         // as what it is (not retried for ever as a broker that did not answer).
@@ -234,7 +267,10 @@ impl Topic {
                 transient: true,
             })?
             .map_err(|e| kafka_error("connecting", e))?;
-        let topics = client.list_topics().await.map_err(|e| kafka_error("listing topics", e))?;
+        let topics = within(timeout, "listing topics", async {
+            client.list_topics().await.map_err(|e| kafka_error("listing topics", e))
+        })
+        .await?;
         let Some(found) = topics.into_iter().find(|t| t.name == topic) else {
             return Err(FetchError::Kafka {
                 message: format!("topic {topic} does not exist (create it first; lakesync never creates topics)"),
@@ -293,39 +329,36 @@ pub(crate) async fn offset_range(client: &PartitionClient) -> Result<(i64, i64),
     Ok((earliest, latest.max(earliest)))
 }
 
-/// How long a fetch may take before the connection is taken for lost: a broker gone without a
-/// reset (a half-open connection) never answers, and the ingest must not report "running"
-/// for ever. Fetches wait at most [`FETCH_WAIT_MS`] on the broker's side.
-pub(crate) const FETCH_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a fetch waits on the broker for new messages.
 const FETCH_WAIT_MS: i32 = 500;
 
 /// Fetches `client`'s partition from `next` onwards into `out` until `out` closes or a fetch
-/// fails (the error is sent, then the task ends). Each fetch that does not answer within
-/// [`FETCH_DEADLINE`] fails as a transient error (the ingest reconnects).
+/// fails (the error is sent, then the task ends). A fetch that does not answer within
+/// `timeout` (plus the time it may wait on the broker) fails as a transient error, and the
+/// ingest reconnects.
 pub(crate) async fn fetch_loop(
     client: PartitionClient,
     mut next: i64,
     max_bytes: i32,
+    timeout: Duration,
     out: mpsc::Sender<Result<Fetched, FetchError>>,
 ) {
     let partition = client.partition();
     // Out-of-range answers tolerated in a row: a new leader may briefly be behind.
     let mut out_of_range = 0;
     loop {
-        let fetched =
-            match tokio::time::timeout(FETCH_DEADLINE, client.fetch_records(next, 1..max_bytes, FETCH_WAIT_MS)).await {
-                Ok(fetched) => fetched,
-                Err(_) => {
-                    let message = format!(
-                        "fetching partition {partition} at offset {next}: no answer within {} s (a broker lost without \
-                         closing the connection?); reconnecting",
-                        FETCH_DEADLINE.as_secs()
-                    );
-                    let _ = out.send(Err(FetchError::Kafka { message, transient: true })).await;
-                    return;
-                }
-            };
+        let wait = timeout + Duration::from_millis(FETCH_WAIT_MS as u64);
+        let fetched = match tokio::time::timeout(wait, client.fetch_records(next, 1..max_bytes, FETCH_WAIT_MS)).await {
+            Ok(fetched) => fetched,
+            Err(_) => {
+                let message = format!(
+                    "fetching partition {partition} at offset {next}: no answer within {timeout:?} (request_timeout; a \
+                     broker lost without closing the connection?); reconnecting"
+                );
+                let _ = out.send(Err(FetchError::Kafka { message, transient: true })).await;
+                return;
+            }
+        };
         let item = match fetched {
             Ok((records, high_watermark)) => {
                 out_of_range = 0;

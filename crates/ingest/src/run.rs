@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::decode::{BadRecord, Decoder, Message};
-use crate::kafka::{fetch_loop, offset_range, start_offset, FetchError, StartFrom, Topic};
+use crate::kafka::{fetch_loop, offset_range, start_offset, within, FetchError, StartFrom, Topic};
 use crate::spec::{BadRecords, IngestSpec};
 use crate::status::IngestStatus;
 use crate::IngestError;
@@ -184,7 +184,10 @@ async fn run_once(
             .await?,
         )),
     };
-    let topic = Topic::connect(&spec.brokers, &spec.security, &spec.topic).await.map_err(|e| fetch_error(spec, e))?;
+    let timeout = spec.request_timeout;
+    let topic = Topic::connect_within(&spec.brokers, &spec.security, &spec.topic, timeout)
+        .await
+        .map_err(|e| fetch_error(spec, e))?;
     let ids: Vec<String> = topic.partitions.iter().map(|p| spec.app_id(*p)).collect();
     let (recorded, dead_recorded) = blocking(spec, {
         let (spec, target, dead, ids) = (spec.clone(), target.clone(), dead.clone(), ids.clone());
@@ -208,9 +211,11 @@ async fn run_once(
     let mut clients = BTreeMap::new();
     let mut resets = Vec::new();
     for (&partition, &at) in &positions {
-        let client = topic.partition(partition).await.map_err(|e| fetch_error(spec, e))?;
+        let what = format!("partition {partition}");
+        let client = within(timeout, &what, topic.partition(partition)).await.map_err(|e| fetch_error(spec, e))?;
         if let Some(recorded) = at {
-            let (earliest, latest) = offset_range(&client).await.map_err(|e| fetch_error(spec, e))?;
+            let (earliest, latest) =
+                within(timeout, &what, offset_range(&client)).await.map_err(|e| fetch_error(spec, e))?;
             if !(earliest..=latest).contains(&recorded) {
                 let Some(to) = *reset else {
                     return Err(fetch_error(
@@ -249,10 +254,12 @@ async fn run_once(
         let client = clients.remove(&partition).expect("a client per partition");
         let from = match at {
             Some(offset) => offset,
-            None => start_offset(&client, spec.start).await.map_err(|e| fetch_error(spec, e))?,
+            None => within(timeout, &format!("partition {partition}"), start_offset(&client, spec.start))
+                .await
+                .map_err(|e| fetch_error(spec, e))?,
         };
         floors.insert(partition, from);
-        fetchers.spawn(fetch_loop(client, from, FETCH_BYTES, tx.clone()));
+        fetchers.spawn(fetch_loop(client, from, FETCH_BYTES, timeout, tx.clone()));
     }
     drop(tx);
     status.update(|s| {

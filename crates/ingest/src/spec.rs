@@ -61,6 +61,9 @@ pub struct IngestSpec {
     /// ingest with an error naming topic, partition and offsets. Never part of the saved
     /// configuration: a later gap must be seen again.
     pub reset_positions: Option<StartFrom>,
+    /// How long one request to the brokers may go unanswered before the connection is taken
+    /// for lost and the ingest reconnects (Kafka clients' `request.timeout.ms`).
+    pub request_timeout: Duration,
 }
 
 impl IngestSpec {
@@ -85,6 +88,7 @@ impl IngestSpec {
             target_file_size: 128 * 1024 * 1024,
             upgrade_protocol: false,
             reset_positions: None,
+            request_timeout: crate::kafka::DEFAULT_REQUEST_TIMEOUT,
         }
     }
 

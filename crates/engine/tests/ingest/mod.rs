@@ -598,6 +598,46 @@ fn a_recreated_topic_stops_the_ingest_until_an_operator_resets_its_positions() {
     );
 }
 
+/// A broker lost without a reset (a half-open connection: a proxy that stops forwarding and
+/// keeps the connection open): the ingest does not report "running" for ever; within its
+/// `request_timeout` it reports the lost broker and reconnects, and once the network is back it
+/// ingests again, every message once.
+#[test]
+fn a_broker_that_stops_answering_is_reported_within_the_request_timeout_and_the_ingest_recovers() {
+    let broker_port = free_port();
+    let proxy = crate::support::stores::TcpProxy::start(broker_port, Duration::ZERO);
+    let front = format!("127.0.0.1:{}", proxy.port);
+    let kafka = KafkaServer::start_at(broker_port, "memory://tansu/", &std::env::temp_dir(), Some(front), false);
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("events");
+    let mut entry = events_entry(&kafka, dir.path(), "events", &table);
+    entry.request_timeout = Some("2s".into());
+    let spec = entry.validate_with(&|_| None).unwrap();
+    block_on(async {
+        kafka.create_topic("events", 1).await;
+        produce(&kafka, "events", 0..20).await;
+        let running = start(&spec);
+        running.wait_rows(20, 60).await;
+
+        proxy.freeze(true);
+        let frozen_at = Instant::now();
+        loop {
+            let s = running.status.get();
+            if s.last_error.as_deref().is_some_and(|e| e.contains("no answer within 2s")) {
+                assert_eq!(s.state, "retrying", "{s:?}");
+                break;
+            }
+            assert!(frozen_at.elapsed() < Duration::from_secs(20), "the lost broker was never reported: {s:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        proxy.freeze(false);
+        produce(&kafka, "events", 20..30).await;
+        running.wait_rows(30, 90).await;
+        running.stop().await.unwrap();
+    });
+    assert_eq!(table_seqs(&table).0, (0..30).collect::<Vec<_>>());
+}
+
 #[test]
 fn events_flow_from_kafka_through_delta_into_postgres_within_seconds() {
     let db = TestDb::new("ingest_pipeline");

@@ -54,7 +54,11 @@ impl KafkaServer {
     /// A broker keeping its topics and users in `storage`, run in `dir` (tansu's
     /// `sqlite://NAME` is a file there), so a later broker on the same storage finds them.
     pub fn start_on(storage: &str, dir: &Path, advertised: Option<String>, authentication: bool) -> Self {
-        let port = free_port();
+        Self::start_at(free_port(), storage, dir, advertised, authentication)
+    }
+
+    /// [`Self::start_on`] listening on `port` (a proxy in front of it was given that port).
+    pub fn start_at(port: u16, storage: &str, dir: &Path, advertised: Option<String>, authentication: bool) -> Self {
         let url = format!("tcp://127.0.0.1:{port}");
         let advertised_url = advertised.as_ref().map_or(url.clone(), |a| format!("tcp://{a}"));
         let mut child = Command::new(tansu())

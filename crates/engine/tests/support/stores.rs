@@ -278,6 +278,9 @@ struct ProxyState {
     open: Mutex<Vec<TcpStream>>,
     /// The request lines (`GET /path?query HTTP/1.1`) clients sent, in order.
     requests: Mutex<Vec<String>>,
+    /// While set, nothing is forwarded either way and connections stay open: a server lost
+    /// without a reset (a half-open connection).
+    frozen: std::sync::atomic::AtomicBool,
 }
 
 impl TcpProxy {
@@ -293,6 +296,7 @@ impl TcpProxy {
             down_until: Mutex::new(None),
             open: Mutex::new(Vec::new()),
             requests: Mutex::new(Vec::new()),
+            frozen: Default::default(),
         });
         let accept = state.clone();
         std::thread::spawn(move || {
@@ -329,6 +333,11 @@ impl TcpProxy {
         self.state.cut_after.store(now + bytes, Ordering::SeqCst);
     }
 
+    /// Stops (or resumes) forwarding anything, keeping every connection open.
+    pub fn freeze(&self, frozen: bool) {
+        self.state.frozen.store(frozen, Ordering::SeqCst);
+    }
+
     /// How many times connections were cut.
     pub fn cuts(&self) -> u64 {
         self.state.cuts.load(Ordering::SeqCst)
@@ -356,6 +365,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, way: Way) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        let (Way::Requests(state) | Way::Responses(state)) = &way;
+        while state.frozen.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         match &way {
             Way::Requests(state) => {
                 for &b in &buf[..n] {
