@@ -284,11 +284,57 @@ impl Topic {
         })
     }
 
+    /// The topic's partitions as the brokers list them now.
+    pub async fn list_partitions(&self) -> Result<Vec<i32>, FetchError> {
+        let topics = self.client.list_topics().await.map_err(|e| kafka_error("listing topics", e))?;
+        match topics.into_iter().find(|t| t.name == self.name) {
+            Some(found) => Ok(found.partitions.into_iter().collect()),
+            None => Err(FetchError::Kafka {
+                message: format!("topic {} no longer exists (deleted?)", self.name),
+                transient: true,
+            }),
+        }
+    }
+
     pub async fn partition(&self, partition: i32) -> Result<PartitionClient, FetchError> {
         self.client
             .partition_client(self.name.clone(), partition, UnknownTopicHandling::Retry)
             .await
             .map_err(|e| kafka_error(&format!("partition {partition}"), e))
+    }
+}
+
+/// How often the ingest asks the brokers whether partitions were added to its topic (Kafka
+/// clients' `metadata.max.age.ms` is 5 minutes; an ingest that starts a new partition late
+/// only delays it, never skips it: new partitions are read from their first message).
+pub(crate) const METADATA_REFRESH: Duration = Duration::from_secs(30);
+
+/// The partitions an ingest reads, and what a fresh listing changes.
+#[derive(Debug, Default)]
+pub(crate) struct PartitionWatch {
+    known: std::collections::BTreeSet<i32>,
+}
+
+impl PartitionWatch {
+    pub fn new(partitions: impl IntoIterator<Item = i32>) -> Self {
+        Self { known: partitions.into_iter().collect() }
+    }
+
+    /// The partitions in `listed` that are new (now known), in order; an error when a known
+    /// one is missing (Kafka never removes partitions: the topic was deleted and recreated
+    /// with fewer).
+    pub fn added(&mut self, listed: &[i32]) -> Result<Vec<i32>, FetchError> {
+        if let Some(gone) = self.known.iter().find(|p| !listed.contains(p)) {
+            return Err(FetchError::Kafka {
+                message: format!(
+                    "partition {gone} is no longer listed: the topic was deleted and recreated with fewer partitions"
+                ),
+                transient: false,
+            });
+        }
+        let mut added: Vec<i32> = listed.iter().copied().filter(|p| self.known.insert(*p)).collect();
+        added.sort_unstable();
+        Ok(added)
     }
 }
 
@@ -490,4 +536,20 @@ pub async fn end_offsets(brokers: &[String], security: &Security, topic: &str) -
         ends.push((*p, start_offset(&client, StartFrom::Latest).await.map_err(|e| e.to_string())?));
     }
     Ok(ends)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_added_to_a_topic_are_found_once_each_and_a_vanished_one_is_an_error() {
+        let mut watch = PartitionWatch::new([0, 1]);
+        assert_eq!(watch.added(&[0, 1]).unwrap(), Vec::<i32>::new());
+        // CreatePartitions from 2 to 5: three new ones, in any listing order.
+        assert_eq!(watch.added(&[4, 0, 2, 1, 3]).unwrap(), [2, 3, 4]);
+        assert_eq!(watch.added(&[0, 1, 2, 3, 4]).unwrap(), Vec::<i32>::new());
+        let err = watch.added(&[0, 1, 2]).unwrap_err().to_string();
+        assert!(err.contains("partition 3 is no longer listed"), "{err}");
+    }
 }

@@ -16,7 +16,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::decode::{BadRecord, Decoder, Message};
-use crate::kafka::{fetch_loop, offset_range, start_offset, within, FetchError, StartFrom, Topic};
+use crate::kafka::{
+    fetch_loop, offset_range, start_offset, within, FetchError, Fetched, PartitionWatch, StartFrom, Topic,
+    METADATA_REFRESH,
+};
 use crate::spec::{BadRecords, IngestSpec};
 use crate::status::IngestStatus;
 use crate::IngestError;
@@ -261,7 +264,9 @@ async fn run_once(
         floors.insert(partition, from);
         fetchers.spawn(fetch_loop(client, from, FETCH_BYTES, timeout, tx.clone()));
     }
-    drop(tx);
+    let mut watch = PartitionWatch::new(topic.partitions.iter().copied());
+    let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + METADATA_REFRESH, METADATA_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     status.update(|s| {
         s.state = "running";
         s.last_error = None;
@@ -295,6 +300,17 @@ async fn run_once(
                 false
             }
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => true,
+            _ = refresh.tick() => {
+                let listed = within(timeout, "listing the topic's partitions", topic.list_partitions())
+                    .await
+                    .map_err(|e| fetch_error(spec, e))?;
+                let added = watch.added(&listed).map_err(|e| fetch_error(spec, e))?;
+                if !added.is_empty() {
+                    start_partitions(spec, &topic, &target, &dead, &added, &mut positions, &mut dead_positions, &mut floors, &tx, &mut fetchers).await?;
+                    tracing::info!(ingest = spec.name, topic = spec.topic, partitions = ?added, "partitions added to the topic; reading them from their first message");
+                }
+                false
+            }
             item = rx.recv() => match item {
                 Some(Ok(fetched)) => {
                     status.update(|s| s.partitions.entry(fetched.partition).or_default().high_watermark = fetched.high_watermark);
@@ -317,6 +333,54 @@ async fn run_once(
             flush(spec, status, &target, &dead, held, &mut positions, &mut dead_positions, compact_now).await?;
         }
     }
+}
+
+/// Starts reading partitions added to the topic while the ingest runs: from the positions the
+/// table records for them (another ingest under this name may have seen them first), else
+/// from their first message (everything in them is newer than the ingest).
+#[allow(clippy::too_many_arguments)]
+async fn start_partitions(
+    spec: &IngestSpec,
+    topic: &Topic,
+    target: &Arc<Target>,
+    dead: &Option<Arc<DeadLetters>>,
+    added: &[i32],
+    positions: &mut BTreeMap<i32, Option<i64>>,
+    dead_positions: &mut BTreeMap<i32, Option<i64>>,
+    floors: &mut BTreeMap<i32, i64>,
+    tx: &mpsc::Sender<Result<Fetched, FetchError>>,
+    fetchers: &mut JoinSet<()>,
+) -> Result<(), IngestError> {
+    let ids: Vec<String> = added.iter().map(|p| spec.app_id(*p)).collect();
+    let (recorded, dead_recorded) = blocking(spec, {
+        let (spec, target, dead) = (spec.clone(), target.clone(), dead.clone());
+        move || {
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let main = target.writer.app_versions(&ids).map_err(delta(&spec))?;
+            let dead = match &dead {
+                Some(d) => d.writer.app_versions(&ids).map_err(delta(&spec))?,
+                None => vec![None; ids.len()],
+            };
+            Ok((main, dead))
+        }
+    })
+    .await?;
+    for ((&partition, at), dead_at) in added.iter().zip(recorded).zip(dead_recorded) {
+        let what = format!("partition {partition}");
+        let client =
+            within(spec.request_timeout, &what, topic.partition(partition)).await.map_err(|e| fetch_error(spec, e))?;
+        let from = match at {
+            Some(offset) => offset,
+            None => within(spec.request_timeout, &what, start_offset(&client, StartFrom::Earliest))
+                .await
+                .map_err(|e| fetch_error(spec, e))?,
+        };
+        positions.insert(partition, at);
+        dead_positions.insert(partition, dead_at);
+        floors.insert(partition, from);
+        fetchers.spawn(fetch_loop(client, from, FETCH_BYTES, spec.request_timeout, tx.clone()));
+    }
+    Ok(())
 }
 
 /// A partition's position moved by an operator's `--reset-positions`.
