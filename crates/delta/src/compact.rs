@@ -17,8 +17,8 @@
 //!   rules allow: appends do not touch the files rewritten), unless that writer removed one of
 //!   them, gave one a new deletion vector or changed the schema: then the plan is made again
 //!   from the newer version (files written for the old plan are left for `VACUUM`).
-//! - Memory is bounded by one output file's decoded rows (the inputs of a file add up to at
-//!   most the target size, compressed).
+//! - Memory is bounded by one decoded batch and one encoded row group, whatever the target
+//!   size: each bin is streamed into its output file (a multipart upload on object stores).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -286,8 +286,24 @@ fn plan_and_write(
     let table_root = snapshot.table_root().clone();
     let write_state = txn.write_state().map_err(werr)?;
     for bin in bins {
-        // The bin's live rows, logical, without the partition columns.
-        let mut batches = Vec::new();
+        let mut ctx = write_state.write_context_builder();
+        if !partition_columns.is_empty() {
+            let partition = &bin[0].partition;
+            let mut values = HashMap::new();
+            for (name, physical, ty) in &partition_columns {
+                let raw = partition.get(physical).or_else(|| partition.get(name));
+                let value = match (raw, ty) {
+                    (Some(raw), DataType::Primitive(p)) => p.parse_scalar(raw).map_err(werr)?,
+                    _ => Scalar::Null(ty.clone()),
+                };
+                values.insert(name.clone(), value);
+            }
+            ctx = ctx.with_partition_values(values);
+        }
+        let ctx = ctx.build().map_err(werr)?;
+        // The bin's live rows, logical, without the partition columns, streamed into one file
+        // batch by batch: memory is a batch and a row group, never the bin.
+        let mut out = writer.file_writer(&ctx);
         for file in &bin {
             let f = &file.scan;
             let location = table_root.join(&f.path).map_err(|e| rerr(KernelError::generic(e.to_string())))?;
@@ -324,41 +340,20 @@ fn plan_and_write(
                 let data_columns: Vec<usize> = (0..batch.num_columns())
                     .filter(|i| !partition_columns.iter().any(|(name, _, _)| batch.schema().field(*i).name() == name))
                     .collect();
-                batches.push(batch.project(&data_columns).map_err(|e| rerr(KernelError::generic(e.to_string())))?);
+                out.write(batch.project(&data_columns).map_err(|e| rerr(KernelError::generic(e.to_string())))?)?;
             }
             report.files_removed += 1;
             report.bytes_removed += f.size.max(0) as u64;
             let Some(dv) = dvs.get(&f.path) else { return Ok(None) };
             plan.removed.insert(f.path.clone(), dv.clone());
         }
-        let Some(first) = batches.first() else { continue };
-        let rows = arrow_select::concat::concat_batches(&first.schema(), &batches)
-            .map_err(|e| rerr(KernelError::generic(e.to_string())))?;
-        drop(batches);
-        if rows.num_rows() == 0 {
-            // Every row was deleted: the removes alone say so.
-            continue;
+        report.rows += out.rows();
+        // No file when every row was deleted: the removes alone say so.
+        if let Some((add, bytes)) = out.finish()? {
+            report.files_added += 1;
+            report.bytes_added += bytes;
+            plan.adds.push(add);
         }
-        report.rows += rows.num_rows() as u64;
-        let mut ctx = write_state.write_context_builder();
-        if !partition_columns.is_empty() {
-            let partition = &bin[0].partition;
-            let mut values = HashMap::new();
-            for (name, physical, ty) in &partition_columns {
-                let raw = partition.get(physical).or_else(|| partition.get(name));
-                let value = match (raw, ty) {
-                    (Some(raw), DataType::Primitive(p)) => p.parse_scalar(raw).map_err(werr)?,
-                    _ => Scalar::Null(ty.clone()),
-                };
-                values.insert(name.clone(), value);
-            }
-            ctx = ctx.with_partition_values(values);
-        }
-        let ctx = ctx.build().map_err(werr)?;
-        let (add, bytes) = writer.write_parquet(rows, &ctx)?;
-        report.files_added += 1;
-        report.bytes_added += bytes;
-        plan.adds.push(add);
     }
     Ok(Some(plan))
 }

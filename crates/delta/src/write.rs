@@ -13,17 +13,26 @@ use arrow_array::{Array, RecordBatch, StringArray};
 use delta_kernel::actions::deletion_vector_writer::{KernelDeletionVector, StreamingDeletionVectorWriter};
 use delta_kernel::committer::FileSystemCommitter;
 use delta_kernel::engine::arrow_conversion::TryFromArrow;
+use delta_kernel::engine::arrow_conversion::TryFromKernel;
 use delta_kernel::engine::arrow_data::ArrowEngineData;
 use delta_kernel::engine_data::FilteredEngineData;
 use delta_kernel::expressions::Scalar;
+use delta_kernel::object_store::buffered::BufWriter;
+use delta_kernel::object_store::path::Path;
 use delta_kernel::object_store::{DynObjectStore, ObjectStoreExt};
+use delta_kernel::parquet::arrow::arrow_writer::ArrowWriterOptions;
+use delta_kernel::parquet::arrow::async_writer::AsyncArrowWriter;
+use delta_kernel::parquet::file::properties::WriterProperties;
 use delta_kernel::schema::StructType;
 use delta_kernel::transaction::create_table::create_table;
 use delta_kernel::transaction::data_layout::DataLayout;
 use delta_kernel::transaction::BoundWriteContext;
 use delta_kernel::transaction::{CommitResult, Transaction, UpdateTableOperation};
-use delta_kernel::{KernelError, Snapshot, SnapshotRef};
+use delta_kernel::{Engine, FileMeta, KernelError, Snapshot, SnapshotRef};
+use delta_kernel_default_engine::build_add_file_metadata;
 use delta_kernel_default_engine::executor::tokio::TokioMultiThreadExecutor;
+use delta_kernel_default_engine::parquet::DataFileMetadata;
+use delta_kernel_default_engine::stats::FileStatsAccumulator;
 use delta_kernel_default_engine::{DefaultEngine, DefaultEngineBuilder};
 use lakesync_core::Version;
 use url::Url;
@@ -214,6 +223,11 @@ impl DeltaWriter {
             .and_then(|c| c.as_any().downcast_ref::<arrow_array::Int64Array>())
             .map_or(0, |s| (0..s.len()).map(|i| s.value(i).max(0) as u64).sum());
         Ok((meta, size))
+    }
+
+    /// A Parquet file written batch by batch under `ctx` (see [`FileWriter`]).
+    pub(crate) fn file_writer<'a>(&'a self, ctx: &'a BoundWriteContext) -> FileWriter<'a> {
+        FileWriter { writer: self, ctx, open: None, rows: 0 }
     }
 
     /// Writes a checkpoint of the latest version when `every` commits or more follow the last
@@ -715,5 +729,93 @@ mod tests {
         assert_eq!(w.files().unwrap().len(), 30);
         assert_eq!(w.app_versions(&["ingest-0", "ingest-1"]).unwrap(), [Some(15), Some(15)]);
         assert_eq!(w.latest().unwrap().version(), 30);
+    }
+}
+
+/// One Parquet data file streamed to the store: each logical batch is made physical, its
+/// statistics collected and its rows encoded into the current row group, which is uploaded
+/// (multipart) when full. Memory is one row group's encoded pages and one batch, whatever
+/// the file's size; [`DeltaWriter::write_parquet`] holds the whole file instead.
+pub(crate) struct FileWriter<'a> {
+    writer: &'a DeltaWriter,
+    ctx: &'a BoundWriteContext,
+    open: Option<OpenFile>,
+    rows: u64,
+}
+
+struct OpenFile {
+    url: Url,
+    parquet: AsyncArrowWriter<BufWriter>,
+    stats: FileStatsAccumulator,
+    to_physical: Arc<dyn delta_kernel::ExpressionEvaluator>,
+}
+
+/// Rows per row group of a streamed file: bounds the encoded pages held before an upload.
+const ROW_GROUP_ROWS: usize = 256 * 1024;
+
+impl FileWriter<'_> {
+    /// Appends `rows` (logical, without partition columns).
+    pub fn write(&mut self, rows: RecordBatch) -> Result<(), DeltaError> {
+        if rows.num_rows() == 0 {
+            return Ok(());
+        }
+        let (w, ctx) = (self.writer, self.ctx);
+        let err = |e: KernelError| w.err(e);
+        if self.open.is_none() {
+            let input = StructType::try_from_arrow(rows.schema().as_ref()).map_err(|e| err(e.into()))?;
+            let to_physical = w
+                .engine()
+                .evaluation_handler()
+                .new_expression_evaluator(
+                    Arc::new(input),
+                    ctx.logical_to_physical(),
+                    ctx.physical_data_schema().clone().into(),
+                )
+                .map_err(err)?;
+            let url = ctx
+                .write_dir()
+                .join(&format!("{}.parquet", uuid::Uuid::new_v4()))
+                .map_err(|e| w.shape(e.to_string()))?;
+            let path = Path::from_url_path(url.path()).map_err(|e| w.shape(e.to_string()))?;
+            let schema = Arc::new(
+                arrow_schema::Schema::try_from_kernel(ctx.physical_data_schema().as_ref())
+                    .map_err(|e| err(e.into()))?,
+            );
+            let properties = WriterProperties::builder().set_max_row_group_row_count(Some(ROW_GROUP_ROWS)).build();
+            let options = ArrowWriterOptions::new().with_skip_arrow_metadata(true).with_properties(properties);
+            let object_writer = BufWriter::new(w.store.clone(), path);
+            let parquet = AsyncArrowWriter::try_new_with_options(object_writer, schema, options)
+                .map_err(|e| w.shape(format!("cannot start a Parquet file: {e}")))?;
+            let stats = FileStatsAccumulator::new(ctx.stats_columns(), ctx.physical_data_schema().as_ref());
+            self.open = Some(OpenFile { url, parquet, stats, to_physical });
+        }
+        let file = self.open.as_mut().expect("opened above");
+        let physical = file.to_physical.evaluate(&ArrowEngineData::new(rows)).map_err(err)?;
+        let physical: RecordBatch = (*ArrowEngineData::try_from_engine_data(physical).map_err(err)?).into();
+        file.stats.merge(&physical).map_err(err)?;
+        self.rows += physical.num_rows() as u64;
+        w.block_on(file.parquet.write(&physical)).map_err(|e| w.shape(format!("writing Parquet: {e}")))
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Closes the file; returns its add metadata (for `Transaction::add_files`) and its size,
+    /// `None` when no row was written (then there is no file).
+    pub fn finish(self) -> Result<Option<(RecordBatch, u64)>, DeltaError> {
+        let w = self.writer;
+        let err = |e: KernelError| w.err(e);
+        let Some(file) = self.open else { return Ok(None) };
+        let OpenFile { url, parquet, stats, .. } = file;
+        w.block_on(parquet.close()).map_err(|e| w.shape(format!("closing a Parquet file: {e}")))?;
+        let path = Path::from_url_path(url.path()).map_err(|e| w.shape(e.to_string()))?;
+        let head = w.block_on(w.store.head(&path)).map_err(|e| err(KernelError::ObjectStore(e)))?;
+        let Some(stats) = stats.finish().map_err(err)? else { return Ok(None) };
+        let meta = DataFileMetadata::new(FileMeta::new(url, head.last_modified.timestamp_millis(), head.size), stats);
+        let added = build_add_file_metadata(meta, self.ctx).map_err(err)?;
+        let added: RecordBatch = (*ArrowEngineData::try_from_engine_data(added).map_err(err)?).into();
+        Ok(Some((added, head.size)))
     }
 }

@@ -344,6 +344,25 @@ pub(crate) struct Fetched {
     pub partition: i32,
     pub messages: Vec<Message>,
     pub high_watermark: i64,
+    /// The fetched bytes' share of the ingest's fetch budget, returned when dropped (once
+    /// the messages are in the flush buffer, which is bounded on its own).
+    pub _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Bytes of fetched messages an ingest holds between its fetchers and its flush buffer, over
+/// all partitions (librdkafka's `queued.max.messages.kbytes` is 64 MiB too): with 128
+/// partitions, 4 MiB fetches would otherwise hold 2 GiB.
+pub(crate) const FETCH_BUDGET_BYTES: usize = 64 * 1024 * 1024;
+
+/// The fetch budget, in KiB permits.
+pub(crate) fn fetch_budget() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(FETCH_BUDGET_BYTES / 1024))
+}
+
+/// Bytes one fetch asks for when `partitions` share the budget: every partition can fetch
+/// at once, between 256 KiB and 4 MiB (Kafka's `max.partition.fetch.bytes` is 1 MiB).
+pub fn fetch_bytes(partitions: usize) -> i32 {
+    (FETCH_BUDGET_BYTES / partitions.max(1)).clamp(256 * 1024, 4 * 1024 * 1024) as i32
 }
 
 /// Resolves where a partition with no recorded position starts.
@@ -386,13 +405,17 @@ pub(crate) async fn fetch_loop(
     client: PartitionClient,
     mut next: i64,
     max_bytes: i32,
+    budget: Arc<tokio::sync::Semaphore>,
     timeout: Duration,
     out: mpsc::Sender<Result<Fetched, FetchError>>,
 ) {
     let partition = client.partition();
     // Out-of-range answers tolerated in a row: a new leader may briefly be behind.
     let mut out_of_range = 0;
+    let asked_kib = (max_bytes as u32).div_ceil(1024);
     loop {
+        // A fetch may bring up to `max_bytes`: it waits for that much of the budget.
+        let Ok(mut permit) = budget.clone().acquire_many_owned(asked_kib).await else { return };
         let wait = timeout + Duration::from_millis(FETCH_WAIT_MS as u64);
         let fetched = match tokio::time::timeout(wait, client.fetch_records(next, 1..max_bytes, FETCH_WAIT_MS)).await {
             Ok(fetched) => fetched,
@@ -424,7 +447,16 @@ pub(crate) async fn fetch_loop(
                         value: r.record.value,
                     });
                 }
-                Ok(Fetched { partition, messages, high_watermark })
+                // Keep the share the messages take; give the rest back now.
+                let held = (messages.iter().map(Message::size).sum::<usize>().div_ceil(1024) as u32).min(asked_kib);
+                let budget = if held == 0 {
+                    None
+                } else {
+                    let kept = permit.split(held as usize);
+                    drop(permit);
+                    kept
+                };
+                Ok(Fetched { partition, messages, high_watermark, _budget: budget })
             }
             Err(KafkaError::ServerError { protocol_error: ProtocolError::OffsetOutOfRange, .. }) => {
                 let range = offset_range(&client).await;
@@ -541,6 +573,15 @@ pub async fn end_offsets(brokers: &[String], security: &Security, topic: &str) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_partition_can_fetch_at_once_within_the_budget() {
+        assert_eq!(fetch_bytes(4), 4 * 1024 * 1024);
+        assert_eq!(fetch_bytes(128), 512 * 1024);
+        assert_eq!(fetch_bytes(128) as usize * 128, FETCH_BUDGET_BYTES);
+        // Past 256 partitions fetches stay at 256 KiB; they take turns for the budget.
+        assert_eq!(fetch_bytes(10_000), 256 * 1024);
+    }
 
     #[test]
     fn partitions_added_to_a_topic_are_found_once_each_and_a_vanished_one_is_an_error() {

@@ -17,8 +17,8 @@ use tokio::task::JoinSet;
 
 use crate::decode::{BadRecord, Decoder, Message};
 use crate::kafka::{
-    fetch_loop, offset_range, start_offset, within, FetchError, Fetched, PartitionWatch, StartFrom, Topic,
-    METADATA_REFRESH,
+    fetch_budget, fetch_bytes, fetch_loop, offset_range, start_offset, within, FetchError, Fetched, PartitionWatch,
+    StartFrom, Topic, METADATA_REFRESH,
 };
 use crate::spec::{BadRecords, IngestSpec};
 use crate::status::IngestStatus;
@@ -26,8 +26,6 @@ use crate::IngestError;
 
 /// A flush also happens when this many bytes of messages are buffered.
 const FLUSH_BYTES: usize = 64 * 1024 * 1024;
-/// Bytes asked for per partition fetch.
-const FETCH_BYTES: i32 = 4 * 1024 * 1024;
 
 /// Runs the ingest until `stop` turns true (then flushes what it holds and returns `Ok`) or a
 /// failure retrying cannot fix. Transient failures (brokers down, store hiccups, another
@@ -251,6 +249,8 @@ async fn run_once(
     *reset = None;
 
     let (tx, mut rx) = mpsc::channel(4 * topic.partitions.len().max(1));
+    let budget = fetch_budget();
+    let fetch_size = fetch_bytes(positions.len());
     let mut fetchers = JoinSet::new();
     let mut floors = BTreeMap::new();
     for (&partition, &at) in &positions {
@@ -262,7 +262,7 @@ async fn run_once(
                 .map_err(|e| fetch_error(spec, e))?,
         };
         floors.insert(partition, from);
-        fetchers.spawn(fetch_loop(client, from, FETCH_BYTES, timeout, tx.clone()));
+        fetchers.spawn(fetch_loop(client, from, fetch_size, budget.clone(), timeout, tx.clone()));
     }
     let mut watch = PartitionWatch::new(topic.partitions.iter().copied());
     let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + METADATA_REFRESH, METADATA_REFRESH);
@@ -306,7 +306,7 @@ async fn run_once(
                     .map_err(|e| fetch_error(spec, e))?;
                 let added = watch.added(&listed).map_err(|e| fetch_error(spec, e))?;
                 if !added.is_empty() {
-                    start_partitions(spec, &topic, &target, &dead, &added, &mut positions, &mut dead_positions, &mut floors, &tx, &mut fetchers).await?;
+                    start_partitions(spec, &topic, &target, &dead, &added, &mut positions, &mut dead_positions, &mut floors, (&tx, &budget, fetch_size), &mut fetchers).await?;
                     tracing::info!(ingest = spec.name, topic = spec.topic, partitions = ?added, "partitions added to the topic; reading them from their first message");
                 }
                 false
@@ -348,7 +348,7 @@ async fn start_partitions(
     positions: &mut BTreeMap<i32, Option<i64>>,
     dead_positions: &mut BTreeMap<i32, Option<i64>>,
     floors: &mut BTreeMap<i32, i64>,
-    tx: &mpsc::Sender<Result<Fetched, FetchError>>,
+    (tx, budget, fetch_size): (&mpsc::Sender<Result<Fetched, FetchError>>, &Arc<tokio::sync::Semaphore>, i32),
     fetchers: &mut JoinSet<()>,
 ) -> Result<(), IngestError> {
     let ids: Vec<String> = added.iter().map(|p| spec.app_id(*p)).collect();
@@ -378,7 +378,7 @@ async fn start_partitions(
         positions.insert(partition, at);
         dead_positions.insert(partition, dead_at);
         floors.insert(partition, from);
-        fetchers.spawn(fetch_loop(client, from, FETCH_BYTES, spec.request_timeout, tx.clone()));
+        fetchers.spawn(fetch_loop(client, from, fetch_size, budget.clone(), spec.request_timeout, tx.clone()));
     }
     Ok(())
 }

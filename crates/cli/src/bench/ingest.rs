@@ -29,6 +29,7 @@ use lakesync_postgres::PgConfig;
 use super::{proc_status_kb, run_child, settle, BenchArgs};
 use crate::events::{event, SCHEMA};
 
+/// Partitions of the freshness phase's topic.
 const PARTITIONS: i32 = 4;
 
 /// A broker: the one given, or a local tansu started for the run (stopped when dropped).
@@ -80,14 +81,21 @@ pub(crate) fn start_broker(brokers: Option<&str>, port: u16) -> anyhow::Result<B
 
 /// Produces events `from..to` over the partitions, one producer task per partition, in
 /// record batches of up to `batch` events.
-async fn produce(brokers: &[String], topic: &str, from: u64, to: u64, batch: usize) -> anyhow::Result<()> {
+async fn produce(
+    brokers: &[String],
+    topic: &str,
+    from: u64,
+    to: u64,
+    batch: usize,
+    partitions: u64,
+) -> anyhow::Result<()> {
     let producer = Arc::new(Producer::connect(brokers, &Security::default(), topic).await.map_err(anyhow::Error::msg)?);
     let mut tasks = Vec::new();
-    for p in 0..PARTITIONS as u64 {
+    for p in 0..partitions {
         let producer = producer.clone();
         tasks.push(tokio::spawn(async move {
-            let first = from + (p + PARTITIONS as u64 - from % PARTITIONS as u64) % PARTITIONS as u64;
-            let seqs: Vec<u64> = (first..to).step_by(PARTITIONS as usize).collect();
+            let first = from + (p + partitions - from % partitions) % partitions;
+            let seqs: Vec<u64> = (first..to).step_by(partitions as usize).collect();
             for chunk in seqs.chunks(batch) {
                 if batch == 1 {
                     producer.send(p as i32, None, Some(event(chunk[0]))).await.map_err(anyhow::Error::msg)?;
@@ -109,6 +117,7 @@ async fn produce(brokers: &[String], topic: &str, from: u64, to: u64, batch: usi
 async fn read_ceiling(brokers: &[String], topic: &str) -> anyhow::Result<(f64, u64, u64)> {
     let client = rskafka_client(brokers).await?;
     let ends = end_offsets(brokers, &Security::default(), topic).await.map_err(anyhow::Error::msg)?;
+    let fetch = lakesync_ingest::kafka::fetch_bytes(ends.len());
     let t = Instant::now();
     let mut tasks = Vec::new();
     for (p, end) in ends {
@@ -118,7 +127,7 @@ async fn read_ceiling(brokers: &[String], topic: &str) -> anyhow::Result<(f64, u
         tasks.push(tokio::spawn(async move {
             let (mut next, mut messages, mut bytes) = (0i64, 0u64, 0u64);
             while next < end {
-                let (records, _) = pc.fetch_records(next, 1..4 * 1024 * 1024, 500).await?;
+                let (records, _) = pc.fetch_records(next, 1..fetch, 500).await?;
                 for r in records {
                     if r.offset < next {
                         continue;
@@ -176,15 +185,16 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     let broker = start_broker(args.brokers.as_deref(), args.port + 1)?;
     let brokers = vec![broker.address.clone()];
     let topic = format!("bench-events-{}", std::process::id());
-    create_topic(&brokers, &Security::default(), &topic, PARTITIONS).await.map_err(anyhow::Error::msg)?;
+    let partitions = args.partitions.max(1);
+    create_topic(&brokers, &Security::default(), &topic, partitions).await.map_err(anyhow::Error::msg)?;
     let rows = args.rows;
     let batch = args.produce_batch.max(1);
     eprintln!(
-        "bench: producing {rows} events of ~{} bytes to {PARTITIONS} partitions, {batch} a request",
+        "bench: producing {rows} events of ~{} bytes to {partitions} partitions, {batch} a request",
         event(rows / 2).len()
     );
     let t = Instant::now();
-    produce(&brokers, &topic, 0, rows, batch).await?;
+    produce(&brokers, &topic, 0, rows, batch, partitions as u64).await?;
     let produce_s = t.elapsed().as_secs_f64();
 
     settle();
@@ -224,12 +234,12 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     let write_s = {
         let (table, schema) = (dir.join("ingest_events_w"), schema.clone());
         let _ = std::fs::remove_dir_all(&table);
-        tokio::task::spawn_blocking(move || write_ceiling(&table, &schema, rows)).await??
+        tokio::task::spawn_blocking(move || write_ceiling(&table, &schema, rows, partitions as u64)).await??
     };
 
     let mb = read_bytes as f64 / 1e6;
     println!(
-        "\n## Ingest: {rows} JSON events (~{:.0} bytes), {PARTITIONS} partitions, local tansu broker, record batches of {batch}\n",
+        "\n## Ingest: {rows} JSON events (~{:.0} bytes), {partitions} partitions, local tansu broker, record batches of {batch}\n",
         mb * 1e6 / rows as f64
     );
     println!("| phase | seconds | events/s | MB/s | peak RSS | ratio to (r) |");
@@ -258,7 +268,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
 
 /// (w): `rows` events decoded and appended in flushes of 100k (as the ingest does), with
 /// positions, from memory.
-fn write_ceiling(table: &Path, schema: &Path, rows: u64) -> anyhow::Result<f64> {
+fn write_ceiling(table: &Path, schema: &Path, rows: u64, partitions: u64) -> anyhow::Result<f64> {
     let arrow = lakesync_delta::schema::arrow_schema_from_json("schema", &std::fs::read_to_string(schema)?)
         .map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(table)?;
@@ -266,8 +276,8 @@ fn write_ceiling(table: &Path, schema: &Path, rows: u64) -> anyhow::Result<f64> 
     let decoder = lakesync_ingest::Decoder::new("bench", Arc::new(arrow));
     let messages: Vec<lakesync_ingest::Message> = (0..rows)
         .map(|seq| lakesync_ingest::Message {
-            partition: (seq % PARTITIONS as u64) as i32,
-            offset: (seq / PARTITIONS as u64) as i64,
+            partition: (seq % partitions) as i32,
+            offset: (seq / partitions) as i64,
             timestamp_ms: 0,
             key: None,
             value: Some(event(seq)),

@@ -104,6 +104,9 @@ pub struct BenchArgs {
     /// ingest: events per produce request (record batch); 1 sends one record per request.
     #[arg(long, default_value_t = 500)]
     produce_batch: usize,
+    /// ingest: partitions of the topic the backlog is produced to.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
     /// fleet: continuous tables the replicas share.
     #[arg(long, default_value_t = 100)]
     tables: usize,
