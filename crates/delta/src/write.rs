@@ -640,6 +640,94 @@ pub(crate) fn path_column(batch: &RecordBatch) -> &StringArray {
         .expect("kernel scan files carry a string `path` column")
 }
 
+/// One Parquet data file streamed to the store: each logical batch is made physical, its
+/// statistics collected and its rows encoded into the current row group, which is uploaded
+/// (multipart) when full. Memory is one row group's encoded pages and one batch, whatever
+/// the file's size; [`DeltaWriter::write_parquet`] holds the whole file instead.
+pub(crate) struct FileWriter<'a> {
+    writer: &'a DeltaWriter,
+    ctx: &'a BoundWriteContext,
+    open: Option<OpenFile>,
+    rows: u64,
+}
+
+struct OpenFile {
+    url: Url,
+    parquet: AsyncArrowWriter<BufWriter>,
+    stats: FileStatsAccumulator,
+    to_physical: Arc<dyn delta_kernel::ExpressionEvaluator>,
+}
+
+/// Rows per row group of a streamed file: bounds the encoded pages held before an upload.
+const ROW_GROUP_ROWS: usize = 256 * 1024;
+
+impl FileWriter<'_> {
+    /// Appends `rows` (logical, without partition columns).
+    pub fn write(&mut self, rows: RecordBatch) -> Result<(), DeltaError> {
+        if rows.num_rows() == 0 {
+            return Ok(());
+        }
+        let (w, ctx) = (self.writer, self.ctx);
+        let err = |e: KernelError| w.err(e);
+        if self.open.is_none() {
+            let input = StructType::try_from_arrow(rows.schema().as_ref()).map_err(|e| err(e.into()))?;
+            let to_physical = w
+                .engine()
+                .evaluation_handler()
+                .new_expression_evaluator(
+                    Arc::new(input),
+                    ctx.logical_to_physical(),
+                    ctx.physical_data_schema().clone().into(),
+                )
+                .map_err(err)?;
+            let url = ctx
+                .write_dir()
+                .join(&format!("{}.parquet", uuid::Uuid::new_v4()))
+                .map_err(|e| w.shape(e.to_string()))?;
+            let path = Path::from_url_path(url.path()).map_err(|e| w.shape(e.to_string()))?;
+            let schema = Arc::new(
+                arrow_schema::Schema::try_from_kernel(ctx.physical_data_schema().as_ref())
+                    .map_err(|e| err(e.into()))?,
+            );
+            let properties = WriterProperties::builder().set_max_row_group_row_count(Some(ROW_GROUP_ROWS)).build();
+            let options = ArrowWriterOptions::new().with_skip_arrow_metadata(true).with_properties(properties);
+            let object_writer = BufWriter::new(w.store.clone(), path);
+            let parquet = AsyncArrowWriter::try_new_with_options(object_writer, schema, options)
+                .map_err(|e| w.shape(format!("cannot start a Parquet file: {e}")))?;
+            let stats = FileStatsAccumulator::new(ctx.stats_columns(), ctx.physical_data_schema().as_ref());
+            self.open = Some(OpenFile { url, parquet, stats, to_physical });
+        }
+        let file = self.open.as_mut().expect("opened above");
+        let physical = file.to_physical.evaluate(&ArrowEngineData::new(rows)).map_err(err)?;
+        let physical: RecordBatch = (*ArrowEngineData::try_from_engine_data(physical).map_err(err)?).into();
+        file.stats.merge(&physical).map_err(err)?;
+        self.rows += physical.num_rows() as u64;
+        w.block_on(file.parquet.write(&physical)).map_err(|e| w.shape(format!("writing Parquet: {e}")))
+    }
+
+    /// Rows written so far.
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Closes the file; returns its add metadata (for `Transaction::add_files`) and its size,
+    /// `None` when no row was written (then there is no file).
+    pub fn finish(self) -> Result<Option<(RecordBatch, u64)>, DeltaError> {
+        let w = self.writer;
+        let err = |e: KernelError| w.err(e);
+        let Some(file) = self.open else { return Ok(None) };
+        let OpenFile { url, parquet, stats, .. } = file;
+        w.block_on(parquet.close()).map_err(|e| w.shape(format!("closing a Parquet file: {e}")))?;
+        let path = Path::from_url_path(url.path()).map_err(|e| w.shape(e.to_string()))?;
+        let head = w.block_on(w.store.head(&path)).map_err(|e| err(KernelError::ObjectStore(e)))?;
+        let Some(stats) = stats.finish().map_err(err)? else { return Ok(None) };
+        let meta = DataFileMetadata::new(FileMeta::new(url, head.last_modified.timestamp_millis(), head.size), stats);
+        let added = build_add_file_metadata(meta, self.ctx).map_err(err)?;
+        let added: RecordBatch = (*ArrowEngineData::try_from_engine_data(added).map_err(err)?).into();
+        Ok(Some((added, head.size)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -729,93 +817,5 @@ mod tests {
         assert_eq!(w.files().unwrap().len(), 30);
         assert_eq!(w.app_versions(&["ingest-0", "ingest-1"]).unwrap(), [Some(15), Some(15)]);
         assert_eq!(w.latest().unwrap().version(), 30);
-    }
-}
-
-/// One Parquet data file streamed to the store: each logical batch is made physical, its
-/// statistics collected and its rows encoded into the current row group, which is uploaded
-/// (multipart) when full. Memory is one row group's encoded pages and one batch, whatever
-/// the file's size; [`DeltaWriter::write_parquet`] holds the whole file instead.
-pub(crate) struct FileWriter<'a> {
-    writer: &'a DeltaWriter,
-    ctx: &'a BoundWriteContext,
-    open: Option<OpenFile>,
-    rows: u64,
-}
-
-struct OpenFile {
-    url: Url,
-    parquet: AsyncArrowWriter<BufWriter>,
-    stats: FileStatsAccumulator,
-    to_physical: Arc<dyn delta_kernel::ExpressionEvaluator>,
-}
-
-/// Rows per row group of a streamed file: bounds the encoded pages held before an upload.
-const ROW_GROUP_ROWS: usize = 256 * 1024;
-
-impl FileWriter<'_> {
-    /// Appends `rows` (logical, without partition columns).
-    pub fn write(&mut self, rows: RecordBatch) -> Result<(), DeltaError> {
-        if rows.num_rows() == 0 {
-            return Ok(());
-        }
-        let (w, ctx) = (self.writer, self.ctx);
-        let err = |e: KernelError| w.err(e);
-        if self.open.is_none() {
-            let input = StructType::try_from_arrow(rows.schema().as_ref()).map_err(|e| err(e.into()))?;
-            let to_physical = w
-                .engine()
-                .evaluation_handler()
-                .new_expression_evaluator(
-                    Arc::new(input),
-                    ctx.logical_to_physical(),
-                    ctx.physical_data_schema().clone().into(),
-                )
-                .map_err(err)?;
-            let url = ctx
-                .write_dir()
-                .join(&format!("{}.parquet", uuid::Uuid::new_v4()))
-                .map_err(|e| w.shape(e.to_string()))?;
-            let path = Path::from_url_path(url.path()).map_err(|e| w.shape(e.to_string()))?;
-            let schema = Arc::new(
-                arrow_schema::Schema::try_from_kernel(ctx.physical_data_schema().as_ref())
-                    .map_err(|e| err(e.into()))?,
-            );
-            let properties = WriterProperties::builder().set_max_row_group_row_count(Some(ROW_GROUP_ROWS)).build();
-            let options = ArrowWriterOptions::new().with_skip_arrow_metadata(true).with_properties(properties);
-            let object_writer = BufWriter::new(w.store.clone(), path);
-            let parquet = AsyncArrowWriter::try_new_with_options(object_writer, schema, options)
-                .map_err(|e| w.shape(format!("cannot start a Parquet file: {e}")))?;
-            let stats = FileStatsAccumulator::new(ctx.stats_columns(), ctx.physical_data_schema().as_ref());
-            self.open = Some(OpenFile { url, parquet, stats, to_physical });
-        }
-        let file = self.open.as_mut().expect("opened above");
-        let physical = file.to_physical.evaluate(&ArrowEngineData::new(rows)).map_err(err)?;
-        let physical: RecordBatch = (*ArrowEngineData::try_from_engine_data(physical).map_err(err)?).into();
-        file.stats.merge(&physical).map_err(err)?;
-        self.rows += physical.num_rows() as u64;
-        w.block_on(file.parquet.write(&physical)).map_err(|e| w.shape(format!("writing Parquet: {e}")))
-    }
-
-    /// Rows written so far.
-    pub fn rows(&self) -> u64 {
-        self.rows
-    }
-
-    /// Closes the file; returns its add metadata (for `Transaction::add_files`) and its size,
-    /// `None` when no row was written (then there is no file).
-    pub fn finish(self) -> Result<Option<(RecordBatch, u64)>, DeltaError> {
-        let w = self.writer;
-        let err = |e: KernelError| w.err(e);
-        let Some(file) = self.open else { return Ok(None) };
-        let OpenFile { url, parquet, stats, .. } = file;
-        w.block_on(parquet.close()).map_err(|e| w.shape(format!("closing a Parquet file: {e}")))?;
-        let path = Path::from_url_path(url.path()).map_err(|e| w.shape(e.to_string()))?;
-        let head = w.block_on(w.store.head(&path)).map_err(|e| err(KernelError::ObjectStore(e)))?;
-        let Some(stats) = stats.finish().map_err(err)? else { return Ok(None) };
-        let meta = DataFileMetadata::new(FileMeta::new(url, head.last_modified.timestamp_millis(), head.size), stats);
-        let added = build_add_file_metadata(meta, self.ctx).map_err(err)?;
-        let added: RecordBatch = (*ArrowEngineData::try_from_engine_data(added).map_err(err)?).into();
-        Ok(Some((added, head.size)))
     }
 }

@@ -73,10 +73,7 @@ fn compaction_rewrites_small_files_in_one_commit_the_change_feed_ignores() {
     assert_eq!(w.files().unwrap().len(), 1);
     // The streamed file carries the statistics readers skip files by.
     let commit = std::fs::read_to_string(path.join(format!("_delta_log/{:020}.json", v + 1))).unwrap();
-    assert!(
-        commit.contains(r#"\"numRecords\":1300"#) && commit.contains(r#"\"minValues\":{\"id\":0"#),
-        "{commit}"
-    );
+    assert!(commit.contains(r#"\"numRecords\":1300"#) && commit.contains(r#"\"minValues\":{\"id\":0"#), "{commit}");
     // Fifteen commits since the start and no checkpoint yet: one is due.
     assert_eq!(report.checkpoint, Some(v + 1));
     assert!(path.join("_delta_log/_last_checkpoint").exists());
