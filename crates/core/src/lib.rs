@@ -12,7 +12,9 @@
 //!   the key after the last change in the planned range.
 //! - For a source that repeats keys (`dedup_by`), a [`plan::LogPlanner`]'s plan holds per key
 //!   at most one delete and one upsert, each guarded by the order value, so that the target
-//!   keeps each key's row with the greatest value whichever commit wrote it.
+//!   keeps each key's row with the greatest value whichever commit wrote it. It keeps a few
+//!   images per key (memory O(keys) for an event log, O(`KEEP`) per event), and names the
+//!   keys whose plan needs the images it let go, for a second read.
 
 pub mod class;
 pub mod fleet;
@@ -25,5 +27,7 @@ pub use model::{
     Column, ColumnType, DataPolicy, ModelError, NulBytePolicy, PrimaryKey, SchemaChange, SyncMode, TableName,
     TableSchema, Version,
 };
-pub use plan::{ChangeKind, ChangePlan, ChangePlanner, KeyMap, LogPlanner, PlanConflict, PlannedDelete, PlannedRow};
+pub use plan::{
+    ChangeKind, ChangePlan, ChangePlanner, KeyMap, LogPlan, LogPlanner, PlanConflict, PlannedDelete, PlannedRow,
+};
 pub use schedule::{parse_duration, parse_size, Cron, Schedule, ScheduleError};

@@ -207,14 +207,6 @@ impl<K: Eq + Hash + Clone, R> ChangePlanner<K, R> {
     }
 }
 
-#[derive(Debug, Clone)]
-struct LogEvent<R> {
-    version: Version,
-    kind: ChangeKind,
-    order: Box<[u8]>,
-    row: R,
-}
-
 /// The planner for a source that repeats keys, such as an append-only event log synced with
 /// the `dedup_by` policy: a key's row is its row image with the greatest order (the `dedup_by`
 /// value, compared as bytes), whichever commit wrote it, as in a snapshot.
@@ -230,20 +222,91 @@ struct LogEvent<R> {
 /// One case is beyond any change feed: when the range deletes a key's greatest row while
 /// older rows of the key from before the range remain, the next greatest is not in the feed.
 /// The key then holds the range's greatest standing image, or nothing, until a snapshot.
+///
+/// Memory and time: per key the planner keeps its [`LogPlanner::KEEP`] greatest images and
+/// every delete (an event log appends; deletes are rare), so a key with 200k events costs
+/// what one with four does, and each event costs O(`KEEP`). The images it let go can matter
+/// only when the range's deletes take out every kept image down to them: such a key is
+/// reported [`LogPlan::uncertain`], and the caller plans it again from a second read with
+/// [`LogPlanner::only`], which keeps all of those keys' images.
 #[derive(Debug)]
 pub struct LogPlanner<K, R> {
-    entries: KeyMap<K, Vec<LogEvent<R>>>,
+    entries: KeyMap<K, LogKey<R>>,
+    /// How many images a key keeps (`usize::MAX`: all).
+    keep: usize,
+    /// Only these keys are observed (a second read for uncertain keys).
+    only: Option<std::collections::HashSet<K, ahash::RandomState>>,
+}
+
+/// Images a [`LogPlanner`] keeps per key.
+const LOG_KEEP: usize = 4;
+
+/// One key's events, as far as the plan needs them.
+#[derive(Debug)]
+struct LogKey<R> {
+    /// The greatest images by `(order, version)`, ascending.
+    kept: Vec<(Box<[u8]>, Version, R)>,
+    /// The greatest `(order, version)` let go, if any was.
+    dropped: Option<(Box<[u8]>, Version)>,
+    /// Deletes and pre-images: `(version, order)`.
+    deletes: Vec<(Version, Box<[u8]>)>,
+}
+
+impl<R> Default for LogKey<R> {
+    fn default() -> Self {
+        Self { kept: Vec::new(), dropped: None, deletes: Vec::new() }
+    }
+}
+
+/// A [`LogPlanner`]'s plan, and the keys it could not plan from the images it kept.
+#[derive(Debug)]
+pub struct LogPlan<K, R> {
+    pub plan: ChangePlan<K, R>,
+    /// Keys whose plan depends on images the planner let go; plan them again with
+    /// [`LogPlanner::only`] and [`LogPlan::replace`].
+    pub uncertain: Vec<K>,
+}
+
+impl<K: Eq + Hash, R> LogPlan<K, R> {
+    /// This plan with `exact`'s entries for the keys `exact` planned (its uncertain ones).
+    pub fn replace(mut self, exact: ChangePlan<K, R>) -> ChangePlan<K, R> {
+        let keys: std::collections::HashSet<&K, ahash::RandomState> =
+            exact.upserts.iter().map(|r| &r.key).chain(exact.deletes.iter().map(|d| &d.key)).collect();
+        let redone: std::collections::HashSet<&K, ahash::RandomState> = self.uncertain.iter().collect();
+        debug_assert!(keys.iter().all(|k| redone.contains(k)));
+        self.plan.upserts.retain(|r| !redone.contains(&r.key));
+        self.plan.deletes.retain(|d| !redone.contains(&d.key));
+        drop(keys);
+        let mut plan = self.plan;
+        plan.upserts.extend(exact.upserts);
+        plan.deletes.extend(exact.deletes);
+        plan
+    }
 }
 
 impl<K, R> Default for LogPlanner<K, R> {
     fn default() -> Self {
-        Self { entries: KeyMap::default() }
+        Self { entries: KeyMap::default(), keep: LOG_KEEP, only: None }
     }
 }
 
 impl<K: Eq + Hash + Clone, R> LogPlanner<K, R> {
+    /// Images kept per key.
+    pub const KEEP: usize = LOG_KEEP;
+
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A planner that observes only `keys` and keeps all their images: the second read for a
+    /// plan's [`LogPlan::uncertain`] keys.
+    pub fn only(keys: impl IntoIterator<Item = K>) -> Self {
+        Self { entries: KeyMap::default(), keep: usize::MAX, only: Some(keys.into_iter().collect()) }
+    }
+
+    /// Images held over all keys (what memory the planner takes).
+    pub fn held(&self) -> usize {
+        self.entries.values().map(|e| e.kept.len() + e.deletes.len()).sum()
     }
 
     /// Records one change row with its order. Two images of one key in one version with equal
@@ -256,45 +319,102 @@ impl<K: Eq + Hash + Clone, R> LogPlanner<K, R> {
         order: &[u8],
         row: R,
     ) -> Result<(), PlanConflict<K>> {
-        let events = self.entries.entry(key.clone()).or_default();
-        if kind.leaves_row() && events.iter().any(|e| e.version == version && e.kind.leaves_row() && *e.order == *order)
-        {
+        if self.only.as_ref().is_some_and(|only| !only.contains(&key)) {
+            return Ok(());
+        }
+        let keep = self.keep;
+        let entry = self.entries.entry(key.clone()).or_default();
+        if !kind.leaves_row() {
+            entry.deletes.push((version, order.into()));
+            return Ok(());
+        }
+        // Kept images ascend by (order, version): find this one's place.
+        let at = entry.kept.partition_point(|(o, v, _)| (&**o, *v) < (order, version));
+        if entry.kept.get(at).is_some_and(|(o, v, _)| **o == *order && *v == version) {
             return Err(PlanConflict { key, version });
         }
-        events.push(LogEvent { version, kind, order: order.into(), row });
+        if entry.kept.len() >= keep {
+            if at == 0 {
+                // Below every kept image: let go.
+                if entry.dropped.as_ref().is_none_or(|(o, v)| (&**o, *v) < (order, version)) {
+                    entry.dropped = Some((order.into(), version));
+                }
+                return Ok(());
+            }
+            let (o, v, _) = entry.kept.remove(0);
+            if entry.dropped.as_ref().is_none_or(|(d, dv)| (&**d, *dv) < (&*o, v)) {
+                entry.dropped = Some((o, v));
+            }
+            entry.kept.insert(at - 1, (order.into(), version, row));
+        } else {
+            entry.kept.insert(at, (order.into(), version, row));
+        }
         Ok(())
     }
 
-    /// The net plan.
-    pub fn finish(self) -> ChangePlan<K, R> {
+    /// The net plan, with the keys it could not plan from the images it kept.
+    pub fn finish(self) -> LogPlan<K, R> {
         let mut plan = ChangePlan { upserts: Vec::new(), deletes: Vec::new() };
-        for (key, mut events) in self.entries {
-            events.sort_by_key(|e| (e.version, e.kind.leaves_row()));
-            let mut standing: Vec<LogEvent<R>> = Vec::new();
+        let mut uncertain = Vec::new();
+        for (key, entry) in self.entries {
+            let LogKey { kept, dropped, mut deletes } = entry;
+            // Replay in (version, rank) order: within a version, deletes first.
+            deletes.sort();
+            let mut inserts: Vec<(Box<[u8]>, Version, R)> = kept;
+            inserts.sort_by_key(|(_, v, _)| *v);
+            // Standing images by order, each order's images in version order.
+            let mut standing: std::collections::BTreeMap<Box<[u8]>, std::collections::VecDeque<(Version, R)>> =
+                std::collections::BTreeMap::new();
             let mut deleted_before: Option<(Box<[u8]>, Version)> = None;
-            for e in events {
-                if e.kind.leaves_row() {
-                    standing.push(e);
-                } else if let Some(i) = standing.iter().position(|s| s.order == e.order) {
-                    standing.remove(i);
-                } else if deleted_before.as_ref().is_none_or(|(o, _)| e.order >= *o) {
-                    deleted_before = Some((e.order, e.version));
+            let mut ins = inserts.into_iter().peekable();
+            let mut any_delete_at_or_above_dropped = false;
+            for (dv, order) in deletes {
+                while let Some((_, v, _)) = ins.peek() {
+                    if *v >= dv {
+                        break;
+                    }
+                    let (o, v, r) = ins.next().expect("peeked");
+                    standing.entry(o).or_default().push_back((v, r));
+                }
+                if dropped.as_ref().is_some_and(|(d, _)| order >= *d) {
+                    any_delete_at_or_above_dropped = true;
+                }
+                let matched = match standing.get_mut(&order) {
+                    Some(images) => {
+                        images.pop_front();
+                        if images.is_empty() {
+                            standing.remove(&order);
+                        }
+                        true
+                    }
+                    None => false,
+                };
+                if !matched && deleted_before.as_ref().is_none_or(|(o, _)| order >= *o) {
+                    deleted_before = Some((order, dv));
+                }
+            }
+            for (o, v, r) in ins {
+                standing.entry(o).or_default().push_back((v, r));
+            }
+            let best =
+                standing.pop_last().and_then(|(order, mut images)| images.pop_back().map(|(v, r)| (order, v, r)));
+            if let Some((dropped_order, _)) = &dropped {
+                // Exact unless the deletes reached down to the images let go and took out
+                // every kept image above them.
+                let above = best.as_ref().is_some_and(|(o, _, _)| o > dropped_order);
+                if any_delete_at_or_above_dropped && !above {
+                    uncertain.push(key);
+                    continue;
                 }
             }
             if let Some((order, version)) = deleted_before {
                 plan.deletes.push(PlannedDelete { key: key.clone(), version, order });
             }
-            if let Some(best) = standing.into_iter().max_by(|a, b| (&a.order, a.version).cmp(&(&b.order, b.version))) {
-                plan.upserts.push(PlannedRow {
-                    key,
-                    row: best.row,
-                    expect_absent: false,
-                    version: best.version,
-                    order: best.order,
-                });
+            if let Some((order, version, row)) = best {
+                plan.upserts.push(PlannedRow { key, row, expect_absent: false, version, order });
             }
         }
-        plan
+        LogPlan { plan, uncertain }
     }
 }
 
@@ -518,13 +638,13 @@ mod tests {
     fn a_late_event_does_not_replace_a_greater_one_from_an_earlier_commit() {
         let mut p = LogPlanner::new();
         p.observe(1u32, 2, Insert, &[3], "late").unwrap();
-        let plan = p.finish();
+        let plan = p.finish().plan;
         assert_eq!(plan.upserts.len(), 1);
         assert_eq!(*plan.upserts[0].order, [3], "written only over a row whose order is not greater");
         let mut p = LogPlanner::new();
         p.observe(1u32, 1, Insert, &[7], "new").unwrap();
         p.observe(1u32, 2, Insert, &[3], "late").unwrap();
-        assert_eq!(p.finish().upserts[0].row, "new");
+        assert_eq!(p.finish().plan.upserts[0].row, "new");
     }
 
     #[test]
@@ -533,14 +653,55 @@ mod tests {
         p.observe(1u32, 1, Insert, &[3], "old").unwrap();
         p.observe(1u32, 1, Insert, &[7], "new").unwrap();
         p.observe(1u32, 2, Delete, &[3], "old").unwrap();
-        let plan = p.finish();
+        let plan = p.finish().plan;
         assert!(plan.deletes.is_empty());
         assert_eq!(plan.upserts[0].row, "new");
         // A row from before the range: a delete guarded by its order, so a greater row stays.
         let mut p = LogPlanner::<u32, &str>::new();
         p.observe(1, 2, Delete, &[3], "old").unwrap();
-        let plan = p.finish();
+        let plan = p.finish().plan;
         assert_eq!((plan.deletes.len(), &*plan.deletes[0].order), (1, &[3u8][..]));
+    }
+
+    #[test]
+    fn a_key_with_200k_events_keeps_four_images_and_plans_its_greatest() {
+        let mut p = LogPlanner::new();
+        // A log appending one key's events in commits of 1000, orders not in commit order.
+        for i in 0..200_000u64 {
+            let order = ((i * 7919) % 200_000).to_be_bytes();
+            p.observe(1u32, i / 1000, Insert, &order, i).unwrap();
+        }
+        assert_eq!(p.held(), LogPlanner::<u32, u64>::KEEP);
+        let plan = p.finish();
+        assert!(plan.uncertain.is_empty());
+        let best = &plan.plan.upserts[0];
+        assert_eq!(*best.order, 199_999u64.to_be_bytes());
+        assert_eq!(best.row, (0..200_000u64).find(|i| (i * 7919) % 200_000 == 199_999).unwrap());
+    }
+
+    #[test]
+    fn deletes_reaching_below_the_kept_images_make_the_key_uncertain_and_a_second_read_plans_it() {
+        let events: Vec<(u64, ChangeKind, u8)> = (0..10u8)
+            .map(|o| (1, Insert, o))
+            // Version 2 deletes the eight greatest: the key's row is order 1, which was let go.
+            .chain((2..10u8).map(|o| (2, Delete, o)))
+            .collect();
+        let mut p = LogPlanner::new();
+        for &(v, kind, o) in &events {
+            p.observe(7u32, v, kind, &[o], o).unwrap();
+        }
+        p.observe(8u32, 1, Insert, &[1], 1).unwrap();
+        let first = p.finish();
+        assert_eq!(first.uncertain, vec![7]);
+        let mut again = LogPlanner::only(first.uncertain.clone());
+        for &(v, kind, o) in &events {
+            again.observe(7u32, v, kind, &[o], o).unwrap();
+        }
+        again.observe(8u32, 1, Insert, &[1], 1).unwrap();
+        let plan = first.replace(again.finish().plan);
+        let rows: BTreeMap<u32, u8> = plan.upserts.iter().map(|r| (r.key, r.row)).collect();
+        assert_eq!(rows, BTreeMap::from([(7, 1), (8, 1)]));
+        assert!(plan.deletes.is_empty());
     }
 
     proptest! {
@@ -603,11 +764,18 @@ mod tests {
             shuffle(&mut feed, shuffle_seed);
             let mut pg: BTreeMap<u8, (u8, u16)> = BTreeMap::new();
             for (lo, hi) in two_ranges(commits.len() as u64, split as u64) {
+                let range = || feed.iter().filter(|e| (lo..=hi).contains(&e.1));
                 let mut planner = LogPlanner::new();
-                for &(k, v, kind, o, x) in feed.iter().filter(|e| (lo..=hi).contains(&e.1)) {
+                for &(k, v, kind, o, x) in range() {
                     planner.observe(k, v, kind, &[o], (o, x)).unwrap();
                 }
-                let plan = planner.finish();
+                let first = planner.finish();
+                // Keys the kept images cannot decide: a second read plans them.
+                let mut again = LogPlanner::only(first.uncertain.clone());
+                for &(k, v, kind, o, x) in range() {
+                    again.observe(k, v, kind, &[o], (o, x)).unwrap();
+                }
+                let plan = first.replace(again.finish().plan);
                 for d in plan.deletes {
                     if pg.get(&d.key).is_some_and(|(o, _)| *o <= d.order[0]) { pg.remove(&d.key); }
                 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use arrow_array::{Array, ArrayRef, BooleanArray, Int64Array, RecordBatch, StringArray};
 use arrow_row::{RowConverter, Rows, SortField};
 use arrow_schema::{Field, Schema};
-use lakesync_core::{ChangeKind, ChangePlanner, KeyMap, LogPlanner, TableName, TableSchema, Version};
+use lakesync_core::{ChangeKind, ChangePlanner, KeyMap, LogPlanner, PlanConflict, TableName, TableSchema, Version};
 use lakesync_delta::{CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN};
 use lakesync_postgres::apply::{EXPECT_ABSENT_COLUMN, VERSION_COLUMN};
 use lakesync_postgres::{key_text, PgError};
@@ -147,52 +147,78 @@ fn order_rows(
 /// [`LogPlanner`], and a key's row is its image with the greatest value whichever commit
 /// wrote it, as in a snapshot (the upserts and deletes are guarded by that value).
 ///
-/// Takes the batches as they are read, so planning overlaps the reader's decoding.
-pub fn plan_keys<E>(
+/// What a planner does with one change row: (encoded key, version, kind, tie-break).
+type ObserveFn<'a> = dyn FnMut(Box<[u8]>, Version, ChangeKind, &[u8]) -> Result<(), PlanConflict<Box<[u8]>>> + 'a;
+
+/// Takes the batches as they are read (`read()`), so planning overlaps the reader's
+/// decoding. Under `order_by` the planner keeps a few images per key (see [`LogPlanner`]);
+/// the keys it cannot decide from them are planned again from a second `read()`.
+pub fn plan_keys<I, E>(
     table: &TableName,
     key: &[String],
     order_by: Option<&str>,
-    batches: impl IntoIterator<Item = Result<RecordBatch, E>>,
+    read: impl Fn() -> Result<I, EngineError>,
 ) -> Result<KeyPlan, EngineError>
 where
+    I: IntoIterator<Item = Result<RecordBatch, E>>,
     EngineError: From<E>,
 {
     let mut planner: ChangePlanner<Box<[u8]>, ()> = ChangePlanner::new();
     let mut log: LogPlanner<Box<[u8]>, ()> = LogPlanner::new();
     let mut converter = None;
     let mut order_by = order_by.map(|c| (c.to_string(), None));
-    for batch in batches {
-        let batch = batch?;
-        if batch.num_rows() == 0 {
-            continue;
+    let ordered = order_by.is_some();
+    let observe = |converter: &mut Option<RowConverter>,
+                   order_by: &mut Option<(String, Option<RowConverter>)>,
+                   batches: I,
+                   f: &mut ObserveFn<'_>|
+     -> Result<(), EngineError> {
+        for batch in batches {
+            let batch = batch?;
+            if batch.num_rows() == 0 {
+                continue;
+            }
+            let cols = change_columns(table, key, &batch)?;
+            let rows = key_rows(converter, &cols.keys, table)?;
+            let order = order_rows(order_by, &batch, table)?;
+            for i in 0..batch.num_rows() {
+                let version = cols.versions.value(i) as Version;
+                let kind = kind_of(table, &cols.kinds, version, i)?;
+                let tie = order.as_ref().map(|o| o.row(i));
+                let tie: &[u8] = tie.as_ref().map_or(&[], |r| r.as_ref());
+                f(rows.row(i).as_ref().into(), version, kind, tie).map_err(|c| {
+                    EngineError::Postgres(PgError::DuplicateKey {
+                        table: table.to_string(),
+                        key: key_text(&batch, key, i),
+                        version: Some(c.version),
+                    })
+                })?;
+            }
         }
-        let cols = change_columns(table, key, &batch)?;
-        let rows = key_rows(&mut converter, &cols.keys, table)?;
-        let order = order_rows(&mut order_by, &batch, table)?;
-        for i in 0..batch.num_rows() {
-            let version = cols.versions.value(i) as Version;
-            let kind = kind_of(table, &cols.kinds, version, i)?;
-            let tie = order.as_ref().map(|o| o.row(i));
-            let tie: &[u8] = tie.as_ref().map_or(&[], |r| r.as_ref());
-            let observed = if order.is_some() {
-                log.observe(rows.row(i).as_ref().into(), version, kind, tie, ())
-            } else {
-                planner.observe_ordered(rows.row(i).as_ref().into(), version, kind, tie, ())
-            };
-            observed.map_err(|c| {
-                EngineError::Postgres(PgError::DuplicateKey {
-                    table: table.to_string(),
-                    key: key_text(&batch, key, i),
-                    version: Some(c.version),
-                })
-            })?;
+        Ok(())
+    };
+    observe(&mut converter, &mut order_by, read()?, &mut |k, v, kind, tie| {
+        if ordered {
+            log.observe(k, v, kind, tie, ())
+        } else {
+            planner.observe_ordered(k, v, kind, tie, ())
         }
-    }
+    })?;
     // A log that repeats keys (an append-only event table) never expects a key absent: an
     // insert there does not mean the key is new, so every upsert merges.
-    let (plan, guarded) = match order_by {
-        Some(_) => (log.finish(), true),
-        None => (planner.finish(), false),
+    let (plan, guarded) = if ordered {
+        let first = log.finish();
+        let plan = if first.uncertain.is_empty() {
+            first.plan
+        } else {
+            tracing::debug!(table = %table, keys = first.uncertain.len(), "planning keys again from a second read");
+            let mut again = LogPlanner::only(first.uncertain.iter().cloned());
+            observe(&mut converter, &mut order_by, read()?, &mut |k, v, kind, tie| again.observe(k, v, kind, tie, ()))?;
+            first.replace(again.finish().plan)
+        };
+        (plan, true)
+    } else {
+        (planner.finish(), false)
     };
     Ok(KeyPlan {
         converter,

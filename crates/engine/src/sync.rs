@@ -486,12 +486,9 @@ async fn triggered(
                 tokio::task::spawn_blocking(move || {
                     let mut columns = key.clone();
                     columns.extend(dedup_by.iter().filter(|c| !key.contains(c)).cloned());
-                    plan_keys(
-                        &table,
-                        &key,
-                        dedup_by.as_deref(),
-                        source.changes(chunk_start, chunk_end, Some(&columns))?,
-                    )
+                    plan_keys(&table, &key, dedup_by.as_deref(), || {
+                        Ok(source.changes(chunk_start, chunk_end, Some(&columns))?)
+                    })
                 })
                 .await
                 .map_err(|e| EngineError::Internal(format!("change planner panicked: {e}")))??

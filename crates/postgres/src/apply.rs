@@ -131,10 +131,7 @@ impl<'a> ChangeApply<'a> {
     /// column and the condition that the target row `t` may be replaced or deleted by `alias`'s.
     fn order_guard(&self, alias: &str, batches: &[RecordBatch]) -> Option<(&'a Column, String)> {
         let column = self.dedup_column()?;
-        batches
-            .iter()
-            .all(|b| b.column_by_name(&column.name).is_some())
-            .then(|| (column, keep_greater(&column.name, alias)))
+        batches.iter().all(|b| b.column_by_name(&column.name).is_some()).then(|| (column, keep_greater(column, alias)))
     }
 
     /// The `dedup_by` column, unless the policy names none or a key column (whose values are
@@ -234,7 +231,7 @@ impl<'a> ChangeApply<'a> {
                 });
             }
         };
-        let guard = self.dedup_column().map(|c| keep_greater(&c.name, "u"));
+        let guard = self.dedup_column().map(|c| keep_greater(c, "u"));
         let (more_inserted, updated) = if existing {
             merge_from(
                 &self.tx,
@@ -323,9 +320,21 @@ impl<'a> ChangeApply<'a> {
 /// The condition under which the target's row `t` gives way to `alias`'s row of the same key
 /// under `dedup_by = column`: its value is not greater, NULL being the least (the order a
 /// snapshot keeps the greatest by). Equal values: the later change wins.
-pub(crate) fn keep_greater(column: &str, alias: &str) -> String {
-    let c = ident(column);
-    format!("(t.{c} IS NULL OR {alias}.{c} >= t.{c})")
+pub(crate) fn keep_greater(column: &Column, alias: &str) -> String {
+    let c = ident(&column.name);
+    let collate = order_collation(column);
+    format!("(t.{c} IS NULL OR {alias}.{c}{collate} >= t.{c}{collate})")
+}
+
+/// How `dedup_by` values of `column` compare in SQL so that Postgres agrees with the change
+/// planner, which orders them as bytes: text in code-point order (`COLLATE "C"`, the byte
+/// order of UTF-8), whatever the database's or the column's collation.
+pub(crate) fn order_collation(column: &Column) -> &'static str {
+    if column.ty == ColumnType::Text {
+        r#" COLLATE "C""#
+    } else {
+        ""
+    }
 }
 
 /// How a staging table holds `columns` and our `extra` columns: the COPY layout for the

@@ -278,8 +278,9 @@ impl Sink {
         if let Some(col) = &self.policy.dedup_by {
             let on = key.iter().map(|k| format!("a.{0} = b.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
             let c = ident(col);
+            let collate = schema.column(col).map_or("", crate::apply::order_collation);
             let sql = format!(
-                "DELETE FROM {stage} a USING {stage} b WHERE {on} AND (a.{c} < b.{c} OR (a.{c} IS NULL AND b.{c} IS NOT NULL))"
+                "DELETE FROM {stage} a USING {stage} b WHERE {on} AND (a.{c}{collate} < b.{c}{collate} OR (a.{c} IS NULL AND b.{c} IS NOT NULL))"
             );
             rows -= self
                 .client

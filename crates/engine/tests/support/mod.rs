@@ -94,6 +94,29 @@ impl TestDb {
         Self { conn, name: db }
     }
 
+    /// A database whose default collation is ICU's `en-US` (where "a" sorts before "B", unlike
+    /// byte order), or `None` with a note where the server cannot make one (before Postgres
+    /// 15, or built without ICU).
+    pub fn with_icu_collation(name: &str) -> Option<Self> {
+        let admin = server();
+        let db = format!("t_{}", name.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+        let made = block_on(async {
+            let client = PgConfig::parse(&admin).unwrap().connect().await.unwrap();
+            client.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.unwrap();
+            client
+                .batch_execute(&format!(
+                    "CREATE DATABASE {db} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C'"
+                ))
+                .await
+        });
+        if let Err(e) = made {
+            eprintln!("SKIPPED: this server cannot create an ICU-collated database: {e}");
+            return None;
+        }
+        let conn = admin.replace("dbname=postgres", &format!("dbname={db}"));
+        Some(Self { conn, name: db })
+    }
+
     pub fn config(&self) -> PgConfig {
         PgConfig::parse(&self.conn).unwrap()
     }
