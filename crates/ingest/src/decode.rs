@@ -150,8 +150,10 @@ impl Decoder {
             if self.fractional_integer(value).is_some() {
                 return None;
             }
+            // Exactly one whole document per message: a partial one left buffered would be
+            // completed by the next message's bytes.
             match decoder.decode(value) {
-                Ok(n) if n == value.len() && decoder.len() == i + 1 => {}
+                Ok(n) if n == value.len() && decoder.len() == i + 1 && !decoder.has_partial_record() => {}
                 _ => return None,
             }
         }
@@ -171,6 +173,11 @@ impl Decoder {
         let failed = |e: ArrowError| (describe(&e, &self.values, || self.locate(value)), e.to_string());
         let mut decoder = self.json_decoder(1).map_err(failed)?;
         let consumed = decoder.decode(value).map_err(failed)?;
+        if decoder.has_partial_record() {
+            // It ends inside a document (truncated, or a second one begun).
+            let reason = "the value is not valid JSON".to_string();
+            return Err((reason.clone(), reason));
+        }
         if consumed != value.len() || decoder.len() != 1 {
             let reason = "the value is not exactly one JSON object".to_string();
             return Err((reason.clone(), reason));
@@ -390,6 +397,33 @@ mod tests {
             KafkaColumn::Offset.field(),
             KafkaColumn::Key.field(),
         ]))
+    }
+
+    #[test]
+    fn a_row_is_never_built_from_another_messages_bytes() {
+        let d = Decoder::new("t", schema());
+        let cases: [&[&str]; 4] = [
+            // Two documents in one message.
+            &[r#"{"transaction_id":"a"}{"transaction_id":"b"}"#, r#"{"transaction_id":"c"}"#],
+            // One document split over two messages.
+            &[r#"{"transaction_id":"#, r#""a"}"#, r#"{"transaction_id":"c"}"#],
+            // A whole document and the start of another, completed by the next message.
+            &[r#"{"transaction_id":"a"} {"transaction_id":"#, r#""b"}"#, r#"{"transaction_id":"c"}"#],
+            // Trailing garbage after a whole document.
+            &[r#"{"transaction_id":"a"} x"#, r#"{"transaction_id":"c"}"#],
+        ];
+        for values in cases {
+            let messages: Vec<Message> = values.iter().enumerate().map(|(i, v)| message(i as i64, v)).collect();
+            let decoded = d.decode(&messages).unwrap();
+            let last = messages.len() - 1;
+            let bad: Vec<usize> = decoded.bad.iter().map(|b| b.index).collect();
+            assert_eq!(bad, (0..last).collect::<Vec<_>>(), "{values:?}: {:?}", decoded.bad);
+            // Only the last, whole message becomes a row, with its own offset.
+            assert_eq!(decoded.rows.num_rows(), 1, "{values:?}");
+            let id = decoded.rows.column_by_name("transaction_id").unwrap().as_string::<i32>().value(0).to_string();
+            let offset = decoded.rows.column_by_name("_kafka_offset").unwrap().as_primitive::<Int64Type>().value(0);
+            assert_eq!((id.as_str(), offset), ("c", last as i64), "{values:?}");
+        }
     }
 
     fn message(offset: i64, value: &str) -> Message {
