@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use delta_kernel::object_store;
 use delta_kernel::object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use delta_kernel::object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use delta_kernel::object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
@@ -133,7 +134,7 @@ impl StorageOptions {
         Self(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
     }
 
-    fn pairs(&self) -> Vec<(String, String)> {
+    pub(crate) fn pairs(&self) -> Vec<(String, String)> {
         self.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
@@ -243,6 +244,25 @@ fn is_secret(kind: StoreKind, key: &str) -> Result<bool, String> {
             | "google_service_account_key"
             | "google_bearer_token"
     ))
+}
+
+/// Whether `store` refuses a second create-if-absent write of `path` (a probe object, deleted
+/// after): Delta commits are exclusive only through it. `Err` when the probe itself could not
+/// write (no permission, store down): inconclusive.
+pub(crate) async fn honours_create(
+    store: &dyn object_store::ObjectStore,
+    path: &object_store::path::Path,
+) -> Result<bool, object_store::Error> {
+    use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
+    let create = || PutOptions { mode: PutMode::Create, ..Default::default() };
+    store.put_opts(path, PutPayload::from_static(b"1"), create()).await?;
+    let second = store.put_opts(path, PutPayload::from_static(b"2"), create()).await;
+    let _ = store.delete(path).await;
+    match second {
+        Err(object_store::Error::AlreadyExists { .. }) => Ok(true),
+        Ok(_) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The table URL of a path or URI, as a directory (ending in `/`, so log paths join under
@@ -420,6 +440,73 @@ fn parse_aws_files(credentials: &str, config: &str, profile: &str) -> AwsProfile
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use object_store::memory::InMemory;
+    use object_store::path::Path;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, PutMode,
+        PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    };
+
+    /// An S3-compatible store that ignores `If-None-Match` (some MinIO/Ceph setups): every
+    /// create-if-absent write overwrites. (No S3 server installable here behaves so.)
+    #[derive(Debug, Default)]
+    struct IgnoresCreate(InMemory);
+
+    impl std::fmt::Display for IgnoresCreate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("IgnoresCreate")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for IgnoresCreate {
+        async fn put_opts(&self, l: &Path, p: PutPayload, mut o: PutOptions) -> object_store::Result<PutResult> {
+            if o.mode == PutMode::Create {
+                o.mode = PutMode::Overwrite;
+            }
+            self.0.put_opts(l, p, o).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            l: &Path,
+            o: PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn MultipartUpload>> {
+            self.0.put_multipart_opts(l, o).await
+        }
+        async fn get_opts(&self, l: &Path, o: GetOptions) -> object_store::Result<GetResult> {
+            self.0.get_opts(l, o).await
+        }
+        fn delete_stream(
+            &self,
+            l: futures_util::stream::BoxStream<'static, object_store::Result<Path>>,
+        ) -> futures_util::stream::BoxStream<'static, object_store::Result<Path>> {
+            self.0.delete_stream(l)
+        }
+        fn list(&self, p: Option<&Path>) -> futures_util::stream::BoxStream<'static, object_store::Result<ObjectMeta>> {
+            self.0.list(p)
+        }
+        async fn list_with_delimiter(&self, p: Option<&Path>) -> object_store::Result<ListResult> {
+            self.0.list_with_delimiter(p).await
+        }
+        async fn copy_opts(&self, f: &Path, t: &Path, o: CopyOptions) -> object_store::Result<()> {
+            self.0.copy_opts(f, t, o).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_ignores_create_if_absent_is_found_and_the_probe_leaves_nothing() {
+        let path = Path::from("table/_lakesync_put_probe_x");
+        let honest = InMemory::new();
+        assert!(honours_create(&honest, &path).await.unwrap());
+        let lax = IgnoresCreate::default();
+        assert!(!honours_create(&lax, &path).await.unwrap());
+        use futures_util::TryStreamExt;
+        for store in [&honest as &dyn ObjectStore, &lax] {
+            let left: Vec<ObjectMeta> = store.list(None).try_collect().await.unwrap();
+            assert!(left.is_empty(), "{left:?}");
+        }
+    }
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
         move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())

@@ -193,7 +193,51 @@ impl DeltaWriter {
         let engine = Arc::new(DefaultEngineBuilder::new(store.clone()).with_task_executor(Arc::new(executor)).build());
         let runtime =
             tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| shape(e.to_string()))?;
-        Ok(Self { uri, url, store, kernel: Some((engine, runtime)) })
+        let writer = Self { uri, url, store, kernel: Some((engine, runtime)) };
+        if crate::store::StoreKind::of(&writer.url) == Ok(crate::store::StoreKind::S3) {
+            // One probe per bucket and settings (an endpoint option may name another store).
+            let mut settings: Vec<String> = options.pairs().into_iter().map(|(k, v)| format!("{k}={v}")).collect();
+            settings.sort();
+            writer.check_conditional_puts(&settings.join("&"))?;
+        }
+        Ok(writer)
+    }
+
+    /// Refuses a store that ignores create-if-absent writes (`If-None-Match: *`; some MinIO
+    /// and Ceph setups, older S3-compatible gateways): there, two writers could both commit
+    /// one version, and one's commit would be lost. Probed once per bucket and process: an
+    /// object under the table written twice with `PutMode::Create` must be refused the second
+    /// time. (Delta commits are put-if-absent; nothing else makes them exclusive.)
+    fn check_conditional_puts(&self, settings: &str) -> Result<(), DeltaError> {
+        static CHECKED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let bucket = format!("{}://{}", self.url.scheme(), self.url.host_str().unwrap_or_default());
+        let probed = format!("{bucket} {settings}");
+        if CHECKED.lock().expect("probe lock").contains(&probed) {
+            return Ok(());
+        }
+        let path = Path::from_url_path(format!("{}_lakesync_put_probe_{}", self.url.path(), uuid::Uuid::new_v4()))
+            .map_err(|e| self.shape(e.to_string()))?;
+        match self.block_on(crate::store::honours_create(self.store.as_ref(), &path)) {
+            Ok(true) => {
+                CHECKED.lock().expect("probe lock").push(probed);
+                Ok(())
+            }
+            Ok(false) => Err(DeltaError::Unwritable {
+                uri: self.uri.clone(),
+                message: format!(
+                    "the store ignores create-if-absent writes (If-None-Match: *): a second create of one object \
+                     under the table succeeded. Two writers could then both commit the same Delta version and one \
+                     commit would be lost, so lakesync does not write to {bucket}. Use a store (or a version of \
+                     it) that honours If-None-Match on PUT, as AWS S3 does, or write from one process only. Nothing \
+                     was changed"
+                ),
+            }),
+            // Not allowed to write here, or the store is down: the write itself will say.
+            Err(e) => {
+                tracing::debug!(table = self.uri, error = %e, "conditional-write probe inconclusive");
+                Ok(())
+            }
+        }
     }
 
     pub(crate) fn uri(&self) -> &str {

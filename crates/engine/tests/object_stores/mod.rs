@@ -329,3 +329,23 @@ fn an_https_store_signed_by_a_private_ca_is_trusted_through_ssl_cert_file() {
     assert_eq!(db.sync(&req).unwrap().mode.as_str(), "snapshot");
     db.assert_matches_snapshot(std::path::Path::new("s3://lake/people"), "public.people", "id", 0);
 }
+
+/// Before its first commit to an S3 bucket a writer probes that the store honours
+/// create-if-absent writes (a store that ignores `If-None-Match` would let two writers commit
+/// one version; that refusal is tested in the delta crate, as no server here ignores it): on
+/// moto, which honours it, the table is written and the probe leaves nothing behind.
+#[test]
+fn the_conditional_write_probe_passes_on_a_store_that_honours_it_and_leaves_nothing() {
+    use lakesync_delta::write::DeltaWriter;
+    use lakesync_delta::StorageOptions;
+
+    let s3 = S3Server::start();
+    s3.export_env();
+    s3.create_bucket("lake");
+    let schema = lakesync_delta::sample::customer_schema();
+    let w = DeltaWriter::create_at("s3://lake/t", &StorageOptions::default(), &schema, &[], &[]).unwrap();
+    w.append(&[lakesync_delta::sample::customers(0..10, 0)]).unwrap();
+    let keys = s3.list("lake");
+    assert!(keys.iter().any(|k| k.starts_with("t/_delta_log/")), "{keys:?}");
+    assert!(keys.iter().all(|k| !k.contains("_lakesync_put_probe")), "{keys:?}");
+}

@@ -143,6 +143,16 @@ impl S3Server {
     }
 
     /// Runs Python with `s3`, a boto3 client signed with the server's key; returns stdout.
+    /// Every object key in `bucket`.
+    pub fn list(&self, bucket: &str) -> Vec<String> {
+        self.boto(&format!(
+            "for page in s3.get_paginator('list_objects_v2').paginate(Bucket={bucket:?}):\n    for o in page.get('Contents', []):\n        print(o['Key'])"
+        ))
+        .lines()
+        .map(str::to_string)
+        .collect()
+    }
+
     fn boto(&self, code: &str) -> String {
         let script = format!(
             "import boto3\nverify = {3}\ns3 = boto3.client('s3', endpoint_url={0:?}, aws_access_key_id={1:?}, aws_secret_access_key={2:?}, region_name={S3_REGION:?}, verify=verify)\n{code}\n",
