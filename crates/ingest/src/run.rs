@@ -313,8 +313,18 @@ async fn run_once(
             }
             item = rx.recv() => match item {
                 Some(Ok(fetched)) => {
-                    status.update(|s| s.partitions.entry(fetched.partition).or_default().high_watermark = fetched.high_watermark);
-                    buffer.push(fetched.partition, fetched.messages, floors[&fetched.partition]);
+                    let p = fetched.partition;
+                    buffer.push(p, fetched.messages, floors[&p]);
+                    // Nothing of it held: everything before `next` is in the table or was not a
+                    // message (a transaction marker, an aborted record).
+                    let idle = !buffer.next.contains_key(&p);
+                    status.update(|s| {
+                        let progress = s.partitions.entry(p).or_default();
+                        progress.high_watermark = fetched.high_watermark;
+                        if idle {
+                            progress.read_to = Some(fetched.next);
+                        }
+                    });
                     buffer.messages.len() >= spec.flush_rows || buffer.bytes >= FLUSH_BYTES
                 }
                 Some(Err(e)) => return Err(fetch_error(spec, e)),

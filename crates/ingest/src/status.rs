@@ -11,12 +11,17 @@ pub struct PartitionProgress {
     pub committed: Option<i64>,
     /// The partition's end as the broker last reported it.
     pub high_watermark: i64,
+    /// With nothing of the partition held for the next commit: the offset it was read up to,
+    /// past records that are not messages (transaction markers, aborted transactions' records),
+    /// which are never in the table.
+    pub read_to: Option<i64>,
 }
 
 impl PartitionProgress {
     /// Messages in the topic not yet in the table.
     pub fn lag(&self) -> i64 {
-        (self.high_watermark - self.committed.unwrap_or(0)).max(0)
+        let done = self.committed.unwrap_or(0).max(self.read_to.unwrap_or(0));
+        (self.high_watermark - done).max(0)
     }
 }
 
@@ -59,5 +64,19 @@ impl IngestStatus {
 
     pub(crate) fn update(&self, f: impl FnOnce(&mut IngestState)) {
         f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_read_past_a_trailing_transaction_marker_has_no_lag() {
+        // Messages up to 9 are in the table; offset 10 is a commit marker; the end is 11.
+        let mut p = PartitionProgress { committed: Some(10), high_watermark: 11, read_to: None };
+        assert_eq!(p.lag(), 1);
+        p.read_to = Some(11);
+        assert_eq!(p.lag(), 0);
     }
 }
