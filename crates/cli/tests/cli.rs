@@ -77,6 +77,45 @@ fn a_failed_sync_exits_non_zero_with_one_paragraph_and_no_password() {
     assert!(!stderr.contains("Sup3r-Secret") && !text(&out.stdout).contains("Sup3r-Secret"));
 }
 
+/// The contract for the Delta tables users already have: `lakesync ingest` into a change-feed
+/// table delta-rs made (protocol writer 4) is refused, naming `--upgrade-protocol` and writing
+/// nothing; the same command with it ingests every message; `compact` is the same.
+#[test]
+fn ingest_into_a_delta_rs_change_feed_table_needs_upgrade_protocol_and_then_ingests() {
+    let db = TestDb::new("cli_upgrade");
+    let kafka = support::kafka::KafkaServer::start();
+    let t = PyDelta::new();
+    let schema = json!([["id", "pa.int64()"], ["name", "pa.string()"]]);
+    t.run(json!([{"op": "create", "schema": schema, "rows": [[1, "a"]]}]));
+    let table = t.path().display().to_string();
+    support::block_on(async {
+        kafka.create_topic("names", 1).await;
+        let producer = kafka.producer("names").await;
+        for i in 0..30 {
+            producer.send(0, None, Some(format!(r#"{{"id":{},"name":"n"}}"#, 100 + i).into_bytes())).await.unwrap();
+        }
+    });
+    let brokers = kafka.address();
+    let args = ["ingest", "--brokers", &brokers, "--topic", "names", "--table", &table, "--name", "names-in"];
+    let log = || std::fs::read_dir(t.path().join("_delta_log")).unwrap().count();
+    let out = lakesync(&db, &[&args[..], &["--exit-when-caught-up"]].concat());
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.lines().last().unwrap().contains("--upgrade-protocol"), "{stderr}");
+    assert_eq!(log(), 1, "refused, yet the log changed");
+    let compact = lakesync(&db, &["compact", "--table", &table]);
+    assert!(text(&compact.stderr).contains("--upgrade-protocol"), "{}", text(&compact.stderr));
+
+    let out = lakesync(&db, &[&args[..], &["--exit-when-caught-up", "--upgrade-protocol"]].concat());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let req = db.request(&t.path(), "public.names", "id");
+    db.sync(&req).unwrap();
+    assert_eq!(db.value("SELECT count(*) FROM public.names"), "31");
+    // Writable now: compaction needs no flag.
+    let compact = lakesync(&db, &["compact", "--table", &table]);
+    assert!(compact.status.success(), "{}", text(&compact.stderr));
+}
+
 #[test]
 fn the_demo_snapshots_changes_and_syncs_incrementally() {
     let db = TestDb::new("cli_demo");

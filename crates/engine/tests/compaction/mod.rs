@@ -12,7 +12,7 @@ use lakesync_delta::write::DeltaWriter;
 use lakesync_delta::StorageOptions;
 use serde_json::json;
 
-use crate::support::{spark_fixture, PyDelta, TestDb};
+use crate::support::{copy_tree, spark_fixture, PyDelta, TestDb};
 
 /// `people` rows (id, name, score) as a batch.
 fn people_batch(ids: std::ops::Range<i64>, name: &str) -> RecordBatch {
@@ -39,20 +39,6 @@ fn streamed_table(path: &Path, commits: i64, rows: i64) -> (DeltaWriter, u64) {
 
 fn compact_path(path: &Path, options: &CompactOptions) -> CompactReport {
     compact(&path.display().to_string(), &StorageOptions::default(), options).unwrap()
-}
-
-/// A copy of a directory tree (a Spark fixture is read in place; compaction writes).
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 #[test]

@@ -543,6 +543,42 @@ fn an_ingest_into_a_delta_rs_change_feed_table_upgrades_its_protocol_only_when_a
     db.assert_matches_snapshot(&table, "public.events", "seq", v);
 }
 
+/// Spark's own change-feed table (`cdf-table`: reader 1 / writer 4, partitioned by a date):
+/// an ingest with `upgrade_protocol` appends to it, partition values and all, and a sync made
+/// before follows its change feed across the upgrade and the appends.
+#[test]
+fn an_ingest_appends_to_a_spark_change_feed_table_after_upgrading_its_protocol() {
+    let Some(fixture) = crate::support::spark_fixture("cdf-table") else { return };
+    let kafka = KafkaServer::start();
+    let db = TestDb::new("ingest_spark");
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("cdf-table");
+    crate::support::copy_tree(&fixture, &table);
+    let req = db.request(&table, "public.people", "id");
+    let before = db.sync(&req).unwrap();
+    let mut entry = IngestConfig::new(kafka.brokers(), "people", table.display().to_string());
+    entry.flush_interval = Some("200ms".into());
+    entry.upgrade_protocol = true;
+    let spec = entry.validate_with(&|_| None).unwrap();
+    block_on(async {
+        kafka.create_topic("people", 1).await;
+        let producer = kafka.producer("people").await;
+        for i in 0..20 {
+            let value = format!(r#"{{"id":{},"name":"n{i}","birthday":"2024-01-{:02}"}}"#, 1000 + i, 1 + i % 3);
+            producer.send(0, None, Some(value.into_bytes())).await.unwrap();
+        }
+        let running = start(&spec);
+        running.wait_rows(20, 60).await;
+        running.stop().await.unwrap();
+    });
+    let out = db.sync(&req).unwrap();
+    assert_eq!(out.mode.as_str(), "triggered", "{}", out.reason);
+    assert!(out.to_version >= before.to_version + 2, "an upgrade and at least one append");
+    assert_eq!(out.counts.inserted, 20);
+    db.assert_matches_snapshot(&table, "public.people", "id", out.to_version);
+    assert_eq!(db.value("SELECT count(*) FROM public.people WHERE id >= 1000 AND birthday = '2024-01-02'"), "7");
+}
+
 /// A topic deleted and recreated while the table records offset 50 of the old one: the ingest
 /// stops with an error naming topic, partition and both offsets (never "running" with lag 0,
 /// and never skipping the new topic's first 50 messages), and writes nothing. The operator's

@@ -332,6 +332,20 @@ pub fn spark_fixture(name: &str) -> Option<PathBuf> {
     None
 }
 
+/// A copy of a directory tree (a Spark fixture is read in place; compaction writes).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
 /// Stops a private test cluster even when the test fails, so its port is free next time.
 pub struct StopOnDrop(pub lakesync_postgres::cluster::LocalCluster);
 
