@@ -469,6 +469,26 @@ pub(crate) async fn fetch_loop(
             }
         };
         let item = match fetched {
+            Ok((batches, _, high_watermark)) if batches.is_empty() && high_watermark < next => {
+                // The partition ends before the position: a broker may answer so instead of
+                // OFFSET_OUT_OF_RANGE when the topic was recreated or its log truncated. A
+                // new leader may lag for a moment: look again for a while, then at the range.
+                out_of_range += 1;
+                if out_of_range < 10 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                match offset_range(&client).await {
+                    Ok((earliest, latest)) if next > latest => {
+                        Err(FetchError::OutOfRange { partition, wanted: next, earliest, latest })
+                    }
+                    Ok(_) => {
+                        out_of_range = 0;
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                }
+            }
             Ok((batches, aborted, high_watermark)) => {
                 out_of_range = 0;
                 let (records, read_to) = read_committed(batches, &aborted, next);

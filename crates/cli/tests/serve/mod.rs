@@ -926,3 +926,68 @@ fn the_management_token_reaches_only_what_the_api_policy_allows() {
         assert!(!seen.contains(secret), "a request carried {secret}");
     }
 }
+
+/// A topic deleted and recreated under a running `[[ingest]]`: the ingest stops (`failed`)
+/// with an error naming the offsets, skipping nothing, and the operator's
+/// `POST /api/v1/ingests/<name>/restart?reset_positions=earliest` goes on from the new topic's
+/// first message.
+#[test]
+fn a_recreated_topic_stops_a_served_ingest_until_the_api_resets_its_positions() {
+    use crate::support::kafka::{event, table_seqs, KafkaServer, EVENTS_SCHEMA};
+
+    let db = TestDb::new("cli_serve_ingest_reset");
+    let dir = tempfile::tempdir().unwrap();
+    let kafka = KafkaServer::start();
+    let produce = |seqs: std::ops::Range<i64>| {
+        block_on(async {
+            let producer = kafka.producer("clicks").await;
+            for seq in seqs {
+                producer.send(0, None, Some(event(seq))).await.unwrap();
+            }
+        })
+    };
+    block_on(kafka.create_topic("clicks", 1));
+    produce(0..10);
+    let schema = dir.path().join("clicks.schema.json");
+    std::fs::write(&schema, EVENTS_SCHEMA).unwrap();
+    let table = dir.path().join("lake/clicks");
+    let config = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n\n[[ingest]]\nname = \"clicks\"\n\
+         brokers = [\"{}\"]\ntopic = \"clicks\"\ntable = \"{}\"\nschema = \"{}\"\nflush_interval = \"200ms\"\n\
+         request_timeout = \"2s\"\n",
+        kafka.address(),
+        table.display(),
+        schema.display()
+    );
+    let server = Server::start(&db, &config, dir.path());
+    server.wait_for("the ingest to commit every event", Duration::from_secs(60), || {
+        server.get("/api/v1/ingests/clicks").json()["rows"] == 10
+    });
+    block_on(async {
+        kafka.delete_topic("clicks").await;
+        kafka.create_topic("clicks", 1).await;
+    });
+    produce(10..13);
+    server.wait_for("the ingest to stop on the recreated topic", Duration::from_secs(90), || {
+        let ingest = server.get("/api/v1/ingests/clicks").json();
+        ingest["state"] == "failed"
+    });
+    let ingest = server.get("/api/v1/ingests/clicks").json();
+    let error = ingest["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the table records offset 10, but the partition holds offsets 0..3")
+            && error.contains("reset_positions=earliest|latest"),
+        "{ingest}"
+    );
+    assert_eq!(table_seqs(&table).0, (0..10).collect::<Vec<_>>(), "nothing skipped, nothing written");
+    let path = "/api/v1/ingests/clicks/restart?reset_positions=";
+    assert_eq!(http(&server.addr, "POST", &format!("{path}earliest"), None, None).status, 401);
+    let bad = http(&server.addr, "POST", &format!("{path}middle"), Some(TOKEN), None);
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let reset = http(&server.addr, "POST", &format!("{path}earliest"), Some(TOKEN), None);
+    assert_eq!(reset.status, 202, "{}", reset.body);
+    assert_eq!(reset.json()["reset_positions"], "earliest");
+    server.wait_for("the recreated topic's events", Duration::from_secs(60), || table_seqs(&table).0.len() >= 13);
+    assert_eq!(table_seqs(&table).0, (0..13).collect::<Vec<_>>(), "each event once");
+    assert_eq!(server.get("/api/v1/ingests/clicks").json()["state"], "running");
+}
