@@ -17,7 +17,7 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL
 
 /// The synced table behind `{schema}.{table}` and its shape (cached per synced version, so
 /// added columns show up after the run that added them).
-async fn resolve(state: &AppState, path_table: &str) -> Result<(Arc<Worker>, Arc<TableShape>), ApiError> {
+pub(crate) async fn resolve(state: &AppState, path_table: &str) -> Result<(Arc<Worker>, Arc<TableShape>), ApiError> {
     let not_synced = || ApiError::NotFound(format!("{path_table} is not a synced table"));
     let target = TableName::parse(path_table).map_err(|_| not_synced())?;
     let worker = state.daemon.tables().into_iter().find(|w| w.spec.target == target).ok_or_else(not_synced)?;
@@ -51,7 +51,7 @@ fn respond(status: StatusCode, body: String, synced: &SyncedAt) -> Response {
     r
 }
 
-fn query_error(state: &AppState, worker: &Worker, e: lakesync_postgres::PgError) -> ApiError {
+pub(crate) fn query_error(state: &AppState, worker: &Worker, e: lakesync_postgres::PgError) -> ApiError {
     // A column added or dropped under us: reload the shape next time.
     forget_shape(state, worker);
     ApiError::from_query(e)
@@ -199,7 +199,7 @@ fn decode_cursor(cursor: &str, order_spec: &str) -> Result<Vec<Option<String>>, 
 /// The `name=value` pairs of a query string (`+` is a space), decoded strictly: a `%` not
 /// followed by two hex digits, or bytes that are not UTF-8, are a 400 rather than a
 /// replacement character that could silently match rows holding one.
-fn query_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn query_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
     let decode = |s: &str| {
         percent_decode(&s.replace('+', " ")).ok_or_else(|| {
             ApiError::BadRequest("the query string is not valid: bad percent-encoding or not UTF-8".into())

@@ -24,6 +24,7 @@ pub mod https;
 mod manage;
 mod metrics;
 mod openapi;
+mod rest;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -110,6 +111,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/ingests/{name}/restart", post(manage::restart_ingest))
         .route("/api/v1/tables/{table}/rows", get(data::list))
         .route("/api/v1/tables/{table}/rows/{*key}", get(data::lookup))
+        .route(
+            "/rest/v1/{table}",
+            get(rest::read)
+                .head(rest::read)
+                .post(rest::refuse_write)
+                .patch(rest::refuse_write)
+                .put(rest::refuse_write)
+                .delete(rest::refuse_write),
+        )
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_read_token))
         .with_state(state)

@@ -11,6 +11,7 @@ use support::{PyDelta, TestDb};
 
 mod fleet;
 mod pooler;
+mod rest;
 mod serve;
 
 fn lakesync(db: &TestDb, args: &[&str]) -> Output {

@@ -26,6 +26,7 @@ pub mod error;
 pub mod fleet;
 pub mod json;
 pub mod pool;
+pub mod query;
 pub mod rows;
 pub mod snapshot;
 pub mod state;

@@ -120,10 +120,17 @@ impl TableShape {
 
     /// The row as JSON text, rendered with lakesync's conventions.
     fn json_expr(&self) -> String {
-        let fields: Vec<String> = self
-            .columns
+        let all: Vec<(usize, String)> = self.columns.iter().enumerate().map(|(i, c)| (i, c.name.clone())).collect();
+        self.json_of(&all)
+    }
+
+    /// The columns `outputs` (index, name in the answer) of row `t` as a JSON object, rendered
+    /// with lakesync's conventions.
+    pub(crate) fn json_of(&self, outputs: &[(usize, String)]) -> String {
+        let fields: Vec<String> = outputs
             .iter()
-            .map(|c| {
+            .map(|(i, name)| {
+                let c = &self.columns[*i];
                 let col = format!("t.{}", ident(&c.name));
                 let expr = match c.type_name.as_str() {
                     "numeric" => format!("{col}::text"),
@@ -132,7 +139,7 @@ impl TableShape {
                     "bytea" => format!("translate(encode({col}, 'base64'), E'\\n', '')"),
                     _ => col,
                 };
-                format!("{expr} AS {}", ident(&c.name))
+                format!("{expr} AS {}", ident(name))
             })
             .collect();
         format!("(SELECT row_to_json(v) FROM (SELECT {}) v)::text", fields.join(", "))
@@ -236,6 +243,7 @@ impl TableShape {
     }
 }
 
+pub(crate) const COMMIT_TS: &str = TS;
 const TS: &str = "to_char(s.synced_commit_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')";
 
 fn read_err(shape: &TableShape) -> impl FnOnce(tokio_postgres::Error) -> PgError + use<> {

@@ -19,7 +19,7 @@ const READ_TOKEN: &str = "read-token-91c2";
 /// A response: status, lower-cased headers, body.
 pub(crate) struct Reply {
     pub status: u16,
-    headers: HashMap<String, String>,
+    pub headers: HashMap<String, String>,
     pub body: String,
 }
 
@@ -33,7 +33,15 @@ impl Reply {
 pub(crate) fn http(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> Reply {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    exchange(&mut stream, addr, method, path, token, body)
+    exchange(&mut stream, addr, method, path, token, body, "")
+}
+
+/// [`http`] with these request headers, no token and no body.
+pub(crate) fn http_with(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    exchange(&mut stream, addr, method, path, None, None, &extra)
 }
 
 /// The same over TLS, trusting only the PEM certificates in `ca`.
@@ -54,7 +62,7 @@ fn https(addr: &str, ca: &std::path::Path, method: &str, path: &str, token: Opti
     let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
     let tcp = TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    exchange(&mut rustls::StreamOwned::new(conn, tcp), addr, method, path, token, None)
+    exchange(&mut rustls::StreamOwned::new(conn, tcp), addr, method, path, token, None, "")
 }
 
 fn exchange(
@@ -64,12 +72,13 @@ fn exchange(
     path: &str,
     token: Option<&str>,
     body: Option<&Value>,
+    extra: &str,
 ) -> Reply {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -100,14 +109,14 @@ pub(crate) fn served_address(child: &mut Child, log: &std::path::Path) -> String
         .to_string()
 }
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    addr: String,
+    pub addr: String,
     log: std::path::PathBuf,
 }
 
 impl Server {
-    fn start(db: &TestDb, config: &str, dir: &std::path::Path) -> Self {
+    pub(crate) fn start(db: &TestDb, config: &str, dir: &std::path::Path) -> Self {
         Self::start_with_env(db, config, dir, &[])
     }
 
@@ -131,7 +140,7 @@ impl Server {
         Self { child, addr, log: dir.join("serve.log") }
     }
 
-    fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    pub(crate) fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
         let deadline = Instant::now() + timeout;
         while !ok() {
             if Instant::now() > deadline {
@@ -146,7 +155,7 @@ impl Server {
         http(&self.addr, "GET", path, None, None)
     }
 
-    fn table(&self, name: &str) -> Value {
+    pub(crate) fn table(&self, name: &str) -> Value {
         self.get(&format!("/api/v1/synced-tables/{name}")).json()
     }
 }

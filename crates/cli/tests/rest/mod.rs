@@ -1,0 +1,150 @@
+//! The data API in PostgREST's dialect (`/rest/v1`), over HTTP against `lakesync serve`: each
+//! answer compared with the same query in SQL, plus the headers, errors and refused writes
+//! PostgREST clients rely on.
+
+use serde_json::{json, Value};
+
+use crate::serve::{http, http_with, Server};
+use crate::support::{PyDelta, TestDb};
+
+/// `public.orders` (id, status, total, note) synced from a Delta table, and `crm.orders`, a
+/// second table of the same name in another schema.
+fn served_orders(db: &TestDb, dir: &std::path::Path) -> (Server, PyDelta) {
+    let t = PyDelta::new();
+    let schema =
+        json!([["id", "pa.int64()"], ["status", "pa.string()"], ["total", "pa.float64()"], ["note", "pa.string()"]]);
+    let rows: Vec<Value> = (1..=20)
+        .map(|i| {
+            let status = ["new", "shipped", "Shipped late", "cancelled"][i % 4];
+            let note = if i % 5 == 0 { Value::Null } else { json!(format!("note {i}")) };
+            json!([i, status, (i * 7 % 23) as f64 + 0.5, note])
+        })
+        .collect();
+    t.run(json!([{"op": "create", "schema": schema, "rows": rows}]));
+    let other = PyDelta::new();
+    other.run(
+        json!([{"op": "create", "schema": [["id", "pa.int64()"], ["region", "pa.string()"]], "rows": [[1, "emea"]]}]),
+    );
+    let config = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n\n\
+         [[tables]]\nsource = \"{}\"\ntarget = \"public.orders\"\nprimary_key = [\"id\"]\nmode = \"triggered\"\n\n\
+         [[tables]]\nsource = \"{}\"\ntarget = \"crm.orders\"\nprimary_key = [\"id\"]\nmode = \"triggered\"\n",
+        t.path().display(),
+        other.path().display()
+    );
+    let server = Server::start(db, &config, dir);
+    server.wait_for("both tables to sync", std::time::Duration::from_secs(60), || {
+        ["public.orders", "crm.orders"].iter().all(|n| server.table(n)["synced_version"] == 0)
+    });
+    (server, t)
+}
+
+fn ids(reply: &crate::serve::Reply) -> Vec<String> {
+    reply.json().as_array().unwrap().iter().map(|r| r["id"].to_string()).collect()
+}
+
+#[test]
+fn postgrest_queries_answer_what_the_same_sql_answers() {
+    let db = TestDb::new("cli_rest");
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _t) = served_orders(&db, dir.path());
+    let get = |path: &str| http_with(&server.addr, "GET", path, &[]);
+    // (PostgREST query, the same in SQL)
+    let cases = [
+        ("status=eq.new&order=id.desc", "status = 'new' ORDER BY id DESC"),
+        ("status=in.(new,%22Shipped%20late%22)&order=id", "status IN ('new', 'Shipped late') ORDER BY id"),
+        (
+            "status=ilike.*shipped*&total=gte.10&order=total.desc,id",
+            "status ILIKE '%shipped%' AND total >= 10 ORDER BY total DESC, id",
+        ),
+        ("note=is.null&order=id", "note IS NULL ORDER BY id"),
+        ("note=not.is.null&id=lt.6&order=id", "note IS NOT NULL AND id < 6 ORDER BY id"),
+        (
+            "or=(status.eq.cancelled,and(id.gt.15,total.lt.12))&order=id",
+            "(status = 'cancelled' OR (id > 15 AND total < 12)) ORDER BY id",
+        ),
+        ("status=not.like.*a*&order=id", "status NOT LIKE '%a%' ORDER BY id"),
+        ("not.or=(id.lt.5,id.gt.8)&order=id", "NOT (id < 5 OR id > 8) ORDER BY id"),
+        ("order=note.desc.nullsfirst,id&limit=4&offset=2", "true ORDER BY note DESC NULLS FIRST, id LIMIT 4 OFFSET 2"),
+    ];
+    for (rest, sql) in cases {
+        let reply = get(&format!("/rest/v1/orders?select=id&{rest}"));
+        assert_eq!(reply.status, 200, "{rest}: {}", reply.body);
+        let expected: Vec<String> = db
+            .rows(&format!("SELECT id FROM public.orders WHERE {sql}"))
+            .iter()
+            .map(|r| r.trim_matches(['(', ')']).to_string())
+            .collect();
+        assert_eq!(ids(&reply), expected, "{rest}");
+    }
+    // select with an alias, and the version the rows reflect.
+    let reply = get("/rest/v1/orders?select=order_id:id,status&id=eq.3");
+    assert_eq!(reply.json(), json!([{"order_id": 3, "status": "cancelled"}]));
+    assert_eq!(reply.headers["x-lakesync-version"], "0");
+    assert!(reply.headers.contains_key("x-lakesync-commit-timestamp"));
+    assert_eq!(reply.headers["content-range"], "0-0/*");
+    // Another schema through Accept-Profile.
+    let reply = http_with(&server.addr, "GET", "/rest/v1/orders", &[("Accept-Profile", "crm")]);
+    assert_eq!(reply.json(), json!([{"id": 1, "region": "emea"}]));
+}
+
+#[test]
+fn counts_ranges_single_objects_csv_errors_and_refused_writes_speak_postgrest() {
+    let db = TestDb::new("cli_rest_headers");
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _t) = served_orders(&db, dir.path());
+    let with = |path: &str, headers: &[(&str, &str)]| http_with(&server.addr, "GET", path, headers);
+
+    // Counts and ranges.
+    let reply = with("/rest/v1/orders?select=id&order=id", &[("Prefer", "count=exact"), ("Range", "0-4")]);
+    assert_eq!(reply.status, 206, "{}", reply.body);
+    assert_eq!(reply.headers["content-range"], "0-4/20");
+    assert_eq!(ids(&reply), ["1", "2", "3", "4", "5"]);
+    let reply = with("/rest/v1/orders?status=eq.new", &[("Prefer", "count=exact")]);
+    assert_eq!((reply.status, reply.headers["content-range"].as_str()), (200, "0-4/5"));
+    let reply = with("/rest/v1/orders?limit=1", &[("Prefer", "count=planned")]);
+    let planned: i64 = reply.headers["content-range"].split('/').nth(1).unwrap().parse().unwrap();
+    assert!(planned > 0, "{:?}", reply.headers);
+    let reply = with("/rest/v1/orders", &[("Prefer", "count=exact"), ("Range", "30-39")]);
+    assert_eq!(reply.status, 416, "{}", reply.body);
+    assert_eq!(reply.json()["code"], "PGRST103");
+    assert_eq!(reply.headers["content-range"], "*/20");
+    assert_eq!(with("/rest/v1/orders", &[("Range", "9-2")]).status, 416);
+    let head = http_with(&server.addr, "HEAD", "/rest/v1/orders?status=eq.new", &[("Prefer", "count=exact")]);
+    assert_eq!((head.status, head.body.as_str(), head.headers["content-range"].as_str()), (200, "", "0-4/5"));
+
+    // One object, or 406.
+    let object = [("Accept", "application/vnd.pgrst.object+json")];
+    let reply = with("/rest/v1/orders?id=eq.2&select=id,status", &object);
+    assert_eq!((reply.status, reply.json()), (200, json!({"id": 2, "status": "Shipped late"})));
+    let reply = with("/rest/v1/orders?status=eq.new", &object);
+    assert_eq!(reply.status, 406);
+    assert_eq!(reply.json()["code"], "PGRST116");
+    assert_eq!(reply.json()["details"], "The result contains 5 rows");
+
+    // CSV.
+    let reply = with("/rest/v1/orders?select=id,note&id=in.(4,5)&order=id", &[("Accept", "text/csv")]);
+    assert_eq!(reply.headers["content-type"], "text/csv; charset=utf-8");
+    assert_eq!(reply.body, "id,note\n4,note 4\n5,\n");
+
+    // Errors, PostgREST-shaped.
+    let error = |path: &str| {
+        let r = with(path, &[]);
+        let body = r.json();
+        assert!(body.get("message").is_some() && body.get("details").is_some() && body.get("hint").is_some(), "{body}");
+        (r.status, body["code"].as_str().unwrap().to_string())
+    };
+    assert_eq!(error("/rest/v1/orders?nope=eq.1"), (400, "42703".into()));
+    assert_eq!(error("/rest/v1/orders?id=eq.abc"), (400, "22P02".into()));
+    assert_eq!(error("/rest/v1/orders?id=between.1"), (400, "PGRST100".into()));
+    assert_eq!(error("/rest/v1/nothing"), (404, "PGRST205".into()));
+
+    // Writes are refused and change nothing.
+    for method in ["POST", "PATCH", "PUT", "DELETE"] {
+        let reply = http(&server.addr, method, "/rest/v1/orders?id=eq.1", None, Some(&json!({"status": "x"})));
+        assert_eq!(reply.status, 405, "{method}: {}", reply.body);
+        assert_eq!(reply.json()["code"], "42501");
+    }
+    assert_eq!(db.value("SELECT status FROM public.orders WHERE id = 1"), "shipped");
+    assert_eq!(db.value("SELECT count(*) FROM public.orders"), "20");
+}
