@@ -148,3 +148,130 @@ fn counts_ranges_single_objects_csv_errors_and_refused_writes_speak_postgrest() 
     assert_eq!(db.value("SELECT status FROM public.orders WHERE id = 1"), "shipped");
     assert_eq!(db.value("SELECT count(*) FROM public.orders"), "20");
 }
+
+/// The node package directory holding `@supabase/postgrest-js` (installed once per machine by
+/// `scripts/test`, named by `LAKESYNC_TEST_POSTGREST_JS`).
+fn postgrest_js() -> std::path::PathBuf {
+    if let Ok(dir) = std::env::var("LAKESYNC_TEST_POSTGREST_JS") {
+        return dir.into();
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    ["/opt/lakesync-test-postgrest-js".to_string(), format!("{home}/.cache/lakesync-test-postgrest-js")]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.join("node_modules/@supabase/postgrest-js").exists())
+        .unwrap_or_else(|| {
+            panic!("@supabase/postgrest-js is not installed; run `bash scripts/test` (it installs it once)")
+        })
+}
+
+/// `@supabase/postgrest-js`, the client supabase-js is built on, against `/rest/v1`: every
+/// answer (data, count, error, status) is what the same SQL gives, and writes come back as
+/// errors with nothing changed.
+#[test]
+fn postgrest_js_reads_lakesync_as_it_reads_postgrest() {
+    let db = TestDb::new("cli_rest_js");
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _t) = served_orders(&db, dir.path());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/rest/postgrest_client.js");
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .arg(format!("http://{}/rest/v1", server.addr))
+        .env("NODE_PATH", postgrest_js().join("node_modules"))
+        .output()
+        .expect("node");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let answers: std::collections::HashMap<String, Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| (v["name"].as_str().unwrap().to_string(), v))
+        .collect();
+    let sql_ids = |sql: &str| -> Vec<Value> {
+        db.rows(&format!("SELECT id FROM public.orders WHERE {sql}"))
+            .iter()
+            .map(|r| json!({"id": r.trim_matches(['(', ')']).parse::<i64>().unwrap()}))
+            .collect()
+    };
+    let data = |name: &str| {
+        let a = &answers[name];
+        assert!(a["error"].is_null(), "{name}: {a}");
+        a["data"].clone()
+    };
+    assert_eq!(data("eq_order"), Value::Array(sql_ids("status = 'new' ORDER BY id DESC")));
+    assert_eq!(data("in_list"), Value::Array(sql_ids("status IN ('new', 'Shipped late') ORDER BY id")));
+    assert_eq!(
+        data("ilike_gte"),
+        Value::Array(sql_ids("status ILIKE '%shipped%' AND total >= 10 ORDER BY total DESC, id"))
+    );
+    assert_eq!(data("is_null"), Value::Array(sql_ids("note IS NULL ORDER BY id")));
+    assert_eq!(data("not_null"), Value::Array(sql_ids("note IS NOT NULL AND id < 6 ORDER BY id")));
+    assert_eq!(
+        data("or_nested"),
+        Value::Array(sql_ids("status = 'cancelled' OR (id > 15 AND total < 12) ORDER BY id"))
+    );
+    assert_eq!(data("range_count"), Value::Array(sql_ids("true ORDER BY id LIMIT 4 OFFSET 2")));
+    assert_eq!(answers["range_count"]["count"], 20);
+    assert_eq!(
+        (answers["head_count"]["count"].clone(), answers["head_count"]["data"].clone()),
+        (json!(5), Value::Null)
+    );
+    assert_eq!(data("single"), json!({"order_id": 2, "status": "Shipped late"}));
+    assert_eq!(answers["single_many"]["error"]["code"], "PGRST116", "{}", answers["single_many"]);
+    assert_eq!(data("maybe_none"), Value::Null);
+    assert_eq!(data("csv"), json!("id,note\n4,note 4\n5,\n"));
+    assert_eq!(answers["unknown_column"]["error"]["code"], "42703", "{}", answers["unknown_column"]);
+    assert_eq!(answers["bad_value"]["error"]["code"], "22P02", "{}", answers["bad_value"]);
+    assert_eq!(data("other_schema"), json!([{"id": 1, "region": "emea"}]));
+    for write in ["insert", "update", "delete"] {
+        assert_eq!(answers[write]["status"], 405, "{write}: {}", answers[write]);
+        assert_eq!(answers[write]["error"]["code"], "42501", "{write}: {}", answers[write]);
+    }
+    assert_eq!(db.value("SELECT count(*) FROM public.orders WHERE status = 'x' OR id = 100"), "0");
+}
+
+/// postgrest-py (PyPI `postgrest`, what supabase-py is built on), the same way.
+#[test]
+fn postgrest_py_reads_lakesync_as_it_reads_postgrest() {
+    let db = TestDb::new("cli_rest_py");
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _t) = served_orders(&db, dir.path());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/rest/postgrest_client.py");
+    let out = std::process::Command::new(crate::support::python())
+        .arg(&script)
+        .arg(format!("http://{}/rest/v1", server.addr))
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{} (is postgrest-py installed? `bash scripts/test` installs it)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: std::collections::HashMap<String, Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| (v["name"].as_str().unwrap().to_string(), v))
+        .collect();
+    let sql_ids = |sql: &str| -> Value {
+        db.rows(&format!("SELECT id FROM public.orders WHERE {sql}"))
+            .iter()
+            .map(|r| json!({"id": r.trim_matches(['(', ')']).parse::<i64>().unwrap()}))
+            .collect()
+    };
+    let data = |name: &str| {
+        let a = &answers[name];
+        assert!(a["error"].is_null(), "{name}: {a}");
+        a["data"].clone()
+    };
+    assert_eq!(data("eq_order"), sql_ids("status = 'new' ORDER BY id DESC"));
+    assert_eq!(data("in_list"), sql_ids("status IN ('new', 'Shipped late') ORDER BY id"));
+    assert_eq!(data("ilike_gte"), sql_ids("status ILIKE '%shipped%' AND total >= 10 ORDER BY total DESC, id"));
+    assert_eq!(data("is_null"), sql_ids("note IS NULL ORDER BY id"));
+    assert_eq!(data("or_nested"), sql_ids("status = 'cancelled' OR (id > 15 AND total < 12) ORDER BY id"));
+    assert_eq!(data("range_count"), sql_ids("true ORDER BY id LIMIT 4 OFFSET 2"));
+    assert_eq!(answers["range_count"]["count"], 20);
+    assert_eq!(data("single"), json!({"order_id": 2, "status": "Shipped late"}));
+    assert_eq!(answers["unknown_column"]["error"]["code"], "42703", "{}", answers["unknown_column"]);
+    assert_eq!(data("other_schema"), json!([{"id": 1, "region": "emea"}]));
+    assert_eq!(answers["update"]["error"]["code"], "42501", "{}", answers["update"]);
+    assert_eq!(db.value("SELECT status FROM public.orders WHERE id = 1"), "shipped");
+}
