@@ -111,6 +111,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/ingests/{name}/restart", post(manage::restart_ingest))
         .route("/api/v1/tables/{table}/rows", get(data::list))
         .route("/api/v1/tables/{table}/rows/{*key}", get(data::lookup))
+        .route("/rest/v1/", get(rest::openapi))
+        .route("/rest/v1", get(rest::openapi))
         .route(
             "/rest/v1/{table}",
             get(rest::read)

@@ -165,6 +165,90 @@ pub async fn read(
     Ok(r)
 }
 
+/// `GET /rest/v1/`: PostgREST's OpenAPI (Swagger 2.0) document for the synced tables of the
+/// `Accept-Profile` schema (default `public`), for code generators and API explorers.
+pub async fn openapi(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, RestError> {
+    let schema = header(&headers, "accept-profile").unwrap_or("public").to_string();
+    let mut definitions = serde_json::Map::new();
+    let mut paths = serde_json::Map::new();
+    let mut parameters = serde_json::Map::new();
+    let shared = [
+        ("select", "Filtering Columns"),
+        ("order", "Ordering"),
+        ("offset", "Limiting and Pagination"),
+        ("limit", "Limiting and Pagination"),
+    ];
+    for (name, description) in shared {
+        parameters.insert(
+            name.into(),
+            json!({"name": name, "description": description, "required": false, "in": "query", "type": "string"}),
+        );
+    }
+    parameters.insert("range".into(), json!({"name": "Range", "description": "Limiting and Pagination", "required": false, "in": "header", "type": "string"}));
+    parameters.insert("rangeUnit".into(), json!({"name": "Range-Unit", "description": "Limiting and Pagination", "required": false, "default": "items", "in": "header", "type": "string"}));
+    parameters.insert("preferCount".into(), json!({"name": "Prefer", "description": "Preference", "required": false, "in": "header", "type": "string", "enum": ["count=none", "count=exact", "count=planned", "count=estimated"]}));
+    let mut tables: Vec<_> = state.daemon.tables().into_iter().filter(|w| w.spec.target.schema == schema).collect();
+    tables.sort_by(|a, b| a.spec.target.name.cmp(&b.spec.target.name));
+    for worker in tables {
+        let name = worker.spec.target.name.clone();
+        // A table not synced yet has no columns to describe.
+        let Ok((_, shape)) = crate::data::resolve(&state, &worker.spec.target.to_string()).await else { continue };
+        let mut properties = serde_json::Map::new();
+        let mut refs = Vec::new();
+        for (i, c) in shape.columns.iter().enumerate() {
+            let mut property = match c.type_name.as_str() {
+                "int2" | "int4" | "int8" => json!({"type": "integer"}),
+                "float4" | "float8" | "numeric" => json!({"type": "number"}),
+                "bool" => json!({"type": "boolean"}),
+                "jsonb" | "json" => json!({}),
+                _ => json!({"type": "string"}),
+            };
+            property["format"] = json!(c.sql_type);
+            if shape.key.contains(&i) {
+                property["description"] = json!("Note:\nThis is a Primary Key.<pk/>");
+            }
+            properties.insert(c.name.clone(), property);
+            let key = format!("rowFilter.{name}.{}", c.name);
+            parameters.insert(
+                key.clone(),
+                json!({"name": c.name, "required": false, "in": "query", "type": "string", "format": c.sql_type}),
+            );
+            refs.push(json!({"$ref": format!("#/parameters/{key}")}));
+        }
+        let required: Vec<&str> = shape.key.iter().map(|&k| shape.columns[k].name.as_str()).collect();
+        definitions.insert(name.clone(), json!({"type": "object", "required": required, "properties": properties}));
+        for p in ["select", "order", "range", "rangeUnit", "offset", "limit", "preferCount"] {
+            refs.push(json!({"$ref": format!("#/parameters/{p}")}));
+        }
+        paths.insert(
+            format!("/{name}"),
+            json!({"get": {
+                "tags": [name],
+                "summary": format!("{} (synced from Delta; read-only)", worker.spec.target),
+                "parameters": refs,
+                "responses": {
+                    "200": {"description": "OK", "schema": {"type": "array", "items": {"$ref": format!("#/definitions/{name}")}}},
+                    "206": {"description": "Partial Content"}
+                }
+            }}),
+        );
+    }
+    let document = json!({
+        "swagger": "2.0",
+        "info": {"title": "lakesync synced tables", "description": "PostgREST-dialect, read-only", "version": env!("CARGO_PKG_VERSION")},
+        "basePath": "/rest/v1",
+        "schemes": ["http", "https"],
+        "consumes": ["application/json", "application/vnd.pgrst.object+json", "text/csv"],
+        "produces": ["application/json", "application/vnd.pgrst.object+json", "text/csv"],
+        "paths": paths,
+        "definitions": definitions,
+        "parameters": parameters,
+    });
+    let mut r = (StatusCode::OK, document.to_string()).into_response();
+    r.headers_mut().insert("content-type", HeaderValue::from_static("application/openapi+json; charset=utf-8"));
+    Ok(r)
+}
+
 /// `POST`/`PATCH`/`PUT`/`DELETE /rest/v1/{table}`: refused, nothing changed.
 pub async fn refuse_write(method: Method, Path(table): Path<String>) -> RestError {
     let mut e = RestError::new(

@@ -83,6 +83,15 @@ fn postgrest_queries_answer_what_the_same_sql_answers() {
     assert_eq!(reply.headers["x-lakesync-version"], "0");
     assert!(reply.headers.contains_key("x-lakesync-commit-timestamp"));
     assert_eq!(reply.headers["content-range"], "0-0/*");
+    // PostgREST's OpenAPI document for the schema's synced tables.
+    let doc = get("/rest/v1/").json();
+    assert_eq!(doc["swagger"], "2.0");
+    assert_eq!(doc["definitions"]["orders"]["properties"]["id"]["type"], "integer");
+    assert_eq!(doc["definitions"]["orders"]["properties"]["total"]["type"], "number");
+    assert_eq!(doc["definitions"]["orders"]["required"], json!(["id"]));
+    assert!(doc["paths"]["/orders"]["get"]["parameters"].as_array().unwrap().len() >= 4 + 7, "{doc}");
+    let crm = http_with(&server.addr, "GET", "/rest/v1/", &[("Accept-Profile", "crm")]).json();
+    assert_eq!(crm["definitions"]["orders"]["properties"]["region"]["type"], "string");
     // Another schema through Accept-Profile.
     let reply = http_with(&server.addr, "GET", "/rest/v1/orders", &[("Accept-Profile", "crm")]);
     assert_eq!(reply.json(), json!([{"id": 1, "region": "emea"}]));
