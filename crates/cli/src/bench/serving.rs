@@ -1,5 +1,6 @@
-//! `lakesync bench --scenario api`: data API key lookups, lakesync vs the blog's FastAPI +
-//! psycopg_pool service, on the same synced table in the same run.
+//! `lakesync bench --scenario api`: data API key lookups, lakesync (its own `/api/v1` and the
+//! PostgREST-dialect `/rest/v1`) vs the blog's FastAPI + psycopg_pool service, on the same
+//! synced table in the same run.
 //!
 //! Both servers run on this machine with the load generator (a Rust HTTP/1.1 keep-alive
 //! client, no library in between): (1) open loop at a fixed 2,000 req/s for `--seconds`/2,
@@ -131,15 +132,19 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     fastapi.wait_ready(theirs).await?;
 
     let ours_path = |id: u64| format!("/api/v1/tables/public.customer_profiles/rows/C{id:09}");
+    let rest_path = |id: u64| format!("/rest/v1/customer_profiles?customer_id=eq.C{id:09}");
     let theirs_path = |id: u64| format!("/customers/C{id:09}");
     let half = Duration::from_secs((args.seconds / 2).max(2));
-    // Warm both (connections, prepared statements, caches).
+    // Warm all three (connections, prepared statements, caches).
     closed_loop(ours, &ours_path, rows, 8, Duration::from_secs(2)).await?;
+    closed_loop(ours, &rest_path, rows, 8, Duration::from_secs(2)).await?;
     closed_loop(theirs, &theirs_path, rows, 8, Duration::from_secs(2)).await?;
 
     let our_open = open_loop(ours, &ours_path, rows, half).await?;
+    let rest_open = open_loop(ours, &rest_path, rows, half).await?;
     let their_open = open_loop(theirs, &theirs_path, rows, half).await?;
     let our_closed = closed_loop(ours, &ours_path, rows, CLOSED_LOOP_CONNECTIONS, half).await?;
+    let rest_closed = closed_loop(ours, &rest_path, rows, CLOSED_LOOP_CONNECTIONS, half).await?;
     let their_closed = closed_loop(theirs, &theirs_path, rows, CLOSED_LOOP_CONNECTIONS, half).await?;
     let _ = stop_tx.send(());
     let _ = server.await;
@@ -150,9 +155,11 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     println!("\nlakesync bench api: {rows} rows, key lookups of random existing customers, all responses 200\n");
     println!("| server | open loop {RATE} req/s: achieved | p50 ms | p99 ms | max ms | closed loop {CLOSED_LOOP_CONNECTIONS} conns: req/s | p99 ms |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (name, open, closed) in
-        [("lakesync", &our_open, &our_closed), ("FastAPI + psycopg_pool", &their_open, &their_closed)]
-    {
+    for (name, open, closed) in [
+        ("lakesync `/api/v1/tables/…/rows/<key>`", &our_open, &our_closed),
+        ("lakesync `/rest/v1/…?customer_id=eq.<key>` (PostgREST dialect)", &rest_open, &rest_closed),
+        ("FastAPI + psycopg_pool", &their_open, &their_closed),
+    ] {
         println!(
             "| {name} | {:.0} | {:.2} | {:.2} | {:.1} | {:.0} | {:.1} |",
             open.rate(),
@@ -164,8 +171,9 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         );
     }
     println!(
-        "\nthroughput ratio lakesync / FastAPI: {:.1}x; peak RSS of this process (load generator + lakesync): {rss:.0} MB",
-        our_closed.rate() / their_closed.rate()
+        "\nthroughput ratio lakesync / FastAPI: {:.1}x (/api/v1), {:.1}x (/rest/v1); peak RSS of this process (load generator + lakesync): {rss:.0} MB",
+        our_closed.rate() / their_closed.rate(),
+        rest_closed.rate() / their_closed.rate()
     );
     Ok(())
 }
