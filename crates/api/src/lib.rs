@@ -21,6 +21,7 @@
 mod data;
 mod error;
 pub mod https;
+mod jwt;
 mod manage;
 mod metrics;
 mod openapi;
@@ -56,6 +57,8 @@ pub struct AppState {
     policy: lakesync_engine::policy::ApiPolicy,
     /// Table shapes by synced-table name, with the synced version they were read at.
     shapes: Mutex<HashMap<String, CachedShape>>,
+    /// JWTs for `/rest/v1`: with them, a request's role is its token's.
+    jwt: Option<lakesync_engine::config::JwtSettings>,
 }
 
 impl AppState {
@@ -79,6 +82,7 @@ impl AppState {
             max_page_size: settings.max_page_size,
             policy: settings.policy.clone(),
             shapes: Mutex::new(HashMap::new()),
+            jwt: settings.jwt.clone(),
         })
     }
 }
@@ -146,7 +150,9 @@ pub(crate) fn bearer_matches(headers: &HeaderMap, tokens: &[&Secret]) -> bool {
 /// and Prometheus), and mutating routes check the management token themselves.
 async fn require_read_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let ReadAuth::Tokens(tokens) = &state.read_auth {
-        let open = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics");
+        // With JWTs configured, `/rest/v1` authenticates by its own token (and role).
+        let open = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics")
+            || (state.jwt.is_some() && request.uri().path().starts_with("/rest/v1"));
         let reading = matches!(*request.method(), Method::GET | Method::HEAD);
         if reading && !open && !bearer_matches(request.headers(), &tokens.iter().collect::<Vec<_>>()) {
             return ApiError::Unauthorized.into_response();

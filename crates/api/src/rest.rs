@@ -114,10 +114,16 @@ pub async fn read(
     let mut request = parse(&shape, raw.as_deref().unwrap_or(""), state.max_page_size)?;
     apply_range(&headers, &mut request)?;
     request.query.count = prefer_count(&headers);
+    let role = match &state.jwt {
+        None => None,
+        Some(settings) => Some(jwt_role(settings, &headers)?),
+    };
     let mut client = state.pool.get().await.map_err(|e| RestError::from(ApiError::from_query(e)))?;
-    let result = query::read(&mut client, &shape, &request.query)
-        .await
-        .map_err(|e| RestError::from(crate::data::query_error(&state, &worker, e)))?;
+    let result = match &role {
+        None => query::read(&mut client, &shape, &request.query).await,
+        Some(role) => query::read_as(&mut client, &shape, &request.query, role).await,
+    }
+    .map_err(|e| rest_query_error(&state, &worker, e))?;
     let Some(synced) = result.synced else {
         return Err(RestError::new(StatusCode::NOT_FOUND, "PGRST205", format!("{path_table} is no longer synced")));
     };
@@ -258,6 +264,50 @@ pub async fn refuse_write(method: Method, Path(table): Path<String>) -> RestErro
     );
     e.hint = Some("the synced table follows its Delta table; write to the Delta table instead".into());
     e
+}
+
+/// The role of a request: its JWT's (`Authorization: Bearer`, else `apikey`, as Supabase
+/// clients send it), or the anonymous role.
+fn jwt_role(settings: &lakesync_engine::config::JwtSettings, headers: &HeaderMap) -> Result<query::Role, RestError> {
+    let token = header(headers, "authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| header(headers, "apikey"))
+        .map(str::trim);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    crate::jwt::role(settings, token, now).map_err(|e| {
+        let (code, message) = match e {
+            crate::jwt::JwtError::Expired => ("PGRST303", "JWT expired".to_string()),
+            crate::jwt::JwtError::AnonymousDisabled => ("PGRST302", "Anonymous access is disabled".to_string()),
+            crate::jwt::JwtError::Invalid(why) => ("PGRST301", format!("JWT invalid: {why}")),
+        };
+        let mut r = RestError::new(StatusCode::UNAUTHORIZED, code, message);
+        r.hint = Some(
+            "sign HS256 tokens with the secret of [api] jwt_secret_env; the role claim names the Postgres role".into(),
+        );
+        r
+    })
+}
+
+/// A failed read: a role that does not exist or may not read the table is the caller's
+/// problem (401/403 with Postgres' code), the rest as for the other data routes.
+fn rest_query_error(state: &AppState, worker: &lakesync_engine::Worker, e: lakesync_postgres::PgError) -> RestError {
+    match e.sql_state().map(|s| s.code().to_string()).as_deref() {
+        Some(code @ ("42501" | "42704" | "22023")) => {
+            let message = match &e {
+                lakesync_postgres::PgError::Query { error, .. } => {
+                    error.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
+                }
+                _ => e.to_string(),
+            };
+            let (status, code) = match code {
+                "42501" => (StatusCode::FORBIDDEN, "42501"),
+                "42704" => (StatusCode::UNAUTHORIZED, "42704"),
+                _ => (StatusCode::UNAUTHORIZED, "22023"),
+            };
+            RestError::new(status, code, message)
+        }
+        _ => RestError::from(crate::data::query_error(state, worker, e)),
+    }
 }
 
 fn versions(h: &mut HeaderMap, synced: &SyncedAt) {

@@ -224,6 +224,13 @@ pub struct ApiSection {
     /// What specs posted to the API may reach (see [`crate::policy`]).
     #[serde(default)]
     pub policy: crate::policy::PolicySection,
+    /// Name of the environment variable holding the HS256 secret of the JWTs `/rest/v1`
+    /// accepts (PostgREST's `jwt-secret`; Supabase's JWT secret). With it, a request's token
+    /// (`Authorization: Bearer` or `apikey`) decides the Postgres role its query runs as.
+    pub jwt_secret_env: Option<String>,
+    /// The role of `/rest/v1` requests without a JWT (PostgREST's `db-anon-role`); without
+    /// it such requests are refused once `jwt_secret_env` is set.
+    pub anon_role: Option<String>,
 }
 
 /// One `[[tables]]` entry; also the body of `POST /api/v1/synced-tables`.
@@ -836,6 +843,17 @@ pub struct ApiSettings {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// What specs posted to the API may reach.
     pub policy: crate::policy::ApiPolicy,
+    /// JWTs for `/rest/v1` (`jwt_secret_env`, `anon_role`).
+    pub jwt: Option<JwtSettings>,
+}
+
+/// How `/rest/v1` authenticates with JWTs, as PostgREST does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtSettings {
+    /// The HS256 secret.
+    pub secret: Secret,
+    /// The role of requests without a token.
+    pub anon_role: Option<String>,
 }
 
 /// Who may call the API's reading routes (rows, table status, runs, OpenAPI).
@@ -989,14 +1007,39 @@ impl ConfigFile {
             (None, None) => None,
             _ => return Err(invalid("[api]", "tls_cert and tls_key go together")),
         };
+        let jwt = match (&api.jwt_secret_env, &api.anon_role) {
+            (Some(var), anon_role) => {
+                let secret = secret("jwt_secret_env", var)?;
+                if secret.expose().len() < 32 {
+                    return Err(invalid(
+                        "[api]",
+                        format!("jwt_secret_env: the secret in {var} must be at least 32 bytes"),
+                    ));
+                }
+                if let Some(role) = anon_role {
+                    if role.is_empty() || role.chars().any(char::is_control) {
+                        return Err(invalid("[api]", "anon_role must be a role name"));
+                    }
+                }
+                Some(JwtSettings { secret, anon_role: anon_role.clone() })
+            }
+            (None, Some(_)) => return Err(invalid("[api]", "anon_role applies only with jwt_secret_env")),
+            (None, None) => None,
+        };
         let tables = self.tables.iter().map(|t| t.validate_with(env)).collect::<Result<Vec<_>, _>>()?;
         check_unique(&tables)?;
         let ingests = self.ingest.iter().map(|i| i.validate_with(env)).collect::<Result<Vec<_>, _>>()?;
         // The variables holding the daemon's own secrets: no API spec may name them.
-        let reserved = [&self.postgres.password_env, &api.token_env, &api.read_token_env, &api.postgres_password_env]
-            .into_iter()
-            .flatten()
-            .cloned();
+        let reserved = [
+            &self.postgres.password_env,
+            &api.token_env,
+            &api.read_token_env,
+            &api.postgres_password_env,
+            &api.jwt_secret_env,
+        ]
+        .into_iter()
+        .flatten()
+        .cloned();
         let policy = api.policy.validate(&self.tables, &self.ingest, reserved)?;
         let mut names = BTreeSet::new();
         for i in &ingests {
@@ -1016,6 +1059,7 @@ impl ConfigFile {
                 postgres: api_postgres,
                 tls,
                 policy,
+                jwt,
             },
             tables,
             ingests,

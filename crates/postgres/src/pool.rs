@@ -22,6 +22,12 @@ impl PooledClient {
         &self.client
     }
 
+    /// The session, to open a transaction on (its `Drop` rolls back what it leaves open, so a
+    /// cancelled request never leaves a transaction, or a role, to the next).
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
     /// Prepares `sql` once per session; every parameter is `text` (values are cast in SQL).
     pub async fn prepare_text_params(&mut self, sql: &str, params: usize) -> Result<Statement, tokio_postgres::Error> {
         if let Some(s) = self.statements.get(sql) {

@@ -197,6 +197,13 @@ impl TableShape {
     /// columns synced version, commit timestamp, exact count (or NULL), row JSON (NULL when
     /// no row matched).
     pub fn read_sql(&self, q: &ReadQuery) -> (String, Vec<String>) {
+        self.read_sql_with(q, true)
+    }
+
+    /// [`Self::read_sql`]; without `with_state` the statement does not read the sync state
+    /// (its first two columns are NULL; `$1`/`$2` stay in the numbering, unused), for a role
+    /// that may not read it.
+    pub fn read_sql_with(&self, q: &ReadQuery, with_state: bool) -> (String, Vec<String>) {
         let mut sql = Sql { shape: self, params: Vec::new(), base: 2 };
         let filter = sql.filter(q);
         let outputs: Vec<(usize, String)> = if q.select.is_empty() {
@@ -232,12 +239,20 @@ impl TableShape {
             "NULL::bigint".to_string()
         };
         let order = order.join(", ");
+        let (state, from, wher) = if with_state {
+            (
+                format!("s.synced_version, {}", crate::rows::COMMIT_TS),
+                "lakesync.synced_tables s",
+                "WHERE s.target_schema = $1 AND s.target_table = $2",
+            )
+        } else {
+            ("NULL::bigint, NULL::text".to_string(), "(SELECT $1::text, $2::text) s", "")
+        };
         let text = format!(
-            "SELECT s.synced_version, {ts}, {count}, r.j FROM lakesync.synced_tables s \
+            "SELECT {state}, {count}, r.j FROM {from} \
              LEFT JOIN LATERAL (SELECT {json} AS j, row_number() OVER (ORDER BY {order}) AS n FROM \
              (SELECT * FROM {table} t {filter} ORDER BY {order}{limit}{offset}) t) r ON true \
-             WHERE s.target_schema = $1 AND s.target_table = $2 ORDER BY r.n",
-            ts = crate::rows::COMMIT_TS,
+             {wher} ORDER BY r.n",
         );
         (text, sql.params)
     }
@@ -252,6 +267,72 @@ impl TableShape {
 
 fn read_err(shape: &TableShape) -> impl FnOnce(tokio_postgres::Error) -> PgError + use<> {
     PgError::query(shape.table.to_string(), "read rows")
+}
+
+/// The Postgres role a read runs as, and the claims its JWT carried (for policies reading
+/// `current_setting('request.jwt.claims', true)`, as under PostgREST).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    pub name: String,
+    /// The JWT's claims as JSON; `None` for the anonymous role.
+    pub claims: Option<String>,
+}
+
+/// Runs `q` on the table of `shape` as `role`: in one REPEATABLE READ transaction, the synced
+/// version is read first with the API's own role, then `SET LOCAL ROLE`, and the rows and the
+/// count are read as `role`, so its grants and row-level security policies decide what it
+/// sees, and all of it describes one snapshot.
+pub async fn read_as(
+    client: &mut PooledClient,
+    shape: &TableShape,
+    q: &ReadQuery,
+    role: &Role,
+) -> Result<ReadResult, PgError> {
+    let (sql, values) = shape.read_sql_with(q, false);
+    let statement = client.prepare_text_params(&sql, 2 + values.len()).await.map_err(read_err(shape))?;
+    let state = client
+        .prepare_text_params(
+            &format!(
+                "SELECT synced_version, {} FROM lakesync.synced_tables s WHERE target_schema = $1 AND target_table = $2",
+                crate::rows::COMMIT_TS
+            ),
+            2,
+        )
+        .await
+        .map_err(read_err(shape))?;
+    let tx = client
+        .client_mut()
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(read_err(shape))?;
+    let Some(state) = tx.query_opt(&state, &[&shape.table.schema, &shape.table.name]).await.map_err(read_err(shape))?
+    else {
+        return Ok(ReadResult { synced: None, rows: Vec::new(), total: None });
+    };
+    let synced = SyncedAt { version: state.get(0), commit_timestamp: state.get(1) };
+    tx.batch_execute(&format!("SET LOCAL ROLE {}", ident(&role.name))).await.map_err(read_err(shape))?;
+    let claims = role.claims.clone().unwrap_or_else(|| "{}".into());
+    tx.execute("SELECT set_config('request.jwt.claims', $1::text, true)", &[&claims]).await.map_err(read_err(shape))?;
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&shape.table.schema, &shape.table.name];
+    params.extend(values.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)));
+    let result = tx.query(&statement, &params).await.map_err(read_err(shape))?;
+    let mut total: Option<i64> = result.first().and_then(|r| r.get(2));
+    let rows: Vec<String> = result.iter().filter_map(|r| r.get::<_, Option<String>>(3)).collect();
+    if q.count == Some(Count::Planned) {
+        let (sql, values) = shape.estimate_sql(q);
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            values.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+        let types = vec![tokio_postgres::types::Type::TEXT; values.len()];
+        let plan = tx.prepare_typed(&sql, &types).await.map_err(read_err(shape))?;
+        let row = tx.query_one(&plan, &params).await.map_err(read_err(shape))?;
+        let plan: serde_json::Value = row.get(0);
+        total = Some(plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0).round() as i64);
+    }
+    tx.commit().await.map_err(read_err(shape))?;
+    Ok(ReadResult { synced: Some(synced), rows, total })
 }
 
 /// Runs `q` on the table of `shape`.

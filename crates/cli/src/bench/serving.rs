@@ -118,6 +118,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         postgres: None,
         tls: None,
         policy: Default::default(),
+        jwt: None,
     };
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     let ours = listener.local_addr()?;

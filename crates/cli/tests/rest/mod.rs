@@ -284,3 +284,97 @@ fn postgrest_py_reads_lakesync_as_it_reads_postgrest() {
     assert_eq!(answers["update"]["error"]["code"], "42501", "{}", answers["update"]);
     assert_eq!(db.value("SELECT status FROM public.orders WHERE id = 1"), "shipped");
 }
+
+/// An HS256 JWT of `claims` signed with `secret` (Python's standard library signs it: an
+/// implementation independent of lakesync's).
+fn jwt(secret: &str, claims: &Value) -> String {
+    let code = "import base64, hashlib, hmac, json, sys\n\
+        b = lambda d: base64.urlsafe_b64encode(d).rstrip(b'=').decode()\n\
+        head = b(json.dumps({'alg': 'HS256', 'typ': 'JWT'}).encode())\n\
+        body = b(sys.argv[2].encode())\n\
+        sig = b(hmac.new(sys.argv[1].encode(), f'{head}.{body}'.encode(), hashlib.sha256).digest())\n\
+        print(f'{head}.{body}.{sig}')";
+    let out = std::process::Command::new(crate::support::python())
+        .args(["-c", code, secret, &claims.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// PostgREST's authentication model: a JWT's `role` claim is the Postgres role the request's
+/// query runs as (`SET LOCAL ROLE`), a request without one runs as `anon_role`, so grants and
+/// row-level security policies decide what each caller reads; the token may come as a bearer
+/// or in `apikey` (as Supabase clients send it); expired, forged or role-less tokens are 401.
+#[test]
+fn a_jwts_role_and_row_level_security_decide_what_each_caller_reads() {
+    const SECRET: &str = "a-test-secret-of-at-least-32-bytes!";
+    let db = TestDb::new("cli_rest_jwt");
+    for role in ["rest_anon", "rest_user", "rest_nobody"] {
+        db.execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {role} NOLOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t = PyDelta::new();
+    let schema = json!([["id", "pa.int64()"], ["owner", "pa.string()"]]);
+    t.run(json!([{"op": "create", "schema": schema, "rows": [[1, "u1"], [2, "u2"], [3, "u1"], [4, "public"]]}]));
+    let config = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\nread_auth = \"token\"\ntoken_env = \"LAKESYNC_TEST_TOKEN\"\n\
+         jwt_secret_env = \"LAKESYNC_TEST_JWT_SECRET\"\nanon_role = \"rest_anon\"\n\n\
+         [[tables]]\nsource = \"{}\"\ntarget = \"public.notes\"\nprimary_key = [\"id\"]\nmode = \"triggered\"\n",
+        t.path().display()
+    );
+    let server = Server::start_with_env(&db, &config, dir.path(), &[("LAKESYNC_TEST_JWT_SECRET", SECRET)]);
+    server.wait_for("the table to sync", std::time::Duration::from_secs(60), || {
+        http(&server.addr, "GET", "/api/v1/synced-tables/public.notes", Some(crate::serve::TOKEN), None).json()
+            ["synced_version"]
+            == 0
+    });
+    // The owner's grants and policies, as a Supabase project has them.
+    db.execute(
+        "GRANT SELECT ON public.notes TO rest_anon, rest_user; ALTER TABLE public.notes ENABLE ROW LEVEL SECURITY; \
+         CREATE POLICY anon_public ON public.notes FOR SELECT TO rest_anon USING (owner = 'public'); \
+         CREATE POLICY own_notes ON public.notes FOR SELECT TO rest_user \
+           USING (owner = current_setting('request.jwt.claims', true)::json->>'sub' OR owner = 'public')",
+    );
+    let ids = |headers: &[(&str, &str)]| {
+        let r = http_with(&server.addr, "GET", "/rest/v1/notes?select=id&order=id", headers);
+        assert_eq!(r.status, 200, "{headers:?}: {}", r.body);
+        assert_eq!(r.headers["x-lakesync-version"], "0");
+        ids(&r)
+    };
+    // Anonymous: the anon role's policy.
+    assert_eq!(ids(&[]), ["4"]);
+    // u1 and u2 see their own notes and the public one, by bearer or by apikey.
+    let u1 = jwt(SECRET, &json!({"role": "rest_user", "sub": "u1", "exp": 4_000_000_000u64}));
+    let u2 = jwt(SECRET, &json!({"role": "rest_user", "sub": "u2"}));
+    assert_eq!(ids(&[("Authorization", &format!("Bearer {u1}"))]), ["1", "3", "4"]);
+    assert_eq!(ids(&[("apikey", &u2)]), ["2", "4"]);
+    // A count is counted as the caller too.
+    let r = http_with(
+        &server.addr,
+        "GET",
+        "/rest/v1/notes",
+        &[("Authorization", &format!("Bearer {u1}")), ("Prefer", "count=exact")],
+    );
+    assert_eq!(r.headers["content-range"], "0-2/3");
+
+    let refused = |headers: &[(&str, &str)]| {
+        let r = http_with(&server.addr, "GET", "/rest/v1/notes", headers);
+        (r.status, r.json()["code"].as_str().unwrap_or_default().to_string())
+    };
+    let expired = jwt(SECRET, &json!({"role": "rest_user", "sub": "u1", "exp": 1_000_000_000u64}));
+    assert_eq!(refused(&[("Authorization", &format!("Bearer {expired}"))]), (401, "PGRST303".into()));
+    let forged = jwt("another-secret-of-at-least-32-bytes!", &json!({"role": "postgres"}));
+    assert_eq!(refused(&[("Authorization", &format!("Bearer {forged}"))]), (401, "PGRST301".into()));
+    // A role without the grant, and one that does not exist.
+    let nobody = jwt(SECRET, &json!({"role": "rest_nobody"}));
+    assert_eq!(refused(&[("Authorization", &format!("Bearer {nobody}"))]), (403, "42501".into()));
+    let ghost = jwt(SECRET, &json!({"role": "no_such_role_here"}));
+    assert_eq!(refused(&[("Authorization", &format!("Bearer {ghost}"))]), (401, "22023".into()));
+    // The management API keeps its own token: a JWT does not open it.
+    assert_eq!(http(&server.addr, "GET", "/api/v1/synced-tables", None, None).status, 401);
+    // The session is clean for the next caller: the role was LOCAL to its transaction.
+    assert_eq!(ids(&[]), ["4"]);
+}

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::support::{block_on, PyDelta, TestDb};
 
-const TOKEN: &str = "test-token-7f3a";
+pub(crate) const TOKEN: &str = "test-token-7f3a";
 const READ_TOKEN: &str = "read-token-91c2";
 
 /// A response: status, lower-cased headers, body.
@@ -121,7 +121,7 @@ impl Server {
     }
 
     /// [`Server::start`] with these environment variables besides the test's own.
-    fn start_with_env(db: &TestDb, config: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
+    pub(crate) fn start_with_env(db: &TestDb, config: &str, dir: &std::path::Path, env: &[(&str, &str)]) -> Self {
         let path = dir.join("lakesync.toml");
         std::fs::write(&path, config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_lakesync"))
