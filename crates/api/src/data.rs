@@ -8,7 +8,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use lakesync_core::TableName;
 use lakesync_engine::Worker;
-use lakesync_postgres::rows::{self, RowQuery, SyncedAt, TableShape};
+use lakesync_postgres::query::{self, Cond, Op, ReadQuery, Sort};
+use lakesync_postgres::rows::{SyncedAt, TableShape};
 
 use crate::{ApiError, AppState};
 
@@ -79,15 +80,21 @@ pub async fn lookup(
             names.join(", ")
         )));
     }
+    // The same query model as every read: the key's columns equal to the path's values.
+    let q = ReadQuery {
+        filter: shape.key.iter().zip(key).map(|(&column, value)| Cond::Cmp { column, op: Op::Eq, value }).collect(),
+        limit: Some(1),
+        ..Default::default()
+    };
     let mut client = state.pool.get().await.map_err(ApiError::from_query)?;
-    let found = rows::lookup(&mut client, &shape, &key).await.map_err(|e| query_error(&state, &worker, e))?;
-    match found {
-        None => {
+    let found = query::read(&mut client, &shape, &q).await.map_err(|e| query_error(&state, &worker, e))?;
+    match (found.synced, found.rows.into_iter().next()) {
+        (None, _) => {
             forget_shape(&state, &worker);
             Err(ApiError::NotFound(format!("{table} is not a synced table")))
         }
-        Some((synced, Some(row))) => Ok(respond(StatusCode::OK, row, &synced)),
-        Some((synced, None)) => {
+        (Some(synced), Some(row)) => Ok(respond(StatusCode::OK, row, &synced)),
+        (Some(synced), None) => {
             Ok(respond(StatusCode::NOT_FOUND, r#"{"error":"no row with this key"}"#.to_string(), &synced))
         }
     }
@@ -100,14 +107,17 @@ pub async fn list(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let (worker, shape) = resolve(&state, &table).await?;
-    let (q, order_spec) = parse_list_query(&shape, raw.as_deref().unwrap_or(""), state.max_page_size)?;
+    let (q, limit, order_spec) = parse_list_query(&shape, raw.as_deref().unwrap_or(""), state.max_page_size)?;
     let mut client = state.pool.get().await.map_err(ApiError::from_query)?;
-    let page = rows::page(&mut client, &shape, &q).await.map_err(|e| query_error(&state, &worker, e))?;
+    let mut page = query::read(&mut client, &shape, &q).await.map_err(|e| query_error(&state, &worker, e))?;
     let Some(synced) = page.synced else {
         forget_shape(&state, &worker);
         return Err(ApiError::NotFound(format!("{table} is not a synced table")));
     };
-    let next = match &page.next {
+    // One row more than the page was read: whether another page follows.
+    let more = page.rows.len() > limit;
+    page.rows.truncate(limit);
+    let next = match page.sort_values.get(limit.wrapping_sub(1)).filter(|_| more) {
         Some(values) => serde_json::to_string(&encode_cursor(&order_spec, values)).expect("string"),
         None => "null".to_string(),
     };
@@ -125,16 +135,20 @@ pub async fn list(
     Ok(respond(StatusCode::OK, body, &synced))
 }
 
-/// Parses the list parameters against the table's columns. Returns the query and the order
-/// spec the cursor is bound to.
-fn parse_list_query(shape: &TableShape, raw: &str, max: u32) -> Result<(RowQuery, String), ApiError> {
-    let mut q = RowQuery { filters: Vec::new(), order_by: None, descending: false, limit: DEFAULT_LIMIT, after: None };
+/// Parses the list parameters against the table's columns into the query model: equality
+/// filters, `order_by` (NULLs last; the key breaks ties, in the same direction), a keyset
+/// cursor, and one row more than `limit` (to tell whether a next page exists). Returns the
+/// query, the page size and the order spec the cursor is bound to.
+fn parse_list_query(shape: &TableShape, raw: &str, max: u32) -> Result<(ReadQuery, usize, String), ApiError> {
+    let mut filter = Vec::new();
+    let mut limit = DEFAULT_LIMIT;
+    let (mut order_by, mut descending) = (None, false);
     let mut cursor = None;
     let mut order_spec = String::new();
     for (name, value) in query_pairs(raw)? {
         match name.as_str() {
             "limit" => {
-                q.limit = value
+                limit = value
                     .parse()
                     .ok()
                     .filter(|n| (1..=max).contains(n))
@@ -150,24 +164,42 @@ fn parse_list_query(shape: &TableShape, raw: &str, max: u32) -> Result<(RowQuery
                         _ => return Err(unknown(shape, &value)),
                     },
                 };
-                q.order_by = Some(col);
-                q.descending = desc;
+                order_by = Some(col);
+                descending = desc;
                 order_spec = value;
             }
             column => {
                 let col = shape.column(column).ok_or_else(|| unknown(shape, column))?;
-                q.filters.push((col, value));
+                filter.push(Cond::Cmp { column: col, op: Op::Eq, value });
             }
         }
     }
-    if let Some(c) = cursor {
-        let values = decode_cursor(&c, &order_spec)?;
-        if values.len() != shape.sort_columns(q.order_by).len() || values.iter().skip(1).any(Option::is_none) {
-            return Err(ApiError::BadRequest("invalid cursor".into()));
+    // The order column (NULLs last in both directions) then the key; keys are never NULL, so
+    // their own NULLs clause is left to Postgres (an index on the key then serves the order).
+    let order_column = order_by.filter(|c| !shape.key.contains(c));
+    let mut order: Vec<Sort> =
+        order_column.map(|column| Sort { column, descending, nulls_first: Some(false) }).into_iter().collect();
+    let key_first = order_by.filter(|c| shape.key.contains(c));
+    order.extend(
+        key_first.into_iter().chain(shape.key.iter().copied().filter(|k| Some(*k) != key_first)).map(|column| Sort {
+            column,
+            descending,
+            nulls_first: None,
+        }),
+    );
+    let after = match cursor {
+        Some(c) => {
+            let values = decode_cursor(&c, &order_spec)?;
+            if values.len() != order.len() || values.iter().skip(1).any(Option::is_none) {
+                return Err(ApiError::BadRequest("invalid cursor".into()));
+            }
+            Some(values)
         }
-        q.after = Some(values);
-    }
-    Ok((q, order_spec))
+        None => None,
+    };
+    let q =
+        ReadQuery { filter, order, limit: Some(u64::from(limit) + 1), after, sort_values: true, ..Default::default() };
+    Ok((q, limit as usize, order_spec))
 }
 
 fn unknown(shape: &TableShape, column: &str) -> ApiError {
@@ -249,10 +281,18 @@ mod tests {
 
     #[test]
     fn list_parameters_become_filters_order_and_a_bound_cursor() {
-        let (q, spec) = parse_list_query(&shape(), "country=NL&order_by=score.desc&limit=5", 100).unwrap();
-        assert_eq!((q.filters, q.order_by, q.descending, q.limit), (vec![(1, "NL".into())], Some(2), true, 5));
+        let (q, limit, spec) = parse_list_query(&shape(), "country=NL&order_by=score.desc&limit=5", 100).unwrap();
+        assert_eq!(q.filter, vec![Cond::Cmp { column: 1, op: Op::Eq, value: "NL".into() }]);
+        assert_eq!(
+            q.order,
+            vec![
+                Sort { column: 2, descending: true, nulls_first: Some(false) },
+                Sort { column: 0, descending: true, nulls_first: None }
+            ]
+        );
+        assert_eq!((limit, q.limit, q.sort_values), (5, Some(6), true), "one row more: is there a next page");
         let cursor = encode_cursor(&spec, &[Some("0.5".into()), Some("42".into())]);
-        let (q, _) = parse_list_query(&shape(), &format!("order_by=score.desc&after={cursor}"), 100).unwrap();
+        let (q, _, _) = parse_list_query(&shape(), &format!("order_by=score.desc&after={cursor}"), 100).unwrap();
         assert_eq!(q.after, Some(vec![Some("0.5".into()), Some("42".into())]));
         let err = parse_list_query(&shape(), &format!("order_by=country&after={cursor}"), 100).unwrap_err();
         assert!(err.to_string().contains("different order_by"), "{err}");
@@ -275,10 +315,12 @@ mod tests {
             let err = parse_list_query(&shape(), raw, 100).unwrap_err();
             assert!(matches!(err, ApiError::BadRequest(_)), "{raw}: {err}");
         }
-        let (q, _) = parse_list_query(&shape(), "country=caf%C3%A9+au+lait&limit=5", 100).unwrap();
-        assert_eq!(q.filters[0].1, "café au lait");
-        let (q, _) = parse_list_query(&shape(), "country=a%2Bb", 100).unwrap();
-        assert_eq!(q.filters[0].1, "a+b");
+        let value = |raw: &str| match parse_list_query(&shape(), raw, 100).unwrap().0.filter.remove(0) {
+            Cond::Cmp { value, .. } => value,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(value("country=caf%C3%A9+au+lait&limit=5"), "café au lait");
+        assert_eq!(value("country=a%2Bb"), "a+b");
     }
 
     #[test]

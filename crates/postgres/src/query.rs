@@ -110,6 +110,12 @@ pub struct ReadQuery {
     pub limit: Option<u64>,
     pub offset: u64,
     pub count: Option<Count>,
+    /// Keyset pagination: the sort values (as text; one per `order` entry) of the previous
+    /// page's last row; this page starts after it. Needs every sort key in one direction, the
+    /// first with NULLs last, and `order` ending with the key (what `/api/v1` lists use).
+    pub after: Option<Vec<Option<String>>>,
+    /// Also return each row's sort values as text ([`ReadResult::sort_values`]), for cursors.
+    pub sort_values: bool,
 }
 
 /// What a read returns.
@@ -121,6 +127,8 @@ pub struct ReadResult {
     pub rows: Vec<String>,
     /// The count asked for.
     pub total: Option<i64>,
+    /// Per row, its sort values as text, when [`ReadQuery::sort_values`] asked.
+    pub sort_values: Vec<Vec<Option<String>>>,
 }
 
 /// `%`-free PostgREST wildcards: `*` stands for `%` in LIKE patterns (URLs mangle `%`).
@@ -184,11 +192,43 @@ impl Sql<'_> {
     }
 
     fn filter(&mut self, q: &ReadQuery) -> String {
-        if q.filter.is_empty() {
+        let mut parts: Vec<String> = q.filter.iter().map(|c| self.cond(c)).collect();
+        if let Some(after) = &q.after {
+            parts.push(self.keyset(&q.order, after));
+        }
+        if parts.is_empty() {
             return String::new();
         }
-        let parts: Vec<String> = q.filter.iter().map(|c| self.cond(c)).collect();
         format!("WHERE {}", parts.join(" AND "))
+    }
+
+    /// Rows after `after` in `order` (one direction; a first column that is not a key may hold
+    /// NULLs, which sort last).
+    fn keyset(&mut self, order: &[Sort], after: &[Option<String>]) -> String {
+        let cmp = if order.first().is_some_and(|s| s.descending) { "<" } else { ">" };
+        let tuple = |sql: &mut Self, sorts: &[Sort], values: &[Option<String>]| {
+            let lhs: Vec<String> = sorts.iter().map(|s| sql.col(s.column)).collect();
+            let rhs: Vec<String> = sorts
+                .iter()
+                .zip(values)
+                .map(|(s, v)| {
+                    let n = sql.param(v.clone().unwrap_or_default());
+                    format!("${n}::{}", sql.shape.columns[s.column].sql_type)
+                })
+                .collect();
+            format!("({}) {cmp} ({})", lhs.join(", "), rhs.join(", "))
+        };
+        let nullable = order.first().filter(|s| !self.shape.key.contains(&s.column));
+        match nullable {
+            Some(first) => {
+                let col = self.col(first.column);
+                match &after[0] {
+                    Some(_) => format!("({} OR {col} IS NULL)", tuple(self, order, after)),
+                    None => format!("({col} IS NULL AND {})", tuple(self, &order[1..], &after[1..])),
+                }
+            }
+            None => tuple(self, order, after),
+        }
     }
 }
 
@@ -212,6 +252,12 @@ impl TableShape {
             q.select.iter().map(|o| (o.column, o.name.clone())).collect()
         };
         let json = self.json_of(&outputs);
+        // The sort values as text, for a cursor (c0, c1, ...).
+        let sort_texts: Vec<String> = if q.sort_values {
+            q.order.iter().enumerate().map(|(i, s)| format!("{}::text AS c{i}", sql.col(s.column))).collect()
+        } else {
+            Vec::new()
+        };
         let mut order: Vec<String> = q
             .order
             .iter()
@@ -248,9 +294,11 @@ impl TableShape {
         } else {
             ("NULL::bigint, NULL::text".to_string(), "(SELECT $1::text, $2::text) s", "")
         };
+        let (inner_texts, outer_texts): (String, String) =
+            sort_texts.iter().enumerate().map(|(i, t)| (format!(", {t}"), format!(", r.c{i}"))).unzip();
         let text = format!(
-            "SELECT {state}, {count}, r.j FROM {from} \
-             LEFT JOIN LATERAL (SELECT {json} AS j, row_number() OVER (ORDER BY {order}) AS n FROM \
+            "SELECT {state}, {count}, r.j{outer_texts} FROM {from} \
+             LEFT JOIN LATERAL (SELECT {json} AS j{inner_texts}, row_number() OVER (ORDER BY {order}) AS n FROM \
              (SELECT * FROM {table} t {filter} ORDER BY {order}{limit}{offset}) t) r ON true \
              {wher} ORDER BY r.n",
         );
@@ -310,7 +358,7 @@ pub async fn read_as(
         .map_err(read_err(shape))?;
     let Some(state) = tx.query_opt(&state, &[&shape.table.schema, &shape.table.name]).await.map_err(read_err(shape))?
     else {
-        return Ok(ReadResult { synced: None, rows: Vec::new(), total: None });
+        return Ok(ReadResult { synced: None, rows: Vec::new(), total: None, sort_values: Vec::new() });
     };
     let synced = SyncedAt { version: state.get(0), commit_timestamp: state.get(1) };
     tx.batch_execute(&format!("SET LOCAL ROLE {}", ident(&role.name))).await.map_err(read_err(shape))?;
@@ -320,7 +368,7 @@ pub async fn read_as(
     params.extend(values.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)));
     let result = tx.query(&statement, &params).await.map_err(read_err(shape))?;
     let mut total: Option<i64> = result.first().and_then(|r| r.get(2));
-    let rows: Vec<String> = result.iter().filter_map(|r| r.get::<_, Option<String>>(3)).collect();
+    let (rows, sort_values) = rows_of(&result, q);
     if q.count == Some(Count::Planned) {
         let (sql, values) = shape.estimate_sql(q);
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
@@ -332,7 +380,7 @@ pub async fn read_as(
         total = Some(plan[0]["Plan"]["Plan Rows"].as_f64().unwrap_or(0.0).round() as i64);
     }
     tx.commit().await.map_err(read_err(shape))?;
-    Ok(ReadResult { synced: Some(synced), rows, total })
+    Ok(ReadResult { synced: Some(synced), rows, total, sort_values })
 }
 
 /// Runs `q` on the table of `shape`.
@@ -343,15 +391,30 @@ pub async fn read(client: &mut PooledClient, shape: &TableShape, q: &ReadQuery) 
     params.extend(values.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)));
     let result = client.client().query(&statement, &params).await.map_err(read_err(shape))?;
     let Some(first) = result.first() else {
-        return Ok(ReadResult { synced: None, rows: Vec::new(), total: None });
+        return Ok(ReadResult { synced: None, rows: Vec::new(), total: None, sort_values: Vec::new() });
     };
     let synced = SyncedAt { version: first.get(0), commit_timestamp: first.get(1) };
     let mut total: Option<i64> = first.get(2);
-    let rows: Vec<String> = result.iter().filter_map(|r| r.get::<_, Option<String>>(3)).collect();
+    let (rows, sort_values) = rows_of(&result, q);
     if q.count == Some(Count::Planned) {
         total = Some(estimate(client, shape, q).await?);
     }
-    Ok(ReadResult { synced: Some(synced), rows, total })
+    Ok(ReadResult { synced: Some(synced), rows, total, sort_values })
+}
+
+/// The rows' JSON (a LEFT JOIN's NULL row when none matched is skipped) and, when asked, their
+/// sort values.
+fn rows_of(result: &[tokio_postgres::Row], q: &ReadQuery) -> (Vec<String>, Vec<Vec<Option<String>>>) {
+    let mut rows = Vec::with_capacity(result.len());
+    let mut sort_values = Vec::new();
+    for r in result {
+        let Some(json) = r.get::<_, Option<String>>(3) else { continue };
+        rows.push(json);
+        if q.sort_values {
+            sort_values.push((0..q.order.len()).map(|i| r.get::<_, Option<String>>(4 + i)).collect());
+        }
+    }
+    (rows, sort_values)
 }
 
 /// The planner's estimate of the rows `q`'s filter matches.
@@ -404,6 +467,7 @@ mod tests {
             limit: Some(10),
             offset: 20,
             count: Some(Count::Exact),
+            ..Default::default()
         };
         let (sql, params) = shape().read_sql(&q);
         assert!(sql.contains(r#"t."total" >= $3::numeric(10,2)"#), "{sql}");
@@ -420,5 +484,34 @@ mod tests {
         assert!(sql.contains(r#"AS "order_id""#) && !sql.contains(r#"AS "status""#), "{sql}");
         assert!(sql.contains("SELECT count(*) FROM"), "{sql}");
         assert_eq!(params, ["10.5", r#"{"new","a \"b\", c"}"#, "%ship%", "10", "20"]);
+    }
+
+    #[test]
+    fn pages_after_a_cursor_compare_sort_tuples_and_keep_nulls_last() {
+        let desc = |column| Sort { column, descending: true, nulls_first: Some(false) };
+        let q = ReadQuery {
+            filter: vec![Cond::Cmp { column: 1, op: Op::Eq, value: "new".into() }],
+            order: vec![desc(2), desc(0)],
+            limit: Some(11),
+            after: Some(vec![Some("9.50".into()), Some("7".into())]),
+            sort_values: true,
+            ..Default::default()
+        };
+        let (sql, params) = shape().read_sql(&q);
+        assert!(sql.contains(r#"t."status" = $3::text"#), "{sql}");
+        assert!(
+            sql.contains(r#"((t."total", t."id") < ($4::numeric(10,2), $5::bigint) OR t."total" IS NULL)"#),
+            "{sql}"
+        );
+        assert!(
+            sql.contains(r#"ORDER BY t."total" DESC NULLS LAST, t."id" DESC NULLS LAST LIMIT $6::bigint"#),
+            "{sql}"
+        );
+        assert!(sql.contains(r#"t."total"::text AS c0, t."id"::text AS c1"#), "{sql}");
+        assert_eq!(params, ["new", "9.50", "7", "11"]);
+        // After a row whose order value is NULL: only NULLs, then by key.
+        let q = ReadQuery { after: Some(vec![None, Some("7".into())]), ..q };
+        let (sql, _) = shape().read_sql(&q);
+        assert!(sql.contains(r#"(t."total" IS NULL AND (t."id") < ($4::bigint))"#), "{sql}");
     }
 }
