@@ -189,20 +189,7 @@ async fn run_once(
     let topic = Topic::connect_within(&spec.brokers, &spec.security, &spec.topic, timeout)
         .await
         .map_err(|e| fetch_error(spec, e))?;
-    let ids: Vec<String> = topic.partitions.iter().map(|p| spec.app_id(*p)).collect();
-    let (recorded, dead_recorded) = blocking(spec, {
-        let (spec, target, dead, ids) = (spec.clone(), target.clone(), dead.clone(), ids.clone());
-        move || {
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-            let main = target.writer.app_versions(&ids).map_err(delta(&spec))?;
-            let dead = match &dead {
-                Some(d) => d.writer.app_versions(&ids).map_err(delta(&spec))?,
-                None => vec![None; ids.len()],
-            };
-            Ok((main, dead))
-        }
-    })
-    .await?;
+    let (recorded, dead_recorded) = recorded_positions(spec, &target, &dead, &topic.partitions).await?;
     let mut positions: BTreeMap<i32, Option<i64>> = topic.partitions.iter().copied().zip(recorded).collect();
     let mut dead_positions: BTreeMap<i32, Option<i64>> = topic.partitions.iter().copied().zip(dead_recorded).collect();
 
@@ -345,6 +332,30 @@ async fn run_once(
     }
 }
 
+/// The positions the table, and the dead-letter table if any, record for `partitions`, in
+/// their order (`None` where none).
+async fn recorded_positions(
+    spec: &IngestSpec,
+    target: &Arc<Target>,
+    dead: &Option<Arc<DeadLetters>>,
+    partitions: &[i32],
+) -> Result<(Vec<Option<i64>>, Vec<Option<i64>>), IngestError> {
+    let ids: Vec<String> = partitions.iter().map(|p| spec.app_id(*p)).collect();
+    blocking(spec, {
+        let (spec, target, dead) = (spec.clone(), target.clone(), dead.clone());
+        move || {
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let main = target.writer.app_versions(&ids).map_err(delta(&spec))?;
+            let dead = match &dead {
+                Some(d) => d.writer.app_versions(&ids).map_err(delta(&spec))?,
+                None => vec![None; ids.len()],
+            };
+            Ok((main, dead))
+        }
+    })
+    .await
+}
+
 /// Starts reading partitions added to the topic while the ingest runs: from the positions the
 /// table records for them (another ingest under this name may have seen them first), else
 /// from their first message (everything in them is newer than the ingest).
@@ -361,20 +372,7 @@ async fn start_partitions(
     (tx, budget, fetch_size): (&mpsc::Sender<Result<Fetched, FetchError>>, &Arc<tokio::sync::Semaphore>, i32),
     fetchers: &mut JoinSet<()>,
 ) -> Result<(), IngestError> {
-    let ids: Vec<String> = added.iter().map(|p| spec.app_id(*p)).collect();
-    let (recorded, dead_recorded) = blocking(spec, {
-        let (spec, target, dead) = (spec.clone(), target.clone(), dead.clone());
-        move || {
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-            let main = target.writer.app_versions(&ids).map_err(delta(&spec))?;
-            let dead = match &dead {
-                Some(d) => d.writer.app_versions(&ids).map_err(delta(&spec))?,
-                None => vec![None; ids.len()],
-            };
-            Ok((main, dead))
-        }
-    })
-    .await?;
+    let (recorded, dead_recorded) = recorded_positions(spec, target, dead, added).await?;
     for ((&partition, at), dead_at) in added.iter().zip(recorded).zip(dead_recorded) {
         let what = format!("partition {partition}");
         let client =

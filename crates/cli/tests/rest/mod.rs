@@ -174,6 +174,35 @@ fn postgrest_js() -> std::path::PathBuf {
         })
 }
 
+/// A client script's answers (one JSON line each, `{name, data, count, error, ...}`) by name.
+fn answers_of(out: &std::process::Output, client: &str) -> std::collections::HashMap<String, Value> {
+    assert!(
+        out.status.success(),
+        "{} (is {client} installed? `bash scripts/test` installs it)",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|v| (v["name"].as_str().unwrap().to_string(), v))
+        .collect()
+}
+
+/// The data of answer `name`, which must not be an error.
+fn data_of(answers: &std::collections::HashMap<String, Value>, name: &str) -> Value {
+    let a = &answers[name];
+    assert!(a["error"].is_null(), "{name}: {a}");
+    a["data"].clone()
+}
+
+/// `[{"id": ..}, ...]` of `public.orders` rows matching `sql` (a WHERE clause and its order).
+fn sql_ids(db: &TestDb, sql: &str) -> Value {
+    db.rows(&format!("SELECT id FROM public.orders WHERE {sql}"))
+        .iter()
+        .map(|r| json!({"id": r.trim_matches(['(', ')']).parse::<i64>().unwrap()}))
+        .collect()
+}
+
 /// `@supabase/postgrest-js`, the client supabase-js is built on, against `/rest/v1`: every
 /// answer (data, count, error, status) is what the same SQL gives, and writes come back as
 /// errors with nothing changed.
@@ -189,36 +218,15 @@ fn postgrest_js_reads_lakesync_as_it_reads_postgrest() {
         .env("NODE_PATH", postgrest_js().join("node_modules"))
         .output()
         .expect("node");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let answers: std::collections::HashMap<String, Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .map(|v| (v["name"].as_str().unwrap().to_string(), v))
-        .collect();
-    let sql_ids = |sql: &str| -> Vec<Value> {
-        db.rows(&format!("SELECT id FROM public.orders WHERE {sql}"))
-            .iter()
-            .map(|r| json!({"id": r.trim_matches(['(', ')']).parse::<i64>().unwrap()}))
-            .collect()
-    };
-    let data = |name: &str| {
-        let a = &answers[name];
-        assert!(a["error"].is_null(), "{name}: {a}");
-        a["data"].clone()
-    };
-    assert_eq!(data("eq_order"), Value::Array(sql_ids("status = 'new' ORDER BY id DESC")));
-    assert_eq!(data("in_list"), Value::Array(sql_ids("status IN ('new', 'Shipped late') ORDER BY id")));
-    assert_eq!(
-        data("ilike_gte"),
-        Value::Array(sql_ids("status ILIKE '%shipped%' AND total >= 10 ORDER BY total DESC, id"))
-    );
-    assert_eq!(data("is_null"), Value::Array(sql_ids("note IS NULL ORDER BY id")));
-    assert_eq!(data("not_null"), Value::Array(sql_ids("note IS NOT NULL AND id < 6 ORDER BY id")));
-    assert_eq!(
-        data("or_nested"),
-        Value::Array(sql_ids("status = 'cancelled' OR (id > 15 AND total < 12) ORDER BY id"))
-    );
-    assert_eq!(data("range_count"), Value::Array(sql_ids("true ORDER BY id LIMIT 4 OFFSET 2")));
+    let answers = answers_of(&out, "node and @supabase/postgrest-js");
+    let (data, sql_ids) = (|name: &str| data_of(&answers, name), |sql: &str| sql_ids(&db, sql));
+    assert_eq!(data("eq_order"), sql_ids("status = 'new' ORDER BY id DESC"));
+    assert_eq!(data("in_list"), sql_ids("status IN ('new', 'Shipped late') ORDER BY id"));
+    assert_eq!(data("ilike_gte"), sql_ids("status ILIKE '%shipped%' AND total >= 10 ORDER BY total DESC, id"));
+    assert_eq!(data("is_null"), sql_ids("note IS NULL ORDER BY id"));
+    assert_eq!(data("not_null"), sql_ids("note IS NOT NULL AND id < 6 ORDER BY id"));
+    assert_eq!(data("or_nested"), sql_ids("status = 'cancelled' OR (id > 15 AND total < 12) ORDER BY id"));
+    assert_eq!(data("range_count"), sql_ids("true ORDER BY id LIMIT 4 OFFSET 2"));
     assert_eq!(answers["range_count"]["count"], 20);
     assert_eq!(
         (answers["head_count"]["count"].clone(), answers["head_count"]["data"].clone()),
@@ -250,27 +258,8 @@ fn postgrest_py_reads_lakesync_as_it_reads_postgrest() {
         .arg(format!("http://{}/rest/v1", server.addr))
         .output()
         .expect("python");
-    assert!(
-        out.status.success(),
-        "{} (is postgrest-py installed? `bash scripts/test` installs it)",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answers: std::collections::HashMap<String, Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .map(|v| (v["name"].as_str().unwrap().to_string(), v))
-        .collect();
-    let sql_ids = |sql: &str| -> Value {
-        db.rows(&format!("SELECT id FROM public.orders WHERE {sql}"))
-            .iter()
-            .map(|r| json!({"id": r.trim_matches(['(', ')']).parse::<i64>().unwrap()}))
-            .collect()
-    };
-    let data = |name: &str| {
-        let a = &answers[name];
-        assert!(a["error"].is_null(), "{name}: {a}");
-        a["data"].clone()
-    };
+    let answers = answers_of(&out, "postgrest-py");
+    let (data, sql_ids) = (|name: &str| data_of(&answers, name), |sql: &str| sql_ids(&db, sql));
     assert_eq!(data("eq_order"), sql_ids("status = 'new' ORDER BY id DESC"));
     assert_eq!(data("in_list"), sql_ids("status IN ('new', 'Shipped late') ORDER BY id"));
     assert_eq!(data("ilike_gte"), sql_ids("status ILIKE '%shipped%' AND total >= 10 ORDER BY total DESC, id"));
