@@ -13,7 +13,7 @@
 //!   legacy writer has them) and only the features the table uses (`changeDataFeed` when the
 //!   feed is on, `columnMapping` when a mapping mode is set). The reader version is kept, so
 //!   every reader that read the table reads it after; writers must support table features
-//!   (Delta Lake 2.3+, delta-rs 0.17+).
+//!   (Delta Lake 2.3+; delta-rs 1.x writes it, tested).
 //! - [`WriteAccess::Refused`]: the table has a CHECK constraint, a generated or identity
 //!   column, or a column invariant, which lakesync would have to enforce on every row it
 //!   writes and does not. It never writes such a table, with or without an upgrade.
@@ -163,7 +163,7 @@ pub fn upgrade_refusal(uri: &str, upgrade: &Upgrade, flag: &str) -> DeltaError {
             "its writer protocol version {} implies checkConstraints and generatedColumns, which delta_kernel \
              cannot write, although the table uses neither. {flag} upgrades the {upgrade} (as Spark does when a \
              table feature is enabled), in one commit that changes no data; every reader still reads the table, \
-             and writers must support table features (Delta Lake 2.3+, delta-rs 0.17+). Nothing was changed",
+             and writers must support table features (Delta Lake 2.3+; delta-rs 1.x writes it). Nothing was changed",
             upgrade.from_writer
         ),
     }
