@@ -74,6 +74,14 @@ fn start(spec: &IngestSpec) -> Running {
     Running { stop, task, status }
 }
 
+/// Runs `spec` until it stops on an error it does not retry; the error and the final status.
+async fn run_to_error(spec: IngestSpec) -> (IngestError, lakesync_ingest::IngestState) {
+    let status = Arc::new(IngestStatus::new());
+    let (_stop, rx) = watch::channel(false);
+    let err = lakesync_ingest::run(spec, status.clone(), rx).await.unwrap_err();
+    (err, status.get())
+}
+
 impl Running {
     /// Waits until the ingest has written `rows` rows (or fails the test after `secs`).
     async fn wait_rows(&self, rows: u64, secs: u64) {
@@ -291,9 +299,7 @@ fn a_bad_message_fails_the_ingest_naming_partition_offset_and_field_and_its_flus
         let bad = br#"{"transaction_id":"t9","amount":"card-4242-secret","seq":5}"#.to_vec();
         assert_eq!(producer.send(0, None, Some(bad)).await.unwrap(), 5);
         produce(&kafka, "strict", 6..7).await;
-        let status = Arc::new(IngestStatus::new());
-        let (_stop, rx) = watch::channel(false);
-        let err = lakesync_ingest::run(spec.clone(), status.clone(), rx).await.unwrap_err();
+        let (err, status) = run_to_error(spec.clone()).await;
         let text = err.to_string();
         assert!(
             text.contains(
@@ -302,8 +308,8 @@ fn a_bad_message_fails_the_ingest_naming_partition_offset_and_field_and_its_flus
             "{text}"
         );
         assert!(!text.contains("secret"), "no message values in errors: {text}");
-        assert_eq!(status.get().state, "failed");
-        assert_eq!(status.get().error_class, Some("data"));
+        assert_eq!(status.state, "failed");
+        assert_eq!(status.error_class, Some("data"));
         // Nothing of the flush holding the bad message was committed.
         assert!(table_seqs(&table).0.iter().all(|s| *s < 5));
         assert!(app_versions(&spec, &table, 1)[0].unwrap_or(0) <= 5);
@@ -445,8 +451,7 @@ fn an_ingest_refuses_tables_it_cannot_write_exactly_once_and_names_the_problem()
         kafka.create_topic("events", 1).await;
         // A missing topic.
         let spec = events_spec(&kafka, dir.path(), "nope", &dir.path().join("a"));
-        let (_stop, rx) = watch::channel(false);
-        let err = lakesync_ingest::run(spec, Arc::new(IngestStatus::new()), rx).await.unwrap_err().to_string();
+        let err = run_to_error(spec).await.0.to_string();
         assert!(err.contains("topic nope does not exist"), "{err}");
 
         // A table whose txn versions expire.
@@ -456,8 +461,7 @@ fn an_ingest_refuses_tables_it_cannot_write_exactly_once_and_names_the_problem()
             .unwrap();
         let mut spec = events_spec(&kafka, dir.path(), "events", &expiring);
         spec.kafka_columns.clear();
-        let (_stop, rx) = watch::channel(false);
-        let err = lakesync_ingest::run(spec, Arc::new(IngestStatus::new()), rx).await.unwrap_err().to_string();
+        let err = run_to_error(spec).await.0.to_string();
         assert!(err.contains("delta.setTransactionRetentionDuration"), "{err}");
 
         // An existing table whose columns differ from the declared schema.
@@ -466,15 +470,13 @@ fn an_ingest_refuses_tables_it_cannot_write_exactly_once_and_names_the_problem()
             arrow_schema::Schema::new(vec![arrow_schema::Field::new("seq", arrow_schema::DataType::Int32, false)]);
         DeltaWriter::create(&other, &narrow, &[]).unwrap();
         let spec = events_spec(&kafka, dir.path(), "events", &other);
-        let (_stop, rx) = watch::channel(false);
-        let err = lakesync_ingest::run(spec, Arc::new(IngestStatus::new()), rx).await.unwrap_err().to_string();
+        let err = run_to_error(spec).await.0.to_string();
         assert!(err.contains(&format!("table {}", other.display())) && err.contains("column"), "{err}");
 
         // No schema and no table.
         let mut spec = events_spec(&kafka, dir.path(), "events", &dir.path().join("missing"));
         spec.schema = None;
-        let (_stop, rx) = watch::channel(false);
-        let err = lakesync_ingest::run(spec, Arc::new(IngestStatus::new()), rx).await.unwrap_err().to_string();
+        let err = run_to_error(spec).await.0.to_string();
         assert!(err.contains("the table does not exist; give a schema"), "{err}");
     });
 }
@@ -515,8 +517,7 @@ fn an_ingest_into_a_delta_rs_change_feed_table_upgrades_its_protocol_only_when_a
     block_on(async {
         kafka.create_topic("events", 2).await;
         produce(&kafka, "events", 0..200).await;
-        let (_stop, rx) = watch::channel(false);
-        let err = lakesync_ingest::run(refused, Arc::new(IngestStatus::new()), rx).await.unwrap_err();
+        let (err, _) = run_to_error(refused).await;
         let text = err.to_string();
         assert!(
             text.contains("--upgrade-protocol (upgrade_protocol = true") && text.contains("Nothing was changed"),
@@ -603,9 +604,7 @@ fn a_recreated_topic_stops_the_ingest_until_an_operator_resets_its_positions() {
         kafka.create_topic("events", 1).await;
         produce(&kafka, "events", 50..60).await;
         let version = latest(&table);
-        let status = Arc::new(IngestStatus::new());
-        let (_stop, rx) = watch::channel(false);
-        let err = lakesync_ingest::run(spec.clone(), status.clone(), rx).await.unwrap_err();
+        let (err, status) = run_to_error(spec.clone()).await;
         let text = err.to_string();
         assert!(
             text.contains(
@@ -615,7 +614,7 @@ fn a_recreated_topic_stops_the_ingest_until_an_operator_resets_its_positions() {
             "{text}"
         );
         assert_eq!(err.class(), ErrorClass::Data);
-        assert_eq!(status.get().state, "failed");
+        assert_eq!(status.state, "failed");
         assert_eq!(latest(&table), version, "nothing is written before the operator chooses");
 
         let mut reset = spec.clone();
