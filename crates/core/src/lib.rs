@@ -21,6 +21,7 @@ pub mod fleet;
 pub mod model;
 pub mod plan;
 pub mod schedule;
+pub mod shape;
 
 pub use class::{Classify, ErrorClass};
 pub use model::{
@@ -30,4 +31,5 @@ pub use model::{
 pub use plan::{
     ChangeKind, ChangePlan, ChangePlanner, KeyMap, LogPlan, LogPlanner, PlanConflict, PlannedDelete, PlannedRow,
 };
+pub use shape::{ColumnChoice, DeleteMode, RowFilter, Shape};
 pub use schedule::{parse_duration, parse_size, Cron, Schedule, ScheduleError};

@@ -25,6 +25,15 @@ pub enum ModelError {
     /// A primary-key column whose type cannot be a key.
     #[error("primary key column {column:?} has type {ty}, which cannot be part of a primary key")]
     UnsupportedKeyType { column: String, ty: String },
+    /// A row filter that does not parse or uses what filters do not support.
+    #[error("invalid filter {filter:?}{}: {message}", if position.is_empty() { String::new() } else { format!(" at {position}") })]
+    InvalidFilter { filter: String, position: String, message: String },
+    /// A column choice (`--column`) that is not `C` or `C AS NEW`, or repeats another.
+    #[error("invalid column {column:?}: {message}")]
+    InvalidColumn { column: String, message: String },
+    /// An unknown delete mode.
+    #[error("invalid delete mode {0:?}: expected hard, soft or ignore")]
+    InvalidDeleteMode(String),
 }
 
 impl Classify for ModelError {

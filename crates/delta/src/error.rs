@@ -67,6 +67,10 @@ pub enum DeltaError {
     /// A batch did not match the expected shape.
     #[error("Delta table {uri}: {message}")]
     Shape { uri: String, message: String },
+    /// The table's row filter or column choice does not fit the table (an unknown column, a
+    /// literal that is not a value of its column). Nothing was read or written.
+    #[error("Delta table {uri}: {message}")]
+    Selection { uri: String, message: String },
     /// lakesync may not write the table as it is: its protocol needs the user's
     /// `--upgrade-protocol`, or it uses a feature lakesync does not enforce (see
     /// [`crate::protocol`]). Nothing was written.
@@ -94,7 +98,7 @@ impl Classify for DeltaError {
                 }
             }
             DeltaError::Shape { .. } => ErrorClass::Internal,
-            DeltaError::Unwritable { .. } => ErrorClass::Config,
+            DeltaError::Unwritable { .. } | DeltaError::Selection { .. } => ErrorClass::Config,
         }
     }
 }

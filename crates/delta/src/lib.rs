@@ -30,6 +30,7 @@ pub mod protocol;
 pub mod read_ahead;
 pub mod sample;
 pub mod schema;
+pub mod shape;
 pub mod source;
 pub mod store;
 pub mod write;
@@ -39,5 +40,6 @@ pub use protocol::{Upgrade, WriteAccess};
 pub use source::{
     ChangeBatch, DeltaTable, NewCommits, SchemaId, TableSnapshot, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN,
 };
+pub use shape::{ReadShape, COMMIT_TIMESTAMP_COLUMN};
 pub use store::{OptionUse, StorageOptions, StoreKind};
 pub use write::{AppPosition, Appended, DeltaWriter, TableLayout};

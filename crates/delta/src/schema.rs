@@ -71,7 +71,7 @@ fn nested_supported(data_type: &DataType) -> bool {
     column_type(data_type).is_some()
 }
 
-fn type_name(data_type: &DataType) -> String {
+pub(crate) fn type_name(data_type: &DataType) -> String {
     match data_type {
         DataType::Primitive(p) => format!("{p:?}").to_lowercase(),
         DataType::Variant(_) => "variant".into(),

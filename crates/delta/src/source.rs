@@ -146,13 +146,47 @@ impl DeltaTable {
         end: Version,
         columns: Option<&[String]>,
     ) -> Result<impl Iterator<Item = Result<ChangeBatch, DeltaError>>, DeltaError> {
+        let names = columns.map(|cols| {
+            let mut names = cols.to_vec();
+            names.extend([CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN].map(String::from));
+            names
+        });
+        self.read_changes(start, end, names)
+    }
+
+    /// The change data feed of `start..=end` as `shape` makes it: only the changes whose row
+    /// image the filter keeps (the feed of the filtered table: an update that leaves the
+    /// filter shows as its preimage alone, one that enters it as its postimage alone), the
+    /// synced columns renamed (only `columns`, target names, when given) plus
+    /// `_change_type`, `_commit_version` and `_commit_timestamp`, and with whole rows
+    /// (`columns` = `None`) lakesync's added columns.
+    pub fn shaped_changes(
+        &self,
+        start: Version,
+        end: Version,
+        shape: &crate::ReadShape,
+        columns: Option<&[String]>,
+    ) -> Result<impl Iterator<Item = Result<ChangeBatch, DeltaError>>, DeltaError> {
+        let mut names = shape.source_columns(columns);
+        names.extend(crate::shape::CHANGE_COLUMNS.map(String::from));
+        let shape = shape.clone();
+        let columns = columns.map(<[String]>::to_vec);
+        Ok(self.read_changes(start, end, Some(names))?.map(move |batch| {
+            shape.apply(batch?, columns.as_deref(), &crate::shape::CHANGE_COLUMNS, None)
+        }))
+    }
+
+    fn read_changes(
+        &self,
+        start: Version,
+        end: Version,
+        names: Option<Vec<String>>,
+    ) -> Result<impl Iterator<Item = Result<ChangeBatch, DeltaError>>, DeltaError> {
         let unavailable = |e: KernelError| cdf_error(&self.uri, start, end, e);
         let changes =
             TableChanges::try_new(self.url.clone(), self.engine.as_ref(), start, Some(end)).map_err(unavailable)?;
-        let projection = match columns {
-            Some(cols) => {
-                let mut names: Vec<&str> = cols.iter().map(String::as_str).collect();
-                names.extend([CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN]);
+        let projection = match names {
+            Some(names) => {
                 let full: delta_kernel::schema::SchemaRef = changes.schema().clone().into();
                 Some(full.project(&names).map_err(unavailable)?)
             }
@@ -349,6 +383,45 @@ impl TableSnapshot {
     }
 
     /// Streams every live row of this version (deletion vectors applied, logical column names).
+    /// The table's columns as `shape` syncs them (chosen, renamed, lakesync's added).
+    pub fn shaped_schema(&self, shape: &lakesync_core::Shape) -> Result<TableSchema, DeltaError> {
+        crate::shape::shaped_schema(&self.table.uri, self.version(), &self.snap.schema(), shape)
+    }
+
+    /// `shape` bound to this version's schema.
+    pub fn read_shape(&self, shape: &lakesync_core::Shape) -> Result<crate::ReadShape, DeltaError> {
+        crate::ReadShape::bind(&self.table.uri, self.version(), &self.snap.schema(), shape)
+    }
+
+    /// The rows `shape` keeps, as it syncs them. Only the columns it needs are read, and the
+    /// kernel skips the files whose statistics show that the filter keeps none of their rows.
+    pub fn shaped_batches(
+        &self,
+        shape: &crate::ReadShape,
+    ) -> Result<impl Iterator<Item = Result<RecordBatch, DeltaError>>, DeltaError> {
+        let version = self.version();
+        let uri = self.table.uri.clone();
+        let read_err = move |source| DeltaError::Read { uri: uri.clone(), version, source };
+        let lineage = Some((version, self.commit_timestamp_ms()?));
+        let projection = self.snap.schema().project(&shape.source_columns(None)).map_err(read_err.clone())?;
+        let scan = self
+            .snap
+            .clone()
+            .scan_builder()
+            .with_schema(projection)
+            .with_predicate(shape.skipping())
+            .build()
+            .map_err(read_err.clone())?;
+        let iter = scan.execute(self.table.engine.clone()).map_err(read_err.clone())?;
+        let shape = shape.clone();
+        Ok(iter.map(move |data| {
+            let batch = data
+                .and_then(|d| ArrowEngineData::try_from_engine_data(d).map(|a| RecordBatch::from(*a)))
+                .map_err(read_err.clone())?;
+            shape.apply(batch, None, &[], lineage)
+        }))
+    }
+
     pub fn batches(&self) -> Result<impl Iterator<Item = Result<RecordBatch, DeltaError>>, DeltaError> {
         let version = self.version();
         let uri = self.table.uri.clone();
