@@ -123,8 +123,26 @@ struct SyncArgs {
     #[arg(long, default_value_t = 100)]
     versions_per_transaction: u64,
     /// A source column not to sync (e.g. one whose type Postgres cannot hold); repeatable.
-    #[arg(long = "exclude")]
+    #[arg(long = "exclude", conflicts_with = "columns")]
     exclude: Vec<String>,
+    /// Sync only the source rows this SQL predicate is true for, e.g.
+    /// "region = 'eu' AND created_at >= '2024-01-01'" (comparisons, AND/OR/NOT, IN, IS NULL,
+    /// LIKE, BETWEEN over source columns). Files whose statistics rule the filter out are
+    /// not read.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Sync only this source column, "C" or "C AS NEW" to rename it; repeatable. The primary
+    /// key (named as in Postgres) must be among them.
+    #[arg(long = "column", value_name = "C [AS NEW]")]
+    columns: Vec<String>,
+    /// What a delete in the source does: hard (the row goes), soft (the row stays with
+    /// _lakesync_deleted_at set) or ignore (the row stays as it was).
+    #[arg(long, default_value = "hard", value_parser = ["hard", "soft", "ignore"])]
+    delete_mode: String,
+    /// Add _lakesync_version and _lakesync_commit_timestamp: the Delta version in which each
+    /// row last changed and that commit's timestamp.
+    #[arg(long)]
+    lineage: bool,
     /// Seconds to wait for another run of the same table (or a crashed run's session) to let
     /// go of the table before giving up.
     #[arg(long, default_value_t = 30)]
@@ -372,6 +390,10 @@ impl SyncArgs {
         });
         entry.dedup_by = self.dedup_by.clone();
         entry.exclude = self.exclude.clone();
+        entry.filter = self.filter.clone();
+        entry.columns = self.columns.clone();
+        entry.delete_mode = Some(self.delete_mode.clone()).filter(|m| m != "hard");
+        entry.lineage = self.lineage;
         entry.versions_per_transaction = Some(self.versions_per_transaction);
         entry.adopt = self.adopt;
         entry.allow_drop_columns = self.allow_drop_columns;

@@ -31,5 +31,5 @@ pub use model::{
 pub use plan::{
     ChangeKind, ChangePlan, ChangePlanner, KeyMap, LogPlan, LogPlanner, PlanConflict, PlannedDelete, PlannedRow,
 };
-pub use shape::{ColumnChoice, DeleteMode, RowFilter, Shape};
 pub use schedule::{parse_duration, parse_size, Cron, Schedule, ScheduleError};
+pub use shape::{ColumnChoice, DeleteMode, RowFilter, Shape};

@@ -70,13 +70,29 @@ pub enum Predicate {
     Or(Box<Predicate>, Box<Predicate>),
     Not(Box<Predicate>),
     /// `column op literal`.
-    Compare { column: String, op: CmpOp, value: Literal },
+    Compare {
+        column: String,
+        op: CmpOp,
+        value: Literal,
+    },
     /// `column [NOT] IN (literals)`.
-    In { column: String, values: Vec<Literal>, negated: bool },
+    In {
+        column: String,
+        values: Vec<Literal>,
+        negated: bool,
+    },
     /// `column IS [NOT] NULL`.
-    IsNull { column: String, negated: bool },
+    IsNull {
+        column: String,
+        negated: bool,
+    },
     /// `column [NOT] [I]LIKE 'pattern'` (`%` and `_`, backslash escapes).
-    Like { column: String, pattern: String, negated: bool, case_insensitive: bool },
+    Like {
+        column: String,
+        pattern: String,
+        negated: bool,
+        case_insensitive: bool,
+    },
     /// A bare boolean column (`WHERE active`).
     Column(String),
 }
@@ -196,7 +212,9 @@ fn predicate(expr: &Expr) -> Result<Predicate, Refusal> {
         }
         Expr::IsNull(e) => Predicate::IsNull { column: required_column(e)?, negated: false },
         Expr::IsNotNull(e) => Predicate::IsNull { column: required_column(e)?, negated: true },
-        Expr::IsTrue(e) => Predicate::Compare { column: required_column(e)?, op: CmpOp::Eq, value: Literal::Bool(true) },
+        Expr::IsTrue(e) => {
+            Predicate::Compare { column: required_column(e)?, op: CmpOp::Eq, value: Literal::Bool(true) }
+        }
         Expr::IsFalse(e) => {
             Predicate::Compare { column: required_column(e)?, op: CmpOp::Eq, value: Literal::Bool(false) }
         }
@@ -369,7 +387,8 @@ impl Shape {
         if !self.columns.is_empty() && !self.exclude.is_empty() {
             return Err(ModelError::InvalidColumn {
                 column: self.exclude.join(","),
-                message: "exclude and columns are alternatives: list the columns to sync, or the ones to leave out".into(),
+                message: "exclude and columns are alternatives: list the columns to sync, or the ones to leave out"
+                    .into(),
             });
         }
         if self.columns.is_empty() {

@@ -37,9 +37,9 @@ pub mod write;
 
 pub use error::DeltaError;
 pub use protocol::{Upgrade, WriteAccess};
+pub use shape::{ReadShape, COMMIT_TIMESTAMP_COLUMN};
 pub use source::{
     ChangeBatch, DeltaTable, NewCommits, SchemaId, TableSnapshot, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN,
 };
-pub use shape::{ReadShape, COMMIT_TIMESTAMP_COLUMN};
 pub use store::{OptionUse, StorageOptions, StoreKind};
 pub use write::{AppPosition, Appended, DeltaWriter, TableLayout};

@@ -18,7 +18,9 @@ use arrow_schema::{DataType as ArrowType, Field, Schema, TimeUnit};
 use delta_kernel::engine::arrow_conversion::TryFromKernel;
 use delta_kernel::expressions::{ColumnName, Expression as KExpr, Predicate as KPred, Scalar as KScalar};
 use delta_kernel::schema::StructType;
-use lakesync_core::shape::{CmpOp, Literal, Predicate, DELETED_AT_COLUMN, LINEAGE_TIMESTAMP_COLUMN, LINEAGE_VERSION_COLUMN};
+use lakesync_core::shape::{
+    CmpOp, Literal, Predicate, DELETED_AT_COLUMN, LINEAGE_TIMESTAMP_COLUMN, LINEAGE_VERSION_COLUMN,
+};
 use lakesync_core::{Column, ColumnType, DeleteMode, Shape, TableSchema, Version};
 
 use crate::{DeltaError, CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN};
@@ -40,7 +42,12 @@ pub struct ReadShape {
 }
 
 /// The columns of `schema` the shape syncs, as (source field name, target name).
-fn chosen(uri: &str, version: Version, schema: &StructType, shape: &Shape) -> Result<Vec<(String, String)>, DeltaError> {
+fn chosen(
+    uri: &str,
+    version: Version,
+    schema: &StructType,
+    shape: &Shape,
+) -> Result<Vec<(String, String)>, DeltaError> {
     if shape.columns.is_empty() {
         return Ok(schema
             .fields()
@@ -222,16 +229,21 @@ impl ReadShape {
                 let (versions, stamps): (ArrayRef, ArrayRef) = match snapshot {
                     Some((v, ms)) => (
                         Arc::new(arrow_array::Int64Array::from(vec![v as i64; rows])),
-                        Arc::new(arrow_array::TimestampMicrosecondArray::from(vec![ms * 1000; rows]).with_timezone("UTC")),
+                        Arc::new(
+                            arrow_array::TimestampMicrosecondArray::from(vec![ms * 1000; rows]).with_timezone("UTC"),
+                        ),
                     ),
                     None => {
                         let missing = |c: &str| DeltaError::Shape {
                             uri: self.uri.clone(),
                             message: format!("a change batch without {c}"),
                         };
-                        let v = batch.column_by_name(COMMIT_VERSION_COLUMN).ok_or_else(|| missing(COMMIT_VERSION_COLUMN))?;
-                        let t =
-                            batch.column_by_name(COMMIT_TIMESTAMP_COLUMN).ok_or_else(|| missing(COMMIT_TIMESTAMP_COLUMN))?;
+                        let v = batch
+                            .column_by_name(COMMIT_VERSION_COLUMN)
+                            .ok_or_else(|| missing(COMMIT_VERSION_COLUMN))?;
+                        let t = batch
+                            .column_by_name(COMMIT_TIMESTAMP_COLUMN)
+                            .ok_or_else(|| missing(COMMIT_TIMESTAMP_COLUMN))?;
                         (
                             cast_with_options(v, &ArrowType::Int64, &CastOptions::default()).map_err(arrow)?,
                             cast_with_options(t, &utc(), &CastOptions::default()).map_err(arrow)?,
@@ -280,7 +292,10 @@ impl From<DeltaError> for BindError {
     }
 }
 
-fn bind(p: &Predicate, lookup: &mut dyn FnMut(&str) -> Result<(String, ArrowType), DeltaError>) -> Result<Bound, BindError> {
+fn bind(
+    p: &Predicate,
+    lookup: &mut dyn FnMut(&str) -> Result<(String, ArrowType), DeltaError>,
+) -> Result<Bound, BindError> {
     Ok(match p {
         Predicate::And(a, b) => Bound::And(Box::new(bind(a, lookup)?), Box::new(bind(b, lookup)?)),
         Predicate::Or(a, b) => Bound::Or(Box::new(bind(a, lookup)?), Box::new(bind(b, lookup)?)),
@@ -333,9 +348,8 @@ fn literal(column: &str, ty: &ArrowType, value: &Literal) -> Result<ArrayRef, Bi
         Literal::Text(s) => (text(s), format!("'{s}'")),
         Literal::Typed { ty: t, text: s } => (text(s), format!("{t} '{s}'")),
     };
-    cast_with_options(&array, ty, &strict).map_err(|e| {
-        BindError::Message(format!("{shown} is not a value of column {column:?}, of type {ty}: {e}"))
-    })
+    cast_with_options(&array, ty, &strict)
+        .map_err(|e| BindError::Message(format!("{shown} is not a value of column {column:?}, of type {ty}: {e}")))
 }
 
 impl Bound {

@@ -171,9 +171,9 @@ impl DeltaTable {
         names.extend(crate::shape::CHANGE_COLUMNS.map(String::from));
         let shape = shape.clone();
         let columns = columns.map(<[String]>::to_vec);
-        Ok(self.read_changes(start, end, Some(names))?.map(move |batch| {
-            shape.apply(batch?, columns.as_deref(), &crate::shape::CHANGE_COLUMNS, None)
-        }))
+        Ok(self
+            .read_changes(start, end, Some(names))?
+            .map(move |batch| shape.apply(batch?, columns.as_deref(), &crate::shape::CHANGE_COLUMNS, None)))
     }
 
     fn read_changes(

@@ -403,3 +403,64 @@ mod tests {
         assert!(version_runs(&BTreeSet::new()).is_empty());
     }
 }
+
+/// Each version's commit timestamp as the change feed's rows carry it, gathered while the
+/// keys are planned: what a soft delete sets `_lakesync_deleted_at` to.
+#[derive(Clone, Default)]
+pub struct CommitStamps(Arc<std::sync::Mutex<std::collections::BTreeMap<i64, i64>>>);
+
+impl CommitStamps {
+    /// Notes the versions and timestamps of a change batch.
+    pub fn observe<E>(&self, batch: &Result<RecordBatch, E>) {
+        let Ok(batch) = batch else { return };
+        let (Some(versions), Some(stamps)) = (
+            batch.column_by_name(COMMIT_VERSION_COLUMN).and_then(|c| c.as_any().downcast_ref::<Int64Array>()),
+            batch
+                .column_by_name(lakesync_delta::COMMIT_TIMESTAMP_COLUMN)
+                .and_then(|c| c.as_any().downcast_ref::<arrow_array::TimestampMicrosecondArray>()),
+        ) else {
+            return;
+        };
+        let mut seen = self.0.lock().expect("stamps lock");
+        let mut last = None;
+        for i in 0..versions.len() {
+            let v = versions.value(i);
+            if last != Some(v) && stamps.is_valid(i) {
+                seen.entry(v).or_insert(stamps.value(i));
+                last = Some(v);
+            }
+        }
+    }
+
+    /// `deletes` with each row's commit timestamp added (by its version).
+    pub fn stamp(&self, table: &TableName, deletes: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, EngineError> {
+        let seen = self.0.lock().expect("stamps lock");
+        let internal = |m: String| EngineError::Internal(format!("table {table}: {m}"));
+        deletes
+            .into_iter()
+            .map(|batch| {
+                let versions = batch
+                    .column_by_name(VERSION_COLUMN)
+                    .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+                    .ok_or_else(|| internal("a delete batch without its versions".into()))?;
+                let stamps = (0..versions.len())
+                    .map(|i| {
+                        seen.get(&versions.value(i)).copied().ok_or_else(|| {
+                            internal(format!("no commit timestamp was read for version {}", versions.value(i)))
+                        })
+                    })
+                    .collect::<Result<Vec<i64>, _>>()?;
+                let mut fields: Vec<Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+                let mut columns = batch.columns().to_vec();
+                let stamps = arrow_array::TimestampMicrosecondArray::from(stamps).with_timezone("UTC");
+                fields.push(Field::new(
+                    lakesync_postgres::apply::CHANGE_TIMESTAMP_COLUMN,
+                    stamps.data_type().clone(),
+                    false,
+                ));
+                columns.push(Arc::new(stamps));
+                RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).map_err(|e| internal(e.to_string()))
+            })
+            .collect()
+    }
+}

@@ -34,8 +34,8 @@ use std::time::Duration;
 
 use lakesync_core::SyncMode;
 use lakesync_core::{
-    parse_duration, parse_size, Classify, DataPolicy, ErrorClass, NulBytePolicy, PrimaryKey, Schedule, TableName,
-    Version,
+    parse_duration, parse_size, Classify, ColumnChoice, DataPolicy, DeleteMode, ErrorClass, NulBytePolicy, PrimaryKey,
+    RowFilter, Schedule, Shape, TableName, Version,
 };
 use lakesync_delta::StorageOptions;
 use lakesync_ingest::kafka::{Sasl, SaslMechanism, Security};
@@ -270,6 +270,18 @@ pub struct TableConfig {
     /// Source columns not to sync.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
+    /// Only the source rows this SQL predicate is true for (`region = 'eu' AND score > 10`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// Only these source columns, each `C` or `C AS NEW` (renamed in Postgres).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+    /// `hard` (default), `soft` (`_lakesync_deleted_at` is set) or `ignore`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_mode: Option<String>,
+    /// Adds `_lakesync_version` and `_lakesync_commit_timestamp` (default false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lineage: bool,
     /// At most this many versions per incremental transaction (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub versions_per_transaction: Option<Version>,
@@ -358,8 +370,8 @@ pub struct TableSpec {
     pub parallelism: usize,
     /// Versions per incremental transaction.
     pub versions_per_transaction: Version,
-    /// Excluded source columns.
-    pub exclude: Vec<String>,
+    /// What of the source the table holds.
+    pub shape: Shape,
     /// Take over an existing table lakesync did not create.
     pub adopt: bool,
     /// When adopting, drop the table's columns the source lacks.
@@ -395,13 +407,14 @@ impl TableSpec {
             indexes: self.indexes.clone(),
             policy: self.policy.clone(),
             versions_per_transaction: self.versions_per_transaction,
-            exclude: self.exclude.clone(),
+            shape: self.shape.clone(),
             lock_wait,
             adopt: self.adopt,
             allow_drop_columns: self.allow_drop_columns,
             history: self.history,
             progress: Default::default(),
             fence: None,
+            dry_run: false,
         }
     }
 }
@@ -422,6 +435,10 @@ impl TableConfig {
             nul_bytes: None,
             dedup_by: None,
             exclude: Vec::new(),
+            filter: None,
+            columns: Vec::new(),
+            delete_mode: None,
+            lineage: false,
             versions_per_transaction: None,
             adopt: false,
             allow_drop_columns: false,
@@ -509,6 +526,25 @@ impl TableConfig {
         if self.allow_drop_columns && !self.adopt {
             return Err(invalid(&scope, "allow_drop_columns applies only with adopt = true"));
         }
+        let shape = Shape {
+            filter: match &self.filter {
+                Some(f) => Some(RowFilter::parse(f).map_err(|e| invalid(&scope, e.to_string()))?),
+                None => None,
+            },
+            columns: self
+                .columns
+                .iter()
+                .map(|c| ColumnChoice::parse(c))
+                .collect::<Result<_, _>>()
+                .map_err(|e| invalid(&scope, e.to_string()))?,
+            exclude: self.exclude.clone(),
+            delete_mode: match &self.delete_mode {
+                Some(m) => DeleteMode::parse(m).map_err(|e| invalid(&scope, e.to_string()))?,
+                None => DeleteMode::Hard,
+            },
+            lineage: self.lineage,
+        };
+        shape.check(primary_key.columns()).map_err(|e| invalid(&scope, e.to_string()))?;
         let history = RunRetention {
             max_runs: match self.keep_runs {
                 Some(0) => return Err(invalid(&scope, "keep_runs must be at least 1")),
@@ -531,7 +567,7 @@ impl TableConfig {
             policy: DataPolicy { nul_bytes, dedup_by: self.dedup_by.clone() },
             parallelism,
             versions_per_transaction,
-            exclude: self.exclude.clone(),
+            shape,
             adopt: self.adopt,
             allow_drop_columns: self.allow_drop_columns,
             history,

@@ -4,7 +4,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
-use lakesync_core::{Classify, DataPolicy, PrimaryKey, SchemaChange, SyncMode, TableName, TableSchema, Version};
+use lakesync_core::{
+    Classify, DataPolicy, DeleteMode, PrimaryKey, SchemaChange, Shape, SyncMode, TableName, TableSchema, Version,
+};
 use lakesync_delta::{DeltaError, DeltaTable, SchemaId, StorageOptions, TableSnapshot};
 use lakesync_postgres::state::{self, Checkpoint, Ownership, RowCounts, RunMode, RunRetention};
 use lakesync_postgres::{ChangeApply, PgConfig, Sink, Stager};
@@ -38,8 +40,8 @@ pub struct SyncRequest {
     pub policy: DataPolicy,
     /// At most this many versions per incremental transaction (bounds memory).
     pub versions_per_transaction: u64,
-    /// Source columns not to sync.
-    pub exclude: Vec<String>,
+    /// What of the source the table holds (filter, columns, deletes, lineage).
+    pub shape: Shape,
     /// How long to wait for another run of the same table to finish.
     pub lock_wait: Duration,
     /// Take over an existing Postgres table lakesync did not create (its primary key must be
@@ -53,6 +55,9 @@ pub struct SyncRequest {
     pub progress: Arc<Progress>,
     /// In a fleet, the ownership the run is fenced by (`None` for the CLI's `sync`).
     pub fence: Option<lakesync_postgres::fleet::Fence>,
+    /// Find out what the run would do, writing nothing: no rows, no state, no run row (see
+    /// [`lakesync_postgres::preview`]).
+    pub dry_run: bool,
 }
 
 /// What a successful run did.
@@ -70,6 +75,9 @@ pub struct SyncOutcome {
     pub counts: RowCounts,
     /// Wall time.
     pub duration: Duration,
+    /// A dry run's DDL: every statement the run would execute to create or change tables and
+    /// indexes, in order (empty for a real run).
+    pub ddl: Vec<String>,
 }
 
 /// Runs one sync of `req`. On failure the run and the error are recorded in the state
@@ -85,15 +93,16 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
             Ok::<_, EngineError>(blocking(move || DeltaTable::open_with(&uri, &storage)).await?)
         },
         async {
-            Ok::<_, EngineError>(
-                Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait, req.history, req.fence)
-                    .await?,
-            )
+            Ok::<_, EngineError>(if req.dry_run {
+                Sink::open_preview(&req.postgres, &req.table, req.policy.clone(), req.lock_wait).await?
+            } else {
+                Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait, req.history, req.fence).await?
+            })
         }
     );
     let (source, mut sink) = match opened {
         Ok(both) => both,
-        Err(e @ EngineError::Delta(_)) => {
+        Err(e @ EngineError::Delta(_)) if !req.dry_run => {
             // The source could not be opened (its local directory is gone, its store cannot be
             // configured): a registered table shows it in its state row like any failed run
             // (failures reading the store come later, inside the run). Best effort, no lock.
@@ -109,6 +118,7 @@ pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
             outcome.duration = started.elapsed();
             Ok(outcome)
         }
+        Err(e) if req.dry_run => Err(e),
         Err(e) => {
             let message = e.to_string();
             // A run fenced out by a lost ownership failed, the table did not: its new owner
@@ -147,16 +157,19 @@ async fn run(
     run_id: &mut Option<i64>,
 ) -> Result<SyncOutcome, EngineError> {
     let table = &req.table;
+    sink.set_delete_mode(req.shape.delete_mode);
     // The latest snapshot is read while Postgres looks at the target and the state.
     let (recorded, latest) = tokio::join!(
         async {
-            let recorded = state::load(sink.client(), table).await?;
+            // A dry run creates no state: a database lakesync never ran against has none.
+            let has_state = !req.dry_run || state::exists(sink.client()).await?;
+            let recorded = if has_state { state::load(sink.client(), table).await? } else { None };
             let owner = state::ownership(sink.client(), table, recorded.as_ref()).await?;
-            Ok::<_, EngineError>((recorded, owner))
+            Ok::<_, EngineError>((recorded, owner, has_state))
         },
         snapshot_at(source, None)
     );
-    let (recorded, owner) = recorded?;
+    let (recorded, owner, has_state) = recorded?;
     // Never write into a table lakesync did not create, unless asked to adopt it.
     let adopting = matches!(owner, Ownership::Foreign { .. });
     if adopting && !req.adopt {
@@ -185,7 +198,9 @@ async fn run(
         Some(v) if v != latest.version() => snapshot_at(source, Some(v)).await?,
         _ => latest,
     };
-    let schema = end.schema_without(&req.exclude)?;
+    let schema = end.shaped_schema(&req.shape)?;
+    // A filter that does not fit the table is refused before anything is written.
+    end.read_shape(&req.shape)?;
     check_identifiers(table, source.uri(), &schema)?;
     req.primary_key.validate_against(&schema)?;
     let key = req.primary_key.columns().to_vec();
@@ -198,7 +213,11 @@ async fn run(
         None => (None, None),
     };
     // Registered only once the run is known to be allowed: a refused run leaves no state.
-    let synced = state::register(sink.client(), table, recorded, source.uri(), &req.primary_key).await?.synced_version;
+    let synced = if req.dry_run {
+        recorded.and_then(|r| r.synced_version)
+    } else {
+        state::register(sink.client(), table, recorded, source.uri(), &req.primary_key).await?.synced_version
+    };
     let options = identity_options(req);
     let changed = |field: &str| recorded_options.as_ref().is_some_and(|o| o.get(field) != options.get(field));
     let reshaped = recorded_key
@@ -206,12 +225,12 @@ async fn run(
         .filter(|k| k.as_slice() != key.as_slice())
         .map(|k| format!("the primary key changed from ({}) to ({})", k.join(", "), key.join(", ")));
     let reshaped = reshaped.or_else(|| {
-        ["exclude", "dedup_by", "nul_bytes"]
+        ["exclude", "dedup_by", "nul_bytes", "filter", "columns", "delete_mode", "lineage"]
             .into_iter()
             .find(|f| changed(f))
             .map(|f| format!("the {f} option changed, which changes the rows the table holds"))
     });
-    let outcome =
+    let mut outcome =
         execute_run(req, source, sink, run_id, RunPlan { owner, adopting, synced, reshaped }, &end, &schema, &key)
             .await?;
     // Declared indexes that were dropped from the config go; new ones were built by a
@@ -220,6 +239,15 @@ async fn run(
         Some(v) => serde_json::from_value(v.clone()).unwrap_or_default(),
         None => req.indexes.clone(),
     };
+    if req.dry_run {
+        if changed("indexes") && outcome.mode != RunMode::Snapshot {
+            outcome.ddl.extend(sink.index_ddl(&old_indexes, &req.indexes).await?);
+        }
+        if !has_state {
+            outcome.ddl.splice(0..0, lakesync_postgres::preview::state_ddl());
+        }
+        return Ok(outcome);
+    }
     if changed("indexes") {
         sink.sync_indexes(&old_indexes, &req.indexes).await?;
     }
@@ -229,9 +257,11 @@ async fn run(
 
 /// The options that shape a synced table's contents and indexes, recorded with it.
 fn identity_options(req: &SyncRequest) -> serde_json::Value {
-    let mut exclude = req.exclude.clone();
+    let mut exclude = req.shape.exclude.clone();
     exclude.sort();
-    serde_json::json!({
+    // Options at their defaults are left out, so that tables synced before they existed
+    // keep their identity.
+    let mut options = serde_json::json!({
         "exclude": exclude,
         "indexes": req.indexes,
         "dedup_by": req.policy.dedup_by,
@@ -239,7 +269,21 @@ fn identity_options(req: &SyncRequest) -> serde_json::Value {
             lakesync_core::NulBytePolicy::Error => "error",
             lakesync_core::NulBytePolicy::Strip => "strip",
         },
-    })
+    });
+    let shape = &req.shape;
+    if let Some(filter) = &shape.filter {
+        options["filter"] = filter.text().into();
+    }
+    if !shape.columns.is_empty() {
+        options["columns"] = shape.columns.iter().map(|c| c.display()).collect::<Vec<_>>().into();
+    }
+    if shape.delete_mode != DeleteMode::Hard {
+        options["delete_mode"] = shape.delete_mode.as_str().into();
+    }
+    if shape.lineage {
+        options["lineage"] = true.into();
+    }
+    options
 }
 
 /// What the start of a run found out, for choosing what it does.
@@ -274,6 +318,9 @@ async fn execute_run(
         (_, None) => "initial snapshot: nothing synced yet".to_string(),
         // Dropped by hand: the data is gone, so the synced version means nothing; reload.
         (_, Some(_)) if owner == Ownership::Absent => "the target table is missing (dropped?)".to_string(),
+        (_, Some(s)) if s == end.version() && req.dry_run => {
+            return Ok(outcome(RunMode::Noop, "already at the requested version", synced, s, RowCounts::default()));
+        }
         (_, Some(s)) if s == end.version() => {
             let id = state::start_run(sink.client(), table, RunMode::Noop, "already at the requested version", synced, s).await?;
             *run_id = Some(id);
@@ -300,7 +347,7 @@ async fn execute_run(
                     let reason = e.calls_for_snapshot().unwrap_or_default();
                     tracing::warn!(table = %table, error = %e, "falling back to a snapshot");
                     // Close the triggered run (if one started) before the fallback run.
-                    if let Some(id) = run_id.take() {
+                    if let Some(id) = run_id.take().filter(|_| !req.dry_run) {
                         state::fail_run(sink.client(), table, Some(id), &format!("falling back to a snapshot: {reason}")).await?;
                     }
                     format!("the change data feed cannot serve versions {}..={}: {reason}", s + 1, end.version())
@@ -309,6 +356,9 @@ async fn execute_run(
             }
         }
     };
+    if req.dry_run {
+        return preview_snapshot(req, sink, synced, end, schema, key, &reason).await;
+    }
     tracing::info!(table = %table, version = end.version(), reason = %reason, "snapshot");
     snapshot(req, sink, run_id, synced, end, schema, key, &reason).await
 }
@@ -339,7 +389,40 @@ fn outcome(mode: RunMode, reason: &str, from: Option<Version>, to: Version, coun
         to_version: to,
         counts,
         duration: Duration::ZERO,
+        ddl: Vec::new(),
     }
+}
+
+/// What a snapshot would do (a dry run): its DDL, and its counts from the rows loaded into a
+/// temporary table and compared with the target (see [`Sink::preview_snapshot`]).
+async fn preview_snapshot(
+    req: &SyncRequest,
+    sink: &mut Sink,
+    synced: Option<Version>,
+    end: &TableSnapshot,
+    schema: &TableSchema,
+    key: &[String],
+    reason: &str,
+) -> Result<SyncOutcome, EngineError> {
+    let ddl = sink.snapshot_ddl(schema, key, &req.indexes).await?;
+    let (sender, rows) = tokio::sync::mpsc::channel(4);
+    let reader = {
+        let (end, shape) = (end.clone(), req.shape.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), DeltaError> {
+            let shape = end.read_shape(&shape)?;
+            for batch in end.shaped_batches(&shape)? {
+                if sender.blocking_send(batch?).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    };
+    let counts = sink.preview_snapshot(schema, key, end.version(), rows).await;
+    reader.await.map_err(|e| EngineError::Internal(format!("snapshot reader panicked: {e}")))??;
+    let mut done = outcome(RunMode::Snapshot, reason, synced, end.version(), counts?);
+    done.ddl = ddl;
+    Ok(done)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -366,10 +449,12 @@ async fn snapshot(
     let progress = req.progress.clone();
     progress.set_phase(Phase::Loading);
     let reader = {
-        let end = end.clone();
+        let (end, shape) = (end.clone(), req.shape.clone());
         tokio::task::spawn_blocking(move || -> Result<(), DeltaError> {
+            let shape = end.read_shape(&shape)?;
+            // With a filter the source's count is an upper bound; the display shows it.
             progress.set_total(end.row_count().ok().flatten().unwrap_or(0));
-            for batch in end.batches()? {
+            for batch in end.shaped_batches(&shape)? {
                 let batch = batch?;
                 progress.add(batch.num_rows() as u64);
                 if sender.blocking_send(batch).is_err() {
@@ -425,14 +510,19 @@ async fn triggered(
     };
     // The schema the Postgres table holds: the source's at the synced version.
     // The synced version's snapshot is read while Postgres records the run's start.
-    let (at_synced, id) = tokio::join!(
-        snapshot_at(source, Some(synced)),
-        state::start_run(sink.client(), table, RunMode::Triggered, "change data feed", Some(synced), end_version)
-    );
+    let (at_synced, id) = tokio::join!(snapshot_at(source, Some(synced)), async {
+        if req.dry_run {
+            return Ok(0);
+        }
+        state::start_run(sink.client(), table, RunMode::Triggered, "change data feed", Some(synced), end_version).await
+    });
     let id = id?;
-    *run_id = Some(id);
-    let (mut schema, mut schema_id) = match at_synced {
-        Ok(s) => (s.schema_without(&req.exclude)?, s.schema_id()),
+    if !req.dry_run {
+        *run_id = Some(id);
+    }
+    let mut ddl = Vec::new();
+    let (mut schema, mut schema_id, mut shape) = match at_synced {
+        Ok(s) => (s.shaped_schema(&req.shape)?, s.schema_id(), s.read_shape(&req.shape)?),
         // A store hiccup is retried; only a version the log no longer has calls for a snapshot.
         Err(e) if e.class() == lakesync_core::ErrorClass::Transient => return Err(e),
         Err(e) => return Err(unavailable(format!("version {synced} is no longer readable: {e}"))),
@@ -452,7 +542,7 @@ async fn triggered(
                 (first_change - 1, (Vec::new(), Vec::new()))
             } else {
                 let at_change = snapshot_at(source, Some(first_change)).await?;
-                let new_schema = at_change.schema_without(&req.exclude)?;
+                let new_schema = at_change.shaped_schema(&req.shape)?;
                 let evolved = match schema.change_to(&new_schema) {
                     SchemaChange::Evolved { added, widened } => {
                         tracing::info!(table = %table, version = first_change, added = added.len(), widened = widened.len(), "source added or widened columns");
@@ -467,6 +557,7 @@ async fn triggered(
                 };
                 schema = new_schema;
                 schema_id = at_change.schema_id();
+                shape = at_change.read_shape(&req.shape)?;
                 let seg_end = if schema_id == end_id {
                     end_version
                 } else {
@@ -478,40 +569,53 @@ async fn triggered(
         let mut evolved = evolved;
         let mut chunk_start = start;
         while chunk_start <= seg_end {
-            let chunk_end = (chunk_start + req.versions_per_transaction.max(1) - 1).min(seg_end);
+            // A dry run rolls back each transaction, so it takes a segment in one: a later
+            // chunk would otherwise be counted against a table without the earlier ones.
+            let per_transaction = if req.dry_run { u64::MAX / 2 } else { req.versions_per_transaction.max(1) };
+            let chunk_end = (chunk_start + per_transaction - 1).min(seg_end);
             let t = std::time::Instant::now();
+            let stamps = crate::changes::CommitStamps::default();
             let mut plan = {
-                let (source, table, key) = (source.clone(), table.clone(), key.to_vec());
+                let (source, table, key, shape) = (source.clone(), table.clone(), key.to_vec(), shape.clone());
                 let dedup_by = req.policy.dedup_by.clone();
+                let stamps = stamps.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut columns = key.clone();
                     columns.extend(dedup_by.iter().filter(|c| !key.contains(c)).cloned());
                     plan_keys(&table, &key, dedup_by.as_deref(), || {
-                        Ok(source.changes(chunk_start, chunk_end, Some(&columns))?)
+                        let stamps = stamps.clone();
+                        Ok(source
+                            .shaped_changes(chunk_start, chunk_end, &shape, Some(&columns))?
+                            .inspect(move |b| stamps.observe(b)))
                     })
                 })
                 .await
                 .map_err(|e| EngineError::Internal(format!("change planner panicked: {e}")))??
             };
             let planned_ms = t.elapsed().as_millis();
-            let deletes = plan.take_deletes(table, key)?;
+            let mut deletes = plan.take_deletes(table, key)?;
+            if req.shape.delete_mode == DeleteMode::Soft {
+                deletes = stamps.stamp(table, deletes)?;
+            }
             let changed_rows = deletes.iter().map(|b| b.num_rows()).sum::<usize>() + plan.upsert_count();
             // Upserts of more than one part are staged by a second session (see `Stager`),
             // which connects (and drops what a crashed run left) while this session deletes.
             let parts = staged_parts(plan.upsert_count());
-            let stager = (parts > 1).then(|| tokio::spawn(sink.open_stager(&schema, key)));
+            let stager = (parts > 1 && !req.dry_run).then(|| tokio::spawn(sink.open_stager(&schema, key)));
             // Pass two (the winning rows) and the checkpoint's facts are read while Postgres
             // deletes.
             let pass_two = {
-                let (source, table, key, schema, end) =
-                    (source.clone(), table.clone(), key.to_vec(), schema.clone(), end.clone());
-                // With --dedup-by the table holds fewer rows than the source by design, so the
-                // row-count check cannot apply.
-                let count_rows = req.policy.dedup_by.is_none();
+                let (source, table, key, schema, end, shape) =
+                    (source.clone(), table.clone(), key.to_vec(), schema.clone(), end.clone(), shape.clone());
+                // With --dedup-by or a filter the table holds fewer rows than the source by
+                // design, with soft or ignored deletes more: the row-count check cannot apply.
+                let count_rows = req.policy.dedup_by.is_none()
+                    && req.shape.filter.is_none()
+                    && req.shape.delete_mode == DeleteMode::Hard;
                 tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
                     let mut full = Vec::new();
                     for (a, b) in version_runs(&plan.upsert_versions()) {
-                        full.extend(source.changes(a, b, None)?.collect::<Result<Vec<_>, _>>()?);
+                        full.extend(source.shaped_changes(a, b, &shape, None)?.collect::<Result<Vec<_>, _>>()?);
                     }
                     let upserts = plan.into_upserts(&table, &schema, &key, &full)?;
                     drop(full);
@@ -545,6 +649,11 @@ async fn triggered(
                 },
             };
             let counts = match stager {
+                None if req.dry_run => {
+                    apply.upsert(&upserts).await?;
+                    ddl.extend(apply.ddl().iter().cloned());
+                    apply.rollback().await?
+                }
                 None => {
                     apply.upsert(&upserts).await?;
                     drop(upserts);
@@ -576,7 +685,9 @@ async fn triggered(
         }
         start = seg_end + 1;
     }
-    Ok(outcome(RunMode::Triggered, "change data feed", Some(synced), end_version, total))
+    let mut done = outcome(RunMode::Triggered, "change data feed", Some(synced), end_version, total);
+    done.ddl = ddl;
+    Ok(done)
 }
 
 /// Applies `upserts` part by part while a second session stages the next part: the COPY of

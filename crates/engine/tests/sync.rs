@@ -5,6 +5,7 @@ mod compaction;
 mod fleet;
 mod ingest;
 mod object_stores;
+mod shape;
 mod support;
 
 use lakesync_core::{Classify, ErrorClass, NulBytePolicy, SyncMode};
@@ -231,7 +232,7 @@ fn an_excluded_column_is_not_synced() {
     let t = PyDelta::new();
     t.run(json!([people(json!([[1, "a", 1.0]]))]));
     let mut req = db.request(&t.path(), "public.people", "id");
-    req.exclude = vec!["score".into()];
+    req.shape.exclude = vec!["score".into()];
     db.sync(&req).unwrap();
     t.run(json!([{"op": "update", "predicate": "id = 1", "set": {"name": "'b'", "score": "2.0"}}]));
     db.sync(&req).unwrap();
@@ -691,7 +692,7 @@ fn changing_exclude_indexes_or_data_policies_does_what_the_change_implies() {
     let t = PyDelta::new();
     t.run(json!([people(json!([[1, "a", 1.0], [2, "b", 2.0]]))]));
     let mut req = db.request(&t.path(), "public.people", "id");
-    req.exclude = vec!["score".into()];
+    req.shape.exclude = vec!["score".into()];
     req.indexes = vec![vec!["name".into()]];
     db.sync(&req).unwrap();
     let indexes = || db.rows("SELECT indexname FROM pg_indexes WHERE tablename = 'people' ORDER BY 1");
@@ -700,7 +701,7 @@ fn changing_exclude_indexes_or_data_policies_does_what_the_change_implies() {
 
     // The column is no longer excluded: a snapshot backfills it (before, the feed would have
     // written rows without it); the index moves from name to score.
-    req.exclude.clear();
+    req.shape.exclude.clear();
     req.indexes = vec![vec!["score".into()]];
     req.mode = SyncMode::Triggered;
     let out = db.sync(&req).unwrap();
@@ -716,7 +717,7 @@ fn changing_exclude_indexes_or_data_policies_does_what_the_change_implies() {
     assert_eq!(indexes(), ["(people_name_score_idx)", "(people_pkey)"]);
 
     // Excluded again: the column goes (a snapshot applied in place), instead of going stale.
-    req.exclude = vec!["score".into()];
+    req.shape.exclude = vec!["score".into()];
     req.indexes = vec![vec!["name".into()]];
     assert_eq!(db.sync(&req).unwrap().mode.as_str(), "snapshot");
     assert_eq!(db.rows("SELECT * FROM public.people ORDER BY id"), ["(1,a)", "(2,b)"]);
@@ -1368,7 +1369,7 @@ fn a_column_name_postgres_would_truncate_is_refused_naming_it() {
     let msg = err.to_string();
     assert!(msg.contains(&long) && msg.contains("63 bytes") && msg.contains("--exclude"), "{msg}");
     assert_eq!(db.value("SELECT to_regclass('public.wide') IS NULL"), "true");
-    req.exclude = vec![long];
+    req.shape.exclude = vec![long];
     db.sync(&req).unwrap();
     assert_eq!(db.rows("SELECT * FROM public.wide"), ["(1)"]);
 }

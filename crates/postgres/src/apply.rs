@@ -15,7 +15,8 @@
 use arrow_array::RecordBatch;
 use bytes::{Bytes, BytesMut};
 use futures_util::SinkExt;
-use lakesync_core::{Column, ColumnType, DataPolicy, TableName, TableSchema, Version};
+use lakesync_core::shape::{DELETED_AT_COLUMN, LINEAGE_TIMESTAMP_COLUMN, LINEAGE_VERSION_COLUMN};
+use lakesync_core::{Column, ColumnType, DataPolicy, DeleteMode, TableName, TableSchema, Version};
 
 use crate::copy::{HEADER, TRAILER};
 use crate::ddl::{column_definition, column_list, ident, qualified};
@@ -28,7 +29,10 @@ use tokio_postgres::GenericClient;
 /// range was an insert).
 pub const EXPECT_ABSENT_COLUMN: &str = "_lakesync_expect_absent";
 /// Column holding the Delta version of each change.
-pub const VERSION_COLUMN: &str = "_lakesync_version";
+pub const VERSION_COLUMN: &str = "_lakesync_change_version";
+/// Under soft deletes, the column of the delete batches holding each version's commit
+/// timestamp (what `_lakesync_deleted_at` is set to).
+pub const CHANGE_TIMESTAMP_COLUMN: &str = "_lakesync_change_timestamp";
 /// The columns staged upserts carry besides the table's.
 const UPSERT_EXTRA: [(&str, ColumnType); 2] =
     [(EXPECT_ABSENT_COLUMN, ColumnType::Boolean), (VERSION_COLUMN, ColumnType::Int64)];
@@ -44,6 +48,9 @@ pub struct ChangeApply<'a> {
     key: &'a [String],
     counts: RowCounts,
     fence: Option<crate::fleet::Fence>,
+    delete_mode: DeleteMode,
+    /// The DDL the transaction ran (columns added or widened).
+    ddl: Vec<String>,
 }
 
 impl Sink {
@@ -63,6 +70,7 @@ impl Sink {
         let t = qualified(&target);
         let tx = self.client.transaction().await.map_err(PgError::query(&target, "begin"))?;
         let (added_columns, widened_columns) = evolved;
+        let mut ddl = Vec::new();
         if !added_columns.is_empty() || !widened_columns.is_empty() {
             // Widened columns keep every value through a cast (type widening never narrows);
             // the key's index is rebuilt by Postgres when a key column widens.
@@ -75,9 +83,11 @@ impl Sink {
                     }))
                     .collect::<Vec<_>>()
                     .join(", ");
-            tx.batch_execute(&format!("ALTER TABLE {t} {alters}"))
+            let sql = format!("ALTER TABLE {t} {alters}");
+            tx.batch_execute(&sql)
                 .await
                 .map_err(PgError::query(&target, "add or widen the source's changed columns"))?;
+            ddl.push(sql);
         }
         // Change sets are usually tiny next to the table. Temporary tables have no statistics,
         // and without them the planner picks hash or merge joins that read the whole table;
@@ -98,7 +108,17 @@ impl Sink {
                 .await
                 .map_err(PgError::query(&target, "plan for a small change set"))?;
         }
-        Ok(ChangeApply { tx, target, policy, schema, key, counts: RowCounts::default(), fence: self.fence })
+        Ok(ChangeApply {
+            tx,
+            target,
+            policy,
+            schema,
+            key,
+            counts: RowCounts::default(),
+            fence: self.fence,
+            delete_mode: self.delete_mode,
+            ddl,
+        })
     }
 }
 
@@ -110,6 +130,9 @@ impl<'a> ChangeApply<'a> {
         if !deletes.iter().any(|b| b.num_rows() > 0) {
             return Ok(());
         }
+        if self.delete_mode == DeleteMode::Ignore {
+            return Ok(());
+        }
         let (tx, target, key) = (&self.tx, &self.target, self.key);
         let guard = self.order_guard("d", deletes);
         let mut columns: Vec<&Column> =
@@ -117,13 +140,30 @@ impl<'a> ChangeApply<'a> {
         if let Some((column, _)) = &guard {
             columns.push(column);
         }
-        self.stage("_lakesync_deletes", &columns, &[(VERSION_COLUMN, ColumnType::Int64)], deletes).await?;
+        let soft = self.delete_mode == DeleteMode::Soft;
+        let mut extra = vec![(VERSION_COLUMN, ColumnType::Int64)];
+        if soft {
+            extra.push((CHANGE_TIMESTAMP_COLUMN, ColumnType::Timestamptz));
+        }
+        self.stage("_lakesync_deletes", &columns, &extra, deletes).await?;
         let on = key.iter().map(|k| format!("t.{0} = d.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
         let guard = guard.map(|(_, g)| format!(" AND {g}")).unwrap_or_default();
-        self.counts.deleted += tx
-            .execute(&format!("DELETE FROM {} t USING _lakesync_deletes d WHERE {on}{guard}", qualified(target)), &[])
-            .await
-            .map_err(PgError::query(target, "delete rows"))?;
+        let sql = if soft {
+            // The row stays, marked (once: a row already marked keeps its first deletion).
+            let mut set = vec![format!("{DELETED_AT_COLUMN} = d.{CHANGE_TIMESTAMP_COLUMN}")];
+            if self.schema.column(LINEAGE_VERSION_COLUMN).is_some() {
+                set.push(format!("{LINEAGE_VERSION_COLUMN} = d.{VERSION_COLUMN}"));
+                set.push(format!("{LINEAGE_TIMESTAMP_COLUMN} = d.{CHANGE_TIMESTAMP_COLUMN}"));
+            }
+            format!(
+                "UPDATE {} t SET {} FROM _lakesync_deletes d WHERE {on} AND t.{DELETED_AT_COLUMN} IS NULL{guard}",
+                qualified(target),
+                set.join(", ")
+            )
+        } else {
+            format!("DELETE FROM {} t USING _lakesync_deletes d WHERE {on}{guard}", qualified(target))
+        };
+        self.counts.deleted += tx.execute(&sql, &[]).await.map_err(PgError::query(target, "delete rows"))?;
         Ok(())
     }
 
@@ -174,6 +214,10 @@ impl<'a> ChangeApply<'a> {
     /// others by `MERGE` (when `existing`).
     async fn apply_upserts(&mut self, source: &str, new: bool, existing: bool) -> Result<(), PgError> {
         let (schema, key) = (self.schema, self.key);
+        // Soft and ignored deletes leave rows behind: a key inserted again may still be
+        // there, so every row goes through the merge.
+        let keeps_rows = self.delete_mode != DeleteMode::Hard;
+        let (new, existing) = if keeps_rows { (false, new || existing) } else { (new, existing) };
         let target = self.target.clone();
         let t = qualified(&target);
         // A key whose first change in the range is an insert must not be there already, so
@@ -236,7 +280,11 @@ impl<'a> ChangeApply<'a> {
             merge_from(
                 &self.tx,
                 &target,
-                &format!("(SELECT * FROM {source} WHERE NOT {EXPECT_ABSENT_COLUMN})"),
+                &if keeps_rows {
+                    format!("(SELECT * FROM {source})")
+                } else {
+                    format!("(SELECT * FROM {source} WHERE NOT {EXPECT_ABSENT_COLUMN})")
+                },
                 "u",
                 schema,
                 key,
@@ -271,6 +319,18 @@ impl<'a> ChangeApply<'a> {
             .await
             .map_err(PgError::query(&self.target, "start COPY"))?;
         copy_batches(sink, &layout, batches).await
+    }
+
+    /// The DDL this transaction ran.
+    pub fn ddl(&self) -> &[String] {
+        &self.ddl
+    }
+
+    /// Ends a dry run: rolls everything back and returns what would have been applied.
+    pub async fn rollback(self) -> Result<RowCounts, PgError> {
+        let (tx, target, counts) = (self.tx, self.target, self.counts);
+        tx.rollback().await.map_err(PgError::query(&target, "roll back the dry run"))?;
+        Ok(counts)
     }
 
     /// Records `checkpoint` (and the run's progress; `final_chunk` marks the run succeeded)
@@ -339,7 +399,7 @@ pub(crate) fn order_collation(column: &Column) -> &'static str {
 
 /// How a staging table holds `columns` and our `extra` columns: the COPY layout for the
 /// change rows, and the table's column definitions.
-fn staging_layout(
+pub(crate) fn staging_layout(
     target: &TableName,
     columns: &[&Column],
     extra: &[(&str, ColumnType)],
@@ -362,11 +422,11 @@ fn staging_layout(
     (layout, definitions)
 }
 
-fn copy_sql(table: &str, layout: &CopyLayout, options: &str) -> String {
+pub(crate) fn copy_sql(table: &str, layout: &CopyLayout, options: &str) -> String {
     format!("COPY {table} ({}) FROM STDIN ({options})", column_list(layout.columns.iter().map(String::as_str), None))
 }
 
-async fn copy_batches(
+pub(crate) async fn copy_batches(
     sink: tokio_postgres::CopyInSink<Bytes>,
     layout: &CopyLayout,
     batches: &[RecordBatch],

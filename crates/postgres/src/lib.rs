@@ -26,6 +26,7 @@ pub mod error;
 pub mod fleet;
 pub mod json;
 pub mod pool;
+pub mod preview;
 pub mod query;
 pub mod rows;
 pub mod snapshot;
@@ -33,7 +34,7 @@ pub mod state;
 pub mod tls;
 
 use arrow_array::RecordBatch;
-use lakesync_core::{DataPolicy, TableName};
+use lakesync_core::{DataPolicy, DeleteMode, TableName};
 use tokio_postgres::{Client, GenericClient};
 
 pub use apply::{ChangeApply, Stager};
@@ -51,6 +52,8 @@ pub struct Sink {
     policy: DataPolicy,
     /// A fleet replica's fence, checked when the lock is taken and at every checkpoint.
     fence: Option<fleet::Fence>,
+    /// What a delete does (soft and ignore keep rows the source no longer has).
+    delete_mode: DeleteMode,
 }
 
 impl Sink {
@@ -88,7 +91,7 @@ impl Sink {
         }
         state::abandon_stale_runs(&client, table).await?;
         state::prune_runs(&client, table, history).await?;
-        Ok(Self { config: config.clone(), client, table: table.clone(), policy, fence })
+        Ok(Self { config: config.clone(), client, table: table.clone(), policy, fence, delete_mode: DeleteMode::Hard })
     }
 
     /// Ends the session, releasing the table's advisory lock first.
@@ -96,6 +99,13 @@ impl Sink {
         if let Err(e) = state::unlock(&self.client, &self.table).await {
             tracing::debug!(table = %self.table, error = %e, "could not release the advisory lock; the session end will");
         }
+    }
+
+    /// Sets what a delete does: a soft delete sets `_lakesync_deleted_at` (a column of the
+    /// table's schema), `ignore` keeps the row as it is. Snapshots keep the rows the source
+    /// no longer has the same way.
+    pub fn set_delete_mode(&mut self, mode: DeleteMode) {
+        self.delete_mode = mode;
     }
 
     /// The target table.

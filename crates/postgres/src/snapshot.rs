@@ -36,7 +36,7 @@ pub struct Staging {
 
 /// Free space left in each page of a loaded table, so that the change feed's updates can be
 /// HOT (heap-only: no index insertion, no new index entry per update).
-const FILLFACTOR: u8 = 90;
+pub(crate) const FILLFACTOR: u8 = 90;
 
 /// The staging table of `target` for run `run_id`: unique per run (two snapshots of one table
 /// never share one, even should both get past the table's lock), named from a hash of the
@@ -173,22 +173,9 @@ impl Sink {
             return Ok(());
         }
         let target = &self.table;
-        let (old, new) = (index_names(target, old), index_names(target, new));
-        for (name, _) in old.iter().filter(|(name, _)| !new.iter().any(|(n, _)| n == name)) {
-            let index = qualified(&TableName::new(target.schema.clone(), name.clone()));
-            self.client
-                .batch_execute(&format!("DROP INDEX IF EXISTS {index}"))
-                .await
-                .map_err(PgError::query(target, format!("drop index {name}")))?;
-            tracing::info!(table = %target, index = %name, "dropped an index no longer declared");
-        }
-        for (name, sql) in index_statements(
-            target,
-            &qualified(target),
-            new.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>().as_slice(),
-            true,
-        ) {
-            self.client.batch_execute(&sql).await.map_err(PgError::query(target, format!("create index {name}")))?;
+        for (name, sql) in index_changes(target, old, new) {
+            self.client.batch_execute(&sql).await.map_err(PgError::query(target, format!("change index {name}")))?;
+            tracing::info!(table = %target, index = %name, statement = %sql, "changed the declared indexes");
         }
         Ok(())
     }
@@ -332,7 +319,7 @@ impl Sink {
             }
             RowCounts { inserted: rows, updated: 0, deleted: old_rows as u64 }
         } else if staging.target_exists {
-            let counts = replace_in_place(&tx, &target, staging, schema, key).await?;
+            let counts = replace_in_place(&tx, &target, staging, schema, key, self.delete_mode, checkpoint).await?;
             for (name, sql) in index_statements(&target, &qualified(&target), indexes, true) {
                 tx.batch_execute(&sql).await.map_err(PgError::query(&target, format!("create index {name}")))?;
             }
@@ -357,9 +344,32 @@ impl Sink {
     }
 }
 
+/// The statements (with the index name) that take `target`'s declared indexes from `old` to
+/// `new`: drops those no longer declared, builds those newly declared.
+pub(crate) fn index_changes(target: &TableName, old: &[Vec<String>], new: &[Vec<String>]) -> Vec<(String, String)> {
+    let (old, new) = (index_names(target, old), index_names(target, new));
+    let mut out = Vec::new();
+    for (name, _) in old.iter().filter(|(name, _)| !new.iter().any(|(n, _)| n == name)) {
+        let index = qualified(&TableName::new(target.schema.clone(), name.clone()));
+        out.push((name.clone(), format!("DROP INDEX IF EXISTS {index}")));
+    }
+    out.extend(index_statements(
+        target,
+        &qualified(target),
+        new.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>().as_slice(),
+        true,
+    ));
+    out
+}
+
 /// `CREATE INDEX` statements (with the index name) for the declared `indexes`, named after the
 /// target table and built on `on` (the staging table or the target itself).
-fn index_statements(target: &TableName, on: &str, indexes: &[Vec<String>], if_missing: bool) -> Vec<(String, String)> {
+pub(crate) fn index_statements(
+    target: &TableName,
+    on: &str,
+    indexes: &[Vec<String>],
+    if_missing: bool,
+) -> Vec<(String, String)> {
     index_names(target, indexes)
         .into_iter()
         .map(|(name, cols)| {
@@ -487,10 +497,52 @@ async fn replace_in_place(
     staging: &Staging,
     schema: &TableSchema,
     key: &[String],
+    delete_mode: lakesync_core::DeleteMode,
+    checkpoint: Checkpoint,
 ) -> Result<RowCounts, PgError> {
+    use lakesync_core::shape::{DELETED_AT_COLUMN, LINEAGE_TIMESTAMP_COLUMN, LINEAGE_VERSION_COLUMN};
     let t = qualified(target);
     let stage = qualified(&staging.table);
     let existing = crate::target_columns(tx, target).await?;
+    let alters = schema_alters(&existing, schema);
+    if !alters.is_empty() {
+        tx.batch_execute(&format!("ALTER TABLE {t} {}", alters.join(", ")))
+            .await
+            .map_err(PgError::query(target, "change the table to the source's new schema"))?;
+    }
+    let on = key.iter().map(|k| format!("s.{0} = t.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
+    let gone = format!("NOT EXISTS (SELECT 1 FROM {stage} s WHERE {on})");
+    let deleted = match delete_mode {
+        lakesync_core::DeleteMode::Hard => tx
+            .execute(&format!("DELETE FROM {t} t WHERE {gone}"), &[])
+            .await
+            .map_err(PgError::query(target, "delete rows gone from the source"))?,
+        // Rows the source no longer has stay: marked deleted (as of the snapshot's commit,
+        // unless marked before), or as they are.
+        lakesync_core::DeleteMode::Soft => {
+            let at = checkpoint.commit_timestamp_ms.unwrap_or_default() as f64 / 1000.0;
+            let mut set = vec![format!("{DELETED_AT_COLUMN} = to_timestamp($1)")];
+            if schema.column(LINEAGE_VERSION_COLUMN).is_some() {
+                set.push(format!("{LINEAGE_VERSION_COLUMN} = $2"));
+                set.push(format!("{LINEAGE_TIMESTAMP_COLUMN} = to_timestamp($1)"));
+            }
+            let sql = format!("UPDATE {t} t SET {} WHERE t.{DELETED_AT_COLUMN} IS NULL AND {gone}", set.join(", "));
+            let version = checkpoint.version as i64;
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                if schema.column(LINEAGE_VERSION_COLUMN).is_some() { vec![&at, &version] } else { vec![&at] };
+            tx.execute(&sql, &params).await.map_err(PgError::query(target, "mark rows gone from the source deleted"))?
+        }
+        lakesync_core::DeleteMode::Ignore => 0,
+    };
+    let (inserted, updated) = merge_from(tx, target, &stage, "s", schema, key, None).await?;
+    Ok(RowCounts { inserted, updated, deleted })
+}
+
+/// The `ALTER TABLE` clauses that bring a table with `existing` columns (name, Postgres type)
+/// to `schema`: new columns added, retyped ones converted, dropped ones dropped (lakesync's
+/// own columns too when the table no longer asks for them).
+pub(crate) fn schema_alters(existing: &[(String, String)], schema: &TableSchema) -> Vec<String> {
+    use lakesync_core::shape::{DELETED_AT_COLUMN, LINEAGE_TIMESTAMP_COLUMN, LINEAGE_VERSION_COLUMN};
     let mut alters = Vec::new();
     for col in &schema.columns {
         match existing.iter().find(|(n, _)| n == &col.name) {
@@ -508,23 +560,14 @@ async fn replace_in_place(
             Some(_) => {}
         }
     }
-    for (name, _) in &existing {
-        if schema.column(name).is_none() && !name.starts_with("_lakesync") {
+    for (name, _) in existing {
+        // lakesync's own columns go too when the table no longer asks for them.
+        let ours = [DELETED_AT_COLUMN, LINEAGE_VERSION_COLUMN, LINEAGE_TIMESTAMP_COLUMN].contains(&name.as_str());
+        if schema.column(name).is_none() && (ours || !name.starts_with("_lakesync")) {
             alters.push(format!("DROP COLUMN {}", ident(name)));
         }
     }
-    if !alters.is_empty() {
-        tx.batch_execute(&format!("ALTER TABLE {t} {}", alters.join(", ")))
-            .await
-            .map_err(PgError::query(target, "change the table to the source's new schema"))?;
-    }
-    let on = key.iter().map(|k| format!("s.{0} = t.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
-    let deleted = tx
-        .execute(&format!("DELETE FROM {t} t WHERE NOT EXISTS (SELECT 1 FROM {stage} s WHERE {on})"), &[])
-        .await
-        .map_err(PgError::query(target, "delete rows gone from the source"))?;
-    let (inserted, updated) = merge_from(tx, target, &stage, "s", schema, key, None).await?;
-    Ok(RowCounts { inserted, updated, deleted })
+    alters
 }
 
 /// Writes the rows of `source_sql` (aliased `alias`) into the target: keys that exist get
@@ -551,12 +594,25 @@ pub(crate) async fn merge_from(
         schema.columns.iter().map(|c| c.name.as_str()).filter(|c| !key.iter().any(|k| k == c)).collect();
     let on = key.iter().map(|k| format!("t.{0} = {alias}.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
     let set = non_key.iter().map(|c| format!("{0} = {alias}.{0}", ident(c))).collect::<Vec<_>>().join(", ");
-    let differs = format!(
-        "({}) IS DISTINCT FROM ({}){}",
-        column_list(non_key.iter().copied(), Some("t")),
-        column_list(non_key.iter().copied(), Some(alias)),
-        guard.map(|g| format!(" AND {g}")).unwrap_or_default()
-    );
+    // Lineage says when a row last changed: a row whose values are all equal is not
+    // rewritten for a newer version alone.
+    let compared: Vec<&str> = non_key
+        .iter()
+        .copied()
+        .filter(|c| {
+            ![lakesync_core::shape::LINEAGE_VERSION_COLUMN, lakesync_core::shape::LINEAGE_TIMESTAMP_COLUMN].contains(c)
+        })
+        .collect();
+    let differs = if compared.is_empty() {
+        "FALSE".to_string()
+    } else {
+        format!(
+            "({}) IS DISTINCT FROM ({}){}",
+            column_list(compared.iter().copied(), Some("t")),
+            column_list(compared.iter().copied(), Some(alias)),
+            guard.map(|g| format!(" AND {g}")).unwrap_or_default()
+        )
+    };
     let cols = column_list(schema.columns.iter().map(|c| c.name.as_str()), None);
     let src_cols = column_list(schema.columns.iter().map(|c| c.name.as_str()), Some(alias));
     let counted = |sql: &'static str| {

@@ -27,7 +27,7 @@ pub mod states {
 /// The state tables. Each is created with its key only and gets every other column from one
 /// `ADD COLUMN IF NOT EXISTS` list, so the same statements create new state and bring state
 /// written by older builds (which lack later columns) up to date; a column is listed once.
-const STATE_DDL: &str = r#"
+pub(crate) const STATE_DDL: &str = r#"
 CREATE TABLE IF NOT EXISTS lakesync.synced_tables (
     target_schema text NOT NULL,
     target_table text NOT NULL,

@@ -165,13 +165,14 @@ impl TestDb {
             indexes: Vec::new(),
             policy: DataPolicy::default(),
             versions_per_transaction: 100,
-            exclude: Vec::new(),
+            shape: Default::default(),
             lock_wait: std::time::Duration::from_secs(10),
             adopt: false,
             allow_drop_columns: false,
             history: Default::default(),
             progress: Default::default(),
             fence: None,
+            dry_run: false,
         }
     }
 
@@ -195,6 +196,24 @@ impl TestDb {
         version: u64,
         dedup_by: Option<&str>,
     ) {
+        self.assert_matches_snapshot_where(source, table, key, version, dedup_by, "TRUE")
+    }
+
+    /// [`TestDb::assert_matches_snapshot`] for a filtered table: Postgres evaluates `filter`
+    /// (the same SQL) over the whole snapshot, an oracle independent of lakesync's filter.
+    pub fn assert_matches_filtered_snapshot(&self, source: &Path, table: &str, key: &str, version: u64, filter: &str) {
+        self.assert_matches_snapshot_where(source, table, key, version, None, filter)
+    }
+
+    fn assert_matches_snapshot_where(
+        &self,
+        source: &Path,
+        table: &str,
+        key: &str,
+        version: u64,
+        dedup_by: Option<&str>,
+        filter: &str,
+    ) {
         let expected = "expected.snapshot";
         self.execute(
             "CREATE SCHEMA IF NOT EXISTS expected; DROP TABLE IF EXISTS expected.snapshot; \
@@ -212,12 +231,12 @@ impl TestDb {
         let t = TableName::parse(table).unwrap();
         let actual = format!("{}.{}", quote(&t.schema), quote(&t.name));
         let diff = self.rows(&format!(
-            "(SELECT 'missing' AS side, e FROM (SELECT {cols} FROM {expected} EXCEPT ALL SELECT {cols} FROM {actual}) e) \
-             UNION ALL (SELECT 'extra', a FROM (SELECT {cols} FROM {actual} EXCEPT ALL SELECT {cols} FROM {expected}) a) LIMIT 20"
+            "(SELECT 'missing' AS side, e FROM (SELECT {cols} FROM {expected} WHERE {filter} EXCEPT ALL SELECT {cols} FROM {actual}) e) \
+             UNION ALL (SELECT 'extra', a FROM (SELECT {cols} FROM {actual} EXCEPT ALL SELECT {cols} FROM {expected} WHERE {filter}) a) LIMIT 20"
         ));
         assert!(diff.is_empty(), "{table} differs from the Delta snapshot at version {version}:\n{}", diff.join("\n"));
         let n: i64 = self.value(&format!("SELECT count(*) FROM {actual}")).parse().unwrap();
-        let m: i64 = self.value(&format!("SELECT count(*) FROM {expected}")).parse().unwrap();
+        let m: i64 = self.value(&format!("SELECT count(*) FROM {expected} WHERE {filter}")).parse().unwrap();
         assert_eq!(n, m);
     }
 }
