@@ -48,6 +48,20 @@ impl ApiError {
         }
     }
 
+    /// A run (a dry run) that failed: what the table's spec or data makes impossible is a
+    /// conflict with its message; a busy table or an unreachable store or database, 503.
+    pub fn from_engine(e: &lakesync_engine::EngineError) -> Self {
+        use lakesync_core::{Classify, ErrorClass};
+        match e.class() {
+            ErrorClass::Config | ErrorClass::Schema | ErrorClass::Data => ApiError::Conflict(e.to_string()),
+            ErrorClass::Transient | ErrorClass::Busy => ApiError::Unavailable(e.to_string()),
+            ErrorClass::Internal => {
+                tracing::error!(error = %e, "dry run failed");
+                ApiError::Internal
+            }
+        }
+    }
+
     /// Maps a Postgres failure of a data query: bad values are the caller's fault, a
     /// cancelled query is a timeout, a lost connection is unavailability.
     pub fn from_query(e: PgError) -> Self {

@@ -110,6 +110,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/synced-tables/{name}/runs", get(manage::runs))
         .route("/api/v1/synced-tables/{name}/sync", post(manage::sync_now))
         .route("/api/v1/synced-tables/{name}/restart", post(manage::restart))
+        .route("/api/v1/synced-tables/{name}/plan", post(manage::plan))
         .route("/api/v1/ingests", get(manage::list_ingests).post(manage::add_ingest))
         .route("/api/v1/ingests/{name}", get(manage::get_ingest).delete(manage::remove_ingest))
         .route("/api/v1/ingests/{name}/restart", post(manage::restart_ingest))

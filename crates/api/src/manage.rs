@@ -161,6 +161,28 @@ pub async fn restart(
     request_run(&state, &headers, name, "restart").await
 }
 
+/// `POST /api/v1/synced-tables/{name}/plan`: what the table's next run would do (mode and
+/// reason, versions, rows, DDL), found by a dry run that writes nothing.
+pub async fn plan(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    let Some(worker) = state.daemon.table(&name) else {
+        return Err(ApiError::NotFound(format!("no synced table named {name:?}")));
+    };
+    match state.daemon.plan(&name).await {
+        Ok(Some(out)) => {
+            let mut body = out.plan_json(&worker.spec.target);
+            body["name"] = name.into();
+            Ok(json_response(StatusCode::OK, body))
+        }
+        Ok(None) => Err(ApiError::NotFound(format!("no synced table named {name:?}"))),
+        Err(e) => Err(ApiError::from_engine(&e)),
+    }
+}
+
 async fn request_run(state: &AppState, headers: &HeaderMap, name: String, what: &str) -> Result<Response, ApiError> {
     authorize(state, headers)?;
     // Routed to the replica that owns the table, wherever this request landed.

@@ -160,6 +160,13 @@ struct SyncArgs {
     /// Days of run history kept (0: any age).
     #[arg(long, default_value_t = 30)]
     keep_runs_days: u64,
+    /// Say what the run would do (mode and reason, versions, rows inserted, updated and
+    /// deleted, every DDL statement) without writing anything: no rows, no state, no run.
+    #[arg(long)]
+    dry_run: bool,
+    /// With --dry-run: answer as JSON.
+    #[arg(long, requires = "dry_run")]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -408,7 +415,9 @@ impl SyncArgs {
             Mode::Triggered => SyncMode::Triggered,
         };
         let lock_wait = std::time::Duration::from_secs(self.lock_wait);
-        Ok(spec.request(&PgConfig::parse(&self.postgres)?, mode, self.to_version, lock_wait))
+        let mut req = spec.request(&PgConfig::parse(&self.postgres)?, mode, self.to_version, lock_wait);
+        req.dry_run = self.dry_run;
+        Ok(req)
     }
 }
 
@@ -460,6 +469,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprint!("\r\x1b[2K");
             }
             let out = result?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&out.plan_json(&req.table))?);
+                return Ok(());
+            }
+            if args.dry_run {
+                println!(
+                    "dry run: would sync {} from Delta version {} to {} ({}, {}): {} inserted, {} updated, {} deleted; nothing was written",
+                    req.table,
+                    out.from_version.map_or("none".to_string(), |v| v.to_string()),
+                    out.to_version,
+                    out.mode.as_str(),
+                    out.reason,
+                    out.counts.inserted,
+                    out.counts.updated,
+                    out.counts.deleted,
+                );
+                if out.ddl.is_empty() {
+                    println!("no DDL");
+                }
+                for statement in &out.ddl {
+                    println!("{statement};");
+                }
+                return Ok(());
+            }
             println!(
                 "synced {} to Delta version {} ({}, {}): {} inserted, {} updated, {} deleted in {:.2}s",
                 req.table,

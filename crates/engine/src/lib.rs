@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod error;
 pub mod fleet;
 pub mod policy;
+pub mod preview;
 pub mod progress;
 pub mod sync;
 

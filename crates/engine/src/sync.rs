@@ -80,6 +80,25 @@ pub struct SyncOutcome {
     pub ddl: Vec<String>,
 }
 
+impl SyncOutcome {
+    /// A dry run's answer as JSON, the same for `sync --dry-run --json` and
+    /// `POST /api/v1/synced-tables/{name}/plan`.
+    pub fn plan_json(&self, table: &TableName) -> serde_json::Value {
+        serde_json::json!({
+            "table": table.to_string(),
+            "dry_run": true,
+            "mode": self.mode.as_str(),
+            "reason": self.reason,
+            "from_version": self.from_version,
+            "to_version": self.to_version,
+            "inserted": self.counts.inserted,
+            "updated": self.counts.updated,
+            "deleted": self.counts.deleted,
+            "ddl": self.ddl,
+        })
+    }
+}
+
 /// Runs one sync of `req`. On failure the run and the error are recorded in the state
 /// tables (when Postgres is reachable) and the table stays at its last synced version.
 pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {

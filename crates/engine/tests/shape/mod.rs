@@ -255,3 +255,84 @@ fn a_filtered_spark_table_with_deletion_vectors_and_cdc_files_syncs_step_by_step
 fn a_filtered_partitioned_spark_table_syncs_step_by_step() {
     filtered_conformance("cdf-table", "id", 3, "birthday >= DATE '2023-12-23' OR name ILIKE 'B%'");
 }
+
+/// Everything a dry run could have written: the state, the run history, the target's rows
+/// and columns, and any table in the database.
+fn footprint(db: &TestDb) -> Vec<String> {
+    let mut out = db.rows(
+        "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r', 'i') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast', 'expected') ORDER BY 1",
+    );
+    out.extend(db.rows(
+        "SELECT attname || ':' || format_type(atttypid, atttypmod) FROM pg_attribute \
+         WHERE attrelid = to_regclass('public.orders') AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    ));
+    if db.value("SELECT to_regclass('lakesync.synced_tables') IS NOT NULL") == "true" {
+        out.extend(db.rows("SELECT synced_version, state, options FROM lakesync.synced_tables WHERE target_schema = 'public'"));
+        out.extend(db.rows("SELECT count(*) FROM lakesync.runs"));
+    }
+    if db.value("SELECT to_regclass('public.orders') IS NOT NULL") == "true" {
+        out.extend(db.rows("SELECT o::text FROM public.orders o ORDER BY 1"));
+    }
+    out
+}
+
+#[test]
+fn a_dry_run_says_what_the_next_run_would_do_and_writes_nothing() {
+    let db = TestDb::new("dry_run");
+    let t = PyDelta::new();
+    t.run(json!([orders(json!([[1, "eu", 20.0], [2, "us", 50.0], [3, "uk", 5.0], [4, "eu", 40.0]]))]));
+    let mut req = db.request(&t.path(), "public.orders", "id");
+    req.shape.filter = Some(RowFilter::parse("amount >= 10").unwrap());
+    req.indexes = vec![vec!["region".into()]];
+    let dry = |req: &lakesync_engine::SyncRequest| {
+        let mut req = req.clone();
+        req.dry_run = true;
+        let before = footprint(&db);
+        let out = db.sync(&req).unwrap();
+        assert_eq!(footprint(&db), before, "the dry run wrote something");
+        out
+    };
+    let counts = |o: &lakesync_engine::SyncOutcome| (o.counts.inserted, o.counts.updated, o.counts.deleted);
+
+    // A database lakesync never ran against: the state schema is listed, not created.
+    let plan = dry(&req);
+    assert_eq!((plan.mode.as_str(), plan.reason.as_str(), plan.from_version, plan.to_version), ("snapshot", "initial snapshot: nothing synced yet", None, 0));
+    assert_eq!(counts(&plan), (3, 0, 0));
+    let ddl = plan.ddl.join(";\n");
+    assert!(ddl.starts_with("CREATE SCHEMA lakesync"), "{ddl}");
+    assert!(ddl.contains("CREATE TABLE IF NOT EXISTS lakesync.synced_tables"), "{ddl}");
+    assert!(ddl.contains("PRIMARY KEY (\"id\")") && ddl.contains("CREATE INDEX") && ddl.contains("RENAME TO \"orders\""), "{ddl}");
+    let real = db.sync(&req).unwrap();
+    assert_eq!((real.mode, counts(&real), real.to_version), (plan.mode, counts(&plan), plan.to_version));
+
+    // Changes through the feed, with a new column: counted by the same apply, rolled back.
+    t.run(json!([
+        {"op": "update", "predicate": "id = 1", "set": {"amount": "21.0"}},
+        {"op": "update", "predicate": "id = 3", "set": {"amount": "30.0"}},
+        {"op": "delete", "predicate": "id = 4"},
+        {"op": "append", "schema": orders_schema(), "rows": [[5, "fr", 1.0], [6, "de", 60.0]]},
+    ]));
+    t.run(json!([{"op": "append", "schema": [["id", "pa.int64()"], ["region", "pa.string()"], ["amount", "pa.float64()"], ["note", "pa.string()"]], "rows": [[7, "eu", 70.0, "new"]], "schema_mode": "merge"}]));
+    let plan = dry(&req);
+    assert_eq!((plan.mode.as_str(), plan.from_version), ("triggered", Some(0)), "{}", plan.reason);
+    assert!(plan.ddl.iter().any(|s| s.contains("ADD COLUMN IF NOT EXISTS \"note\"")), "{:?}", plan.ddl);
+    let real = db.sync(&req).unwrap();
+    assert_eq!((counts(&real), real.to_version), (counts(&plan), plan.to_version));
+    assert_eq!(counts(&real), (3, 1, 1));
+
+    // Nothing new: a no-op, with nothing to run.
+    let plan = dry(&req);
+    assert_eq!((plan.mode.as_str(), plan.ddl.len()), ("noop", 0));
+
+    // A changed filter and index: a snapshot replacing rows in place, counted against the
+    // target without changing it.
+    req.shape.filter = Some(RowFilter::parse("amount >= 25 OR region = 'fr'").unwrap());
+    req.indexes = vec![vec!["amount".into()]];
+    let plan = dry(&req);
+    assert!(plan.reason.contains("the filter option changed"), "{}", plan.reason);
+    assert!(plan.ddl.iter().any(|s| s.contains("CREATE INDEX IF NOT EXISTS") && s.contains("amount")), "{:?}", plan.ddl);
+    let real = db.sync(&req).unwrap();
+    assert_eq!((real.mode, counts(&real)), (plan.mode, counts(&plan)));
+    assert_eq!(counts(&real), (1, 0, 1));
+}
