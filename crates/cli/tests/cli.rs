@@ -13,6 +13,7 @@ mod fleet;
 mod pooler;
 mod rest;
 mod serve;
+mod shape;
 
 fn lakesync(db: &TestDb, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lakesync"))

@@ -268,7 +268,9 @@ fn footprint(db: &TestDb) -> Vec<String> {
          WHERE attrelid = to_regclass('public.orders') AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
     ));
     if db.value("SELECT to_regclass('lakesync.synced_tables') IS NOT NULL") == "true" {
-        out.extend(db.rows("SELECT synced_version, state, options FROM lakesync.synced_tables WHERE target_schema = 'public'"));
+        out.extend(
+            db.rows("SELECT synced_version, state, options FROM lakesync.synced_tables WHERE target_schema = 'public'"),
+        );
         out.extend(db.rows("SELECT count(*) FROM lakesync.runs"));
     }
     if db.value("SELECT to_regclass('public.orders') IS NOT NULL") == "true" {
@@ -297,12 +299,18 @@ fn a_dry_run_says_what_the_next_run_would_do_and_writes_nothing() {
 
     // A database lakesync never ran against: the state schema is listed, not created.
     let plan = dry(&req);
-    assert_eq!((plan.mode.as_str(), plan.reason.as_str(), plan.from_version, plan.to_version), ("snapshot", "initial snapshot: nothing synced yet", None, 0));
+    assert_eq!(
+        (plan.mode.as_str(), plan.reason.as_str(), plan.from_version, plan.to_version),
+        ("snapshot", "initial snapshot: nothing synced yet", None, 0)
+    );
     assert_eq!(counts(&plan), (3, 0, 0));
     let ddl = plan.ddl.join(";\n");
     assert!(ddl.starts_with("CREATE SCHEMA lakesync"), "{ddl}");
     assert!(ddl.contains("CREATE TABLE IF NOT EXISTS lakesync.synced_tables"), "{ddl}");
-    assert!(ddl.contains("PRIMARY KEY (\"id\")") && ddl.contains("CREATE INDEX") && ddl.contains("RENAME TO \"orders\""), "{ddl}");
+    assert!(
+        ddl.contains("PRIMARY KEY (\"id\")") && ddl.contains("CREATE INDEX") && ddl.contains("RENAME TO \"orders\""),
+        "{ddl}"
+    );
     let real = db.sync(&req).unwrap();
     assert_eq!((real.mode, counts(&real), real.to_version), (plan.mode, counts(&plan), plan.to_version));
 
@@ -331,7 +339,11 @@ fn a_dry_run_says_what_the_next_run_would_do_and_writes_nothing() {
     req.indexes = vec![vec!["amount".into()]];
     let plan = dry(&req);
     assert!(plan.reason.contains("the filter option changed"), "{}", plan.reason);
-    assert!(plan.ddl.iter().any(|s| s.contains("CREATE INDEX IF NOT EXISTS") && s.contains("amount")), "{:?}", plan.ddl);
+    assert!(
+        plan.ddl.iter().any(|s| s.contains("CREATE INDEX IF NOT EXISTS") && s.contains("amount")),
+        "{:?}",
+        plan.ddl
+    );
     let real = db.sync(&req).unwrap();
     assert_eq!((real.mode, counts(&real)), (plan.mode, counts(&plan)));
     assert_eq!(counts(&real), (1, 0, 1));
