@@ -325,6 +325,7 @@ async fn measure(
         )
     };
     let s3_target_of = |round: u32| TableName::new("bench", format!("customer_profiles_s3_r{round}"));
+    let filtered_of = |round: u32| TableName::new("bench", format!("customer_profiles_filtered_r{round}"));
     let mut rounds = Vec::new();
     for round in 1..=args.rounds.max(1) {
         if args.rounds > 1 {
@@ -335,6 +336,7 @@ async fn measure(
         if round > 1 {
             client.batch_execute(&format!("DROP TABLE {}", qualified(&target_of(round - 1)))).await?;
             client.batch_execute(&format!("DROP TABLE IF EXISTS {}", qualified(&s3_target_of(round - 1)))).await?;
+            client.batch_execute(&format!("DROP TABLE IF EXISTS {}", qualified(&filtered_of(round - 1)))).await?;
         }
         let mut results = Vec::new();
 
@@ -391,6 +393,19 @@ async fn measure(
         };
         results.push(phase("b. lakesync snapshot (Delta -> indexed table)", rows, &snapshot_args, &[])?);
         verify(&config, &target, base_version, expected_base).await.context("verifying the snapshot")?;
+
+        // (b2) The same snapshot with a filter keeping the first 10% of keys: the files are
+        // written in key order, so the kernel skips the others by their statistics.
+        let filtered = filtered_of(round);
+        let filtered_table = filtered.to_string();
+        let bound = format!("customer_id < '{}'", customer_key(rows / 10));
+        let filtered_args: Vec<&str> = snapshot_args
+            .iter()
+            .map(|a| if *a == table.as_str() { filtered_table.as_str() } else { a })
+            .chain(["--filter", bound.as_str()])
+            .collect();
+        results.push(phase("b2. lakesync snapshot, --filter keeping 10%", rows / 10, &filtered_args, &[])?);
+        verify_filtered(&client, &filtered, &reference, &bound).await.context("verifying the filtered snapshot")?;
 
         // (b3) The same snapshot, the table read from the S3 server.
         let s3_target = s3_target_of(round);
@@ -577,7 +592,7 @@ fn print_table(rounds: &[Vec<Measurement>], rows: u64, memory: &str) {
     // Ratios are taken within each round (its reference measured next to it), then the median.
     // (b3) and (c3), the table in S3, are each against the same run from the local path.
     let reference_of = |name: &str| match name {
-        n if n.starts_with("b3.") => "b.",
+        n if n.starts_with("b3.") || n.starts_with("b2.") => "b.",
         n if n.starts_with("c3.") => "c.",
         n if n.starts_with("c.") || n.starts_with("d.") => "d.",
         _ => "a.",
@@ -937,6 +952,40 @@ async fn verify_against_delta(config: &PgConfig, table: &TableName, delta: &Path
     let delta = delta.to_path_buf();
     let expected = tokio::task::spawn_blocking(move || delta_checksum(&delta, version)).await??;
     verify(config, table, version, expected).await
+}
+
+/// The sample table's key of row `i` (as `customers` writes it).
+fn customer_key(i: u64) -> String {
+    let batch = customers(i..i + 1, 0);
+    let keys = batch.column_by_name("customer_id").expect("customer_id");
+    keys.as_any().downcast_ref::<arrow_array::StringArray>().expect("string keys").value(0).to_string()
+}
+
+/// Checks that `table` holds exactly the rows of the reference load for which `filter` (the
+/// same SQL) is true.
+async fn verify_filtered(
+    client: &tokio_postgres::Client,
+    table: &TableName,
+    reference: &TableName,
+    filter: &str,
+) -> anyhow::Result<()> {
+    let (t, r) = (qualified(table), qualified(reference));
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM {t}), (SELECT count(*) FROM {r} WHERE {filter}), \
+                 (SELECT count(*) FROM ((TABLE {t} EXCEPT ALL SELECT * FROM {r} WHERE {filter}) \
+                  UNION ALL (SELECT * FROM {r} WHERE {filter} EXCEPT ALL TABLE {t})) d)"
+            ),
+            &[],
+        )
+        .await?;
+    let (actual, expected, differing): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    if actual != expected || differing != 0 {
+        bail!("{table} does not hold the filtered rows: {actual} rows, {expected} expected, {differing} differ");
+    }
+    eprintln!("bench: verified {table} = the reference where {filter} ({actual} rows)");
+    Ok(())
 }
 
 /// Checks `table` against `expected`, the (row count, checksum) of Delta `version`.
