@@ -20,6 +20,10 @@
 //!   table's options (see [`store`]); no secret is ever printed or put in an error.
 //! - Progress is tracked by commit version, never by timestamp (timestamps of copied tables
 //!   are file mtimes).
+//! - A table's [`lakesync_core::Shape`] (row filter, chosen and renamed columns, lineage) is
+//!   applied here ([`shape`]): callers get batches as Postgres will hold them. The filter is
+//!   evaluated on every row read; the predicate handed to the kernel for skipping files is
+//!   implied by it, so skipping never drops a row the filter keeps.
 //! - Kernel errors are mapped to [`DeltaError`] variants that say whether the change data feed
 //!   cannot serve a range (the engine then snapshots) or something else went wrong.
 

@@ -292,10 +292,10 @@ impl From<DeltaError> for BindError {
     }
 }
 
-fn bind(
-    p: &Predicate,
-    lookup: &mut dyn FnMut(&str) -> Result<(String, ArrowType), DeltaError>,
-) -> Result<Bound, BindError> {
+/// Resolves a filter's column name to the field's name and Arrow type.
+type Lookup<'a> = dyn FnMut(&str) -> Result<(String, ArrowType), DeltaError> + 'a;
+
+fn bind(p: &Predicate, lookup: &mut Lookup<'_>) -> Result<Bound, BindError> {
     Ok(match p {
         Predicate::And(a, b) => Bound::And(Box::new(bind(a, lookup)?), Box::new(bind(b, lookup)?)),
         Predicate::Or(a, b) => Bound::Or(Box::new(bind(a, lookup)?), Box::new(bind(b, lookup)?)),

@@ -14,6 +14,8 @@
 //!   has the table; the fence travels with the run, never as a session setting.
 //! - No statement is built from untrusted text: identifiers go through [`ddl::ident`], values
 //!   travel as parameters or COPY data.
+//! - A dry run ([`preview`]) writes nothing that outlives its session: no state, no run row,
+//!   no target rows or DDL (what it applies is rolled back, what it loads is temporary).
 //! - The connection password never appears in errors or logs ([`PgConfig`]'s `Debug` and
 //!   [`PgConfig::target`] omit it).
 
