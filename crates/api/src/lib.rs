@@ -18,8 +18,10 @@
 //!   token too (the read token or the management token).
 //! - No secret (token, Postgres password) and no row value is logged.
 
+mod console;
 mod data;
 mod error;
+mod history;
 pub mod https;
 mod jwt;
 mod manage;
@@ -59,6 +61,8 @@ pub struct AppState {
     shapes: Mutex<HashMap<String, CachedShape>>,
     /// JWTs for `/rest/v1`: with them, a request's role is its token's.
     jwt: Option<lakesync_engine::config::JwtSettings>,
+    /// The last hour of each table's lag, for the console.
+    history: history::LagHistory,
 }
 
 impl AppState {
@@ -83,6 +87,7 @@ impl AppState {
             policy: settings.policy.clone(),
             shapes: Mutex::new(HashMap::new()),
             jwt: settings.jwt.clone(),
+            history: Default::default(),
         })
     }
 }
@@ -101,6 +106,9 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>
 /// The router with every route.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(console::index))
+        .route("/console/{asset}", get(console::asset))
+        .route("/favicon.ico", get(console::favicon))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics::metrics))
@@ -108,6 +116,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/synced-tables", get(manage::list).post(manage::add))
         .route("/api/v1/synced-tables/{name}", get(manage::get_one).delete(manage::remove))
         .route("/api/v1/synced-tables/{name}/runs", get(manage::runs))
+        .route("/api/v1/synced-tables/{name}/lag", get(history::lag))
         .route("/api/v1/synced-tables/{name}/sync", post(manage::sync_now))
         .route("/api/v1/synced-tables/{name}/restart", post(manage::restart))
         .route("/api/v1/synced-tables/{name}/plan", post(manage::plan))
@@ -152,7 +161,9 @@ pub(crate) fn bearer_matches(headers: &HeaderMap, tokens: &[&Secret]) -> bool {
 async fn require_read_token(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     if let ReadAuth::Tokens(tokens) = &state.read_auth {
         // With JWTs configured, `/rest/v1` authenticates by its own token (and role).
-        let open = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics")
+        // The console's page and assets hold no data: it asks for the token itself.
+        let open = matches!(request.uri().path(), "/healthz" | "/readyz" | "/metrics" | "/" | "/favicon.ico")
+            || request.uri().path().starts_with("/console/")
             || (state.jwt.is_some() && request.uri().path().starts_with("/rest/v1"));
         let reading = matches!(*request.method(), Method::GET | Method::HEAD);
         if reading && !open && !bearer_matches(request.headers(), &tokens.iter().collect::<Vec<_>>()) {
@@ -168,6 +179,7 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    history::spawn(&state);
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }
 
@@ -177,5 +189,6 @@ pub async fn serve_tls(
     state: Arc<AppState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    history::spawn(&state);
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
 }

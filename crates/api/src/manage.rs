@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::{ApiError, AppState};
 
-fn json_response(status: StatusCode, body: Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: Value) -> Response {
     let mut r = (status, body.to_string()).into_response();
     r.headers_mut().insert("content-type", "application/json".parse().expect("valid header"));
     r

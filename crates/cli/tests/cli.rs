@@ -9,6 +9,7 @@ use std::process::{Command, Output, Stdio};
 use serde_json::json;
 use support::{PyDelta, TestDb};
 
+mod console;
 mod fleet;
 mod pooler;
 mod rest;
