@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod events;
+mod logs;
 mod progress;
 mod serve;
 mod status;
@@ -422,16 +423,10 @@ impl SyncArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAKESYNC_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,lakesync_engine=info,lakesync_ingest=info")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+    if let Err(e) = logs::init() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(run(cli));

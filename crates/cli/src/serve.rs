@@ -105,6 +105,7 @@ pub async fn run(path: &Path, grace: Duration) -> anyhow::Result<()> {
     )
     .await
     .context("cannot join the fleet in Postgres")?;
+    crate::logs::set_replica(&config.fleet.replica_id);
     let state = AppState::new(daemon.clone(), &config.api);
     println!(
         "lakesync serving {scheme}://{addr} as replica {} ({} synced tables, {} ingests in the file)",

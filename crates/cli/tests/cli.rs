@@ -64,6 +64,46 @@ fn sync_then_status_json_reports_the_synced_version_and_last_run() {
 }
 
 #[test]
+fn json_logs_are_one_object_a_line_with_the_table_and_the_run() {
+    let db = TestDb::new("cli_json_logs");
+    let t = PyDelta::new();
+    t.run(json!([{"op": "create", "schema": [["id", "pa.int64()"]], "rows": [[1], [2]]}]));
+    let source = t.path().display().to_string();
+    let args = ["sync", "--source", &source, "--table", "public.ids", "--primary-key", "id"];
+    let sync = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_lakesync"))
+            .args(args)
+            .env("LAKESYNC_POSTGRES", &db.conn)
+            .env("LAKESYNC_LOG", "info")
+            .env("LAKESYNC_LOG_FORMAT", "json")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stderr)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object ({e}): {l}")))
+            .collect::<Vec<serde_json::Value>>()
+    };
+    let lines = sync();
+    let snapshot = lines.iter().find(|l| l["message"] == "snapshot").unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!((snapshot["table"].as_str(), snapshot["level"].as_str()), (Some("public.ids"), Some("INFO")));
+    assert!(snapshot["timestamp"].as_str().unwrap().ends_with('Z'));
+    t.run(json!([{"op": "delete", "predicate": "id = 2"}]));
+    let lines = sync();
+    let applied = lines.iter().find(|l| l["message"] == "applied changes").unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!((applied["table"].as_str(), applied["deleted"].as_u64()), (Some("public.ids"), Some(1)));
+    assert!(applied["run"].as_i64().is_some(), "{applied}");
+    let bad = Command::new(env!("CARGO_BIN_EXE_lakesync"))
+        .args(["status"])
+        .env("LAKESYNC_POSTGRES", &db.conn)
+        .env("LAKESYNC_LOG_FORMAT", "yaml")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(text(&bad.stderr).contains("LAKESYNC_LOG_FORMAT"), "{}", text(&bad.stderr));
+}
+
+#[test]
 fn a_failed_sync_exits_non_zero_with_one_paragraph_and_no_password() {
     let db = TestDb::new("cli_failure");
     let conn = format!("{} password=Sup3r-Secret", db.conn);

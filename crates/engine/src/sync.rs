@@ -102,6 +102,19 @@ impl SyncOutcome {
 /// Runs one sync of `req`. On failure the run and the error are recorded in the state
 /// tables (when Postgres is reachable) and the table stays at its last synced version.
 pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
+    use tracing::Instrument;
+    // Every event of the run carries the table and, once it has one, the run's id.
+    let span = tracing::info_span!("sync", table = %req.table, run = tracing::field::Empty, dry_run = req.dry_run);
+    sync_in_span(req).instrument(span).await
+}
+
+/// Notes the run's id on the run's span (see [`sync`]).
+fn record_run(id: i64) -> i64 {
+    tracing::Span::current().record("run", id);
+    id
+}
+
+async fn sync_in_span(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
     let started = Instant::now();
     // Opening the source (object store, engine) and connecting to Postgres (and taking the
     // table's lock) are independent: do both at once. The first failure ends both, so a bad
@@ -341,7 +354,10 @@ async fn execute_run(
             return Ok(outcome(RunMode::Noop, "already at the requested version", synced, s, RowCounts::default()));
         }
         (_, Some(s)) if s == end.version() => {
-            let id = state::start_run(sink.client(), table, RunMode::Noop, "already at the requested version", synced, s).await?;
+            let id = record_run(
+                state::start_run(sink.client(), table, RunMode::Noop, "already at the requested version", synced, s)
+                    .await?,
+            );
             *run_id = Some(id);
             state::finish_noop(sink.client(), table, id).await?;
             tracing::info!(table = %table, version = s, "nothing new to sync");
@@ -456,7 +472,7 @@ async fn snapshot(
     reason: &str,
 ) -> Result<SyncOutcome, EngineError> {
     let version = end.version();
-    let id = state::start_run(sink.client(), &req.table, RunMode::Snapshot, reason, synced, version).await?;
+    let id = record_run(state::start_run(sink.client(), &req.table, RunMode::Snapshot, reason, synced, version).await?);
     *run_id = Some(id);
     // The version the snapshot replaces: `synced`, or where a fallen-back triggered run's
     // committed chunks left it. Read under the table lock; the checkpoint moves it only from
@@ -537,7 +553,7 @@ async fn triggered(
     });
     let id = id?;
     if !req.dry_run {
-        *run_id = Some(id);
+        *run_id = Some(record_run(id));
     }
     let mut ddl = Vec::new();
     let (mut schema, mut schema_id, mut shape) = match at_synced {

@@ -155,6 +155,11 @@ impl Server {
         http(&self.addr, "GET", path, None, None)
     }
 
+    /// What the server logged so far.
+    pub(crate) fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     pub(crate) fn table(&self, name: &str) -> Value {
         self.get(&format!("/api/v1/synced-tables/{name}")).json()
     }

@@ -139,7 +139,7 @@ filter = "amount >= 20"
         source = t.path().display(),
         root = t.path().parent().unwrap().display(),
     );
-    let server = Server::start(&db, &config, dir.path());
+    let server = Server::start_with_env(&db, &config, dir.path(), &[("LAKESYNC_LOG_FORMAT", "json")]);
     server.wait_for("the first syncs", Duration::from_secs(60), || {
         server.table("eu-live")["synced_version"] == 0 && server.table("big-orders")["last_run"].is_object()
     });
@@ -200,4 +200,14 @@ filter = "amount >= 20"
     assert_eq!(added.status, 201, "{}", added.body);
     server.wait_for("the added table", Duration::from_secs(30), || server.table("us")["synced_version"] == v);
     assert_eq!(db.rows("SELECT * FROM app.us ORDER BY 1"), ["(1,us)"]);
+
+    // Logged as JSON: one object a line, with the replica, and the table and run of a run.
+    let log = server.log_text();
+    let lines: Vec<Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    assert!(lines.iter().all(|l| l["replica"].is_string() && l["level"].is_string()), "{log}");
+    assert!(
+        lines.iter().any(|l| l["table"] == "app.big_orders" && l["run"].is_i64() && l["message"] == "applied changes"),
+        "{log}"
+    );
 }
