@@ -32,7 +32,18 @@ pub struct DemoArgs {
     /// --pipeline: a Kafka broker (host:port) to use instead of a local tansu.
     #[arg(long)]
     brokers: Option<String>,
+    /// Keep running afterwards: `lakesync serve` syncs the table continuously while the demo
+    /// commits a small change every few seconds; open the printed URL for the console.
+    /// Ctrl-C stops both.
+    #[arg(long)]
+    serve: bool,
+    /// With --serve: where the API and the console listen.
+    #[arg(long, default_value = "127.0.0.1:8080", requires = "serve")]
+    listen: String,
 }
+
+/// With --serve, how often the demo commits a change.
+const SERVE_COMMIT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 const FILE_ROWS: u64 = 1000;
 
@@ -102,14 +113,14 @@ async fn demo(
 
     println!("\n3. committing changes to Delta: customers C000000000..C000000999 are rewritten");
     println!("   (990 updated, 10 deleted) and {} new customers are added ...", FILE_ROWS / 2);
-    let committed = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+    let (committed, writer) = tokio::task::spawn_blocking(move || -> anyhow::Result<(String, DeltaWriter)> {
         // A copy-on-write update in two commits (the kernel cannot write cdc files yet):
         // remove the file of the first 1000 customers, then write them back changed.
         let v1 = writer.remove_files(|p| p == first_file)?;
         let kept: Vec<u64> = (0..FILE_ROWS).filter(|i| i % 100 != 0).collect();
         let new_ids = rows + 1..=rows + FILE_ROWS / 2;
         let v2 = writer.append(&[customers(kept, 1), customers(new_ids, 0)])?;
-        Ok(format!("versions {v1} (remove) and {v2} (append)"))
+        Ok((format!("versions {v1} (remove) and {v2} (append)"), writer))
     })
     .await??;
     println!("   committed {committed}");
@@ -119,6 +130,13 @@ async fn demo(
 
     println!("\n5. lakesync status");
     crate::status::print(&config, false).await?;
+    if args.serve {
+        let served = keep_serving(args, dir, &conn, &delta_path, &table, writer, rows).await;
+        if let Some(cluster) = cluster {
+            println!("stop the private Postgres with:\n  {}", cluster.stop_command());
+        }
+        return served;
+    }
     let on_path = std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("psql").exists()));
     let psql = match cluster.as_ref().and_then(|c| c.tool("psql")) {
         Some(path) if !on_path => path.display().to_string(),
@@ -130,6 +148,76 @@ async fn demo(
         println!("stop the private Postgres with:\n  {}", cluster.stop_command());
     }
     Ok(())
+}
+
+/// `demo --serve`: `lakesync serve` runs the demo's table in continuous mode (and the console)
+/// while the demo appends a few customers every [`SERVE_COMMIT_EVERY`], until Ctrl-C.
+async fn keep_serving(
+    args: &DemoArgs,
+    dir: &std::path::Path,
+    conn: &str,
+    delta_path: &std::path::Path,
+    table: &TableName,
+    writer: DeltaWriter,
+    rows: u64,
+) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    // A fresh token for this demo: the console asks for it before "Sync now".
+    let token = format!("demo-{}", uuid::Uuid::new_v4().simple());
+    let config = dir.join("demo-serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\nlisten = {listen:?}\ntoken_env = \"LAKESYNC_DEMO_TOKEN\"\n\n[[tables]]\nname = \"customer_profiles\"\n\
+             source = {source:?}\ntarget = {target:?}\nprimary_key = [\"customer_id\"]\nmode = \"continuous\"\n\
+             poll_interval = \"250ms\"\nindexes = [[\"email\"]]\n",
+            listen = args.listen,
+            source = delta_path.display().to_string(),
+            target = table.to_string(),
+        ),
+    )?;
+    let log = dir.join("demo-serve.log");
+    let mut serve = std::process::Command::new(std::env::current_exe()?)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("LAKESYNC_POSTGRES", conn)
+        .env("LAKESYNC_DEMO_TOKEN", &token)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let mut first = String::new();
+    std::io::BufReader::new(serve.stdout.take().context("serve stdout")?).read_line(&mut first)?;
+    let Some(addr) = first.split("://").nth(1).and_then(|s| s.split_whitespace().next()).map(str::to_string) else {
+        let _ = serve.kill();
+        anyhow::bail!("lakesync serve did not start (is {} free?); see {}", args.listen, log.display());
+    };
+    println!("\n6. lakesync serve --config {} (the table in continuous mode)", config.display());
+    println!("\n   console: http://{addr}/");
+    println!("   token for its actions (\"Sync now\"): {token}");
+    println!("   the demo appends 10 customers every {}s; Ctrl-C stops it.", SERVE_COMMIT_EVERY.as_secs());
+    let writer = std::sync::Arc::new(writer);
+    let mut next = rows + FILE_ROWS;
+    let mut tick = tokio::time::interval(SERVE_COMMIT_EVERY);
+    tick.tick().await;
+    let stopped = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            _ = tick.tick() => {
+                if let Ok(Some(status)) = serve.try_wait() {
+                    break Err(anyhow::anyhow!("lakesync serve exited ({status}); see {}", log.display()));
+                }
+                let w = writer.clone();
+                let ids = next..next + 10;
+                next += 10;
+                let v = tokio::task::spawn_blocking(move || w.append(&[customers(ids, 0)])).await??;
+                println!("   committed Delta version {v}");
+            }
+        }
+    };
+    let _ = std::process::Command::new("kill").args(["-TERM", &serve.id().to_string()]).status();
+    let _ = serve.wait();
+    println!("\nstopped lakesync serve (its log: {}).", log.display());
+    stopped
 }
 
 /// A fresh demo each run: its Delta table is rewritten, so drop the synced table and forget

@@ -178,6 +178,52 @@ fn the_demo_snapshots_changes_and_syncs_incrementally() {
 }
 
 #[test]
+fn demo_serve_keeps_syncing_with_the_console_open_until_interrupted() {
+    use std::io::BufRead;
+    let db = TestDb::new("cli_demo_serve");
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_lakesync"))
+        .args(["demo", "--serve", "--listen", "127.0.0.1:0", "--rows", "2000", "--dir", dir.path().to_str().unwrap()])
+        .env("LAKESYNC_POSTGRES", &db.conn)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let url = loop {
+        let line = lines.next().unwrap_or_else(|| panic!("the demo ended: {seen:?}")).unwrap();
+        seen.push(line.clone());
+        if let Some(url) = line.trim().strip_prefix("console: ") {
+            break url.to_string();
+        }
+    };
+    let addr = url.trim_start_matches("http://").trim_end_matches('/').to_string();
+    let page = serve::http(&addr, "GET", "/", None, None);
+    assert!(page.status == 200 && page.body.contains("/console/app.js"), "{}", page.body);
+    // The demo commits every few seconds and serve follows in continuous mode.
+    let table = || serve::http(&addr, "GET", "/api/v1/synced-tables/customer_profiles", None, None).json();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let first = loop {
+        if let Some(v) = table()["synced_version"].as_u64() {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "never synced: {}", table());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    while table()["synced_version"].as_u64().is_none_or(|v| v <= first) {
+        assert!(std::time::Instant::now() < deadline, "no new version synced: {}", table());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(table()["mode"], "continuous");
+    // Ctrl-C stops the demo and its serve.
+    Command::new("kill").args(["-INT", &demo.id().to_string()]).status().unwrap();
+    let status = demo.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "serve still listens after the demo stopped");
+}
+
+#[test]
 fn the_pipeline_demo_carries_events_from_kafka_to_the_data_api() {
     let db = TestDb::new("cli_demo_pipeline");
     let kafka = support::kafka::KafkaServer::start();
