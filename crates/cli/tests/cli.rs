@@ -103,6 +103,32 @@ fn json_logs_are_one_object_a_line_with_the_table_and_the_run() {
     assert!(text(&bad.stderr).contains("LAKESYNC_LOG_FORMAT"), "{}", text(&bad.stderr));
 }
 
+/// deploy/grafana/lakesync.json and deploy/prometheus/alerts.yml, checked by deploy/check.py
+/// (promql-parser, prometheus_client's text parser, Grafana's foundation SDK) against what a
+/// running `serve` exports at /metrics.
+#[test]
+fn the_grafana_dashboard_and_the_alert_rules_use_only_metrics_lakesync_exports() {
+    let db = TestDb::new("cli_dashboards");
+    let dir = tempfile::tempdir().unwrap();
+    let t = PyDelta::new();
+    t.run(json!([{"op": "create", "schema": [["id", "pa.int64()"]], "rows": [[1]]}]));
+    let config = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\n\n[[tables]]\nname = \"ids\"\nsource = {:?}\ntarget = \"public.ids\"\n\
+         primary_key = [\"id\"]\nmode = \"triggered\"\n",
+        t.path().display().to_string()
+    );
+    let server = serve::Server::start(&db, &config, dir.path());
+    server.wait_for("the first run", std::time::Duration::from_secs(30), || server.table("ids")["last_run"].is_object());
+    let scrape = serve::http(&server.addr, "GET", "/metrics", None, None);
+    assert_eq!(scrape.status, 200);
+    let file = dir.path().join("scrape.txt");
+    std::fs::write(&file, &scrape.body).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(support::python()).arg(root.join("deploy/check.py")).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("ok: 7 alerts and 18 dashboard panels"), "{}", text(&out.stdout));
+}
+
 #[test]
 fn a_failed_sync_exits_non_zero_with_one_paragraph_and_no_password() {
     let db = TestDb::new("cli_failure");
