@@ -3,7 +3,8 @@
 //! This crate owns the routes: the management API over synced tables (`/api/v1/synced-tables`),
 //! the data API over their rows (`/api/v1/tables/{schema}.{table}/rows`), Prometheus metrics
 //! (`/metrics`), the OpenAPI document, `/healthz` (the process is up) and `/readyz` (it serves:
-//! in a fleet, once it took part in it).
+//! in a fleet, once it took part in it), and the operator console at `/` (static assets over
+//! the management API, see [`console`]) with the lag history it charts.
 //!
 //! Invariants:
 //! - The data API serves only tables the daemon syncs; anything else is a 404, so the API
@@ -18,7 +19,7 @@
 //!   token too (the read token or the management token).
 //! - No secret (token, Postgres password) and no row value is logged.
 
-mod console;
+pub mod console;
 mod data;
 mod error;
 mod history;
