@@ -1,8 +1,8 @@
 """Checks deploy/prometheus/alerts.yml and deploy/grafana/lakesync.json against what lakesync
 exports, with the ecosystems' own parsers:
 
-- the /metrics scrape given as argument parses with prometheus_client's text parser (the
-  Python client of the Prometheus project);
+- the /metrics scrape given as argument parses with prometheus_client's OpenMetrics parser
+  (the Python client of the Prometheus project, strict about the format);
 - every PromQL expression parses with promql-parser (Grafana variables are substituted first,
   as Grafana does), and names only metrics of that scrape (or Prometheus's own `up`);
 - the rule file has Prometheus's shape (groups, rules with alert/expr/for/labels/annotations,
@@ -22,7 +22,7 @@ from pathlib import Path
 import promql_parser
 import yaml
 from grafana_foundation_sdk.models.dashboard import Dashboard
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent
 DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
@@ -168,7 +168,7 @@ def main():
     try:
         metrics = exported(scrape)
     except Exception as e:
-        print(f"/metrics does not parse as the Prometheus text format: {e}")
+        print(f"/metrics does not parse as OpenMetrics: {e}")
         return 1
     alert_metrics, alerts = check_alerts(metrics)
     dashboard_metrics, panels = check_dashboard(metrics)

@@ -1,6 +1,8 @@
-//! `/metrics` in the Prometheus text format (version 0.0.4).
+//! `/metrics` in the OpenMetrics text format, encoded by `prometheus-client` (the Prometheus
+//! project's Rust client) from the daemon's live status on each scrape: a [`Collector`] per
+//! scrape, so nothing is kept twice and a table that goes, goes from the scrape.
 
-use std::fmt::Write;
+use std::fmt::Error;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -10,176 +12,246 @@ use axum::response::{IntoResponse, Response};
 use lakesync_engine::daemon::DURATION_BUCKETS;
 use lakesync_engine::{IngestWorker, Worker};
 use lakesync_ingest::IngestState;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::AppState;
 
 /// `GET /metrics`
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let mut text = render(&state.daemon.tables());
-    text.push_str(&render_ingests(&state.daemon.ingests()));
+    let text = render(state.daemon.tables(), state.daemon.ingests());
     let mut r = text.into_response();
-    r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4"));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"));
     r
 }
 
-fn label(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-/// Renders every table's gauges, counters and run-duration histogram. In a fleet, the source
-/// version, lag and failing gauges come only from the replica that runs the table (the
-/// others do not look at its source); the counters are this process's.
-pub fn render(tables: &[Arc<Worker>]) -> String {
+/// The exposition of `tables` and `ingests`.
+pub fn render(tables: Vec<Arc<Worker>>, ingests: Vec<Arc<IngestWorker>>) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Tables(tables)));
+    registry.register_collector(Box::new(Ingests(ingests)));
     let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, samples: &mut dyn FnMut(&Worker, &str, &mut String)| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for w in tables {
-            samples(w, &label(&w.spec.name), &mut out);
-        }
-    };
-    let gauge = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_else(|| "NaN".into());
-    family("lakesync_synced_version", "gauge", "Delta version the Postgres table holds.", &mut |w, t, o| {
-        let _ = writeln!(
-            o,
-            "lakesync_synced_version{{table=\"{t}\"}} {}",
-            gauge(w.status().synced_version.map(|v| v as f64))
-        );
-    });
-    family("lakesync_source_version", "gauge", "Newest Delta version seen in the source log.", &mut |w, t, o| {
-        if !w.owned() {
-            return; // the owner reports it
-        }
-        let _ = writeln!(
-            o,
-            "lakesync_source_version{{table=\"{t}\"}} {}",
-            gauge(w.status().source_version.map(|v| v as f64))
-        );
-    });
-    family("lakesync_lag_versions", "gauge", "Delta versions not yet synced.", &mut |w, t, o| {
-        if !w.owned() {
-            return; // the owner reports it
-        }
-        let _ = writeln!(
-            o,
-            "lakesync_lag_versions{{table=\"{t}\"}} {}",
-            gauge(w.status().lag_versions().map(|v| v as f64))
-        );
-    });
-    family(
-        "lakesync_lag_seconds",
-        "gauge",
-        "Age of the oldest Delta commit not yet synced (0 when caught up).",
-        &mut |w, t, o| {
-            if !w.owned() {
-                return; // the owner reports it
-            }
-            let _ = writeln!(o, "lakesync_lag_seconds{{table=\"{t}\"}} {}", w.status().lag_seconds());
-        },
-    );
-    family("lakesync_failing", "gauge", "1 when the last run failed (retrying or parked).", &mut |w, t, o| {
-        if !w.owned() {
-            return; // the owner reports it
-        }
-        let s = w.status();
-        let _ = writeln!(
-            o,
-            "lakesync_failing{{table=\"{t}\"}} {}",
-            u8::from(s.consecutive_failures > 0 || s.parked.is_some())
-        );
-    });
-    family("lakesync_table_owned", "gauge", "1 when this replica runs the table.", &mut |w, t, o| {
-        let _ = writeln!(o, "lakesync_table_owned{{table=\"{t}\"}} {}", u8::from(w.owned()));
-    });
-    family("lakesync_rows_applied_total", "counter", "Rows written to Postgres by operation.", &mut |w, t, o| {
-        let m = &w.metrics;
-        for (op, c) in [("insert", &m.rows_inserted), ("update", &m.rows_updated), ("delete", &m.rows_deleted)] {
-            let _ =
-                writeln!(o, "lakesync_rows_applied_total{{table=\"{t}\",op=\"{op}\"}} {}", c.load(Ordering::Relaxed));
-        }
-    });
-    family("lakesync_runs_total", "counter", "Sync runs by outcome (applied, noop, failed).", &mut |w, t, o| {
-        let m = &w.metrics;
-        for (outcome, c) in [("applied", &m.runs_applied), ("noop", &m.runs_noop), ("failed", &m.runs_failed)] {
-            let _ =
-                writeln!(o, "lakesync_runs_total{{table=\"{t}\",outcome=\"{outcome}\"}} {}", c.load(Ordering::Relaxed));
-        }
-    });
-    family("lakesync_run_duration_seconds", "histogram", "Wall time of sync runs.", &mut |w, t, o| {
-        let m = &w.metrics;
-        for (bound, bucket) in DURATION_BUCKETS.iter().zip(&m.duration_buckets) {
-            let _ = writeln!(
-                o,
-                "lakesync_run_duration_seconds_bucket{{table=\"{t}\",le=\"{bound}\"}} {}",
-                bucket.load(Ordering::Relaxed)
-            );
-        }
-        let count = m.duration_count.load(Ordering::Relaxed);
-        let _ = writeln!(o, "lakesync_run_duration_seconds_bucket{{table=\"{t}\",le=\"+Inf\"}} {count}");
-        let sum = m.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(o, "lakesync_run_duration_seconds_sum{{table=\"{t}\"}} {sum}");
-        let _ = writeln!(o, "lakesync_run_duration_seconds_count{{table=\"{t}\"}} {count}");
-    });
+    prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
 }
 
-/// Renders every ingest's lag per partition and its counters.
-pub fn render_ingests(ingests: &[Arc<IngestWorker>]) -> String {
-    let mut out = String::new();
-    let states: Vec<(String, IngestState)> = ingests.iter().map(|w| (label(&w.spec.name), w.status.get())).collect();
-    let _ = writeln!(
-        out,
-        "# HELP lakesync_ingest_lag_messages Messages in the Kafka partition not yet committed to the Delta table.\n\
-         # TYPE lakesync_ingest_lag_messages gauge"
-    );
-    for (name, s) in &states {
-        for (p, progress) in &s.partitions {
-            let _ =
-                writeln!(out, "lakesync_ingest_lag_messages{{ingest=\"{name}\",partition=\"{p}\"}} {}", progress.lag());
-        }
+type Labels = Vec<(&'static str, String)>;
+
+/// One family: its samples, each a label set and what to encode for it.
+fn family<'a, T: 'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Labels, T)>,
+    mut encode: impl FnMut(&T, MetricEncoder) -> Result<(), Error>,
+) -> Result<(), Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        encode(&value, metric.encode_family(&labels)?)?;
     }
-    let _ = writeln!(
-        out,
-        "# HELP lakesync_ingest_committed_offset Next offset the Delta table records per partition.\n\
-         # TYPE lakesync_ingest_committed_offset gauge"
-    );
-    for (name, s) in &states {
-        for (p, progress) in &s.partitions {
-            let v = progress.committed.map_or("NaN".to_string(), |c| c.to_string());
-            let _ = writeln!(out, "lakesync_ingest_committed_offset{{ingest=\"{name}\",partition=\"{p}\"}} {v}");
-        }
-    }
-    type Field = fn(&IngestState) -> u64;
-    let counters: [(&str, &str, Field); 6] = [
-        ("lakesync_ingest_rows_total", "Messages written to the Delta table as rows.", |s| s.rows),
-        ("lakesync_ingest_bytes_total", "Bytes of message keys and values written.", |s| s.bytes),
-        ("lakesync_ingest_commits_total", "Delta commits written by the ingest.", |s| s.commits),
-        ("lakesync_ingest_files_total", "Data files written by the ingest.", |s| s.files),
-        ("lakesync_ingest_dead_letters_total", "Messages set aside in the dead-letter table.", |s| s.dead_letters),
-        ("lakesync_ingest_compactions_total", "Compactions of the ingest's table.", |s| s.compactions),
-    ];
-    for (metric, help, value) in counters {
-        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
-        for (name, s) in &states {
-            let _ = writeln!(out, "{metric}{{ingest=\"{name}\"}} {}", value(s));
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP lakesync_ingest_failing 1 when the ingest is retrying or stopped on an error.\n\
-         # TYPE lakesync_ingest_failing gauge"
-    );
-    for (name, s) in &states {
-        let _ = writeln!(out, "lakesync_ingest_failing{{ingest=\"{name}\"}} {}", u8::from(s.last_error.is_some()));
-    }
-    out
+    Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+fn gauge(v: &i64, e: MetricEncoder) -> Result<(), Error> {
+    ConstGauge::new(*v).encode(e)
+}
 
-    #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+fn gauge_f64(v: &f64, e: MetricEncoder) -> Result<(), Error> {
+    ConstGauge::new(*v).encode(e)
+}
+
+fn counter(v: &u64, e: MetricEncoder) -> Result<(), Error> {
+    ConstCounter::new(*v).encode(e)
+}
+
+/// Every table's gauges, counters and run-duration histogram. In a fleet, the source version,
+/// lag and failing gauges come only from the replica that runs the table (the others do not
+/// look at its source); the counters are this process's. An unknown value has no sample.
+struct Tables(Vec<Arc<Worker>>);
+
+impl std::fmt::Debug for Tables {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|w| &w.spec.name)).finish()
+    }
+}
+
+impl Collector for Tables {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), Error> {
+        let e = &mut encoder;
+        let table = |w: &Worker| vec![("table", w.spec.name.clone())];
+        let owned: Vec<&Arc<Worker>> = self.0.iter().filter(|w| w.owned()).collect();
+        let per = |ws: &[&Arc<Worker>], f: &dyn Fn(&Worker) -> Option<i64>| -> Vec<(Labels, i64)> {
+            ws.iter().filter_map(|w| f(w).map(|v| (table(w), v))).collect()
+        };
+        let all: Vec<&Arc<Worker>> = self.0.iter().collect();
+        let synced = per(&all, &|w| w.status().synced_version.map(|v| v as i64));
+        family(
+            e,
+            "lakesync_synced_version",
+            "Delta version the Postgres table holds.",
+            MetricType::Gauge,
+            synced,
+            gauge,
+        )?;
+        let source = per(&owned, &|w| w.status().source_version.map(|v| v as i64));
+        family(
+            e,
+            "lakesync_source_version",
+            "Newest Delta version seen in the source log.",
+            MetricType::Gauge,
+            source,
+            gauge,
+        )?;
+        let lag = per(&owned, &|w| w.status().lag_versions().map(|v| v as i64));
+        family(e, "lakesync_lag_versions", "Delta versions not yet synced.", MetricType::Gauge, lag, gauge)?;
+        let lag_s: Vec<(Labels, f64)> = owned.iter().map(|w| (table(w), w.status().lag_seconds())).collect();
+        family(
+            e,
+            "lakesync_lag_seconds",
+            "Age of the oldest Delta commit not yet synced (0 when caught up).",
+            MetricType::Gauge,
+            lag_s,
+            gauge_f64,
+        )?;
+        let failing = per(&owned, &|w| {
+            let s = w.status();
+            Some(i64::from(s.consecutive_failures > 0 || s.parked.is_some()))
+        });
+        family(
+            e,
+            "lakesync_failing",
+            "1 when the last run failed (retrying or parked).",
+            MetricType::Gauge,
+            failing,
+            gauge,
+        )?;
+        let ownership = per(&all, &|w| Some(i64::from(w.owned())));
+        family(e, "lakesync_table_owned", "1 when this replica runs the table.", MetricType::Gauge, ownership, gauge)?;
+        let rows = self.0.iter().flat_map(|w| {
+            let m = &w.metrics;
+            [("insert", &m.rows_inserted), ("update", &m.rows_updated), ("delete", &m.rows_deleted)].map(|(op, c)| {
+                (vec![("table", w.spec.name.clone()), ("op", op.to_string())], c.load(Ordering::Relaxed))
+            })
+        });
+        family(
+            e,
+            "lakesync_rows_applied",
+            "Rows written to Postgres by operation.",
+            MetricType::Counter,
+            rows,
+            counter,
+        )?;
+        let runs = self.0.iter().flat_map(|w| {
+            let m = &w.metrics;
+            [("applied", &m.runs_applied), ("noop", &m.runs_noop), ("failed", &m.runs_failed)].map(|(outcome, c)| {
+                (vec![("table", w.spec.name.clone()), ("outcome", outcome.to_string())], c.load(Ordering::Relaxed))
+            })
+        });
+        family(
+            e,
+            "lakesync_runs",
+            "Sync runs by outcome (applied, noop, failed).",
+            MetricType::Counter,
+            runs,
+            counter,
+        )?;
+        let durations = self.0.iter().map(|w| (table(w), w.clone()));
+        family(
+            e,
+            "lakesync_run_duration_seconds",
+            "Wall time of sync runs.",
+            MetricType::Histogram,
+            durations,
+            |w, mut encoder| {
+                let m = &w.metrics;
+                let count = m.duration_count.load(Ordering::Relaxed);
+                let sum = m.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+                // The daemon counts cumulatively (each bucket holds the runs at or under its
+                // bound); the encoder wants each bucket's own runs.
+                let mut below = 0;
+                let mut buckets: Vec<(f64, u64)> = DURATION_BUCKETS
+                    .iter()
+                    .zip(&m.duration_buckets)
+                    .map(|(bound, c)| {
+                        let cumulative = c.load(Ordering::Relaxed);
+                        let own = cumulative.saturating_sub(below);
+                        below = cumulative.max(below);
+                        (*bound, own)
+                    })
+                    .collect();
+                buckets.push((f64::MAX, count.saturating_sub(below)));
+                encoder.encode_histogram::<Labels>(sum, count, &buckets, None)
+            },
+        )
+    }
+}
+
+/// Every ingest's lag and committed offset per partition, and its counters.
+struct Ingests(Vec<Arc<IngestWorker>>);
+
+impl std::fmt::Debug for Ingests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|w| &w.spec.name)).finish()
+    }
+}
+
+impl Collector for Ingests {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), Error> {
+        let e = &mut encoder;
+        let states: Vec<(String, IngestState)> = self.0.iter().map(|w| (w.spec.name.clone(), w.status.get())).collect();
+        let partitions = |f: &dyn Fn(&lakesync_ingest::PartitionProgress) -> Option<i64>| -> Vec<(Labels, i64)> {
+            states
+                .iter()
+                .flat_map(|(name, s)| {
+                    s.partitions.iter().filter_map(move |(p, progress)| {
+                        f(progress).map(|v| (vec![("ingest", name.clone()), ("partition", p.to_string())], v))
+                    })
+                })
+                .collect()
+        };
+        family(
+            e,
+            "lakesync_ingest_lag_messages",
+            "Messages in the Kafka partition not yet committed to the Delta table.",
+            MetricType::Gauge,
+            partitions(&|p| Some(p.lag())),
+            gauge,
+        )?;
+        family(
+            e,
+            "lakesync_ingest_committed_offset",
+            "Next offset the Delta table records per partition.",
+            MetricType::Gauge,
+            partitions(&|p| p.committed),
+            gauge,
+        )?;
+        type Field = fn(&IngestState) -> u64;
+        let counters: [(&str, &str, Field); 6] = [
+            ("lakesync_ingest_rows", "Messages written to the Delta table as rows.", |s| s.rows),
+            ("lakesync_ingest_bytes", "Bytes of message keys and values written.", |s| s.bytes),
+            ("lakesync_ingest_commits", "Delta commits written by the ingest.", |s| s.commits),
+            ("lakesync_ingest_files", "Data files written by the ingest.", |s| s.files),
+            ("lakesync_ingest_dead_letters", "Messages set aside in the dead-letter table.", |s| s.dead_letters),
+            ("lakesync_ingest_compactions", "Compactions of the ingest's table.", |s| s.compactions),
+        ];
+        for (name, help, value) in counters {
+            let samples = states.iter().map(|(n, s)| (vec![("ingest", n.clone())], value(s)));
+            family(e, name, help, MetricType::Counter, samples, counter)?;
+        }
+        let failing = states.iter().map(|(n, s)| (vec![("ingest", n.clone())], i64::from(s.last_error.is_some())));
+        family(
+            e,
+            "lakesync_ingest_failing",
+            "1 when the ingest is retrying or stopped on an error.",
+            MetricType::Gauge,
+            failing,
+            gauge,
+        )
     }
 }

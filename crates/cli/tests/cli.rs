@@ -118,7 +118,8 @@ fn the_grafana_dashboard_and_the_alert_rules_use_only_metrics_lakesync_exports()
         t.path().display().to_string()
     );
     let server = serve::Server::start(&db, &config, dir.path());
-    server.wait_for("the first run", std::time::Duration::from_secs(30), || server.table("ids")["last_run"].is_object());
+    server
+        .wait_for("the first run", std::time::Duration::from_secs(30), || server.table("ids")["last_run"].is_object());
     let scrape = serve::http(&server.addr, "GET", "/metrics", None, None);
     assert_eq!(scrape.status, 200);
     let file = dir.path().join("scrape.txt");
