@@ -85,7 +85,7 @@ fn spec(tables: &[String]) -> Value {
         "paths": {
             "/healthz": {"get": {"summary": "liveness", "responses": {"200": {"description": "ok"}}}},
             "/readyz": {"get": {"summary": "readiness: took part in the fleet, not stopping", "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format 0.0.4"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OpenMetrics text format 1.0.0"}}}},
             "/api/v1/synced-tables": {
                 "get": {"summary": "list synced tables", "responses": {"200": {"description": "tables", "content": {"application/json": {"schema": {"type": "object", "properties": {"synced_tables": {"type": "array", "items": {"$ref": "#/components/schemas/SyncedTable"}}}}}}}}},
                 "post": {"summary": "add a synced table (recorded in the registry in Postgres: every replica runs it, it survives restarts); what it may reach is confined by [api.policy] (a refusal is a 400 naming the field and rule)", "security": auth,
