@@ -168,6 +168,10 @@ struct SyncArgs {
     /// With --dry-run: answer as JSON.
     #[arg(long, requires = "dry_run")]
     json: bool,
+    /// Also print where the run's time went, phase by phase (connection setup, log replay,
+    /// reads, COPY, index, commit, ...).
+    #[arg(long)]
+    timings: bool,
 }
 
 #[derive(clap::Args)]
@@ -499,6 +503,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.counts.deleted,
                 out.duration.as_secs_f64()
             );
+            if args.timings {
+                println!("timings: total {:.3}s; {}", out.duration.as_secs_f64(), out.timings.display());
+            }
             Ok(())
         }
         Command::Status { postgres, json } => {

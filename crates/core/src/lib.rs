@@ -22,6 +22,7 @@ pub mod model;
 pub mod plan;
 pub mod schedule;
 pub mod shape;
+pub mod timings;
 
 pub use class::{Classify, ErrorClass};
 pub use model::{
@@ -33,3 +34,4 @@ pub use plan::{
 };
 pub use schedule::{parse_duration, parse_size, Cron, Schedule, ScheduleError};
 pub use shape::{ColumnChoice, DeleteMode, RowFilter, Shape};
+pub use timings::Timings;

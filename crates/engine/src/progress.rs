@@ -1,6 +1,9 @@
 //! Progress of a running sync, shared with whoever displays it (lock-free counters).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use lakesync_core::Timings;
 
 /// What the run is doing now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +24,8 @@ pub struct Progress {
     phase: AtomicU8,
     rows_done: AtomicU64,
     rows_total: AtomicU64,
+    /// Where the run's time went (see [`Timings`]).
+    timings: std::sync::Mutex<Timings>,
 }
 
 impl Progress {
@@ -52,5 +57,25 @@ impl Progress {
     /// (rows done, rows expected or 0).
     pub fn rows(&self) -> (u64, u64) {
         (self.rows_done.load(Ordering::Relaxed), self.rows_total.load(Ordering::Relaxed))
+    }
+
+    /// Adds `elapsed` to the run's `phase`.
+    pub fn time(&self, phase: &'static str, elapsed: Duration) {
+        self.timings.lock().expect("timings lock").add(phase, elapsed);
+    }
+
+    /// Adds the time since `started` to `phase`; returns now.
+    pub fn lap(&self, phase: &'static str, started: Instant) -> Instant {
+        self.timings.lock().expect("timings lock").lap(phase, started)
+    }
+
+    /// Adds every phase of `timings`.
+    pub fn merge(&self, timings: &Timings) {
+        self.timings.lock().expect("timings lock").extend(timings);
+    }
+
+    /// The run's timings so far, leaving none (a new run starts from nothing).
+    pub fn take_timings(&self) -> Timings {
+        std::mem::take(&mut *self.timings.lock().expect("timings lock"))
     }
 }

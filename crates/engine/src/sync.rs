@@ -78,6 +78,8 @@ pub struct SyncOutcome {
     /// A dry run's DDL: every statement the run would execute to create or change tables and
     /// indexes, in order (empty for a real run).
     pub ddl: Vec<String>,
+    /// Where the run's time went, phase by phase.
+    pub timings: lakesync_core::Timings,
 }
 
 impl SyncOutcome {
@@ -116,20 +118,28 @@ fn record_run(id: i64) -> i64 {
 
 async fn sync_in_span(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
     let started = Instant::now();
+    req.progress.take_timings();
+    let progress = &req.progress;
     // Opening the source (object store, engine) and connecting to Postgres (and taking the
     // table's lock) are independent: do both at once. The first failure ends both, so a bad
     // source is reported at once even while another run holds the table's lock.
     let opened = tokio::try_join!(
         async {
+            let t = Instant::now();
             let (uri, storage) = (req.source.clone(), req.storage.clone());
-            Ok::<_, EngineError>(blocking(move || DeltaTable::open_with(&uri, &storage)).await?)
+            let opened = blocking(move || DeltaTable::open_with(&uri, &storage)).await?;
+            progress.lap("open the source", t);
+            Ok::<_, EngineError>(opened)
         },
         async {
-            Ok::<_, EngineError>(if req.dry_run {
+            let t = Instant::now();
+            let sink = if req.dry_run {
                 Sink::open_preview(&req.postgres, &req.table, req.policy.clone(), req.lock_wait).await?
             } else {
                 Sink::open(&req.postgres, &req.table, req.policy.clone(), req.lock_wait, req.history, req.fence).await?
-            })
+            };
+            progress.lap("connect + lock + state checks", t);
+            Ok::<_, EngineError>(sink)
         }
     );
     let (source, mut sink) = match opened {
@@ -148,6 +158,7 @@ async fn sync_in_span(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
     let result = match result {
         Ok(mut outcome) => {
             outcome.duration = started.elapsed();
+            outcome.timings = req.progress.take_timings();
             Ok(outcome)
         }
         Err(e) if req.dry_run => Err(e),
@@ -191,6 +202,7 @@ async fn run(
     let table = &req.table;
     sink.set_delete_mode(req.shape.delete_mode);
     // The latest snapshot is read while Postgres looks at the target and the state.
+    let t = Instant::now();
     let (recorded, latest) = tokio::join!(
         async {
             // A dry run creates no state: a database lakesync never ran against has none.
@@ -199,7 +211,11 @@ async fn run(
             let owner = state::ownership(sink.client(), table, recorded.as_ref()).await?;
             Ok::<_, EngineError>((recorded, owner, has_state))
         },
-        snapshot_at(source, None)
+        async {
+            let latest = snapshot_at(source, None).await;
+            req.progress.lap("log replay", t);
+            latest
+        }
     );
     let (recorded, owner, has_state) = recorded?;
     // Never write into a table lakesync did not create, unless asked to adopt it.
@@ -245,11 +261,13 @@ async fn run(
         None => (None, None),
     };
     // Registered only once the run is known to be allowed: a refused run leaves no state.
+    let t = Instant::now();
     let synced = if req.dry_run {
         recorded.and_then(|r| r.synced_version)
     } else {
         state::register(sink.client(), table, recorded, source.uri(), &req.primary_key).await?.synced_version
     };
+    req.progress.lap("state reads and writes", t);
     let options = identity_options(req);
     let changed = |field: &str| recorded_options.as_ref().is_some_and(|o| o.get(field) != options.get(field));
     let reshaped = recorded_key
@@ -280,10 +298,12 @@ async fn run(
         }
         return Ok(outcome);
     }
+    let t = Instant::now();
     if changed("indexes") {
         sink.sync_indexes(&old_indexes, &req.indexes).await?;
     }
     state::record_identity(sink.client(), table, &req.primary_key, &options).await?;
+    req.progress.lap("state reads and writes", t);
     Ok(outcome)
 }
 
@@ -425,6 +445,7 @@ fn outcome(mode: RunMode, reason: &str, from: Option<Version>, to: Version, coun
         counts,
         duration: Duration::ZERO,
         ddl: Vec::new(),
+        timings: Default::default(),
     }
 }
 
@@ -472,13 +493,16 @@ async fn snapshot(
     reason: &str,
 ) -> Result<SyncOutcome, EngineError> {
     let version = end.version();
+    let t = Instant::now();
     let id = record_run(state::start_run(sink.client(), &req.table, RunMode::Snapshot, reason, synced, version).await?);
     *run_id = Some(id);
     // The version the snapshot replaces: `synced`, or where a fallen-back triggered run's
     // committed chunks left it. Read under the table lock; the checkpoint moves it only from
     // there (a compare-and-set).
     let from = state::load(sink.client(), &req.table).await?.and_then(|r| r.synced_version);
+    let t = req.progress.lap("state reads and writes", t);
     let staging = sink.prepare_staging(schema, id).await?;
+    let t = req.progress.lap("staging table", t);
     let copy = sink.copy_into(&staging, schema, key, version, req.parallelism);
     let sender = copy.sender();
     let progress = req.progress.clone();
@@ -489,27 +513,39 @@ async fn snapshot(
             let shape = end.read_shape(&shape)?;
             // With a filter the source's count is an upper bound; the display shows it.
             progress.set_total(end.row_count().ok().flatten().unwrap_or(0));
-            for batch in end.shaped_batches(&shape)? {
+            // The reader's own time: what the load waits for when COPY keeps up.
+            let mut reading = std::time::Duration::ZERO;
+            let mut batches = end.shaped_batches(&shape)?;
+            loop {
+                let r = Instant::now();
+                let Some(batch) = batches.next() else { break };
+                reading += r.elapsed();
                 let batch = batch?;
                 progress.add(batch.num_rows() as u64);
                 if sender.blocking_send(batch).is_err() {
                     break; // a COPY worker failed; its error is reported by finish()
                 }
             }
+            progress.time("read Delta (within the load)", reading);
             Ok(())
         })
     };
     let read = reader.await.map_err(|e| EngineError::Internal(format!("snapshot reader panicked: {e}")));
     let loaded = copy.finish().await;
+    let t = req.progress.lap("load (read Delta + COPY)", t);
     let result = async {
         let rows = loaded?;
         read??;
         let checkpoint = Checkpoint { version, commit_timestamp_ms: Some(commit_ts(end).await?) };
+        let t = req.progress.lap("commit timestamp", t);
         tracing::debug!(table = %req.table, rows, "staging loaded");
         req.progress.set_phase(Phase::Indexing);
-        Ok::<_, EngineError>(
-            sink.finish_snapshot(&staging, schema, key, &req.indexes, rows, id, from, checkpoint).await?,
-        )
+        let mut timings = lakesync_core::Timings::default();
+        let finished =
+            sink.finish_snapshot(&staging, schema, key, &req.indexes, rows, id, from, checkpoint, &mut timings).await;
+        req.progress.merge(&timings);
+        let _ = t;
+        Ok::<_, EngineError>(finished?)
     }
     .await;
     match result {
@@ -545,6 +581,7 @@ async fn triggered(
     };
     // The schema the Postgres table holds: the source's at the synced version.
     // The synced version's snapshot is read while Postgres records the run's start.
+    let t = Instant::now();
     let (at_synced, id) = tokio::join!(snapshot_at(source, Some(synced)), async {
         if req.dry_run {
             return Ok(0);
@@ -552,6 +589,7 @@ async fn triggered(
         state::start_run(sink.client(), table, RunMode::Triggered, "change data feed", Some(synced), end_version).await
     });
     let id = id?;
+    req.progress.lap("log replay", t);
     if !req.dry_run {
         *run_id = Some(record_run(id));
     }
@@ -628,6 +666,7 @@ async fn triggered(
                 .map_err(|e| EngineError::Internal(format!("change planner panicked: {e}")))??
             };
             let planned_ms = t.elapsed().as_millis();
+            let phase = req.progress.lap("plan (change feed keys)", t);
             let mut deletes = plan.take_deletes(table, key)?;
             if req.shape.delete_mode == DeleteMode::Soft {
                 deletes = stamps.stamp(table, deletes)?;
@@ -666,8 +705,10 @@ async fn triggered(
             let mut apply = sink.begin_changes(&schema, key, (&added, &widened), changed_rows).await?;
             apply.delete(&deletes).await?;
             drop(deletes);
+            let phase = req.progress.lap("delete", phase);
             let (upserts, checkpoint, source_rows) =
                 pass_two.await.map_err(|e| EngineError::Internal(format!("change reader panicked: {e}")))??;
+            let phase = req.progress.lap("read changed rows (beyond the delete)", phase);
             tracing::debug!(table = %table, from = chunk_start, to = chunk_end, planned_ms, read_ms = t.elapsed().as_millis(), "read the change feed");
             // Without a staging session (a small chunk, or one that could not connect or
             // create its tables: the temporary-table path needs neither) the rows go through
@@ -712,6 +753,7 @@ async fn triggered(
                     applied?
                 }
             };
+            req.progress.lap("upsert and commit", phase);
             tracing::info!(table = %table, from = chunk_start, to = chunk_end, inserted = counts.inserted, updated = counts.updated, deleted = counts.deleted, "applied changes");
             total.inserted += counts.inserted;
             total.updated += counts.updated;

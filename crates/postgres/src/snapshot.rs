@@ -249,9 +249,11 @@ impl Sink {
         run_id: i64,
         from: Option<Version>,
         checkpoint: Checkpoint,
+        timings: &mut lakesync_core::Timings,
     ) -> Result<RowCounts, PgError> {
         let target = self.table.clone();
         let fence = self.fence;
+        let t = std::time::Instant::now();
         // The staging table is created empty for each load, so it holds what the COPY
         // workers reported, less what the dedup removes (no need to count 5M rows again).
         let mut rows = loaded;
@@ -275,6 +277,7 @@ impl Sink {
                 .await
                 .map_err(PgError::query(&target, format!("keep the latest row per key by {col}")))?;
         }
+        let t = timings.lap("dedup", t);
         let pkey_name = if staging.target_exists {
             derived_name(&staging.table.name, "_pkey")
         } else {
@@ -284,6 +287,7 @@ impl Sink {
         if let Err(e) = self.client.batch_execute(&sql).await {
             return Err(key_violation(&target, key, Some(checkpoint.version), e));
         }
+        let t = timings.lap("primary key", t);
         if !staging.target_exists {
             for (name, sql) in index_statements(&target, &stage, indexes, false) {
                 self.client
@@ -292,7 +296,9 @@ impl Sink {
                     .map_err(PgError::query(&target, format!("create index {name}")))?;
             }
         }
+        let t = timings.lap("indexes", t);
         self.client.batch_execute(&format!("ANALYZE {stage}")).await.map_err(PgError::query(&target, "analyze"))?;
+        let t = timings.lap("analyze", t);
 
         let tx = self.client.transaction().await.map_err(PgError::query(&target, "begin"))?;
         let rebuild = staging.target_exists && needs_rebuild(&tx, &target, schema, key).await?;
@@ -335,6 +341,7 @@ impl Sink {
         };
         state::commit_checkpoint(&tx, &target, fence, run_id, from, checkpoint, counts, Some(rows), true).await?;
         tx.commit().await.map_err(PgError::query(&target, "commit the snapshot"))?;
+        timings.lap("swap and commit", t);
         Ok(counts)
     }
 

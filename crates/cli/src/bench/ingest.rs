@@ -225,7 +225,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     ];
     let postmaster = super::postmaster_pid(&dir.join("postgres/data"))?;
     let conn = cluster.connection_string("postgres");
-    let (ingest_s, ingest_rss, _) =
+    let (ingest_s, ingest_rss, _, _) =
         tokio::task::block_in_place(|| run_child(&exe, &ingest_args, &[], &conn, postmaster))?;
     let (files, commits) = tokio::task::block_in_place(|| verify(&table, rows))?;
 

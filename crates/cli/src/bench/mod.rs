@@ -171,6 +171,9 @@ struct Measurement {
     rows: u64,
     peak_rss_mb: Option<f64>,
     pg_cpu_seconds: f64,
+    /// A lakesync run's phases (`sync --timings`): (phase, seconds); the run's own total
+    /// first, as "run".
+    timings: Vec<(String, f64)>,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -370,6 +373,11 @@ async fn measure(
             rows,
             peak_rss_mb: None,
             pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
+            timings: vec![
+                ("run".into(), total_s),
+                ("COPY (rows encoded before the clock)".into(), copy_s),
+                ("primary key".into(), total_s - copy_s),
+            ],
         });
         eprintln!("bench: reference COPY {copy_s:.2}s + primary key {:.2}s", total_s - copy_s);
         verify(&config, &reference, base_version, expected_base).await.context("verifying the reference load")?;
@@ -488,6 +496,7 @@ async fn measure(
             rows: spec.len() as u64,
             peak_rss_mb: None,
             pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
+            timings: Vec::new(),
         });
         verify(&config, &reference, final_version, expected_final).await.context("verifying the blog pattern")?;
         rounds.push(results);
@@ -620,6 +629,7 @@ fn print_table(rounds: &[Vec<Measurement>], rows: u64, memory: &str) {
             median(rounds.iter().map(|r| r[i].pg_cpu_seconds))
         );
     }
+    print_breakdown(rounds);
     if n > 1 {
         println!("\nEach round (peak RSS is the largest of the rounds):\n");
         for (k, round) in rounds.iter().enumerate() {
@@ -691,18 +701,57 @@ fn child_phase(
     postmaster: u32,
 ) -> anyhow::Result<Measurement> {
     settle();
-    let (seconds, rss, cpu) = run_child(exe, args, env, conn, postmaster)?;
-    Ok(Measurement { name, seconds, rows, peak_rss_mb: Some(rss), pg_cpu_seconds: cpu })
+    let mut timed: Vec<&str> = args.to_vec();
+    if timed.first() == Some(&"sync") {
+        timed.push("--timings");
+    }
+    let (seconds, rss, cpu, out) = run_child(exe, &timed, env, conn, postmaster)?;
+    let timings = out
+        .lines()
+        .find_map(|l| l.strip_prefix("timings: total "))
+        .and_then(|rest| {
+            let (total, phases) = rest.split_once("; ")?;
+            let mut all = vec![("run".to_string(), total.strip_suffix('s')?.parse().ok()?)];
+            all.extend(lakesync_core::Timings::parse(phases));
+            Some(all)
+        })
+        .unwrap_or_default();
+    Ok(Measurement { name, seconds, rows, peak_rss_mb: Some(rss), pg_cpu_seconds: cpu, timings })
 }
 
-/// Runs `lakesync <args>` and returns (seconds, peak RSS MB, Postgres CPU seconds).
+/// Where each phase's time went (medians over the rounds): lakesync's own phases from
+/// `sync --timings`, and what the process spends outside the run (start, runtime, exit).
+/// Phases may overlap (the Delta read feeds the COPY), so they need not add up.
+fn print_breakdown(rounds: &[Vec<Measurement>]) {
+    println!("\nWhere the time went (seconds; median of the rounds; phases may overlap):\n");
+    for (i, m) in rounds[0].iter().enumerate() {
+        if m.timings.is_empty() {
+            continue;
+        }
+        let of = |phase: &str| {
+            median(rounds.iter().filter_map(|r| r[i].timings.iter().find(|(p, _)| p == phase).map(|(_, s)| *s)))
+        };
+        let wall = median(rounds.iter().map(|r| r[i].seconds));
+        let run = of("run");
+        let mut parts: Vec<String> =
+            m.timings.iter().filter(|(p, _)| p != "run").map(|(p, _)| format!("{p} {:.3}", of(p))).collect();
+        if m.name.starts_with("a.") {
+            println!("- {}: {:.3}: {}", m.name, wall, parts.join(", "));
+            continue;
+        }
+        parts.push(format!("outside the run (process start, runtime, exit) {:.3}", (wall - run).max(0.0)));
+        println!("- {}: {wall:.3} (the run {run:.3}): {}", m.name, parts.join(", "));
+    }
+}
+
+/// Runs `lakesync <args>` and returns (seconds, peak RSS MB, Postgres CPU seconds, stdout).
 fn run_child(
     exe: &Path,
     args: &[&str],
     env: &[(&str, String)],
     conn: &str,
     postmaster: u32,
-) -> anyhow::Result<(f64, f64, f64)> {
+) -> anyhow::Result<(f64, f64, f64, String)> {
     let cpu0 = pg_cpu_seconds(postmaster)?;
     let t = Instant::now();
     let mut child = Command::new(exe)
@@ -732,7 +781,7 @@ fn run_child(
         bail!("lakesync {} failed", args.join(" "));
     }
     eprintln!("bench: {}", out.trim());
-    Ok((seconds, peak_kb as f64 / 1024.0, pg_cpu_seconds(postmaster)? - cpu0))
+    Ok((seconds, peak_kb as f64 / 1024.0, pg_cpu_seconds(postmaster)? - cpu0, out))
 }
 
 /// A `kB` field of `/proc/<pid>/status` (`VmHWM`: peak RSS, `VmRSS`: current RSS).
