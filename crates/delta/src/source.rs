@@ -213,6 +213,30 @@ impl DeltaTable {
         }))
     }
 
+    /// Whether the commit after `after` exists, by one HEAD of its file (`_delta_log/<v>.json`):
+    /// the cheapest question a store answers (no listing, no log replay). Its modification
+    /// time (ms) when it does.
+    pub fn next_commit(&self, after: Option<Version>) -> Result<Option<i64>, DeltaError> {
+        let next = after.map_or(0, |v| v + 1);
+        let read = |source: KernelError| {
+            let uri = self.uri.clone();
+            if crate::error::is_denied(&source) {
+                DeltaError::Access { uri, source }
+            } else {
+                DeltaError::Read { uri, version: next, source }
+            }
+        };
+        let file = self
+            .url
+            .join(&format!("_delta_log/{next:020}.json"))
+            .map_err(|e| read(KernelError::generic(e.to_string())))?;
+        match self.engine.storage_handler().head(&file) {
+            Ok(meta) => Ok(Some(meta.last_modified)),
+            Err(e) if is_missing_file(&e) => Ok(None),
+            Err(e) => Err(read(e)),
+        }
+    }
+
     /// The commits after `after` (all commits when `None`), found by listing `_delta_log`
     /// from the next commit's file name: one cheap listing, no log replay, so continuous mode
     /// can poll it often. `None` when there is no newer commit.
@@ -535,6 +559,9 @@ mod tests {
         assert_eq!(table.commits_after(None).unwrap().map(|c| c.latest), Some(1));
         assert_eq!(table.commits_after(Some(0)).unwrap().map(|c| c.latest), Some(1));
         assert_eq!(table.commits_after(Some(1)).unwrap(), None);
+        assert!(table.next_commit(None).unwrap().is_some());
+        assert!(table.next_commit(Some(0)).unwrap().is_some_and(|ms| ms > 1_600_000_000_000));
+        assert_eq!(table.next_commit(Some(1)).unwrap(), None);
         assert_eq!(commit_version("00000000000000000010.checkpoint.parquet"), None);
         assert_eq!(commit_version("00000000000000000010.json"), Some(10));
         let err = DeltaTable::open(&dir.path().join("missing").display().to_string())

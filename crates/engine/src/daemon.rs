@@ -722,8 +722,13 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// How often idle snapshot/triggered tables look at their source for status and lag.
+/// How often idle snapshot/triggered tables look at their source for status and lag (and
+/// continuous ones list their log, besides the HEAD of each poll).
 const HEAD_REFRESH: Duration = Duration::from_secs(10);
+/// A continuous table that just synced commits looks again this often (one HEAD each) ...
+const HOT_POLL: Duration = Duration::from_millis(50);
+/// ... for this long after its last commit, then at its `poll_interval` again.
+const HOT_WINDOW: Duration = Duration::from_secs(30);
 
 async fn run_worker(worker: Arc<Worker>, env: WorkerEnv, mut shutdown: watch::Receiver<bool>) {
     let spec = &worker.spec;
@@ -733,6 +738,8 @@ async fn run_worker(worker: Arc<Worker>, env: WorkerEnv, mut shutdown: watch::Re
     let mut source: Option<DeltaTable> = None;
     let mut due = None;
     let mut next_head_check = Instant::now();
+    // Until when a continuous table polls at HOT_POLL (commits are arriving).
+    let mut hot_until: Option<Instant> = None;
     loop {
         if *shutdown.borrow() || *stop.borrow() {
             worker.idle.send_replace(true);
@@ -785,8 +792,14 @@ async fn run_worker(worker: Arc<Worker>, env: WorkerEnv, mut shutdown: watch::Re
             let due_now = due.is_some_and(|d| now >= d);
             let continuous = matches!(spec.mode, TableMode::Continuous { .. });
             if continuous || due_now || now >= next_head_check {
-                let pending = refresh_head(&worker, source).await;
-                next_head_check = now + HEAD_REFRESH;
+                let thorough = now >= next_head_check;
+                let pending = refresh_head(&worker, source, thorough).await;
+                if thorough {
+                    next_head_check = now + HEAD_REFRESH;
+                }
+                if pending && continuous {
+                    hot_until = Some(now + HOT_WINDOW);
+                }
                 let waiting_to_retry = status.retry_at.is_some_and(|r| now < r);
                 run |= !waiting_to_retry && (pending || status.synced_version.is_none()) && (continuous || due_now);
                 if due_now {
@@ -809,6 +822,7 @@ async fn run_worker(worker: Arc<Worker>, env: WorkerEnv, mut shutdown: watch::Re
         }
         let status = worker.status();
         let mut wait = match spec.mode {
+            TableMode::Continuous { poll } if hot_until.is_some_and(|h| Instant::now() < h) => poll.min(HOT_POLL),
             TableMode::Continuous { poll } => poll,
             _ => HEAD_REFRESH,
         };
@@ -855,9 +869,28 @@ async fn load_synced_version(worker: &Worker, postgres: &PgConfig) {
     }
 }
 
-/// Lists the source log for commits after the synced version; `true` when there are some.
-async fn refresh_head(worker: &Worker, source: &DeltaTable) -> bool {
+/// Looks for commits after the synced version; `true` when there are some. One HEAD of the
+/// next commit's file first (what an idle table costs its store per poll); only when it
+/// exists, a listing for the newest version and the lag.
+///
+/// A `thorough` look lists even when the HEAD finds nothing: the commit after a long-synced
+/// version may have been cleaned up from the log while newer ones exist.
+async fn refresh_head(worker: &Worker, source: &DeltaTable, thorough: bool) -> bool {
     let synced = worker.status().synced_version;
+    if synced.is_some() && !thorough {
+        let next = {
+            let source = source.clone();
+            tokio::task::spawn_blocking(move || source.next_commit(synced)).await
+        };
+        if let Ok(Ok(None)) = next {
+            worker.update(|s| {
+                s.pending_since_ms = None;
+                s.source_version = s.synced_version.max(s.source_version);
+            });
+            return false;
+        }
+        // There is a next commit, or the HEAD failed: the listing says more (or surfaces it).
+    }
     let listed = {
         let source = source.clone();
         tokio::task::spawn_blocking(move || source.commits_after(synced)).await
@@ -936,7 +969,10 @@ async fn execute(worker: &Worker, env: &WorkerEnv, mode: SyncMode) {
     let elapsed = started.elapsed();
     worker.metrics.observe(elapsed);
     match result {
-        Ok(out) => succeeded(worker, &out),
+        Ok(out) => {
+            tracing::debug!(table = %spec.name, mode = out.mode.as_str(), timings = %out.timings.display(), "run timings");
+            succeeded(worker, &out)
+        }
         Err(e) => record_failure(worker, &e),
     }
 }
