@@ -214,7 +214,30 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         );
     }
     println!("\nsync runs: {runs} (mean {mean_run_ms:.0} ms); Postgres CPU: {pg_cpu:.1} s");
+    let log = std::fs::read_to_string(dir.join("lag-serve.log")).unwrap_or_default();
+    println!("\n{}", run_breakdown(&log));
     Ok(())
+}
+
+/// The mean of each phase over the change-feed runs the daemon logged ("run timings").
+pub(super) fn run_breakdown(log: &str) -> String {
+    let mut sums: Vec<(String, f64)> = Vec::new();
+    let mut runs = 0;
+    for line in log.lines().filter(|l| l.contains("run timings") && l.contains("mode=triggered")) {
+        let Some(text) = line.split("timings=").nth(1) else { continue };
+        runs += 1;
+        for (phase, secs) in lakesync_core::Timings::parse(text.trim()) {
+            match sums.iter_mut().find(|(p, _)| *p == phase) {
+                Some((_, s)) => *s += secs,
+                None => sums.push((phase, secs)),
+            }
+        }
+    }
+    if runs == 0 {
+        return "no run timings in the daemon's log".into();
+    }
+    let phases: Vec<String> = sums.iter().map(|(p, s)| format!("{p} {:.1}", s * 1000.0 / runs as f64)).collect();
+    format!("mean of {runs} change-feed runs, ms per phase: {}", phases.join(", "))
 }
 
 /// The `lakesync serve` child; killed if the bench fails before stopping it.
@@ -228,6 +251,8 @@ impl Serve {
             Command::new(std::env::current_exe()?)
                 .args(["serve", "--config"])
                 .arg(config)
+                // Each run's phases, for the breakdown (see `run_breakdown`).
+                .env("LAKESYNC_LOG", "warn,lakesync_engine=info,lakesync_engine::daemon=debug,lakesync_ingest=info")
                 .stdout(log.try_clone()?)
                 .stderr(log)
                 .spawn()
