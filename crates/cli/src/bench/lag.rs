@@ -223,7 +223,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
 pub(super) fn run_breakdown(log: &str) -> String {
     let mut sums: Vec<(String, f64)> = Vec::new();
     let mut runs = 0;
-    for line in log.lines().filter(|l| l.contains("run timings") && l.contains("mode=triggered")) {
+    for line in log.lines().filter(|l| l.contains("run timings") && l.contains("mode=\"triggered\"")) {
         let Some(text) = line.split("timings=").nth(1) else { continue };
         runs += 1;
         for (phase, secs) in lakesync_core::Timings::parse(text.trim()) {
