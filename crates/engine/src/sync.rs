@@ -449,6 +449,37 @@ fn outcome(mode: RunMode, reason: &str, from: Option<Version>, to: Version, coun
     }
 }
 
+/// Reads the rows `shape` keeps from `end` on a blocking thread into `sender`, counting them
+/// in `progress` with the reader's own time (what a load waits for when COPY keeps up). Stops
+/// early when the receiver is gone: its owner failed, and reports why.
+fn spawn_reader(
+    end: &TableSnapshot,
+    shape: &Shape,
+    sender: tokio::sync::mpsc::Sender<RecordBatch>,
+    progress: Arc<Progress>,
+) -> tokio::task::JoinHandle<Result<(), DeltaError>> {
+    let (end, shape) = (end.clone(), shape.clone());
+    tokio::task::spawn_blocking(move || {
+        let shape = end.read_shape(&shape)?;
+        // With a filter the source's count is an upper bound; the display shows it.
+        progress.set_total(end.row_count().ok().flatten().unwrap_or(0));
+        let mut reading = Duration::ZERO;
+        let mut batches = end.shaped_batches(&shape)?;
+        loop {
+            let r = Instant::now();
+            let Some(batch) = batches.next() else { break };
+            reading += r.elapsed();
+            let batch = batch?;
+            progress.add(batch.num_rows() as u64);
+            if sender.blocking_send(batch).is_err() {
+                break;
+            }
+        }
+        progress.time("read Delta (within the load)", reading);
+        Ok(())
+    })
+}
+
 /// What a snapshot would do (a dry run): its DDL, and its counts from the rows loaded into a
 /// temporary table and compared with the target (see [`Sink::preview_snapshot`]).
 async fn preview_snapshot(
@@ -462,18 +493,7 @@ async fn preview_snapshot(
 ) -> Result<SyncOutcome, EngineError> {
     let ddl = sink.snapshot_ddl(schema, key, &req.indexes).await?;
     let (sender, rows) = tokio::sync::mpsc::channel(4);
-    let reader = {
-        let (end, shape) = (end.clone(), req.shape.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), DeltaError> {
-            let shape = end.read_shape(&shape)?;
-            for batch in end.shaped_batches(&shape)? {
-                if sender.blocking_send(batch?).is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        })
-    };
+    let reader = spawn_reader(end, &req.shape, sender, req.progress.clone());
     let counts = sink.preview_snapshot(schema, key, end.version(), rows).await;
     reader.await.map_err(|e| EngineError::Internal(format!("snapshot reader panicked: {e}")))??;
     let mut done = outcome(RunMode::Snapshot, reason, synced, end.version(), counts?);
@@ -505,31 +525,8 @@ async fn snapshot(
     let t = req.progress.lap("staging table", t);
     let copy = sink.copy_into(&staging, schema, key, version, req.parallelism);
     let sender = copy.sender();
-    let progress = req.progress.clone();
-    progress.set_phase(Phase::Loading);
-    let reader = {
-        let (end, shape) = (end.clone(), req.shape.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), DeltaError> {
-            let shape = end.read_shape(&shape)?;
-            // With a filter the source's count is an upper bound; the display shows it.
-            progress.set_total(end.row_count().ok().flatten().unwrap_or(0));
-            // The reader's own time: what the load waits for when COPY keeps up.
-            let mut reading = std::time::Duration::ZERO;
-            let mut batches = end.shaped_batches(&shape)?;
-            loop {
-                let r = Instant::now();
-                let Some(batch) = batches.next() else { break };
-                reading += r.elapsed();
-                let batch = batch?;
-                progress.add(batch.num_rows() as u64);
-                if sender.blocking_send(batch).is_err() {
-                    break; // a COPY worker failed; its error is reported by finish()
-                }
-            }
-            progress.time("read Delta (within the load)", reading);
-            Ok(())
-        })
-    };
+    req.progress.set_phase(Phase::Loading);
+    let reader = spawn_reader(end, &req.shape, sender, req.progress.clone());
     let read = reader.await.map_err(|e| EngineError::Internal(format!("snapshot reader panicked: {e}")));
     let loaded = copy.finish().await;
     let t = req.progress.lap("load (read Delta + COPY)", t);

@@ -72,17 +72,7 @@ impl Sink {
         history: state::RunRetention,
         fence: Option<fleet::Fence>,
     ) -> Result<Self, PgError> {
-        let mut client = config.connect().await?;
-        // Change sets are staged in temporary tables; the default 8MB of temp buffers makes a
-        // 50k-row change set spill to disk. Must be set before the session's first temp table.
-        client
-            .batch_execute("SET temp_buffers = '256MB'")
-            .await
-            .map_err(PgError::query(table, "configure the session"))?;
-        // If this process dies mid-statement, its backend notices within a second and rolls
-        // back, releasing the table lock for the next run (Postgres 14+; older servers keep
-        // the statement running until it ends).
-        let _ = client.batch_execute("SET client_connection_check_interval = '1s'").await;
+        let mut client = Self::session(config, table).await?;
         state::ensure_schema(&mut client).await?;
         state::lock(&client, table, lock_wait).await?;
         if let Some(fence) = fence {
@@ -94,6 +84,22 @@ impl Sink {
         state::abandon_stale_runs(&client, table).await?;
         state::prune_runs(&client, table, history).await?;
         Ok(Self { config: config.clone(), client, table: table.clone(), policy, fence, delete_mode: DeleteMode::Hard })
+    }
+
+    /// A session configured for syncing `table` (a run's or a dry run's).
+    pub(crate) async fn session(config: &PgConfig, table: &TableName) -> Result<Client, PgError> {
+        let client = config.connect().await?;
+        // Change sets are staged in temporary tables; the default 8MB of temp buffers makes a
+        // 50k-row change set spill to disk. Must be set before the session's first temp table.
+        client
+            .batch_execute("SET temp_buffers = '256MB'")
+            .await
+            .map_err(PgError::query(table, "configure the session"))?;
+        // If this process dies mid-statement, its backend notices within a second and rolls
+        // back, releasing the table lock for the next run (Postgres 14+; older servers keep
+        // the statement running until it ends).
+        let _ = client.batch_execute("SET client_connection_check_interval = '1s'").await;
+        Ok(client)
     }
 
     /// Ends the session, releasing the table's advisory lock first.

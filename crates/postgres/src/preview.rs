@@ -31,11 +31,7 @@ impl Sink {
         policy: DataPolicy,
         lock_wait: std::time::Duration,
     ) -> Result<Self, PgError> {
-        let client = config.connect().await?;
-        client
-            .batch_execute("SET temp_buffers = '256MB'")
-            .await
-            .map_err(PgError::query(table, "configure the session"))?;
+        let client = Sink::session(config, table).await?;
         crate::state::lock(&client, table, lock_wait).await?;
         Ok(Self {
             config: config.clone(),
@@ -56,13 +52,7 @@ impl Sink {
     ) -> Result<Vec<String>, PgError> {
         let target = &self.table;
         let mut ddl = Vec::new();
-        let schema_exists: bool = self
-            .client
-            .query_one("SELECT to_regnamespace($1) IS NOT NULL", &[&ident(&target.schema)])
-            .await
-            .map_err(PgError::query(target, "look up the schema"))?
-            .get(0);
-        if !schema_exists {
+        if !self.schema_exists().await? {
             ddl.push(format!("CREATE SCHEMA {}", ident(&target.schema)));
         }
         let stage_name = staging_name(target, 0);
@@ -149,17 +139,9 @@ impl Sink {
             }
         };
         if let Some(col) = &policy.dedup_by {
-            let on = key.iter().map(|k| format!("a.{0} = b.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
-            let c = ident(col);
-            let collate = schema.column(col).map_or("", crate::apply::order_collation);
-            tx.execute(
-                &format!(
-                    "DELETE FROM {preview} a USING {preview} b WHERE {on} AND (a.{c}{collate} < b.{c}{collate} OR (a.{c} IS NULL AND b.{c} IS NOT NULL))"
-                ),
-                &[],
-            )
-            .await
-            .map_err(PgError::query(&target, format!("keep the latest row per key by {col}")))?;
+            tx.execute(&crate::snapshot::dedup_sql(preview, schema, key, col), &[])
+                .await
+                .map_err(PgError::query(&target, format!("keep the latest row per key by {col}")))?;
         }
         let keys = column_list(key.iter().map(String::as_str), None);
         let key_shown = key.iter().map(|k| format!("{}::text", ident(k))).collect::<Vec<_>>().join(" || ',' || ");

@@ -86,13 +86,7 @@ impl Sink {
         let target = &self.table;
         let staging = staging_name(target, run_id);
         let target_exists = self.target_exists().await?;
-        let schema_exists: bool = self
-            .client
-            .query_one("SELECT to_regnamespace($1) IS NOT NULL", &[&ident(&target.schema)])
-            .await
-            .map_err(PgError::query(target, "look up the schema"))?
-            .get(0);
-        if !schema_exists {
+        if !self.schema_exists().await? {
             // Another table's first run may create the same schema at the same moment; the
             // loser of that race gets a unique violation on the catalog (even with IF NOT
             // EXISTS), and the schema is then there, which is all we need.
@@ -180,6 +174,16 @@ impl Sink {
         Ok(())
     }
 
+    /// Whether the target's schema exists.
+    pub(crate) async fn schema_exists(&self) -> Result<bool, PgError> {
+        Ok(self
+            .client
+            .query_one("SELECT to_regnamespace($1) IS NOT NULL", &[&ident(&self.table.schema)])
+            .await
+            .map_err(PgError::query(&self.table, "look up the schema"))?
+            .get(0))
+    }
+
     /// Whether the target table exists.
     pub async fn target_exists(&self) -> Result<bool, PgError> {
         let row = self
@@ -265,12 +269,7 @@ impl Sink {
             .await
             .map_err(PgError::query(&target, "tune the index build"))?;
         if let Some(col) = &self.policy.dedup_by {
-            let on = key.iter().map(|k| format!("a.{0} = b.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
-            let c = ident(col);
-            let collate = schema.column(col).map_or("", crate::apply::order_collation);
-            let sql = format!(
-                "DELETE FROM {stage} a USING {stage} b WHERE {on} AND (a.{c}{collate} < b.{c}{collate} OR (a.{c} IS NULL AND b.{c} IS NOT NULL))"
-            );
+            let sql = dedup_sql(&stage, schema, key, col);
             rows -= self
                 .client
                 .execute(&sql, &[])
@@ -349,6 +348,17 @@ impl Sink {
     pub async fn discard_staging(&self, staging: &Staging) {
         let _ = self.client.batch_execute(&format!("DROP TABLE IF EXISTS {}", qualified(&staging.table))).await;
     }
+}
+
+/// The statement that keeps, in the loaded table `stage`, only each key's row with the
+/// greatest `column` (NULL the least), as `dedup_by` asks.
+pub(crate) fn dedup_sql(stage: &str, schema: &TableSchema, key: &[String], column: &str) -> String {
+    let on = key.iter().map(|k| format!("a.{0} = b.{0}", ident(k))).collect::<Vec<_>>().join(" AND ");
+    let c = ident(column);
+    let collate = schema.column(column).map_or("", crate::apply::order_collation);
+    format!(
+        "DELETE FROM {stage} a USING {stage} b WHERE {on} AND (a.{c}{collate} < b.{c}{collate} OR (a.{c} IS NULL AND b.{c} IS NOT NULL))"
+    )
 }
 
 /// The statements (with the index name) that take `target`'s declared indexes from `old` to
