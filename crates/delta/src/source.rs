@@ -131,35 +131,18 @@ impl DeltaTable {
         Ok(TableSnapshot { table: self.clone(), snap })
     }
 
-    /// Streams the change data feed of versions `start..=end`.
-    ///
-    /// Fails with [`DeltaError::CdfUnavailable`] when the feed cannot serve the range (not
-    /// enabled at `start`, log truncated, schema differs between `start` and `end`, change files
-    /// gone); the caller can fall back to a snapshot.
-    ///
-    /// With `columns`, only those table columns (plus `_change_type` and `_commit_version`)
-    /// are decoded: Parquet is columnar, so reading just the key of every change row is far
-    /// cheaper than reading whole rows (files with new deletion vectors are read in full).
-    pub fn changes(
-        &self,
-        start: Version,
-        end: Version,
-        columns: Option<&[String]>,
-    ) -> Result<impl Iterator<Item = Result<ChangeBatch, DeltaError>>, DeltaError> {
-        let names = columns.map(|cols| {
-            let mut names = cols.to_vec();
-            names.extend([CHANGE_TYPE_COLUMN, COMMIT_VERSION_COLUMN].map(String::from));
-            names
-        });
-        self.read_changes(start, end, names)
-    }
-
     /// The change data feed of `start..=end` as `shape` makes it: only the changes whose row
     /// image the filter keeps (the feed of the filtered table: an update that leaves the
     /// filter shows as its preimage alone, one that enters it as its postimage alone), the
     /// synced columns renamed (only `columns`, target names, when given) plus
     /// `_change_type`, `_commit_version` and `_commit_timestamp`, and with whole rows
     /// (`columns` = `None`) lakesync's added columns.
+    ///
+    /// Fails with [`DeltaError::CdfUnavailable`] when the feed cannot serve the range (not
+    /// enabled at `start`, log truncated, schema differs between `start` and `end`, change files
+    /// gone); the caller can fall back to a snapshot. With `columns`, only those columns and
+    /// the filter's are decoded: reading just the key of every change row is far cheaper than
+    /// reading whole rows.
     pub fn shaped_changes(
         &self,
         start: Version,
