@@ -545,6 +545,16 @@ impl TableConfig {
             lineage: self.lineage,
         };
         shape.check(primary_key.columns()).map_err(|e| invalid(&scope, e.to_string()))?;
+        if let Some(order) = self
+            .dedup_by
+            .as_ref()
+            .filter(|d| !shape.columns.is_empty() && !shape.columns.iter().any(|c| &c.target == *d))
+        {
+            return Err(invalid(
+                &scope,
+                format!("dedup_by {order:?} must be among the synced columns (named as in Postgres)"),
+            ));
+        }
         let history = RunRetention {
             max_runs: match self.keep_runs {
                 Some(0) => return Err(invalid(&scope, "keep_runs must be at least 1")),
@@ -1160,6 +1170,31 @@ mod tests {
 
     fn error(text: &str) -> String {
         Config::from_toml("lakesync.toml", text, &env).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_table_entry_choosing_what_to_sync_is_validated_with_names_and_positions() {
+        let entry = |extra: &str| {
+            format!(
+                "[postgres]\nurl = \"host=db\"\n\n[[tables]]\nsource = \"/lake/t\"\ntarget = \"app.t\"\nprimary_key = [\"id\"]\nmode = \"triggered\"\n{extra}\n"
+            )
+        };
+        let ok = Config::from_toml(
+            "lakesync.toml",
+            &entry("filter = \"region = 'eu'\"\ncolumns = [\"id\", \"amount AS total\"]\ndelete_mode = \"soft\"\nlineage = true"),
+            &env,
+        )
+        .unwrap();
+        let shape = &ok.tables[0].shape;
+        assert_eq!(shape.filter.as_ref().map(|f| f.text()), Some("region = 'eu'"));
+        assert_eq!((shape.columns[1].source.as_str(), shape.columns[1].target.as_str()), ("amount", "total"));
+        assert_eq!((shape.delete_mode, shape.lineage), (DeleteMode::Soft, true));
+        assert!(error(&entry("filter = \"region = \"")).contains("invalid filter"));
+        assert!(error(&entry("filter = \"f(x) = 1\"")).contains("line 1, column 1"));
+        assert!(error(&entry("columns = [\"amount\"]")).contains("primary key column must be among the synced columns"));
+        assert!(error(&entry("columns = [\"id\"]\nexclude = [\"x\"]")).contains("alternatives"));
+        assert!(error(&entry("delete_mode = \"sometimes\"")).contains("hard, soft or ignore"));
+        assert!(error(&entry("columns = [\"id\"]\ndedup_by = \"seq\"")).contains("dedup_by \"seq\" must be among"));
     }
 
     #[test]
