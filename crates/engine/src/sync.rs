@@ -106,7 +106,11 @@ impl SyncOutcome {
 pub async fn sync(req: &SyncRequest) -> Result<SyncOutcome, EngineError> {
     use tracing::Instrument;
     // Every event of the run carries the table and, once it has one, the run's id.
-    let span = tracing::info_span!("sync", table = %req.table, run = tracing::field::Empty, dry_run = req.dry_run);
+    let span = if req.dry_run {
+        tracing::info_span!("dry_run", table = %req.table)
+    } else {
+        tracing::info_span!("sync", table = %req.table, run = tracing::field::Empty)
+    };
     sync_in_span(req).instrument(span).await
 }
 
