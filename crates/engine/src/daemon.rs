@@ -797,9 +797,8 @@ async fn run_worker(worker: Arc<Worker>, env: WorkerEnv, mut shutdown: watch::Re
                 if thorough {
                     next_head_check = now + HEAD_REFRESH;
                 }
-                // Commits after a synced version: a stream may be running, look often. (A first
-                // load is not one.)
-                if pending && continuous && status.synced_version.is_some() {
+                // Commits arrived: a stream may be running, look often for a while.
+                if pending && continuous {
                     hot_until = Some(now + HOT_WINDOW);
                 }
                 let waiting_to_retry = status.retry_at.is_some_and(|r| now < r);

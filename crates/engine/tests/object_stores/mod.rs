@@ -253,6 +253,9 @@ fn an_idle_continuous_table_costs_one_head_of_its_next_commit_per_poll() {
     entry.poll_interval = Some("200ms".into());
     entry.storage_options.insert("aws_endpoint".into(), OptionValue::Text(proxy.endpoint()));
     let spec = entry.validate().unwrap();
+    // Synced before the daemon starts: it finds nothing pending, so the table is idle from
+    // the start (after syncing commits it would look every 50 ms for 30 s).
+    db.sync(&spec.request(&db.config(), lakesync_core::SyncMode::Auto, None, Duration::from_secs(10))).unwrap();
     let requests = block_on(async {
         let daemon = lakesync_engine::Daemon::new(db.config());
         let worker = daemon.add(spec).unwrap();
