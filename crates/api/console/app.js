@@ -153,6 +153,7 @@ async function overview() {
       el("td", { "data-label": "Last run" }, lastRun(t.last_run),
         t.last_error ? el("div", { class: "error" }, t.last_error) : null),
       el("td", { "data-label": "Owner" }, t.owner || "–"),
+      el("td", { "data-label": "Actions" }, syncButton(t.name, document.getElementById("live"))),
     ));
   const ingestRows = ingests.ingests.filter(matches).sort(byTrouble).map((i) =>
     el("tr", { dataset: { ingest: i.name }, class: failing(i) ? "failing" : "" },
@@ -182,7 +183,7 @@ async function overview() {
       ),
       rows.length
         ? el("div", { class: "scroll" }, el("table", { class: "grid" },
-          el("thead", {}, el("tr", {}, ...["Table", "State", "Mode", "Synced", "Source", "Lag", "Last run", "Owner"].map((h) => el("th", { scope: "col" }, h)))),
+          el("thead", {}, el("tr", {}, ...["Table", "State", "Mode", "Synced", "Source", "Lag", "Last run", "Owner", "Actions"].map((h) => el("th", { scope: "col" }, h)))),
           el("tbody", {}, rows)))
         : el("p", {}, query ? "No table matches." : "No synced tables."),
     ),
@@ -268,6 +269,13 @@ function runsTable(runs) {
     )))));
 }
 
+// A "Sync now" button for table `name`, reporting in `out`.
+function syncButton(name, out) {
+  const button = el("button", { type: "button", class: "sync-now", title: "Sync " + name + " now" }, "Sync now");
+  button.addEventListener("click", () => syncNow(name, button, out));
+  return button;
+}
+
 async function syncNow(name, button, out) {
   if (!token()) {
     out.textContent = "Enter the management token above to run actions.";
@@ -291,7 +299,8 @@ async function tablePage(name) {
   const [t, runs, history] = await Promise.all([api(path), api(path + "/runs?limit=50"), api(path + "/lag")]);
   const previous = document.getElementById("action-result");
   const out = el("span", { id: "action-result", role: "status" }, previous ? previous.textContent : "");
-  const button = el("button", { type: "button", id: "sync-now", onclick: () => syncNow(name, button, out) }, "Sync now");
+  const button = syncButton(name, out);
+  button.id = "sync-now";
   show(
     el("p", {}, link("#/", "← All tables")),
     el("section", { dataset: { table: t.name }, class: "detail" },

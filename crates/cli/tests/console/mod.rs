@@ -194,6 +194,10 @@ flush_interval = "200ms"
     assert!(at("broken") == 0 && at("crm.orders") < at("customers"), "{order:?}");
     assert!(b.text("[data-table=\"broken\"]").contains("OFFLINE_FAILED"));
     b.wait_text("[data-ingest=\"events-ingest\"]", "running", 20_000);
+    // Every table's row has its own "Sync now"; without the token it asks for it.
+    assert_eq!(b.count("[data-table] button:text-is(\"Sync now\")"), b.count("[data-table]"));
+    b.cmd(json!({"cmd": "click", "selector": "[data-table=\"crm.orders\"] button:text-is(\"Sync now\")"}));
+    b.wait_text("#live", "Enter the management token", 5_000);
 
     // A commit to the continuous table shows up without a reload.
     writer.append(&[customers(100..120, 0)]).unwrap();
@@ -201,9 +205,11 @@ flush_interval = "200ms"
 
     // Filtering by name or state.
     b.cmd(json!({"cmd": "fill", "selector": "#search", "value": "failed"}));
-    b.wait_text("main", "1 failing", 5_000);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(b.count("[data-table]"), 1);
+    b.cmd(json!({"cmd": "waitGone", "selector": "[data-table=\"customers\"]", "timeout": 5_000}));
+    assert_eq!((b.count("[data-table=\"crm.orders\"]"), b.count("[data-table=\"broken\"]")), (0, 1));
+    b.cmd(json!({"cmd": "fill", "selector": "#search", "value": "orders"}));
+    b.cmd(json!({"cmd": "waitGone", "selector": "[data-table=\"broken\"]", "timeout": 5_000}));
+    assert_eq!(b.count("[data-table=\"crm.orders\"]"), 1);
     b.cmd(json!({"cmd": "fill", "selector": "#search", "value": ""}));
 
     // The ingest's page: per-partition lag and throughput.
