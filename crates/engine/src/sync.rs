@@ -648,7 +648,8 @@ async fn triggered(
             let per_transaction = if req.dry_run { u64::MAX / 2 } else { req.versions_per_transaction.max(1) };
             let chunk_end = (chunk_start + per_transaction - 1).min(seg_end);
             let t = std::time::Instant::now();
-            let stamps = crate::changes::CommitStamps::default();
+            // Only soft deletes need each version's commit timestamp.
+            let stamps = (req.shape.delete_mode == DeleteMode::Soft).then(crate::changes::CommitStamps::default);
             let mut plan = {
                 let (source, table, key, shape) = (source.clone(), table.clone(), key.to_vec(), shape.clone());
                 let dedup_by = req.policy.dedup_by.clone();
@@ -658,9 +659,11 @@ async fn triggered(
                     columns.extend(dedup_by.iter().filter(|c| !key.contains(c)).cloned());
                     plan_keys(&table, &key, dedup_by.as_deref(), || {
                         let stamps = stamps.clone();
-                        Ok(source
-                            .shaped_changes(chunk_start, chunk_end, &shape, Some(&columns))?
-                            .inspect(move |b| stamps.observe(b)))
+                        Ok(source.shaped_changes(chunk_start, chunk_end, &shape, Some(&columns))?.inspect(move |b| {
+                            if let Some(stamps) = &stamps {
+                                stamps.observe(b)
+                            }
+                        }))
                     })
                 })
                 .await
@@ -669,7 +672,7 @@ async fn triggered(
             let planned_ms = t.elapsed().as_millis();
             let phase = req.progress.lap("plan (change feed keys)", t);
             let mut deletes = plan.take_deletes(table, key)?;
-            if req.shape.delete_mode == DeleteMode::Soft {
+            if let Some(stamps) = &stamps {
                 deletes = stamps.stamp(table, deletes)?;
             }
             let changed_rows = deletes.iter().map(|b| b.num_rows()).sum::<usize>() + plan.upsert_count();
