@@ -187,7 +187,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     let topic = format!("bench-events-{}", std::process::id());
     let partitions = args.partitions.max(1);
     create_topic(&brokers, &Security::default(), &topic, partitions).await.map_err(anyhow::Error::msg)?;
-    let rows = args.rows;
+    let rows = args.rows();
     let batch = args.produce_batch.max(1);
     eprintln!(
         "bench: producing {rows} events of ~{} bytes to {partitions} partitions, {batch} a request",

@@ -28,6 +28,7 @@ mod fleet;
 pub(crate) mod ingest;
 mod lag;
 mod s3;
+mod seed;
 mod serving;
 
 use std::path::{Path, PathBuf};
@@ -52,9 +53,9 @@ use md5::{Digest, Md5};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Rows in the customer_profiles table.
-    #[arg(long, default_value_t = 5_000_000)]
-    rows: u64,
+    /// Rows in the customer_profiles table (default 5,000,000; 50,000,000 for the seed).
+    #[arg(long)]
+    rows: Option<u64>,
     /// Rows per Parquet file.
     #[arg(long, default_value_t = 250_000)]
     file_rows: u64,
@@ -112,6 +113,13 @@ pub struct BenchArgs {
     tables: usize,
 }
 
+impl BenchArgs {
+    /// `--rows`, or the scenario's default.
+    fn rows(&self) -> u64 {
+        self.rows.unwrap_or(if self.scenario == Scenario::Seed { seed::SEED_ROWS } else { 5_000_000 })
+    }
+}
+
 /// Where the sync scenario reads the table from, besides the local path.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SourceStore {
@@ -141,6 +149,9 @@ pub enum Scenario {
     /// One replica, then three sharing `--tables` continuous tables, then ten SIGKILLs:
     /// commit → visible, takeover time, Postgres sessions per replica.
     Fleet,
+    /// The seed's table: 50M rows (built once and kept under --dir), snapshot and reference,
+    /// then its 40k updates, lakesync against the blog pattern.
+    Seed,
 }
 
 /// Ids changed by the benchmark's MERGE at `rows` rows.
@@ -179,7 +190,7 @@ struct Measurement {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)?;
     let dir = std::path::absolute(&args.dir)?;
-    let rows = args.rows;
+    let rows = args.rows();
     let spec = ChangeSpec::new(rows);
     if args.scenario == Scenario::Sync {
         eprintln!("bench: {rows} rows, {} changes; working in {}", spec.len(), dir.display());
@@ -191,9 +202,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         // Room for both tables and their keys (about 190 bytes a row each), as a server tuned
         // for its working set has (the usual advice is a quarter of RAM): 4 GB at 5M rows.
         // Small runs (the test suite's) keep the default and do not reserve gigabytes.
-        let buffers_mb = (args.rows * 800 / 1_000_000).clamp(512, 4096);
+        let buffers_mb = (rows * 800 / 1_000_000).clamp(512, 4096);
         let settings = match args.scenario {
-            Scenario::Sync => vec![("shared_buffers".to_string(), format!("{buffers_mb}MB"))],
+            Scenario::Sync | Scenario::Seed => vec![("shared_buffers".to_string(), format!("{buffers_mb}MB"))],
             // Three replicas, each up to 8 runs with their sessions, and the bench's own.
             Scenario::Fleet => vec![("max_connections".to_string(), "300".to_string())],
             _ => Vec::new(),
@@ -213,6 +224,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Api => serving::measure(&args, &dir, &cluster).await,
         Scenario::Ingest => ingest::measure(&args, &dir, &cluster).await,
         Scenario::Fleet => fleet::measure(&args, &dir, &cluster).await,
+        Scenario::Seed => seed::measure(&args, &dir, &cluster).await,
     };
     if !args.keep_postgres {
         let c = cluster.clone();
@@ -227,7 +239,7 @@ async fn measure(
     cluster: &LocalCluster,
     spec: &ChangeSpec,
 ) -> anyhow::Result<Vec<Vec<Measurement>>> {
-    let rows = args.rows;
+    let rows = args.rows();
     let admin = PgConfig::parse(&cluster.connection_string("postgres"))?;
     let admin_client = admin.connect().await?;
     admin_client.batch_execute("DROP DATABASE IF EXISTS bench WITH (FORCE)").await?;
@@ -347,55 +359,7 @@ async fn measure(
         // parallel maintenance workers), then (a) with the server's defaults: the ceiling
         // lakesync is measured against, and how much of a gap its settings alone explain.
         for tuned in [true, false] {
-            settle();
-            client
-                .batch_execute(&format!(
-                    "DROP SCHEMA IF EXISTS bench_ref CASCADE; CREATE SCHEMA bench_ref; CREATE TABLE {} ({})",
-                    qualified(&reference),
-                    column_definitions(&schema, &[])
-                ))
-                .await?;
-            let settings = if tuned {
-                "SET maintenance_work_mem = '512MB'; SET max_parallel_maintenance_workers = 2"
-            } else {
-                "RESET maintenance_work_mem; RESET max_parallel_maintenance_workers"
-            };
-            client.batch_execute(settings).await?;
-            let cpu0 = pg_cpu_seconds(postmaster)?;
-            let t = Instant::now();
-            {
-                let sink =
-                    client.copy_in(&format!("COPY {} FROM STDIN (FORMAT binary)", qualified(&reference))).await?;
-                futures_util::pin_mut!(sink);
-                sink.send(Bytes::from_static(HEADER)).await?;
-                for chunk in &encoded {
-                    sink.send(chunk.clone()).await?;
-                }
-                sink.send(Bytes::from_static(TRAILER)).await?;
-                sink.finish().await?;
-            }
-            let copy_s = t.elapsed().as_secs_f64();
-            client
-                .batch_execute(&format!("ALTER TABLE {} ADD PRIMARY KEY (customer_id)", qualified(&reference)))
-                .await?;
-            let total_s = t.elapsed().as_secs_f64();
-            results.push(Measurement {
-                name: if tuned {
-                    "a2. reference with lakesync's index settings"
-                } else {
-                    "a. reference: 1 binary COPY + primary key"
-                },
-                seconds: total_s,
-                rows,
-                peak_rss_mb: None,
-                pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
-                timings: vec![
-                    ("run".into(), total_s),
-                    ("COPY (rows encoded before the clock)".into(), copy_s),
-                    ("primary key".into(), total_s - copy_s),
-                ],
-            });
-            eprintln!("bench: reference (tuned: {tuned}) COPY {copy_s:.2}s + primary key {:.2}s", total_s - copy_s);
+            results.push(reference_load(&client, &schema, &reference, &encoded, tuned, postmaster).await?);
         }
         client.batch_execute("RESET maintenance_work_mem; RESET max_parallel_maintenance_workers").await?;
         verify(&config, &reference, base_version, expected_base).await.context("verifying the reference load")?;
@@ -460,34 +424,12 @@ async fn measure(
             verify(&config, &s3_target, base_version, expected_base).await.context("verifying the snapshot from S3")?;
         }
 
-        // Steady state for (c) and (d). Both freshly loaded tables start with every page dirty
-        // and unhinted and (bulk loads go through a small ring of buffers) outside
-        // shared_buffers, so the first statements to touch them would pay for the load:
-        // writing it out and reading it back from the OS. A table that receives changes all
-        // day has been vacuumed and checkpointed and has its pages cached; we do that here for
-        // both tables alike. (Separate statements: a multi-statement string runs as one
-        // transaction, which VACUUM refuses.)
-        let mut loaded = vec![qualified(&reference), qualified(&target)];
+        // Steady state for (c) and (d), the same for every table (see `steady_state`).
+        let mut loaded = vec![reference.clone(), target.clone()];
         if store.is_some() {
-            loaded.push(qualified(&s3_target));
+            loaded.push(s3_target.clone());
         }
-        for t in &loaded {
-            client.batch_execute(&format!("VACUUM (ANALYZE) {t}")).await?;
-        }
-        client.batch_execute("CHECKPOINT").await?;
-        match client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm").await {
-            Ok(()) => {
-                client
-                    .batch_execute(&format!(
-                        "SELECT pg_prewarm(c.oid) FROM pg_class c \
-                         WHERE c.oid = ANY(ARRAY[{0}]::regclass[]) \
-                         OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = ANY(ARRAY[{0}]::regclass[]))",
-                        loaded.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", "),
-                    ))
-                    .await?
-            }
-            Err(e) => eprintln!("bench: pg_prewarm is not available ({e}); measuring (c) and (d) with cold caches"),
-        }
+        steady_state(&client, &loaded).await?;
 
         // (c) lakesync incremental.
         let changes = spec.len() as u64;
@@ -504,22 +446,119 @@ async fn measure(
         }
 
         // (d) The blog pattern on the reference table.
-        settle();
-        let cpu0 = pg_cpu_seconds(postmaster)?;
-        let t = Instant::now();
-        blog_merge(&config, &reference, spec).await?;
-        results.push(Measurement {
-            name: "d. blog pattern: MERGE .. VALUES x1000 + DELETE ANY",
-            seconds: t.elapsed().as_secs_f64(),
-            rows: spec.len() as u64,
-            peak_rss_mb: None,
-            pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
-            timings: Vec::new(),
-        });
+        results.push(blog_phase(&config, &reference, spec, postmaster).await?);
         verify(&config, &reference, final_version, expected_final).await.context("verifying the blog pattern")?;
         rounds.push(results);
     }
     Ok(rounds)
+}
+
+/// The reference ceiling: `encoded` (rows encoded before the clock) pushed with one binary
+/// `COPY` into a new unindexed `reference`, then its primary key built; `tuned` with
+/// lakesync's index settings (a2), else with the server's defaults (a).
+async fn reference_load(
+    client: &tokio_postgres::Client,
+    schema: &lakesync_core::TableSchema,
+    reference: &TableName,
+    encoded: &[Bytes],
+    tuned: bool,
+    postmaster: u32,
+) -> anyhow::Result<Measurement> {
+    settle();
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema_name} CASCADE; CREATE SCHEMA {schema_name}; CREATE TABLE {} ({})",
+            qualified(reference),
+            column_definitions(schema, &[]),
+            schema_name = lakesync_postgres::ddl::ident(&reference.schema),
+        ))
+        .await?;
+    let settings = if tuned {
+        "SET maintenance_work_mem = '512MB'; SET max_parallel_maintenance_workers = 2"
+    } else {
+        "RESET maintenance_work_mem; RESET max_parallel_maintenance_workers"
+    };
+    client.batch_execute(settings).await?;
+    let cpu0 = pg_cpu_seconds(postmaster)?;
+    let t = Instant::now();
+    {
+        let sink = client.copy_in(&format!("COPY {} FROM STDIN (FORMAT binary)", qualified(reference))).await?;
+        futures_util::pin_mut!(sink);
+        sink.send(Bytes::from_static(HEADER)).await?;
+        for chunk in encoded {
+            sink.send(chunk.clone()).await?;
+        }
+        sink.send(Bytes::from_static(TRAILER)).await?;
+        sink.finish().await?;
+    }
+    let copy_s = t.elapsed().as_secs_f64();
+    client.batch_execute(&format!("ALTER TABLE {} ADD PRIMARY KEY (customer_id)", qualified(reference))).await?;
+    let total_s = t.elapsed().as_secs_f64();
+    client.batch_execute("RESET maintenance_work_mem; RESET max_parallel_maintenance_workers").await?;
+    eprintln!("bench: reference (tuned: {tuned}) COPY {copy_s:.2}s + primary key {:.2}s", total_s - copy_s);
+    Ok(Measurement {
+        name: if tuned {
+            "a2. reference with lakesync's index settings"
+        } else {
+            "a. reference: 1 binary COPY + primary key"
+        },
+        seconds: total_s,
+        rows: encoded_rows(encoded),
+        peak_rss_mb: None,
+        pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
+        timings: vec![
+            ("run".into(), total_s),
+            ("COPY (rows encoded before the clock)".into(), copy_s),
+            ("primary key".into(), total_s - copy_s),
+        ],
+    })
+}
+
+/// Rows in binary COPY chunks (each row starts with its 16-bit field count; counted by
+/// walking the fields).
+fn encoded_rows(encoded: &[Bytes]) -> u64 {
+    let mut rows = 0;
+    for chunk in encoded {
+        let mut at = 0;
+        while at + 2 <= chunk.len() {
+            let fields = i16::from_be_bytes([chunk[at], chunk[at + 1]]);
+            at += 2;
+            for _ in 0..fields {
+                let len = i32::from_be_bytes(chunk[at..at + 4].try_into().expect("4 bytes"));
+                at += 4 + len.max(0) as usize;
+            }
+            rows += 1;
+        }
+    }
+    rows
+}
+
+/// Brings freshly loaded `tables` to the steady state (c) and (d) are measured in. A fresh
+/// load starts with every page dirty and unhinted and (bulk loads go through a small ring of
+/// buffers) outside shared_buffers, so the first statements to touch it would pay for the
+/// load: writing it out and reading it back from the OS. A table that receives changes all
+/// day has been vacuumed and checkpointed and has its pages cached; every table gets the
+/// same treatment. (Separate statements: a multi-statement string runs as one transaction,
+/// which VACUUM refuses.) Indexes are warmed last, so that a table larger than
+/// shared_buffers does not push its key's pages out.
+async fn steady_state(client: &tokio_postgres::Client, tables: &[TableName]) -> anyhow::Result<()> {
+    let names: Vec<String> = tables.iter().map(qualified).collect();
+    for t in &names {
+        client.batch_execute(&format!("VACUUM (ANALYZE) {t}")).await?;
+    }
+    client.batch_execute("CHECKPOINT").await?;
+    if let Err(e) = client.batch_execute("CREATE EXTENSION IF NOT EXISTS pg_prewarm").await {
+        eprintln!("bench: pg_prewarm is not available ({e}); measuring (c) and (d) with cold caches");
+        return Ok(());
+    }
+    let list = names.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", ");
+    client
+        .batch_execute(&format!(
+            "SELECT pg_prewarm(oid) FROM unnest(ARRAY[{list}]::regclass[]) AS t(oid); \
+             SELECT pg_prewarm(indexrelid) FROM pg_index WHERE indrelid = ANY(ARRAY[{list}]::regclass[])"
+        ))
+        .await?;
+    Ok(())
 }
 
 /// The MERGE the Python `deltalake` package runs: a source of new images and deleted keys,
@@ -532,8 +571,8 @@ target, upserts, deletes = sys.argv[1:4]
 u = DeltaTable(upserts).to_pyarrow_table()
 d = DeltaTable(deletes).to_pyarrow_table()
 source = pa.concat_tables([
-    u.append_column("_op", pa.array(["upsert"] * u.num_rows)),
-    d.append_column("_op", pa.array(["delete"] * d.num_rows)),
+    u.append_column("_op", pa.array(["upsert"] * u.num_rows, pa.string())),
+    d.append_column("_op", pa.array(["delete"] * d.num_rows, pa.string())),
 ])
 m = (DeltaTable(target)
      .merge(source, "t.customer_id = s.customer_id", source_alias="s", target_alias="t")
@@ -653,11 +692,13 @@ fn print_table(rounds: &[Vec<Measurement>], rows: u64, memory: &str) {
             Some(s(num)? / s(den)?)
         }))
     };
-    println!(
-        "\nb against the reference with lakesync's own index settings (a2): {:.2}x; a2/a {:.2}x",
-        ratio("b.", "a2."),
-        ratio("a2.", "a.")
-    );
+    if rounds[0].iter().any(|m| m.name.starts_with("a2.")) {
+        println!(
+            "\nb against the reference with lakesync's own index settings (a2): {:.2}x; a2/a {:.2}x",
+            ratio("b.", "a2."),
+            ratio("a2.", "a.")
+        );
+    }
     print_breakdown(rounds);
     if n > 1 {
         println!("\nEach round (peak RSS is the largest of the rounds):\n");
@@ -851,6 +892,27 @@ fn pg_cpu_seconds(postmaster: u32) -> anyhow::Result<f64> {
         }
     }
     Ok(ticks as f64 / TICKS)
+}
+
+/// (d): the blog pattern on `table`, once the OS has settled.
+async fn blog_phase(
+    config: &PgConfig,
+    table: &TableName,
+    spec: &ChangeSpec,
+    postmaster: u32,
+) -> anyhow::Result<Measurement> {
+    settle();
+    let cpu0 = pg_cpu_seconds(postmaster)?;
+    let t = Instant::now();
+    blog_merge(config, table, spec).await?;
+    Ok(Measurement {
+        name: "d. blog pattern: MERGE .. VALUES x1000 + DELETE ANY",
+        seconds: t.elapsed().as_secs_f64(),
+        rows: spec.len() as u64,
+        peak_rss_mb: None,
+        pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
+        timings: Vec::new(),
+    })
 }
 
 /// The blog's statement pattern: latest change per key, `MERGE .. USING (VALUES ..)` with

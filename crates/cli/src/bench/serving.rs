@@ -71,7 +71,7 @@ impl Load {
 }
 
 pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> anyhow::Result<()> {
-    let rows = args.rows;
+    let rows = args.rows();
     let admin = PgConfig::parse(&cluster.connection_string("postgres"))?.connect().await?;
     admin.batch_execute("DROP DATABASE IF EXISTS bench_api WITH (FORCE)").await?;
     admin.batch_execute("CREATE DATABASE bench_api").await?;
