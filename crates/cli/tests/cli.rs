@@ -419,6 +419,40 @@ fn the_bench_generates_changes_and_verifies_every_result_on_a_small_table() {
     }
 }
 
+#[test]
+fn the_seed_bench_builds_its_table_once_and_verifies_every_result() {
+    // The seed scenario at 20k rows (its updates: half the rows, at most 40k): the first run
+    // builds and checksums the Delta table, the second reuses it; both verify every phase.
+    let dir = tempfile::tempdir().unwrap();
+    let port = support::test_port(2).to_string();
+    for run in 1..=2 {
+        let out = Command::new(env!("CARGO_BIN_EXE_lakesync"))
+            .args(["bench", "--scenario", "seed", "--rows", "20000", "--file-rows", "5000", "--port", &port])
+            .args(["--change", "deletion-vectors", "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert!(out.status.success(), "run {run}: {stdout}\n{stderr}");
+        assert!(stderr.contains("bench: the seed needs about") && stderr.contains("GB are free"), "{stderr}");
+        let (built, reused) =
+            (stderr.contains("wrote the seed's Delta version 1 (4 files)"), stderr.contains("reusing the seed table"));
+        assert_eq!((built, reused), (run == 1, run == 2), "run {run}: {stderr}");
+        for table in ["bench_ref.customer_profiles", "bench.customer_profiles"] {
+            for version in [1, 3] {
+                let line = format!("verified {table} = Delta version {version} (20000 rows)");
+                assert!(stderr.contains(&line), "run {run}: {line:?} in\n{stderr}");
+            }
+        }
+        assert!(stdout.contains("deletion-vectors change of 10000 updates"), "{stdout}");
+        assert!(stdout.contains("faster than the seed's staging load (40 minutes)"), "{stdout}");
+        for phase in ["a. reference", "b. lakesync snapshot", "c. lakesync incremental", "d. blog pattern"] {
+            assert!(stdout.contains(phase), "{stdout}");
+        }
+        assert!(!dir.path().join("postgres/data/postmaster.pid").exists(), "the bench must stop its Postgres");
+    }
+}
+
 /// Exactly-once under crashes: `lakesync sync` is killed with SIGKILL at random points of
 /// snapshots (COPY, index build, swap) and incremental applies, again and again. At every
 /// moment the table must equal the Delta snapshot at the version recorded as synced, and after

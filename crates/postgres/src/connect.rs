@@ -145,8 +145,8 @@ impl PgConfig {
     /// pooler gives B the backend A just released, or moves A to another one (or makes A
     /// wait for the one B holds).
     pub async fn refuse_transaction_pooler(&self) -> Result<(), PgError> {
-        let a = self.connect().await?;
-        let b = self.connect().await?;
+        // Both sessions connect at once: the check costs one connection's latency, not two.
+        let (a, b) = tokio::try_join!(self.connect(), self.connect())?;
         let pooled = || PgError::TransactionPooler { target: self.target() };
         for _ in 0..3 {
             let first = backend_pid(&a).await?;

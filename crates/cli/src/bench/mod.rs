@@ -792,7 +792,8 @@ fn child_phase(
 }
 
 /// Where each phase's time went (medians over the rounds): lakesync's own phases from
-/// `sync --timings`, and what the process spends outside the run (start, runtime, exit).
+/// `sync --timings` (with the pooler check the CLI runs first), and what the process spends
+/// outside them (start, runtime, exit).
 /// Phases may overlap (the Delta read feeds the COPY), so they need not add up.
 fn print_breakdown(rounds: &[Vec<Measurement>]) {
     println!("\nWhere the time went (seconds; median of the rounds; phases may overlap):\n");
@@ -811,7 +812,12 @@ fn print_breakdown(rounds: &[Vec<Measurement>]) {
             println!("- {}: {:.3}: {}", m.name, wall, parts.join(", "));
             continue;
         }
-        parts.push(format!("outside the run (process start, runtime, exit) {:.3}", (wall - run).max(0.0)));
+        let before = of("pooler check (before the run)");
+        let before = if before.is_nan() { 0.0 } else { before };
+        parts.push(format!(
+            "the rest outside the run (process start, runtime, exit) {:.3}",
+            (wall - run - before).max(0.0)
+        ));
         println!("- {}: {wall:.3} (the run {run:.3}): {}", m.name, parts.join(", "));
     }
 }

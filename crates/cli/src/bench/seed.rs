@@ -113,13 +113,28 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         .and_then(|v| Built::from_json(&v))
         .filter(|b| wanted(b));
 
-    // The disk it needs, stated before anything is written.
+    // A previous run's tables go first: their disk counts as free.
+    let admin = PgConfig::parse(&cluster.connection_string("postgres"))?;
+    let admin_client = admin.connect().await?;
+    admin_client.batch_execute("DROP DATABASE IF EXISTS bench WITH (FORCE)").await?;
+
+    // The disk it needs, stated before anything is written. Building removes any other seed
+    // table first, so its disk counts as free too.
     let delta_bytes = match &built {
         Some(_) => du(&home),
         None => rows * DELTA_BYTES_PER_ROW * if args.change == ChangeShape::Merge { 2 } else { 1 },
     };
     let postgres_bytes = rows * POSTGRES_BYTES_PER_ROW + WAL_BYTES;
-    let free = free_bytes(dir)?;
+    let others: u64 = if built.is_some() {
+        0
+    } else {
+        std::fs::read_dir(dir)?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("seed-"))
+            .map(|e| du(&e.path()))
+            .sum()
+    };
+    let free = free_bytes(dir)? + others;
     let gb = |b: u64| b as f64 / (1u64 << 30) as f64;
     eprintln!(
         "bench: the seed needs about {:.1} GB on {}: the Delta table {:.1} GB ({}), one Postgres table with its \
@@ -158,9 +173,6 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     let parse = |(n, sum): &(u64, String)| -> anyhow::Result<(u64, u128)> { Ok((*n, sum.parse()?)) };
     let (expected_base, expected_final) = (parse(&built.base)?, parse(&built.last)?);
 
-    let admin = PgConfig::parse(&cluster.connection_string("postgres"))?;
-    let admin_client = admin.connect().await?;
-    admin_client.batch_execute("DROP DATABASE IF EXISTS bench WITH (FORCE)").await?;
     admin_client.batch_execute("CREATE DATABASE bench").await?;
     let conn = cluster.connection_string("bench");
     let config = PgConfig::parse(&conn)?;
@@ -370,4 +382,37 @@ fn free_bytes(path: &Path) -> anyhow::Result<u64> {
         .and_then(|k| k.parse::<u64>().ok())
         .with_context(|| format!("reading the free space of {} from df", path.display()))?;
     Ok(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seeds_updates_are_distinct_in_range_and_touch_every_file() {
+        let spec = seed_spec(SEED_ROWS);
+        assert_eq!(spec.updated.len(), 40_000);
+        assert!(spec.updated.windows(2).all(|w| w[0] < w[1]) && *spec.updated.last().unwrap() < SEED_ROWS);
+        let files: std::collections::HashSet<u64> = spec.updated.iter().map(|id| id / 250_000).collect();
+        assert_eq!(files.len(), 200);
+        assert!(spec.deleted.is_empty() && spec.inserted.is_empty());
+        // A small table gets half its rows updated.
+        assert_eq!(seed_spec(20_000).updated.len(), 10_000);
+    }
+
+    #[test]
+    fn a_built_seed_table_is_recognised_from_its_record() {
+        let built = Built {
+            rows: 50_000_000,
+            file_rows: 250_000,
+            change: "merge".into(),
+            updates: 40_000,
+            base_version: 1,
+            final_version: 2,
+            base: (50_000_000, "123456789012345678901234567890".into()),
+            last: (50_000_000, "42".into()),
+        };
+        assert_eq!(Built::from_json(&built.to_json()), Some(built));
+        assert_eq!(Built::from_json(&serde_json::json!({"rows": 1})), None);
+    }
 }
