@@ -732,12 +732,17 @@ async fn triggered(
                 None if req.dry_run => {
                     apply.upsert(&upserts).await?;
                     ddl.extend(apply.ddl().iter().cloned());
-                    apply.rollback().await?
+                    let counts = apply.rollback().await?;
+                    req.progress.lap("upsert and commit", phase);
+                    counts
                 }
                 None => {
                     apply.upsert(&upserts).await?;
                     drop(upserts);
-                    apply.commit(id, chunk_start - 1, checkpoint, source_rows, chunk_end == end_version).await?
+                    let counts =
+                        apply.commit(id, chunk_start - 1, checkpoint, source_rows, chunk_end == end_version).await?;
+                    req.progress.lap("upsert and commit", phase);
+                    counts
                 }
                 Some(stager) => {
                     let applied = async {
@@ -749,15 +754,16 @@ async fn triggered(
                         )
                     }
                     .await;
+                    let dropping = req.progress.lap("upsert and commit", phase);
                     // The part tables go either way (a failed chunk's transaction is rolled
                     // back by now, releasing them); the next run drops whatever this leaves.
                     if let Err(e) = stager.clear().await {
                         tracing::warn!(table = %table, error = %e, "could not drop the staging tables; the next run will");
                     }
+                    req.progress.lap("drop the staged parts", dropping);
                     applied?
                 }
             };
-            req.progress.lap("upsert and commit", phase);
             tracing::info!(table = %table, from = chunk_start, to = chunk_end, inserted = counts.inserted, updated = counts.updated, deleted = counts.deleted, "applied changes");
             total.inserted += counts.inserted;
             total.updated += counts.updated;
