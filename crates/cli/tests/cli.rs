@@ -404,6 +404,17 @@ fn the_bench_generates_changes_and_verifies_every_result_on_a_small_table() {
         for phase in ["a. reference", "b. lakesync snapshot", "c. lakesync incremental", "d. blog pattern"] {
             assert!(stdout.contains(phase), "{stdout}");
         }
+        // Where each lakesync run's time went, from `sync --timings`.
+        let breakdown = stdout.split("Where the time went").nth(1).unwrap_or_default();
+        for phase in [
+            "load (read Delta + COPY) ",
+            "primary key ",
+            "analyze ",
+            "upsert and commit ",
+            "pooler check (before the run) ",
+        ] {
+            assert!(breakdown.contains(phase), "{phase:?} in {stdout}");
+        }
         if store == "s3" {
             for round in 1..=rounds {
                 for (version, rows) in [(1, 20000), (final_version, 20020)] {
@@ -446,6 +457,8 @@ fn the_seed_bench_builds_its_table_once_and_verifies_every_result() {
         }
         assert!(stdout.contains("deletion-vectors change of 10000 updates"), "{stdout}");
         assert!(stdout.contains("faster than the seed's staging load (40 minutes)"), "{stdout}");
+        // 10k upserts are staged in parts by a second session, whose tables go after the commit.
+        assert!(stdout.contains("upsert and commit ") && stdout.contains("drop the staged parts "), "{stdout}");
         for phase in ["a. reference", "b. lakesync snapshot", "c. lakesync incremental", "d. blog pattern"] {
             assert!(stdout.contains(phase), "{stdout}");
         }
