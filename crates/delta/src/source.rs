@@ -49,7 +49,7 @@ pub struct DeltaTable {
     /// Reads the log and snapshot scans.
     engine: Arc<dyn Engine>,
     /// Reads the change data feed's rows (larger batches, see [`CHANGE_BATCH_ROWS`]).
-    change_engine: Arc<dyn Engine>,
+    change_engine: Arc<ReadAheadEngine>,
 }
 
 impl std::fmt::Debug for DeltaTable {
@@ -74,7 +74,7 @@ impl DeltaTable {
         // Both engines share one background runtime (one thread): they differ only in
         // batch size.
         let executor = Arc::new(TokioBackgroundExecutor::new());
-        let engine = |batch_rows: usize| -> Arc<dyn Engine> {
+        let engine = |batch_rows: usize| -> Arc<ReadAheadEngine> {
             let engine = DefaultEngineBuilder::new(store.clone())
                 .with_task_executor(executor.clone())
                 .with_batch_size(NonZero::new(batch_rows).expect("non-zero"))
@@ -175,8 +175,15 @@ impl DeltaTable {
             }
             None => None,
         };
+        // Deletion-vector pairs are read row-selected: only the rows their vectors name.
+        let selections = crate::dv_reads::pair_selections(self.engine.as_ref(), changes.table_root(), start, end);
         let scan = changes.into_scan_builder().with_schema(projection).build().map_err(unavailable)?;
-        let iter = scan.execute(self.change_engine.clone()).map_err(unavailable)?;
+        let engine: Arc<dyn Engine> = if selections.is_empty() {
+            self.change_engine.clone()
+        } else {
+            Arc::new(self.change_engine.with_selections(selections))
+        };
+        let iter = scan.execute(engine).map_err(unavailable)?;
         let uri = self.uri.clone();
         Ok(iter.map(move |data| {
             data.and_then(|d| ArrowEngineData::try_from_engine_data(d).map(|a| RecordBatch::from(*a))).map_err(
@@ -551,5 +558,69 @@ mod tests {
             .and_then(|t| t.snapshot(None))
             .unwrap_err();
         assert!(err.to_string().contains("missing"), "{err}");
+    }
+
+    /// (key, change type, version) of every change in `start..=end`, sorted.
+    fn key_changes(table: &DeltaTable, start: Version, end: Version) -> Vec<(String, String, i64)> {
+        let shape = table.snapshot(None).unwrap().read_shape(&lakesync_core::Shape::default()).unwrap();
+        let mut out = Vec::new();
+        for batch in table.shaped_changes(start, end, &shape, Some(&["customer_id".to_string()])).unwrap() {
+            let batch = batch.unwrap();
+            let text = |name: &str| {
+                arrow_cast::cast(batch.column_by_name(name).unwrap(), &arrow_schema::DataType::Utf8).unwrap()
+            };
+            let (keys, kinds, versions) = (text("customer_id"), text("_change_type"), text("_commit_version"));
+            let s = |a: &arrow_array::ArrayRef, i: usize| {
+                a.as_any().downcast_ref::<arrow_array::StringArray>().unwrap().value(i).to_string()
+            };
+            for i in 0..batch.num_rows() {
+                out.push((s(&keys, i), s(&kinds, i), s(&versions, i).parse().unwrap()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn deletion_vector_pairs_are_read_row_selected_and_yield_exactly_the_deleted_rows() {
+        // Two files of 40k rows (two change-feed batches each), rows deleted by deletion
+        // vectors on both sides of the batch boundary (v2), then an append (v3).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        let w = DeltaWriter::create(
+            &path,
+            &customer_schema(),
+            &[("delta.enableChangeDataFeed", "true"), ("delta.enableDeletionVectors", "true")],
+        )
+        .unwrap();
+        let (_, files) = w.append_files([customers(0..40_000, 0), customers(40_000..80_000, 0)]).unwrap();
+        let deleted: std::collections::HashMap<String, Vec<u64>> =
+            [(files[0].clone(), vec![0, 5, 32_767, 32_768, 39_999]), (files[1].clone(), vec![17])].into();
+        assert_eq!(w.delete_rows(&deleted).unwrap(), 2);
+        assert_eq!(w.append(&[customers(80_000..80_010, 0)]).unwrap(), 3);
+        let table = DeltaTable::open(&path.display().to_string()).unwrap();
+
+        // Over 2..=3 both files are touched only by their pair: both are read row-selected.
+        let root = TableChanges::try_new(table.url.clone(), table.engine.as_ref(), 2, Some(3)).unwrap();
+        let selections = crate::dv_reads::pair_selections(table.engine.as_ref(), root.table_root(), 2, 3);
+        let mut selected: Vec<usize> = selections.values().map(|rows| rows.len()).collect();
+        selected.sort();
+        assert_eq!(selected, [1, 5]);
+        let key = |i: u64| format!("C{i:09}");
+        let mut expected: Vec<(String, String, i64)> = [0, 5, 32_767, 32_768, 39_999, 40_017]
+            .into_iter()
+            .map(|i| (key(i), "delete".to_string(), 2))
+            .chain((80_000..80_010).map(|i| (key(i), "insert".to_string(), 3)))
+            .collect();
+        expected.sort();
+        assert_eq!(key_changes(&table, 2, 3), expected);
+
+        // Over 1..=3 the files are also added (every row an insert): read whole.
+        let root = TableChanges::try_new(table.url.clone(), table.engine.as_ref(), 1, Some(3)).unwrap();
+        assert!(crate::dv_reads::pair_selections(table.engine.as_ref(), root.table_root(), 1, 3).is_empty());
+        let all = key_changes(&table, 1, 3);
+        assert_eq!(all.iter().filter(|(_, kind, v)| kind == "insert" && *v == 1).count(), 80_000);
+        assert_eq!(all.iter().filter(|(_, kind, v)| kind == "delete" && *v == 2).count(), 6);
+        assert_eq!(all.len(), 80_016);
     }
 }

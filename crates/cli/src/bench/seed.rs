@@ -45,8 +45,11 @@ const SEED_LOAD_SECONDS: f64 = 40.0 * 60.0;
 /// `fillfactor=90`, 32 key).
 const DELTA_BYTES_PER_ROW: u64 = 78;
 const POSTGRES_BYTES_PER_ROW: u64 = 200;
-/// WAL the private server may keep (`max_wal_size`), plus room for VACUUM and checkpoints.
-const WAL_BYTES: u64 = 5 << 30;
+/// WAL the private server may keep (`max_wal_size`, 4 GB), plus room for VACUUM and
+/// checkpoints; a small table's load writes about its own size of WAL.
+fn wal_bytes(rows: u64) -> u64 {
+    (rows * POSTGRES_BYTES_PER_ROW * 3 / 2 + (256 << 20)).min(5 << 30)
+}
 
 /// What a built seed table is, stored beside it: a later run reuses the table only if all
 /// of it matches.
@@ -126,7 +129,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         Some(_) => du(&home),
         None => rows * DELTA_BYTES_PER_ROW * if args.change == ChangeShape::Merge { 2 } else { 1 },
     };
-    let postgres_bytes = rows * POSTGRES_BYTES_PER_ROW + WAL_BYTES;
+    let postgres_bytes = rows * POSTGRES_BYTES_PER_ROW + wal_bytes(rows);
     let others: u64 = if built.is_some() {
         0
     } else {
@@ -146,7 +149,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
         gb(delta_bytes),
         if built.is_some() { "built, reused" } else { "to build" },
         gb(rows * POSTGRES_BYTES_PER_ROW),
-        gb(WAL_BYTES),
+        gb(wal_bytes(rows)),
         gb(free + if built.is_some() { delta_bytes } else { 0 }),
     );
     let needed = postgres_bytes + if built.is_some() { 0 } else { delta_bytes };
