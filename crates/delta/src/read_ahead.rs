@@ -105,6 +105,9 @@ impl ReadAheadParquet {
         schema: &SchemaRef,
     ) -> Option<KernelResultIteratorStatic<Box<dyn EngineData>>> {
         let [file] = files else { return None };
+        if matches!(file.location.scheme(), "http" | "https") {
+            return None; // presigned: only the default engine fetches those
+        }
         let rows = self.selections.get(&file.location)?;
         let hinted = self.hinted.as_ref()?;
         Some(hinted.read_rows(file, schema.clone(), rows.clone()))

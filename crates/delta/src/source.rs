@@ -155,15 +155,19 @@ impl DeltaTable {
         let shape = shape.clone();
         let columns = columns.map(<[String]>::to_vec);
         Ok(self
-            .read_changes(start, end, Some(names))?
+            .read_changes(start, end, Some(names), shape.deletion_vectors)?
             .map(move |batch| shape.apply(batch?, columns.as_deref(), &crate::shape::CHANGE_COLUMNS, None)))
     }
 
+    /// The change feed of `start..=end` (the `names` columns, or all); with
+    /// `deletion_vectors` (the table has them enabled), its deletion-vector pairs are read
+    /// row-selected, at the cost of reading the range's commits once more.
     fn read_changes(
         &self,
         start: Version,
         end: Version,
         names: Option<Vec<String>>,
+        deletion_vectors: bool,
     ) -> Result<impl Iterator<Item = Result<ChangeBatch, DeltaError>>, DeltaError> {
         let unavailable = |e: KernelError| cdf_error(&self.uri, start, end, e);
         let changes =
@@ -176,7 +180,11 @@ impl DeltaTable {
             None => None,
         };
         // Deletion-vector pairs are read row-selected: only the rows their vectors name.
-        let selections = crate::dv_reads::pair_selections(self.engine.as_ref(), changes.table_root(), start, end);
+        let selections = if deletion_vectors {
+            crate::dv_reads::pair_selections(self.engine.as_ref(), changes.table_root(), start, end)
+        } else {
+            Default::default()
+        };
         let scan = changes.into_scan_builder().with_schema(projection).build().map_err(unavailable)?;
         let engine: Arc<dyn Engine> = if selections.is_empty() {
             self.change_engine.clone()
@@ -404,7 +412,9 @@ impl TableSnapshot {
 
     /// `shape` bound to this version's schema.
     pub fn read_shape(&self, shape: &lakesync_core::Shape) -> Result<crate::ReadShape, DeltaError> {
-        crate::ReadShape::bind(&self.table.uri, self.version(), &self.snap.schema(), shape)
+        let mut bound = crate::ReadShape::bind(&self.table.uri, self.version(), &self.snap.schema(), shape)?;
+        bound.deletion_vectors = self.snap.table_properties().enable_deletion_vectors.unwrap_or(false);
+        Ok(bound)
     }
 
     /// The rows `shape` keeps, as it syncs them. Only the columns it needs are read, and the
