@@ -12,12 +12,20 @@ use std::time::{Duration, Instant};
 
 use super::python;
 
-/// A free port below Linux's ephemeral range (see `test_port` for why).
+/// A free port below Linux's ephemeral range (see `test_port` for why), never one this
+/// process was given before: a test that asks for two ports before binding either (a broker
+/// and the proxy in front of it) once got the same port twice, so the proxy listened on the
+/// broker's port, the broker exited at start and the test hung on a proxy forwarding to
+/// itself. The search starts from the process id and the clock.
 pub fn free_port() -> u16 {
-    let seed = std::process::id() as u64 ^ Instant::now().elapsed().as_nanos() as u64;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let clock = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let seed = std::process::id() as u64 ^ clock;
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     for i in 0..2000u64 {
         let port = 10_000 + ((seed.wrapping_mul(7919) + i * 131) % 10_000) as u16;
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+        if !given.contains(&port) && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
@@ -32,6 +40,12 @@ pub fn wait_for_port(port: u16, child: &mut Child, what: &str) {
         }
         assert!(Instant::now() < deadline, "{what} did not listen on port {port} within 60 s");
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // Something answers; a server that could not bind the port (another process holds it)
+    // exits at once, and the test would otherwise talk to that other process.
+    std::thread::sleep(Duration::from_millis(100));
+    if let Ok(Some(status)) = child.try_wait() {
+        panic!("{what} exited at start ({status}) while port {port} answers: another process holds that port");
     }
 }
 
