@@ -14,7 +14,6 @@
 
 use std::sync::Arc;
 
-use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Fields, Schema, TimeUnit};
 use delta_kernel::engine::arrow_data::ArrowEngineData;
 use delta_kernel::engine::arrow_utils::{
@@ -35,7 +34,6 @@ use delta_kernel_default_engine::executor::TaskExecutor;
 use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 
 /// Reads Parquet files for the kernel with INT96 columns decoded at microseconds.
-#[derive(Clone)]
 pub(crate) struct HintedParquetReader {
     store: Arc<DynObjectStore>,
     executor: Arc<TokioBackgroundExecutor>,
@@ -84,7 +82,7 @@ impl HintedParquetReader {
         let files: Vec<FileMeta> = files.to_vec();
         let opens = files.into_iter().map(move |file| {
             let (store, schema, predicate) = (store.clone(), schema.clone(), predicate.clone());
-            async move { open(store, schema, predicate, batch_size, file, None).await.map(|(batches, _)| batches) }
+            async move { open(store, schema, predicate, batch_size, file).await }
         });
         let batches: BoxStream<'static, KernelResult<Box<dyn EngineData>>> = stream::iter(opens)
             .buffered(self.files_ahead)
@@ -93,39 +91,16 @@ impl HintedParquetReader {
             .boxed();
         Box::new(Blocking { stream: Some(batches), executor: self.executor.clone() })
     }
-
-    /// Reads only the rows `rows` (sorted, distinct row indexes) of `file`, and returns them
-    /// at their positions in batches covering every row of the file, the others filled (see
-    /// [`crate::dv_reads`]).
-    pub(crate) fn read_rows(
-        &self,
-        file: &FileMeta,
-        schema: SchemaRef,
-        rows: Arc<Vec<u64>>,
-    ) -> KernelResultIteratorStatic<Box<dyn EngineData>> {
-        let (store, batch_size, file) = (self.store.clone(), self.batch_size, file.clone());
-        let scattered = async move {
-            let (decoded, total) = open(store, schema, None, batch_size, file, Some(&rows)).await?;
-            let decoded: Vec<RecordBatch> = decoded.map_ok(RecordBatch::from).try_collect().await?;
-            let batches = crate::dv_reads::scatter(&decoded, &rows, total, batch_size)?;
-            Ok::<_, KernelError>(stream::iter(batches.into_iter().map(|b| Ok(ArrowEngineData::new(b)))))
-        };
-        let batches: BoxStream<'static, KernelResult<Box<dyn EngineData>>> =
-            stream::once(scattered).try_flatten().map_ok(|data| -> Box<dyn EngineData> { Box::new(data) }).boxed();
-        Box::new(Blocking { stream: Some(batches), executor: self.executor.clone() })
-    }
 }
 
-/// Opens one file: its footer, the INT96 hint if it has such columns, the kernel's read plan;
-/// with `rows`, only those rows are decoded. Returns the batches and the file's row count.
+/// Opens one file: its footer, the INT96 hint if it has such columns, the kernel's read plan.
 async fn open(
     store: Arc<DynObjectStore>,
     schema: SchemaRef,
     predicate: Option<PredicateRef>,
     batch_size: usize,
     file: FileMeta,
-    rows: Option<&[u64]>,
-) -> KernelResult<(BoxStream<'static, KernelResult<ArrowEngineData>>, u64)> {
+) -> KernelResult<BoxStream<'static, KernelResult<ArrowEngineData>>> {
     let location = file.location.to_string();
     let path = Path::from_url_path(file.location.path())?;
     // The reader the default engine uses too (deprecated upstream in favour of hand-written
@@ -144,30 +119,18 @@ async fn open(
     let (ordering, mask) = parquet_read_plan(&schema, &metadata)?;
     let mut row_indexes =
         ordering_needs_row_indexes(&ordering).then(|| RowIndexBuilder::new(metadata.metadata().row_groups()));
-    let total = metadata.metadata().file_metadata().num_rows().max(0) as u64;
     let mut builder = ParquetRecordBatchStreamBuilder::new_with_metadata(reader, metadata).with_batch_size(batch_size);
     if let Some(mask) = mask {
         builder = builder.with_projection(mask);
-    }
-    if let Some(rows) = rows {
-        if row_indexes.is_some() {
-            return Err(KernelError::generic("a row-selected read cannot also number the rows"));
-        }
-        builder = builder.with_row_selection(crate::dv_reads::row_selection(rows, total));
     }
     if let Some(predicate) = predicate {
         builder = builder.with_row_group_filter(predicate.as_ref(), row_indexes.as_mut());
     }
     let mut row_indexes = row_indexes.map(|r| r.build()).transpose()?;
     let stream = builder.build()?;
-    Ok((
-        stream
-            .map(move |batch| {
-                fixup_parquet_read(batch?, &ordering, row_indexes.as_mut(), Some(&location), Some(&schema))
-            })
-            .boxed(),
-        total,
-    ))
+    Ok(stream
+        .map(move |batch| fixup_parquet_read(batch?, &ordering, row_indexes.as_mut(), Some(&location), Some(&schema)))
+        .boxed())
 }
 
 /// The file's Arrow schema with every INT96 column as `Timestamp(Microsecond)` instead of the

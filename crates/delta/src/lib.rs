@@ -28,7 +28,6 @@
 //!   cannot serve a range (the engine then snapshots) or something else went wrong.
 
 pub mod compact;
-mod dv_reads;
 pub mod error;
 mod int96;
 pub mod protocol;

@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use delta_kernel::schema::SchemaRef;
 
-use crate::dv_reads::Selections;
 use crate::int96::HintedParquetReader;
 use delta_kernel::{
     CancellationTokenRef, Engine, EngineData, EvaluationHandler, FileDataReadResultIterator, FileMeta, FileSize,
@@ -35,31 +34,15 @@ pub struct ReadAheadEngine {
 impl ReadAheadEngine {
     /// Wraps `inner`, whose Parquet handler does the reading.
     pub fn new(inner: Arc<dyn Engine>) -> Self {
-        let parquet =
-            Arc::new(ReadAheadParquet { inner: inner.parquet_handler(), hinted: None, selections: Default::default() });
+        let parquet = Arc::new(ReadAheadParquet { inner: inner.parquet_handler(), hinted: None });
         Self { inner, parquet }
     }
 
     /// Wraps `inner`; reads whose schema has timestamps go through `hinted` instead, which
     /// keeps INT96 timestamps whole (see [`crate::int96`]).
     pub(crate) fn with_int96_reader(inner: Arc<dyn Engine>, hinted: HintedParquetReader) -> Self {
-        let parquet = Arc::new(ReadAheadParquet {
-            inner: inner.parquet_handler(),
-            hinted: Some(hinted),
-            selections: Default::default(),
-        });
+        let parquet = Arc::new(ReadAheadParquet { inner: inner.parquet_handler(), hinted: Some(hinted) });
         Self { inner, parquet }
-    }
-
-    /// The same engine for one change-feed read whose deletion-vector pairs read only the
-    /// rows in `selections` (see [`crate::dv_reads`]).
-    pub(crate) fn with_selections(&self, selections: Selections) -> Self {
-        let parquet = Arc::new(ReadAheadParquet {
-            inner: self.parquet.inner.clone(),
-            hinted: self.parquet.hinted.clone(),
-            selections: Arc::new(selections),
-        });
-        Self { inner: self.inner.clone(), parquet }
     }
 }
 
@@ -85,9 +68,6 @@ impl Engine for ReadAheadEngine {
 struct ReadAheadParquet {
     inner: Arc<dyn ParquetHandler>,
     hinted: Option<HintedParquetReader>,
-    /// Files of deletion-vector pairs read row-selected (one change-feed read's; see
-    /// [`crate::dv_reads`]).
-    selections: Arc<Selections>,
 }
 
 impl ReadAheadParquet {
@@ -96,21 +76,6 @@ impl ReadAheadParquet {
     fn hinted_for(&self, files: &[FileMeta], schema: &SchemaRef) -> Option<&HintedParquetReader> {
         let presigned = files.iter().any(|f| matches!(f.location.scheme(), "http" | "https"));
         self.hinted.as_ref().filter(|_| !presigned && HintedParquetReader::needed_for(schema))
-    }
-
-    /// A row-selected read of `files`, when it is one file of a deletion-vector pair.
-    fn selected(
-        &self,
-        files: &[FileMeta],
-        schema: &SchemaRef,
-    ) -> Option<KernelResultIteratorStatic<Box<dyn EngineData>>> {
-        let [file] = files else { return None };
-        if matches!(file.location.scheme(), "http" | "https") {
-            return None; // presigned: only the default engine fetches those
-        }
-        let rows = self.selections.get(&file.location)?;
-        let hinted = self.hinted.as_ref()?;
-        Some(hinted.read_rows(file, schema.clone(), rows.clone()))
     }
 }
 
@@ -121,9 +86,6 @@ impl ParquetHandler for ReadAheadParquet {
         physical_schema: SchemaRef,
         predicate: Option<PredicateRef>,
     ) -> KernelResult<FileDataReadResultIterator> {
-        if let Some(rows) = self.selected(files, &physical_schema) {
-            return Ok(read_ahead(rows));
-        }
         if let Some(hinted) = self.hinted_for(files, &physical_schema) {
             return Ok(read_ahead(hinted.read(files, physical_schema, predicate)));
         }
@@ -137,9 +99,6 @@ impl ParquetHandler for ReadAheadParquet {
         predicate: Option<PredicateRef>,
         cancellation_token: Option<CancellationTokenRef>,
     ) -> KernelResult<FileDataReadResultIterator> {
-        if let Some(rows) = self.selected(files, &physical_schema) {
-            return Ok(read_ahead(rows));
-        }
         if let Some(hinted) = self.hinted_for(files, &physical_schema) {
             // Reads of table data are not cancelled by lakesync; the token is honoured
             // between reads by the kernel.

@@ -39,10 +39,6 @@ pub struct ReadShape {
     filter_columns: Vec<String>,
     soft: bool,
     lineage: bool,
-    /// The table had deletion vectors enabled at the version this shape was bound at: its
-    /// change feed may hold deletion-vector pairs worth reading row-selected (see
-    /// `dv_reads`).
-    pub(crate) deletion_vectors: bool,
 }
 
 /// The columns of `schema` the shape syncs, as (source field name, target name).
@@ -148,7 +144,6 @@ impl ReadShape {
             filter_columns,
             soft: shape.delete_mode == DeleteMode::Soft,
             lineage: shape.lineage,
-            deletion_vectors: false,
         })
     }
 

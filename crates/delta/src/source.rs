@@ -49,7 +49,7 @@ pub struct DeltaTable {
     /// Reads the log and snapshot scans.
     engine: Arc<dyn Engine>,
     /// Reads the change data feed's rows (larger batches, see [`CHANGE_BATCH_ROWS`]).
-    change_engine: Arc<ReadAheadEngine>,
+    change_engine: Arc<dyn Engine>,
 }
 
 impl std::fmt::Debug for DeltaTable {
@@ -74,7 +74,7 @@ impl DeltaTable {
         // Both engines share one background runtime (one thread): they differ only in
         // batch size.
         let executor = Arc::new(TokioBackgroundExecutor::new());
-        let engine = |batch_rows: usize| -> Arc<ReadAheadEngine> {
+        let engine = |batch_rows: usize| -> Arc<dyn Engine> {
             let engine = DefaultEngineBuilder::new(store.clone())
                 .with_task_executor(executor.clone())
                 .with_batch_size(NonZero::new(batch_rows).expect("non-zero"))
@@ -155,19 +155,15 @@ impl DeltaTable {
         let shape = shape.clone();
         let columns = columns.map(<[String]>::to_vec);
         Ok(self
-            .read_changes(start, end, Some(names), shape.deletion_vectors)?
+            .read_changes(start, end, Some(names))?
             .map(move |batch| shape.apply(batch?, columns.as_deref(), &crate::shape::CHANGE_COLUMNS, None)))
     }
 
-    /// The change feed of `start..=end` (the `names` columns, or all); with
-    /// `deletion_vectors` (the table has them enabled), its deletion-vector pairs are read
-    /// row-selected, at the cost of reading the range's commits once more.
     fn read_changes(
         &self,
         start: Version,
         end: Version,
         names: Option<Vec<String>>,
-        deletion_vectors: bool,
     ) -> Result<impl Iterator<Item = Result<ChangeBatch, DeltaError>>, DeltaError> {
         let unavailable = |e: KernelError| cdf_error(&self.uri, start, end, e);
         let changes =
@@ -179,19 +175,8 @@ impl DeltaTable {
             }
             None => None,
         };
-        // Deletion-vector pairs are read row-selected: only the rows their vectors name.
-        let selections = if deletion_vectors {
-            crate::dv_reads::pair_selections(self.engine.as_ref(), changes.table_root(), start, end)
-        } else {
-            Default::default()
-        };
         let scan = changes.into_scan_builder().with_schema(projection).build().map_err(unavailable)?;
-        let engine: Arc<dyn Engine> = if selections.is_empty() {
-            self.change_engine.clone()
-        } else {
-            Arc::new(self.change_engine.with_selections(selections))
-        };
-        let iter = scan.execute(engine).map_err(unavailable)?;
+        let iter = scan.execute(self.change_engine.clone()).map_err(unavailable)?;
         let uri = self.uri.clone();
         Ok(iter.map(move |data| {
             data.and_then(|d| ArrowEngineData::try_from_engine_data(d).map(|a| RecordBatch::from(*a))).map_err(
@@ -412,9 +397,7 @@ impl TableSnapshot {
 
     /// `shape` bound to this version's schema.
     pub fn read_shape(&self, shape: &lakesync_core::Shape) -> Result<crate::ReadShape, DeltaError> {
-        let mut bound = crate::ReadShape::bind(&self.table.uri, self.version(), &self.snap.schema(), shape)?;
-        bound.deletion_vectors = self.snap.table_properties().enable_deletion_vectors.unwrap_or(false);
-        Ok(bound)
+        crate::ReadShape::bind(&self.table.uri, self.version(), &self.snap.schema(), shape)
     }
 
     /// The rows `shape` keeps, as it syncs them. Only the columns it needs are read, and the
@@ -592,7 +575,7 @@ mod tests {
     }
 
     #[test]
-    fn deletion_vector_pairs_are_read_row_selected_and_yield_exactly_the_deleted_rows() {
+    fn deletion_vector_pairs_yield_exactly_the_deleted_rows_across_batches() {
         // Two files of 40k rows (two change-feed batches each), rows deleted by deletion
         // vectors on both sides of the batch boundary (v2), then an append (v3).
         let dir = tempfile::tempdir().unwrap();
@@ -610,12 +593,6 @@ mod tests {
         assert_eq!(w.append(&[customers(80_000..80_010, 0)]).unwrap(), 3);
         let table = DeltaTable::open(&path.display().to_string()).unwrap();
 
-        // Over 2..=3 both files are touched only by their pair: both are read row-selected.
-        let root = TableChanges::try_new(table.url.clone(), table.engine.as_ref(), 2, Some(3)).unwrap();
-        let selections = crate::dv_reads::pair_selections(table.engine.as_ref(), root.table_root(), 2, 3);
-        let mut selected: Vec<usize> = selections.values().map(|rows| rows.len()).collect();
-        selected.sort();
-        assert_eq!(selected, [1, 5]);
         let key = |i: u64| format!("C{i:09}");
         let mut expected: Vec<(String, String, i64)> = [0, 5, 32_767, 32_768, 39_999, 40_017]
             .into_iter()
@@ -624,10 +601,7 @@ mod tests {
             .collect();
         expected.sort();
         assert_eq!(key_changes(&table, 2, 3), expected);
-
-        // Over 1..=3 the files are also added (every row an insert): read whole.
-        let root = TableChanges::try_new(table.url.clone(), table.engine.as_ref(), 1, Some(3)).unwrap();
-        assert!(crate::dv_reads::pair_selections(table.engine.as_ref(), root.table_root(), 1, 3).is_empty());
+        // From version 1 the files are also added: every row an insert, then the deletes.
         let all = key_changes(&table, 1, 3);
         assert_eq!(all.iter().filter(|(_, kind, v)| kind == "insert" && *v == 1).count(), 80_000);
         assert_eq!(all.iter().filter(|(_, kind, v)| kind == "delete" && *v == 2).count(), 6);
