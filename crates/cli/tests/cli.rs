@@ -446,8 +446,11 @@ fn the_seed_bench_builds_its_table_once_and_verifies_every_result() {
         let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
         assert!(out.status.success(), "run {run}: {stdout}\n{stderr}");
         assert!(stderr.contains("bench: the seed needs about") && stderr.contains("GB are free"), "{stderr}");
-        let (built, reused) =
-            (stderr.contains("wrote the seed's Delta version 1 (4 files)"), stderr.contains("reusing the seed table"));
+        let (built, reused) = (
+            stderr.contains("Delta version 1 has 20000 rows in 4 files")
+                && stderr.contains("wrote the seed's Delta versions 1 to 3"),
+            stderr.contains("reusing the seed table"),
+        );
         assert_eq!((built, reused), (run == 1, run == 2), "run {run}: {stderr}");
         for table in ["bench_ref.customer_profiles", "bench.customer_profiles"] {
             for version in [1, 3] {

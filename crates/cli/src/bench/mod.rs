@@ -252,43 +252,9 @@ async fn measure(
     // measured, so every round syncs the same two versions (the snapshot stops at the base).
     let delta = dir.join("customer_profiles");
     let t = Instant::now();
-    let (writer, base_version, paths) = {
-        let delta = delta.clone();
-        let (rows, file_rows) = (rows, args.file_rows);
-        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let _ = std::fs::remove_dir_all(&delta);
-            let w = DeltaWriter::create(
-                &delta,
-                &customer_schema(),
-                &[("delta.enableChangeDataFeed", "true"), ("delta.enableDeletionVectors", "true")],
-            )?;
-            let files = rows.div_ceil(file_rows);
-            let (v, paths) =
-                w.append_files((0..files).map(|f| customers(f * file_rows..((f + 1) * file_rows).min(rows), 0)))?;
-            Ok((w, v, paths))
-        })
-        .await??
-    };
-    eprintln!("bench: wrote Delta version {base_version} ({} files) in {:.1}s", paths.len(), t.elapsed().as_secs_f64());
-    let final_version = match args.change {
-        ChangeShape::Merge => {
-            drop(writer);
-            merge_change(args, dir, &delta, spec).await?
-        }
-        ChangeShape::DeletionVectors => {
-            let (file_rows, updated, deleted, inserted) =
-                (args.file_rows, spec.updated.clone(), spec.deleted.clone(), spec.inserted.clone());
-            tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-                let mut by_file: std::collections::HashMap<String, Vec<u64>> = std::collections::HashMap::new();
-                for id in updated.iter().chain(&deleted) {
-                    by_file.entry(paths[(id / file_rows) as usize].clone()).or_default().push(id % file_rows);
-                }
-                writer.delete_rows(&by_file)?;
-                Ok(writer.append(&[customers(updated, 1), customers(inserted, 0)])?)
-            })
-            .await??
-        }
-    };
+    let _ = std::fs::remove_dir_all(&delta);
+    let (base_version, final_version) = write_customer_table(args, dir, &delta, rows, spec).await?;
+    eprintln!("bench: wrote Delta versions {base_version} to {final_version} in {:.1}s", t.elapsed().as_secs_f64());
     eprintln!("bench: the change is Delta version {final_version}");
 
     // What every result must match, computed from Delta by the kernel.
@@ -451,6 +417,56 @@ async fn measure(
         rounds.push(results);
     }
     Ok(rounds)
+}
+
+/// Writes the customer_profiles table of `rows` rows at `delta` (change data feed and
+/// deletion vectors on, files of `--file-rows`), then commits `spec` in the `--change` shape
+/// (`dir` holds the MERGE's source tables). Returns the base and the final version.
+async fn write_customer_table(
+    args: &BenchArgs,
+    dir: &Path,
+    delta: &Path,
+    rows: u64,
+    spec: &ChangeSpec,
+) -> anyhow::Result<(u64, u64)> {
+    let file_rows = args.file_rows;
+    let (writer, base_version, paths) = {
+        let delta = delta.to_path_buf();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let w = DeltaWriter::create(
+                &delta,
+                &customer_schema(),
+                &[("delta.enableChangeDataFeed", "true"), ("delta.enableDeletionVectors", "true")],
+            )?;
+            let files = rows.div_ceil(file_rows);
+            let (v, paths) =
+                w.append_files((0..files).map(|f| customers(f * file_rows..((f + 1) * file_rows).min(rows), 0)))?;
+            Ok((w, v, paths))
+        })
+        .await??
+    };
+    eprintln!("bench: Delta version {base_version} has {rows} rows in {} files", paths.len());
+    let final_version = match args.change {
+        ChangeShape::Merge => {
+            drop(writer);
+            merge_change(args, dir, delta, spec).await?
+        }
+        ChangeShape::DeletionVectors => {
+            let (updated, deleted, inserted) = (spec.updated.clone(), spec.deleted.clone(), spec.inserted.clone());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+                let mut by_file: std::collections::HashMap<String, Vec<u64>> = std::collections::HashMap::new();
+                for id in updated.iter().chain(&deleted) {
+                    by_file.entry(paths[(id / file_rows) as usize].clone()).or_default().push(id % file_rows);
+                }
+                writer.delete_rows(&by_file)?;
+                let appended: Vec<RecordBatch> =
+                    [customers(updated, 1), customers(inserted, 0)].into_iter().filter(|b| b.num_rows() > 0).collect();
+                Ok(writer.append(&appended)?)
+            })
+            .await??
+        }
+    };
+    Ok((base_version, final_version))
 }
 
 /// The reference ceiling: `encoded` (rows encoded before the clock) pushed with one binary

@@ -20,8 +20,7 @@ use anyhow::{bail, Context};
 use bytes::{Bytes, BytesMut};
 use clap::ValueEnum;
 use lakesync_core::{NulBytePolicy, TableName};
-use lakesync_delta::sample::{customer_schema, customers};
-use lakesync_delta::write::DeltaWriter;
+use lakesync_delta::sample::customers;
 use lakesync_delta::DeltaTable;
 use lakesync_postgres::cluster::LocalCluster;
 use lakesync_postgres::copy::encode_batch;
@@ -29,8 +28,8 @@ use lakesync_postgres::ddl::qualified;
 use lakesync_postgres::PgConfig;
 
 use super::{
-    blog_phase, child_phase, delta_checksum, merge_change, postmaster_pid, print_table, reference_load, shared_memory,
-    steady_state, verify, BenchArgs, ChangeShape, ChangeSpec,
+    blog_phase, child_phase, delta_checksum, postmaster_pid, print_table, reference_load, shared_memory, steady_state,
+    verify, write_customer_table, BenchArgs, ChangeShape, ChangeSpec,
 };
 
 /// The seed's table.
@@ -291,47 +290,9 @@ async fn build(
     std::fs::create_dir_all(home)?;
     let (rows, file_rows) = (args.rows(), args.file_rows);
     let t = Instant::now();
-    let (writer, base_version, paths) = {
-        let delta = delta.to_path_buf();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let w = DeltaWriter::create(
-                &delta,
-                &customer_schema(),
-                &[("delta.enableChangeDataFeed", "true"), ("delta.enableDeletionVectors", "true")],
-            )?;
-            let files = rows.div_ceil(file_rows);
-            let (v, paths) =
-                w.append_files((0..files).map(|f| customers(f * file_rows..((f + 1) * file_rows).min(rows), 0)))?;
-            Ok((w, v, paths))
-        })
-        .await??
-    };
+    let (base_version, final_version) = write_customer_table(args, home, delta, rows, spec).await?;
     eprintln!(
-        "bench: wrote the seed's Delta version {base_version} ({} files) in {:.0}s",
-        paths.len(),
-        t.elapsed().as_secs_f64()
-    );
-    let t = Instant::now();
-    let final_version = match args.change {
-        ChangeShape::Merge => {
-            drop(writer);
-            merge_change(args, home, delta, spec).await?
-        }
-        ChangeShape::DeletionVectors => {
-            let updated = spec.updated.clone();
-            tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-                let mut by_file: std::collections::HashMap<String, Vec<u64>> = std::collections::HashMap::new();
-                for id in &updated {
-                    by_file.entry(paths[(id / file_rows) as usize].clone()).or_default().push(id % file_rows);
-                }
-                writer.delete_rows(&by_file)?;
-                Ok(writer.append(&[customers(updated, 1)])?)
-            })
-            .await??
-        }
-    };
-    eprintln!(
-        "bench: the seed's change is Delta version {final_version} (written in {:.0}s)",
+        "bench: wrote the seed's Delta versions {base_version} to {final_version} in {:.0}s",
         t.elapsed().as_secs_f64()
     );
     let t = Instant::now();
