@@ -283,14 +283,7 @@ async fn measure(
     };
     // The reference's rows, encoded once, before any clock runs.
     let schema = DeltaTable::open(&delta.display().to_string())?.snapshot(Some(base_version))?.schema()?;
-    let types: Vec<_> = schema.columns.iter().map(|c| c.ty).collect();
-    let mut encoded: Vec<Bytes> = Vec::new();
-    for start in (0..rows).step_by(65_536) {
-        let mut buf = BytesMut::new();
-        encode_batch(&customers(start..(start + 65_536).min(rows), 0), &types, NulBytePolicy::Error, &mut buf)
-            .map_err(|e| anyhow::anyhow!("encoding: {}", e.problem))?;
-        encoded.push(buf.freeze());
-    }
+    let encoded = encode_reference(rows, &schema)?;
 
     let client = config.connect().await?;
     let exe = std::env::current_exe()?;
@@ -325,7 +318,7 @@ async fn measure(
         // parallel maintenance workers), then (a) with the server's defaults: the ceiling
         // lakesync is measured against, and how much of a gap its settings alone explain.
         for tuned in [true, false] {
-            results.push(reference_load(&client, &schema, &reference, &encoded, tuned, postmaster).await?);
+            results.push(reference_load(&client, &schema, &reference, &encoded, rows, tuned, postmaster).await?);
         }
         client.batch_execute("RESET maintenance_work_mem; RESET max_parallel_maintenance_workers").await?;
         verify(&config, &reference, base_version, expected_base).await.context("verifying the reference load")?;
@@ -477,6 +470,7 @@ async fn reference_load(
     schema: &lakesync_core::TableSchema,
     reference: &TableName,
     encoded: &[Bytes],
+    rows: u64,
     tuned: bool,
     postmaster: u32,
 ) -> anyhow::Result<Measurement> {
@@ -519,7 +513,7 @@ async fn reference_load(
             "a. reference: 1 binary COPY + primary key"
         },
         seconds: total_s,
-        rows: encoded_rows(encoded),
+        rows,
         peak_rss_mb: None,
         pg_cpu_seconds: pg_cpu_seconds(postmaster)? - cpu0,
         timings: vec![
@@ -530,23 +524,18 @@ async fn reference_load(
     })
 }
 
-/// Rows in binary COPY chunks (each row starts with its 16-bit field count; counted by
-/// walking the fields).
-fn encoded_rows(encoded: &[Bytes]) -> u64 {
-    let mut rows = 0;
-    for chunk in encoded {
-        let mut at = 0;
-        while at + 2 <= chunk.len() {
-            let fields = i16::from_be_bytes([chunk[at], chunk[at + 1]]);
-            at += 2;
-            for _ in 0..fields {
-                let len = i32::from_be_bytes(chunk[at..at + 4].try_into().expect("4 bytes"));
-                at += 4 + len.max(0) as usize;
-            }
-            rows += 1;
-        }
+/// The reference's `rows` customer rows in binary COPY format (chunks of 65,536 rows),
+/// encoded before any clock runs.
+fn encode_reference(rows: u64, schema: &lakesync_core::TableSchema) -> anyhow::Result<Vec<Bytes>> {
+    let types: Vec<_> = schema.columns.iter().map(|c| c.ty).collect();
+    let mut encoded = Vec::new();
+    for start in (0..rows).step_by(65_536) {
+        let mut buf = BytesMut::new();
+        encode_batch(&customers(start..(start + 65_536).min(rows), 0), &types, NulBytePolicy::Error, &mut buf)
+            .map_err(|e| anyhow::anyhow!("encoding: {}", e.problem))?;
+        encoded.push(buf.freeze());
     }
-    rows
+    Ok(encoded)
 }
 
 /// Brings freshly loaded `tables` to the steady state (c) and (d) are measured in. A fresh

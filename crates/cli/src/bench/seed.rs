@@ -17,19 +17,16 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use bytes::{Bytes, BytesMut};
 use clap::ValueEnum;
-use lakesync_core::{NulBytePolicy, TableName};
-use lakesync_delta::sample::customers;
+use lakesync_core::TableName;
 use lakesync_delta::DeltaTable;
 use lakesync_postgres::cluster::LocalCluster;
-use lakesync_postgres::copy::encode_batch;
 use lakesync_postgres::ddl::qualified;
 use lakesync_postgres::PgConfig;
 
 use super::{
-    blog_phase, child_phase, delta_checksum, postmaster_pid, print_table, reference_load, shared_memory, steady_state,
-    verify, write_customer_table, BenchArgs, ChangeShape, ChangeSpec,
+    blog_phase, child_phase, delta_checksum, encode_reference, postmaster_pid, print_table, reference_load,
+    shared_memory, steady_state, verify, write_customer_table, BenchArgs, ChangeShape, ChangeSpec,
 };
 
 /// The seed's table.
@@ -190,24 +187,16 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
 
     // (a) The reference, from rows encoded before the clock (about 150 bytes a row in memory).
     let t = Instant::now();
-    let types: Vec<_> = schema.columns.iter().map(|c| c.ty).collect();
-    let encoded = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Bytes>> {
-        let mut encoded = Vec::new();
-        for start in (0..rows).step_by(65_536) {
-            let mut buf = BytesMut::new();
-            encode_batch(&customers(start..(start + 65_536).min(rows), 0), &types, NulBytePolicy::Error, &mut buf)
-                .map_err(|e| anyhow::anyhow!("encoding: {}", e.problem))?;
-            encoded.push(buf.freeze());
-        }
-        Ok(encoded)
-    })
-    .await??;
+    let encoded = {
+        let schema = schema.clone();
+        tokio::task::spawn_blocking(move || encode_reference(rows, &schema)).await??
+    };
     eprintln!(
         "bench: encoded the reference's rows ({:.1} GB) in {:.1}s",
         gb(encoded.iter().map(|b| b.len() as u64).sum()),
         t.elapsed().as_secs_f64()
     );
-    let a = reference_load(&client, &schema, &reference, &encoded, false, postmaster).await?;
+    let a = reference_load(&client, &schema, &reference, &encoded, rows, false, postmaster).await?;
     drop(encoded);
     verify(&config, &reference, built.base_version, expected_base).await.context("verifying the reference load")?;
     let reference_size = sizes(&client, &reference).await?;
