@@ -397,11 +397,24 @@ fn the_bench_generates_changes_and_verifies_every_result_on_a_small_table() {
                 assert_eq!(stderr.matches(&line).count(), times, "{change}: {line:?} in\n{stderr}");
             }
         }
+        // The floor (e) starts from a copy of the base version and ends at the final one.
+        for round in 1..=rounds {
+            let line =
+                format!("verified bench.customer_profiles_floor_r{round} = Delta version {final_version} (20020 rows)");
+            assert_eq!(stderr.matches(&line).count(), 1, "{change}: {line:?} in\n{stderr}");
+        }
+        assert!(stdout.contains("Postgres's floor for the change (e): c/e "), "{stdout}");
         if rounds > 1 {
             assert!(stdout.contains(&format!("median of {rounds} rounds")), "{stdout}");
             assert!(stdout.contains(&format!("- round {rounds}: a ")), "{stdout}");
         }
-        for phase in ["a. reference", "b. lakesync snapshot", "c. lakesync incremental", "d. blog pattern"] {
+        for phase in [
+            "a. reference",
+            "b. lakesync snapshot",
+            "c. lakesync incremental",
+            "d. blog pattern",
+            "e. Postgres's floor",
+        ] {
             assert!(stdout.contains(phase), "{stdout}");
         }
         // Where each lakesync run's time went, from `sync --timings`.
