@@ -471,11 +471,21 @@ fn the_seed_bench_builds_its_table_once_and_verifies_every_result() {
                 assert!(stderr.contains(&line), "run {run}: {line:?} in\n{stderr}");
             }
         }
+        // The floor (e) runs on lakesync's table and is rolled back: the base version again.
+        let base = "verified bench.customer_profiles = Delta version 1 (20000 rows)";
+        assert_eq!(stderr.matches(base).count(), 2, "run {run}: {stderr}");
+        assert!(stdout.contains("Postgres's floor for them "), "{stdout}");
         assert!(stdout.contains("deletion-vectors change of 10000 updates"), "{stdout}");
         assert!(stdout.contains("faster than the seed's staging load (40 minutes)"), "{stdout}");
         // 10k upserts are staged in parts by a second session, whose tables go after the commit.
         assert!(stdout.contains("upsert and commit ") && stdout.contains("drop the staged parts "), "{stdout}");
-        for phase in ["a. reference", "b. lakesync snapshot", "c. lakesync incremental", "d. blog pattern"] {
+        for phase in [
+            "a. reference",
+            "b. lakesync snapshot",
+            "c. lakesync incremental",
+            "d. blog pattern",
+            "e. Postgres's floor",
+        ] {
             assert!(stdout.contains(phase), "{stdout}");
         }
         assert!(!dir.path().join("postgres/data/postmaster.pid").exists(), "the bench must stop its Postgres");

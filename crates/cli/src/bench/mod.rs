@@ -415,7 +415,8 @@ async fn measure(
         verify(&config, &reference, final_version, expected_final).await.context("verifying the blog pattern")?;
 
         // (e) Postgres's floor for this change: what no client can go below.
-        results.push(floor_phase(&client, &floor, &target, spec, postmaster).await?);
+        stage_floor(&client, &target, spec).await?;
+        results.push(floor_phase(&client, &floor, spec, true, postmaster).await?);
         verify(&config, &floor, final_version, expected_final).await.context("verifying the floor")?;
         client.batch_execute(&format!("DROP TABLE {}", qualified(&floor))).await?;
         rounds.push(results);
@@ -966,37 +967,47 @@ async fn copy_table(client: &tokio_postgres::Client, from: &TableName, to: &Tabl
     Ok(())
 }
 
-/// (e) Postgres's floor for the change: its rows already in the server (copied from
-/// `applied`, lakesync's table after (c), into unlogged tables before the clock), applied to
-/// `floor` (the base version, laid out as lakesync's table) by one `DELETE .. USING`, one
-/// `INSERT .. SELECT` and one `MERGE`, in one transaction with the plan lakesync asks for. No
-/// client encodes, sends or plans anything, so (d)/(e) is the most any client could beat
-/// the blog pattern by on this server: the cap on (d)/(c).
-async fn floor_phase(
-    client: &tokio_postgres::Client,
-    floor: &TableName,
-    applied: &TableName,
-    spec: &ChangeSpec,
-    postmaster: u32,
-) -> anyhow::Result<Measurement> {
-    let (f, a) = (qualified(floor), qualified(applied));
+/// Stages the change's rows for (e) in unlogged tables, outside any clock: the final images
+/// of its updated and inserted keys, copied from `applied` (a table that has the change), and
+/// its deleted keys.
+async fn stage_floor(client: &tokio_postgres::Client, applied: &TableName, spec: &ChangeSpec) -> anyhow::Result<()> {
+    let a = qualified(applied);
     let keys = |ids: &[u64]| ids.iter().map(|&i| customer_key(i)).collect::<Vec<String>>();
-    let staged = [
-        ("bench.floor_existing", keys(&spec.updated), true),
-        ("bench.floor_new", keys(&spec.inserted), true),
-        ("bench.floor_deletes", keys(&spec.deleted), false),
-    ];
-    for (table, keys, whole_rows) in &staged {
-        let what = if *whole_rows { "a.*" } else { "a.customer_id" };
+    client.batch_execute("CREATE SCHEMA IF NOT EXISTS bench_floor").await?;
+    for (table, keys, rows) in [
+        ("bench_floor.existing", keys(&spec.updated), true),
+        ("bench_floor.new", keys(&spec.inserted), true),
+        ("bench_floor.deletes", keys(&spec.deleted), false),
+    ] {
         client.batch_execute(&format!("DROP TABLE IF EXISTS {table}")).await?;
-        let sql = if *whole_rows {
-            format!("CREATE UNLOGGED TABLE {table} AS SELECT {what} FROM {a} a WHERE a.customer_id = ANY($1)")
+        let sql = if rows {
+            format!("CREATE UNLOGGED TABLE {table} AS SELECT a.* FROM {a} a WHERE a.customer_id = ANY($1)")
         } else {
             // Deleted keys are gone from `applied`: they are staged as keys alone.
             format!("CREATE UNLOGGED TABLE {table} AS SELECT k AS customer_id FROM unnest($1::text[]) AS k")
         };
-        client.execute(&sql, &[keys]).await?;
+        let staged = client.execute(&sql, &[&keys]).await?;
+        if staged != keys.len() as u64 {
+            bail!("staging the floor's {table}: {staged} rows in {applied}, the change has {}", keys.len());
+        }
     }
+    Ok(())
+}
+
+/// (e) Postgres's floor for the change: the rows [`stage_floor`] staged, applied to `floor`
+/// (the base version, laid out as lakesync's table) by one `DELETE .. USING`, one
+/// `INSERT .. SELECT` and one `MERGE`, in one transaction with the plan lakesync asks for,
+/// committed or (`commit` false, for a table that must stay at the base version) rolled back.
+/// No client encodes, sends or plans anything, so (d)/(e) is the most any client could beat
+/// the blog pattern by on this server: the cap on (d)/(c).
+async fn floor_phase(
+    client: &tokio_postgres::Client,
+    floor: &TableName,
+    spec: &ChangeSpec,
+    commit: bool,
+    postmaster: u32,
+) -> anyhow::Result<Measurement> {
+    let f = qualified(floor);
     let cols: Vec<String> = client
         .query(
             "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 \
@@ -1010,12 +1021,13 @@ async fn floor_phase(
     let set = cols.iter().filter(|c| *c != "customer_id").map(|c| format!("{c} = u.{c}")).collect::<Vec<_>>();
     let sql = format!(
         "BEGIN; SET LOCAL jit = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
-         DELETE FROM {f} t USING bench.floor_deletes d WHERE t.customer_id = d.customer_id; \
-         INSERT INTO {f} SELECT * FROM bench.floor_new; \
-         MERGE INTO {f} AS t USING bench.floor_existing AS u ON t.customer_id = u.customer_id \
+         DELETE FROM {f} t USING bench_floor.deletes d WHERE t.customer_id = d.customer_id; \
+         INSERT INTO {f} SELECT * FROM bench_floor.new; \
+         MERGE INTO {f} AS t USING bench_floor.existing AS u ON t.customer_id = u.customer_id \
          WHEN MATCHED THEN UPDATE SET {set}; \
-         COMMIT",
-        set = set.join(", ")
+         {end}",
+        set = set.join(", "),
+        end = if commit { "COMMIT" } else { "ROLLBACK" }
     );
     settle();
     let cpu0 = pg_cpu_seconds(postmaster)?;
@@ -1023,7 +1035,7 @@ async fn floor_phase(
     client.batch_execute(&sql).await?;
     let seconds = t.elapsed().as_secs_f64();
     let pg_cpu = pg_cpu_seconds(postmaster)? - cpu0;
-    client.batch_execute("DROP TABLE bench.floor_existing, bench.floor_new, bench.floor_deletes").await?;
+    client.batch_execute("DROP SCHEMA bench_floor CASCADE").await?;
     Ok(Measurement {
         name: "e. Postgres's floor: the change staged in the server, 1 DELETE + INSERT + MERGE",
         seconds,
