@@ -233,7 +233,7 @@ pub async fn measure(args: &BenchArgs, dir: &Path, cluster: &LocalCluster) -> an
     // applied and rolled back, then vacuumed and brought to the steady state again, so that
     // (c) finds the table as it would have without (e).
     steady_state(&client, std::slice::from_ref(&target)).await?;
-    let e = floor_phase(&client, &target, &spec, false, postmaster).await?;
+    let e = floor_phase(&client, &config, &target, &spec, false, postmaster).await?;
     verify(&config, &target, built.base_version, expected_base).await.context("verifying the floor's rollback")?;
     steady_state(&client, std::slice::from_ref(&target)).await?;
     let changes = spec.len() as u64;
