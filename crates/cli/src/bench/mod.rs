@@ -75,8 +75,8 @@ pub struct BenchArgs {
     /// Leave the private Postgres running afterwards (to look at the tables).
     #[arg(long)]
     keep_postgres: bool,
-    /// sync: snapshot and incremental vs references and Postgres's floor; continuous: commit → visible latency
-    /// of continuous mode; api: data API latency and throughput vs FastAPI.
+    /// sync: snapshot and incremental vs references and Postgres's floor; continuous: commit →
+    /// visible latency of continuous mode; api: data API latency and throughput vs FastAPI.
     #[arg(long, value_enum, default_value = "sync")]
     scenario: Scenario,
     /// continuous/api: how long to run, seconds.
@@ -199,8 +199,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cluster = {
         let pg_dir = dir.join("postgres");
         let port = args.port;
-        // Room for both tables and their keys (about 190 bytes a row each), as a server tuned
-        // for its working set has (the usual advice is a quarter of RAM): 4 GB at 5M rows.
+        // Room for the three tables (the reference, lakesync's and the floor's copy of it) and
+        // their keys (about 190 bytes a row each), as a server tuned for its working set has
+        // (the usual advice is a quarter of RAM): 4 GB at 5M rows.
         // Small runs (the test suite's) keep the default and do not reserve gigabytes.
         let buffers_mb = (rows * 800 / 1_000_000).clamp(512, 4096);
         let settings = match args.scenario {
@@ -997,9 +998,10 @@ async fn stage_floor(client: &tokio_postgres::Client, applied: &TableName, spec:
 /// (e) Postgres's floor for the change: the rows [`stage_floor`] staged, applied to `floor`
 /// (the base version, laid out as lakesync's table) by one `DELETE .. USING`, one
 /// `INSERT .. SELECT` and one `MERGE`, in one transaction of a new session (as (c) and (d)
-/// have) with the plan lakesync asks for, committed or (`commit` false, for a table that must stay at the base version) rolled back.
-/// No client encodes, sends or plans anything, so (d)/(e) is the most any client could beat
-/// the blog pattern by on this server: the cap on (d)/(c).
+/// have) with the plan lakesync asks for. Committed, or rolled back (`commit` false) where the
+/// table must stay at the base version. No client encodes, sends or plans anything, so
+/// (d)/(e) is the most any client could beat the blog pattern by on this server: the cap on
+/// (d)/(c).
 async fn floor_phase(
     client: &tokio_postgres::Client,
     config: &PgConfig,
