@@ -358,6 +358,11 @@ fn compact_rewrites_small_files_and_the_next_sync_changes_nothing() {
     assert!(!out.status.success() && text(&out.stderr).contains("/nonexistent/table"), "{}", text(&out.stderr));
 }
 
+/// The phases every sync and seed bench prints: references, lakesync, the blog pattern and
+/// Postgres's floor.
+const BENCH_PHASES: [&str; 5] =
+    ["a. reference", "b. lakesync snapshot", "c. lakesync incremental", "d. blog pattern", "e. Postgres's floor"];
+
 #[test]
 fn the_bench_generates_changes_and_verifies_every_result_on_a_small_table() {
     // Both shapes of the change: one MERGE commit with cdc files (Python deltalake), and a
@@ -408,13 +413,7 @@ fn the_bench_generates_changes_and_verifies_every_result_on_a_small_table() {
             assert!(stdout.contains(&format!("median of {rounds} rounds")), "{stdout}");
             assert!(stdout.contains(&format!("- round {rounds}: a ")), "{stdout}");
         }
-        for phase in [
-            "a. reference",
-            "b. lakesync snapshot",
-            "c. lakesync incremental",
-            "d. blog pattern",
-            "e. Postgres's floor",
-        ] {
+        for phase in BENCH_PHASES {
             assert!(stdout.contains(phase), "{stdout}");
         }
         // Where each lakesync run's time went, from `sync --timings`.
@@ -479,13 +478,7 @@ fn the_seed_bench_builds_its_table_once_and_verifies_every_result() {
         assert!(stdout.contains("faster than the seed's staging load (40 minutes)"), "{stdout}");
         // 10k upserts are staged in parts by a second session, whose tables go after the commit.
         assert!(stdout.contains("upsert and commit ") && stdout.contains("drop the staged parts "), "{stdout}");
-        for phase in [
-            "a. reference",
-            "b. lakesync snapshot",
-            "c. lakesync incremental",
-            "d. blog pattern",
-            "e. Postgres's floor",
-        ] {
+        for phase in BENCH_PHASES {
             assert!(stdout.contains(phase), "{stdout}");
         }
         assert!(!dir.path().join("postgres/data/postmaster.pid").exists(), "the bench must stop its Postgres");

@@ -950,6 +950,20 @@ async fn blog_phase(
     })
 }
 
+/// The customer_profiles table's columns, key first, as Postgres names them.
+const CUSTOMER_COLUMNS: [&str; 10] = [
+    "customer_id",
+    "full_name",
+    "email",
+    "segment",
+    "last_purchase_date",
+    "total_spend",
+    "propensity_score",
+    "is_active",
+    "created_at",
+    "updated_at",
+];
+
 /// Copies `from` (its columns, storage parameters and rows, then its primary key) into a new
 /// table `to`, outside any clock.
 async fn copy_table(client: &tokio_postgres::Client, from: &TableName, to: &TableName) -> anyhow::Result<()> {
@@ -1011,17 +1025,7 @@ async fn floor_phase(
     postmaster: u32,
 ) -> anyhow::Result<Measurement> {
     let f = qualified(floor);
-    let cols: Vec<String> = client
-        .query(
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::text::regclass AND attnum > 0 \
-             AND NOT attisdropped ORDER BY attnum",
-            &[&f],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let set = cols.iter().filter(|c| *c != "customer_id").map(|c| format!("{c} = u.{c}")).collect::<Vec<_>>();
+    let set = CUSTOMER_COLUMNS[1..].iter().map(|c| format!("{c} = u.{c}")).collect::<Vec<_>>();
     let sql = format!(
         "BEGIN; SET LOCAL jit = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; \
          DELETE FROM {f} t USING bench_floor.deletes d WHERE t.customer_id = d.customer_id; \
@@ -1060,18 +1064,7 @@ async fn blog_merge(config: &PgConfig, table: &TableName, spec: &ChangeSpec) -> 
     let mut client = config.connect().await?;
     let tx = client.transaction().await?;
     let upserts: Vec<RecordBatch> = vec![customers(spec.updated.clone(), 1), customers(spec.inserted.clone(), 0)];
-    let cols = [
-        "customer_id",
-        "full_name",
-        "email",
-        "segment",
-        "last_purchase_date",
-        "total_spend",
-        "propensity_score",
-        "is_active",
-        "created_at",
-        "updated_at",
-    ];
+    let cols = CUSTOMER_COLUMNS;
     let casts =
         ["text", "text", "text", "text", "timestamptz", "numeric", "float8", "boolean", "timestamptz", "timestamptz"];
     for batch in &upserts {
