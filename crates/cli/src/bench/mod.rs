@@ -254,7 +254,7 @@ async fn measure(
     let delta = dir.join("customer_profiles");
     let t = Instant::now();
     let _ = std::fs::remove_dir_all(&delta);
-    let (base_version, final_version) = write_customer_table(args, dir, &delta, rows, spec).await?;
+    let (base_version, final_version) = write_customer_table(args, dir, &delta, spec).await?;
     eprintln!("bench: wrote Delta versions {base_version} to {final_version} in {:.1}s", t.elapsed().as_secs_f64());
     eprintln!("bench: the change is Delta version {final_version}");
 
@@ -425,17 +425,16 @@ async fn measure(
     Ok(rounds)
 }
 
-/// Writes the customer_profiles table of `rows` rows at `delta` (change data feed and
+/// Writes the customer_profiles table of `--rows` rows at `delta` (change data feed and
 /// deletion vectors on, files of `--file-rows`), then commits `spec` in the `--change` shape
 /// (`dir` holds the MERGE's source tables). Returns the base and the final version.
 async fn write_customer_table(
     args: &BenchArgs,
     dir: &Path,
     delta: &Path,
-    rows: u64,
     spec: &ChangeSpec,
 ) -> anyhow::Result<(u64, u64)> {
-    let file_rows = args.file_rows;
+    let (rows, file_rows) = (args.rows(), args.file_rows);
     let (writer, base_version, paths) = {
         let delta = delta.to_path_buf();
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -989,13 +988,13 @@ async fn stage_floor(client: &tokio_postgres::Client, applied: &TableName, spec:
     let a = qualified(applied);
     let keys = |ids: &[u64]| ids.iter().map(|&i| customer_key(i)).collect::<Vec<String>>();
     client.batch_execute("CREATE SCHEMA IF NOT EXISTS bench_floor").await?;
-    for (table, keys, rows) in [
+    for (table, keys, whole_rows) in [
         ("bench_floor.existing", keys(&spec.updated), true),
         ("bench_floor.new", keys(&spec.inserted), true),
         ("bench_floor.deletes", keys(&spec.deleted), false),
     ] {
         client.batch_execute(&format!("DROP TABLE IF EXISTS {table}")).await?;
-        let sql = if rows {
+        let sql = if whole_rows {
             format!("CREATE UNLOGGED TABLE {table} AS SELECT a.* FROM {a} a WHERE a.customer_id = ANY($1)")
         } else {
             // Deleted keys are gone from `applied`: they are staged as keys alone.

@@ -291,7 +291,7 @@ async fn build(
     std::fs::create_dir_all(home)?;
     let (rows, file_rows) = (args.rows(), args.file_rows);
     let t = Instant::now();
-    let (base_version, final_version) = write_customer_table(args, home, delta, rows, spec).await?;
+    let (base_version, final_version) = write_customer_table(args, home, delta, spec).await?;
     eprintln!(
         "bench: wrote the seed's Delta versions {base_version} to {final_version} in {:.0}s",
         t.elapsed().as_secs_f64()
